@@ -1,0 +1,93 @@
+//! Keel's data layer: one code path for PostgreSQL and SQLite.
+//!
+//! # Layout
+//! - [`connect`]: a pool for a `postgres://` or `sqlite://` URL, with the
+//!   SQLite pragmas the embedded mode needs (WAL, busy timeout, foreign keys);
+//! - [`migrate`]: the one Migrator of every module (`keel migrate`, start-up);
+//! - [`sqlite_url`]: the embedded default, a file under the data directory.
+//!
+//! The outbox writer joins this crate with the events capability.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseBackend, DatabaseConnection, DbErr,
+};
+use sea_orm_migration::MigratorTrait;
+
+pub use sea_orm::DatabaseConnection as Db;
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    pub url: String,
+    pub max_connections: u32,
+    /// PostgreSQL only: the schema to work in (tests use one per test).
+    pub schema: Option<String>,
+    pub acquire_timeout: Duration,
+}
+
+impl DbSettings {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            schema: None,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The SQLite URL of the embedded mode: `<data_dir>/keel.db`, created if missing.
+pub fn sqlite_url(data_dir: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", data_dir.join("keel.db").display())
+}
+
+/// Opens a pool. Fails with a message that names the URL's scheme when it is
+/// neither PostgreSQL nor SQLite, and never prints the URL (it may hold a password).
+pub async fn connect(settings: &DbSettings) -> Result<DatabaseConnection, DbErr> {
+    let scheme = settings.url.split(':').next().unwrap_or_default();
+    if !matches!(scheme, "postgres" | "postgresql" | "sqlite") {
+        return Err(DbErr::Custom(format!(
+            "unsupported database scheme {scheme:?}: use postgres:// or sqlite://"
+        )));
+    }
+    let mut options = ConnectOptions::new(settings.url.clone());
+    options
+        .max_connections(settings.max_connections)
+        .min_connections(1)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect_timeout(settings.acquire_timeout)
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    if let Some(schema) = &settings.schema {
+        options.set_schema_search_path(schema.clone());
+    }
+    Database::connect(options).await
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    keel_migrations::Migrator::up(db, None).await
+}
+
+/// True when the database answers a trivial statement.
+pub async fn ping(db: &DatabaseConnection) -> bool {
+    db.execute_unprepared("SELECT 1").await.is_ok()
+}
+
+pub fn backend_name(db: &DatabaseConnection) -> &'static str {
+    match db.get_database_backend() {
+        DatabaseBackend::Postgres => "postgres",
+        DatabaseBackend::Sqlite => "sqlite",
+        _ => "other",
+    }
+}

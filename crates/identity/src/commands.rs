@@ -1,0 +1,506 @@
+//! The writes of identity: command structs and their handlers.
+//!
+//! Slow work that needs no database (hashing, verifying a password) runs
+//! before the handler opens its transaction, so it holds no lock.
+
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_kernel::limit::Quota;
+use keel_kernel::{
+    Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, clock, id,
+};
+use uuid::Uuid;
+
+use crate::Identity;
+use crate::model::{DisplayName, Email, NewPassword};
+use crate::store::{self, RefreshToken, Session, User};
+use crate::tokens::{hash_refresh_token, new_refresh_token};
+
+/// Tokens handed to a client at login or refresh.
+#[derive(Debug, Clone)]
+pub struct IssuedTokens {
+    pub access_token: Secret<String>,
+    pub access_token_expires_at: DateTime<Utc>,
+    pub refresh_token: Secret<String>,
+    pub refresh_token_expires_at: DateTime<Utc>,
+    pub session_id: Uuid,
+}
+
+pub struct Register {
+    pub email: Email,
+    pub password: NewPassword,
+    pub display_name: DisplayName,
+}
+
+impl Command for Register {
+    const NAME: &'static str = "identity.register";
+    type Output = User;
+}
+
+pub struct Login {
+    pub email: Email,
+    pub password: Secret<String>,
+}
+
+impl Command for Login {
+    const NAME: &'static str = "identity.login";
+    type Output = (User, IssuedTokens);
+}
+
+pub struct RefreshSession {
+    pub refresh_token: Secret<String>,
+}
+
+/// A refresh either rotates the token or, on reuse, revokes the session.
+/// Reuse is an outcome, not an error, so that the revocation commits.
+#[derive(Debug)]
+pub enum RefreshOutcome {
+    Rotated(IssuedTokens),
+    ReuseDetected,
+}
+
+impl Command for RefreshSession {
+    const NAME: &'static str = "identity.refresh_session";
+    type Output = RefreshOutcome;
+}
+
+pub struct Logout;
+
+impl Command for Logout {
+    const NAME: &'static str = "identity.logout";
+    type Output = ();
+}
+
+pub struct ChangePassword {
+    pub current_password: Secret<String>,
+    pub new_password: NewPassword,
+}
+
+impl Command for ChangePassword {
+    const NAME: &'static str = "identity.change_password";
+    type Output = ();
+}
+
+pub struct CreateUser {
+    pub email: Email,
+    pub password: NewPassword,
+    pub display_name: DisplayName,
+    pub role: Role,
+}
+
+impl Command for CreateUser {
+    const NAME: &'static str = "identity.create_user";
+    type Output = User;
+}
+
+/// The fields named by the update mask; `None` leaves a field alone.
+pub struct UpdateUser {
+    pub id: Uuid,
+    pub email: Option<Email>,
+    pub display_name: Option<DisplayName>,
+    pub role: Option<Role>,
+}
+
+impl Command for UpdateUser {
+    const NAME: &'static str = "identity.update_user";
+    type Output = User;
+}
+
+pub struct DeleteUser {
+    pub id: Uuid,
+}
+
+impl Command for DeleteUser {
+    const NAME: &'static str = "identity.delete_user";
+    type Output = ();
+}
+
+pub struct RevokeSession {
+    pub id: Uuid,
+}
+
+impl Command for RevokeSession {
+    const NAME: &'static str = "identity.revoke_session";
+    type Output = ();
+}
+
+fn invalid_credentials() -> Error {
+    Error::unauthenticated("invalid email or password")
+}
+
+fn invalid_refresh_token() -> Error {
+    Error::unauthenticated("invalid or expired refresh token")
+}
+
+impl Identity {
+    async fn throttle(&self, scope: &str, key: impl std::fmt::Display, quota: Quota) -> Result<()> {
+        self.limiter()
+            .acquire(&format!("{scope}:{key}"), quota)
+            .await
+            .map_err(|retry_after| {
+                Error::resource_exhausted(
+                    format!(
+                        "too many attempts; retry in {} s",
+                        retry_after.as_secs().max(1)
+                    ),
+                    retry_after,
+                )
+            })
+    }
+
+    async fn throttle_address(
+        &self,
+        scope: &str,
+        address: Option<IpAddr>,
+        quota: Quota,
+    ) -> Result<()> {
+        match address {
+            Some(address) => self.throttle(scope, address, quota).await,
+            None => Ok(()),
+        }
+    }
+
+    fn new_user(
+        &self,
+        email: &Email,
+        display_name: &DisplayName,
+        role: Role,
+        password_hash: String,
+    ) -> User {
+        let now = clock::now();
+        let id = id::new_id();
+        User {
+            id,
+            user_id: id,
+            email: email.as_str().to_owned(),
+            email_key: email.key().to_owned(),
+            display_name: display_name.as_str().to_owned(),
+            display_name_key: display_name.key(),
+            role: role.as_str().to_owned(),
+            password_hash,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Writes one refresh token of `session_id` and signs an access token.
+    async fn issue_tokens(
+        &self,
+        db: &impl sea_orm::ConnectionTrait,
+        user: &User,
+        session_id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<IssuedTokens> {
+        let refresh_token = new_refresh_token();
+        let refresh_token_expires_at = now + self.settings().refresh_ttl;
+        store::insert_refresh_token(
+            db,
+            RefreshToken {
+                id: id::new_id(),
+                user_id: user.id,
+                session_id,
+                token_hash: hash_refresh_token(refresh_token.expose()),
+                created_at: now,
+                expires_at: refresh_token_expires_at,
+                used_at: None,
+            },
+        )
+        .await?;
+        let (access_token, access_token_expires_at) =
+            self.tokens()
+                .issue_access(user.id, session_id, role_of(user)?, now)?;
+        Ok(IssuedTokens {
+            access_token: Secret::new(access_token),
+            access_token_expires_at,
+            refresh_token,
+            refresh_token_expires_at,
+            session_id,
+        })
+    }
+}
+
+pub(crate) fn role_of(user: &User) -> Result<Role> {
+    Role::parse(&user.role).ok_or_else(|| {
+        Error::internal(format!("user {} has unknown role {:?}", user.id, user.role))
+    })
+}
+
+/// Refuses to leave the system without an admin.
+async fn keep_an_admin(db: &impl sea_orm::ConnectionTrait, target: &User) -> Result<()> {
+    if target.role == Role::Admin.as_str() && store::count_admins(db).await? <= 1 {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            "this is the last admin; make another admin first",
+        ));
+    }
+    Ok(())
+}
+
+fn not_found_user() -> Error {
+    Error::not_found("user")
+}
+
+#[async_trait]
+impl CommandHandler<Register> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: Register) -> Result<User> {
+        let settings = self.settings();
+        self.throttle_address(
+            "register:address",
+            ctx.request.client_ip,
+            settings.register_per_address,
+        )
+        .await?;
+        let hash = self.hasher().hash(command.password.secret()).await?;
+        let user = self.new_user(&command.email, &command.display_name, Role::User, hash);
+        let user = store::insert_user(ctx.tx().await?, user).await?;
+        tracing::info!(user_id = %user.id, "user registered");
+        Ok(user)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<CreateUser> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: CreateUser) -> Result<User> {
+        ctx.request.require_admin()?;
+        let hash = self.hasher().hash(command.password.secret()).await?;
+        let user = self.new_user(&command.email, &command.display_name, command.role, hash);
+        let user = store::insert_user(ctx.tx().await?, user).await?;
+        tracing::info!(user_id = %user.id, role = %command.role, "user created");
+        Ok(user)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<Login> for Identity {
+    async fn handle(
+        &self,
+        ctx: &CommandContext<'_>,
+        command: Login,
+    ) -> Result<(User, IssuedTokens)> {
+        let settings = self.settings();
+        self.throttle_address(
+            "login:address",
+            ctx.request.client_ip,
+            settings.login_per_address,
+        )
+        .await?;
+        self.throttle(
+            "login:account",
+            command.email.key(),
+            settings.login_per_account,
+        )
+        .await?;
+        let user = store::find_user_by_email_key(ctx.db, command.email.key()).await?;
+        let Some(user) = user else {
+            // Same work, same answer as a wrong password: no enumeration.
+            self.hasher().verify_dummy(&command.password).await?;
+            return Err(invalid_credentials());
+        };
+        if !self
+            .hasher()
+            .verify(&command.password, &user.password_hash)
+            .await?
+        {
+            return Err(invalid_credentials());
+        }
+        let now = clock::now();
+        let tx = ctx.tx().await?;
+        let session = store::insert_session(
+            tx,
+            Session {
+                id: id::new_id(),
+                user_id: user.id,
+                created_at: now,
+                updated_at: now,
+                last_refreshed_at: now,
+                expires_at: now + settings.refresh_ttl,
+                revoked_at: None,
+                user_agent: ctx.request.user_agent.clone().unwrap_or_default(),
+                ip_address: ctx
+                    .request
+                    .client_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+            },
+        )
+        .await?;
+        let tokens = self.issue_tokens(tx, &user, session.id, now).await?;
+        tracing::info!(user_id = %user.id, session_id = %session.id, "logged in");
+        Ok((user, tokens))
+    }
+}
+
+#[async_trait]
+impl CommandHandler<RefreshSession> for Identity {
+    async fn handle(
+        &self,
+        ctx: &CommandContext<'_>,
+        command: RefreshSession,
+    ) -> Result<RefreshOutcome> {
+        let now = clock::now();
+        let tx = ctx.tx().await?;
+        let token_hash = hash_refresh_token(command.refresh_token.expose());
+        let token = store::find_refresh_token(tx, &token_hash)
+            .await?
+            .ok_or_else(invalid_refresh_token)?;
+        let session = store::find_session(tx, token.session_id)
+            .await?
+            .filter(|session| session.revoked_at.is_none() && session.expires_at > now)
+            .ok_or_else(invalid_refresh_token)?;
+        if token.expires_at <= now {
+            return Err(invalid_refresh_token());
+        }
+        let user = store::find_user(tx, session.user_id)
+            .await?
+            .ok_or_else(invalid_refresh_token)?;
+
+        if !store::claim_refresh_token(tx, token.id, now).await? {
+            // Already exchanged. Within the grace window this is a second tab
+            // refreshing at the same moment: it gets its own new token. After
+            // it, the token was stolen or replayed: end the session.
+            let used_at = store::find_refresh_token_by_id(tx, token.id)
+                .await?
+                .and_then(|token| token.used_at)
+                .unwrap_or(now);
+            if now - used_at > self.settings().refresh_grace {
+                store::revoke_session(tx, session.id, now).await?;
+                tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
+                return Ok(RefreshOutcome::ReuseDetected);
+            }
+        }
+        let tokens = self.issue_tokens(tx, &user, session.id, now).await?;
+        store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
+        Ok(RefreshOutcome::Rotated(tokens))
+    }
+}
+
+#[async_trait]
+impl CommandHandler<Logout> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, _command: Logout) -> Result<()> {
+        let principal = ctx.request.principal()?;
+        store::revoke_session(ctx.tx().await?, principal.session_id, clock::now()).await?;
+        tracing::info!(user_id = %principal.user_id, session_id = %principal.session_id, "logged out");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CommandHandler<ChangePassword> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: ChangePassword) -> Result<()> {
+        let principal = ctx.request.principal()?.clone();
+        self.throttle(
+            "login:account",
+            principal.user_id,
+            self.settings().login_per_account,
+        )
+        .await?;
+        let user = store::find_user(ctx.db, principal.user_id)
+            .await?
+            .ok_or_else(not_found_user)?;
+        if !self
+            .hasher()
+            .verify(&command.current_password, &user.password_hash)
+            .await?
+        {
+            return Err(Error::invalid_field("current_password", "is not correct"));
+        }
+        let hash = self.hasher().hash(command.new_password.secret()).await?;
+        let now = clock::now();
+        let tx = ctx.tx().await?;
+        let updated = User {
+            password_hash: hash,
+            version: user.version + 1,
+            updated_at: now,
+            ..user
+        };
+        store::update_user(tx, &updated).await?;
+        let revoked =
+            store::revoke_other_sessions(tx, principal.user_id, Some(principal.session_id), now)
+                .await?;
+        tracing::info!(user_id = %principal.user_id, revoked_sessions = revoked, "password changed");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CommandHandler<UpdateUser> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: UpdateUser) -> Result<User> {
+        ctx.request.require_caller()?;
+        // Someone else's account does not exist for a non-admin.
+        if !ctx.request.may_act_for(command.id) {
+            return Err(not_found_user());
+        }
+        if command.role.is_some() {
+            ctx.request
+                .require_admin()
+                .map_err(|_| Error::permission_denied("only an admin may change a role"))?;
+        }
+        let tx = ctx.tx().await?;
+        let user = store::find_user(tx, command.id)
+            .await?
+            .ok_or_else(not_found_user)?;
+        if let Some(role) = command.role
+            && role != Role::Admin
+        {
+            keep_an_admin(tx, &user).await?;
+        }
+        let now = clock::now();
+        let mut updated = user.clone();
+        if let Some(email) = &command.email {
+            updated.email = email.as_str().to_owned();
+            updated.email_key = email.key().to_owned();
+        }
+        if let Some(display_name) = &command.display_name {
+            updated.display_name = display_name.as_str().to_owned();
+            updated.display_name_key = display_name.key();
+        }
+        if let Some(role) = command.role {
+            updated.role = role.as_str().to_owned();
+        }
+        if updated == user {
+            return Ok(user);
+        }
+        updated.version = user.version + 1;
+        updated.updated_at = now;
+        store::update_user(tx, &updated).await?;
+        if updated.role != user.role {
+            tracing::info!(user_id = %user.id, from = %user.role, to = %updated.role, "role changed");
+        }
+        Ok(updated)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<DeleteUser> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: DeleteUser) -> Result<()> {
+        ctx.request.require_admin()?;
+        let tx = ctx.tx().await?;
+        let user = store::find_user(tx, command.id)
+            .await?
+            .ok_or_else(not_found_user)?;
+        keep_an_admin(tx, &user).await?;
+        // Sessions and refresh tokens go with the user (ON DELETE CASCADE),
+        // so the user's access tokens stop working at once.
+        store::delete_user(tx, user.id).await?;
+        tracing::info!(user_id = %user.id, "user deleted");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CommandHandler<RevokeSession> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: RevokeSession) -> Result<()> {
+        ctx.request.require_caller()?;
+        let tx = ctx.tx().await?;
+        let session = store::find_session(tx, command.id)
+            .await?
+            .filter(|session| ctx.request.may_act_for(session.user_id))
+            .ok_or_else(|| Error::not_found("session"))?;
+        store::revoke_session(tx, session.id, clock::now()).await?;
+        tracing::info!(user_id = %session.user_id, session_id = %session.id, "session revoked");
+        Ok(())
+    }
+}

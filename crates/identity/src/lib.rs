@@ -1,0 +1,145 @@
+//! The identity module: users, sessions, tokens.
+//!
+//! # Layout
+//! - `model.rs`: `Email`, `DisplayName`, `NewPassword`, parsed at the boundary;
+//! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
+//! - `store.rs`: the SeaORM entities and the module's only SQL;
+//! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
+//! - `password.rs`: Argon2id hashing on the blocking pool;
+//! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
+//!   `IdentityQueryService`.
+//!
+//! [`register`] wires the handlers into the bus; [`Identity::authenticate`]
+//! turns a bearer token into a principal for the server's auth layer.
+
+pub mod commands;
+pub mod grpc;
+pub mod model;
+pub mod password;
+pub mod queries;
+pub mod store;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kernel::limit::{Quota, RateLimiter};
+use keel_kernel::{BusBuilder, Error, Principal, Result, clock};
+use sea_orm::ConnectionTrait;
+
+use crate::password::PasswordHasher;
+use crate::tokens::TokenService;
+
+/// The knobs of identity, with the defaults the issue asks for.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub refresh_ttl: chrono::Duration,
+    /// How long after a rotation the old refresh token still rotates
+    /// (two tabs refreshing at once) instead of revoking the session.
+    pub refresh_grace: chrono::Duration,
+    pub login_per_account: Quota,
+    pub login_per_address: Quota,
+    pub register_per_address: Quota,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            refresh_ttl: chrono::Duration::days(30),
+            refresh_grace: chrono::Duration::seconds(10),
+            login_per_account: Quota::new(10, Duration::from_secs(60)),
+            login_per_address: Quota::new(30, Duration::from_secs(2)),
+            register_per_address: Quota::new(10, Duration::from_secs(30)),
+        }
+    }
+}
+
+/// The identity module's handlers and authenticator; cheap to clone.
+#[derive(Clone)]
+pub struct Identity {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tokens: TokenService,
+    hasher: PasswordHasher,
+    limiter: Arc<dyn RateLimiter>,
+    settings: IdentitySettings,
+}
+
+impl Identity {
+    pub fn new(
+        tokens: TokenService,
+        limiter: Arc<dyn RateLimiter>,
+        settings: IdentitySettings,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tokens,
+                hasher: PasswordHasher::new(),
+                limiter,
+                settings,
+            }),
+        }
+    }
+
+    pub(crate) fn tokens(&self) -> &TokenService {
+        &self.inner.tokens
+    }
+
+    pub(crate) fn hasher(&self) -> &PasswordHasher {
+        &self.inner.hasher
+    }
+
+    pub(crate) fn limiter(&self) -> &dyn RateLimiter {
+        self.inner.limiter.as_ref()
+    }
+
+    pub(crate) fn settings(&self) -> &IdentitySettings {
+        &self.inner.settings
+    }
+
+    /// Verifies an access token and that its session is still active. The
+    /// role comes from the database, so revocation, deletion and demotion
+    /// take effect at once rather than at the token's expiry.
+    pub async fn authenticate(
+        &self,
+        db: &impl ConnectionTrait,
+        access_token: &str,
+    ) -> Result<Principal> {
+        let (user_id, session_id) = self.tokens().verify_access(access_token)?;
+        let refused = || Error::unauthenticated("invalid or expired access token");
+        let (session, user) = store::find_session_with_user(db, session_id)
+            .await?
+            .ok_or_else(refused)?;
+        if session.user_id != user_id
+            || session.revoked_at.is_some()
+            || session.expires_at <= clock::now()
+        {
+            return Err(refused());
+        }
+        Ok(Principal {
+            user_id,
+            session_id,
+            role: commands::role_of(&user)?,
+        })
+    }
+}
+
+/// Registers every command and query handler of identity.
+pub fn register(bus: &mut BusBuilder, identity: &Identity) {
+    bus.command::<commands::Register>(identity.clone())
+        .command::<commands::Login>(identity.clone())
+        .command::<commands::RefreshSession>(identity.clone())
+        .command::<commands::Logout>(identity.clone())
+        .command::<commands::ChangePassword>(identity.clone())
+        .command::<commands::CreateUser>(identity.clone())
+        .command::<commands::UpdateUser>(identity.clone())
+        .command::<commands::DeleteUser>(identity.clone())
+        .command::<commands::RevokeSession>(identity.clone())
+        .query::<queries::GetCurrentUser>(identity.clone())
+        .query::<queries::GetUser>(identity.clone())
+        .query::<queries::ListUsers>(identity.clone())
+        .query::<queries::ListSessions>(identity.clone())
+        .query::<queries::GetJwks>(identity.clone());
+}

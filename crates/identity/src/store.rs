@@ -1,0 +1,429 @@
+//! The identity tables and the only SQL of the module.
+
+use chrono::{DateTime, Utc};
+use keel_kernel::{Error, Result};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, SqlErr,
+};
+use uuid::Uuid;
+
+pub mod users {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "users")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub email: String,
+        pub email_key: String,
+        pub display_name: String,
+        pub display_name_key: String,
+        pub role: String,
+        pub password_hash: String,
+        pub version: i32,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(has_many = "super::sessions::Entity")]
+        Sessions,
+    }
+
+    impl Related<super::sessions::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Sessions.def()
+        }
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod sessions {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sessions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub last_refreshed_at: DateTimeUtc,
+        pub expires_at: DateTimeUtc,
+        pub revoked_at: Option<DateTimeUtc>,
+        pub user_agent: String,
+        pub ip_address: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::users::Entity",
+            from = "Column::UserId",
+            to = "super::users::Column::Id",
+            on_delete = "Cascade"
+        )]
+        User,
+    }
+
+    impl Related<super::users::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::User.def()
+        }
+    }
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod refresh_tokens {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "refresh_tokens")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub session_id: Uuid,
+        pub token_hash: String,
+        pub created_at: DateTimeUtc,
+        pub expires_at: DateTimeUtc,
+        pub used_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub type User = users::Model;
+pub type Session = sessions::Model;
+pub type RefreshToken = refresh_tokens::Model;
+
+fn unique_violation(error: sea_orm::DbErr, message: &str) -> Error {
+    match error.sql_err() {
+        Some(SqlErr::UniqueConstraintViolation(_)) => Error::already_exists(message),
+        _ => error.into(),
+    }
+}
+
+const EMAIL_TAKEN: &str = "an account with this email already exists";
+
+pub async fn insert_user(db: &impl ConnectionTrait, user: User) -> Result<User> {
+    users::ActiveModel {
+        id: Set(user.id),
+        user_id: Set(user.user_id),
+        email: Set(user.email),
+        email_key: Set(user.email_key),
+        display_name: Set(user.display_name),
+        display_name_key: Set(user.display_name_key),
+        role: Set(user.role),
+        password_hash: Set(user.password_hash),
+        version: Set(user.version),
+        created_at: Set(user.created_at),
+        updated_at: Set(user.updated_at),
+    }
+    .insert(db)
+    .await
+    .map_err(|error| unique_violation(error, EMAIL_TAKEN))
+}
+
+pub async fn find_user(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<User>> {
+    Ok(users::Entity::find_by_id(id).one(db).await?)
+}
+
+pub async fn find_user_by_email_key(
+    db: &impl ConnectionTrait,
+    email_key: &str,
+) -> Result<Option<User>> {
+    Ok(users::Entity::find()
+        .filter(users::Column::EmailKey.eq(email_key))
+        .one(db)
+        .await?)
+}
+
+/// Writes every column of `user` whose version still is `user.version - 1`:
+/// a concurrent update in between is ABORTED, never silently overwritten.
+pub async fn update_user(db: &impl ConnectionTrait, user: &User) -> Result<()> {
+    let result = users::Entity::update_many()
+        .col_expr(users::Column::Email, Expr::value(user.email.clone()))
+        .col_expr(users::Column::EmailKey, Expr::value(user.email_key.clone()))
+        .col_expr(
+            users::Column::DisplayName,
+            Expr::value(user.display_name.clone()),
+        )
+        .col_expr(
+            users::Column::DisplayNameKey,
+            Expr::value(user.display_name_key.clone()),
+        )
+        .col_expr(users::Column::Role, Expr::value(user.role.clone()))
+        .col_expr(
+            users::Column::PasswordHash,
+            Expr::value(user.password_hash.clone()),
+        )
+        .col_expr(users::Column::Version, Expr::value(user.version))
+        .col_expr(users::Column::UpdatedAt, Expr::value(user.updated_at))
+        .filter(users::Column::Id.eq(user.id))
+        .filter(users::Column::Version.eq(user.version - 1))
+        .exec(db)
+        .await
+        .map_err(|error| unique_violation(error, EMAIL_TAKEN))?;
+    if result.rows_affected == 0 {
+        return Err(Error::new(
+            keel_kernel::Code::Aborted,
+            "the user was changed concurrently; read it again and retry",
+        ));
+    }
+    Ok(())
+}
+
+pub async fn delete_user(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
+    let result = users::Entity::delete_by_id(id).exec(db).await?;
+    Ok(result.rows_affected > 0)
+}
+
+pub async fn count_admins(db: &impl ConnectionTrait) -> Result<u64> {
+    Ok(users::Entity::find()
+        .filter(users::Column::Role.eq("admin"))
+        .count(db)
+        .await?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserOrder {
+    CreatedAt,
+    Email,
+}
+
+/// Where the previous page stopped: the sort key of its last row.
+#[derive(Debug, Clone)]
+pub enum UserKey {
+    CreatedAt(DateTime<Utc>, Uuid),
+    Email(String),
+}
+
+/// One page of users, keyset-paginated: rows inserted while a client pages
+/// never shift or repeat what it sees.
+pub async fn list_users(
+    db: &impl ConnectionTrait,
+    prefix: Option<&str>,
+    order: UserOrder,
+    descending: bool,
+    after: Option<&UserKey>,
+    limit: u64,
+) -> Result<Vec<User>> {
+    let mut select = users::Entity::find();
+    if let Some(prefix) = prefix {
+        // A half-open range instead of LIKE: no wildcard escaping, and both
+        // backends scan the byte-ordered key index.
+        let upper = format!("{prefix}\u{10FFFF}");
+        select = select.filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(users::Column::EmailKey.gte(prefix))
+                        .add(users::Column::EmailKey.lt(upper.as_str())),
+                )
+                .add(
+                    Condition::all()
+                        .add(users::Column::DisplayNameKey.gte(prefix))
+                        .add(users::Column::DisplayNameKey.lt(upper.as_str())),
+                ),
+        );
+    }
+    let sort = if descending {
+        sea_orm::Order::Desc
+    } else {
+        sea_orm::Order::Asc
+    };
+    match after {
+        Some(UserKey::CreatedAt(created_at, id)) => {
+            let (time_after, id_after) = if descending {
+                (
+                    users::Column::CreatedAt.lt(*created_at),
+                    users::Column::Id.lt(*id),
+                )
+            } else {
+                (
+                    users::Column::CreatedAt.gt(*created_at),
+                    users::Column::Id.gt(*id),
+                )
+            };
+            select = select.filter(
+                Condition::any().add(time_after).add(
+                    Condition::all()
+                        .add(users::Column::CreatedAt.eq(*created_at))
+                        .add(id_after),
+                ),
+            );
+        }
+        Some(UserKey::Email(email_key)) => {
+            select = select.filter(if descending {
+                users::Column::EmailKey.lt(email_key.as_str())
+            } else {
+                users::Column::EmailKey.gt(email_key.as_str())
+            });
+        }
+        None => {}
+    }
+    select = match order {
+        UserOrder::CreatedAt => select
+            .order_by(users::Column::CreatedAt, sort.clone())
+            .order_by(users::Column::Id, sort),
+        UserOrder::Email => select.order_by(users::Column::EmailKey, sort),
+    };
+    Ok(select.limit(limit).all(db).await?)
+}
+
+pub async fn insert_session(db: &impl ConnectionTrait, session: Session) -> Result<Session> {
+    Ok(sessions::ActiveModel {
+        id: Set(session.id),
+        user_id: Set(session.user_id),
+        created_at: Set(session.created_at),
+        updated_at: Set(session.updated_at),
+        last_refreshed_at: Set(session.last_refreshed_at),
+        expires_at: Set(session.expires_at),
+        revoked_at: Set(session.revoked_at),
+        user_agent: Set(session.user_agent),
+        ip_address: Set(session.ip_address),
+    }
+    .insert(db)
+    .await?)
+}
+
+/// A session and its user in one query (the authentication path).
+pub async fn find_session_with_user(
+    db: &impl ConnectionTrait,
+    session_id: Uuid,
+) -> Result<Option<(Session, User)>> {
+    let found = sessions::Entity::find_by_id(session_id)
+        .find_also_related(users::Entity)
+        .one(db)
+        .await?;
+    Ok(found.and_then(|(session, user)| user.map(|user| (session, user))))
+}
+
+pub async fn find_session(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Option<Session>> {
+    Ok(sessions::Entity::find_by_id(session_id).one(db).await?)
+}
+
+/// Revokes one session if it is still active; true when this call revoked it.
+pub async fn revoke_session(
+    db: &impl ConnectionTrait,
+    session_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let result = sessions::Entity::update_many()
+        .col_expr(sessions::Column::RevokedAt, Expr::value(Some(now)))
+        .col_expr(sessions::Column::UpdatedAt, Expr::value(now))
+        .filter(sessions::Column::Id.eq(session_id))
+        .filter(sessions::Column::RevokedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
+/// Revokes every active session of `user_id` but `keep`; returns how many.
+pub async fn revoke_other_sessions(
+    db: &impl ConnectionTrait,
+    user_id: Uuid,
+    keep: Option<Uuid>,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let mut update = sessions::Entity::update_many()
+        .col_expr(sessions::Column::RevokedAt, Expr::value(Some(now)))
+        .col_expr(sessions::Column::UpdatedAt, Expr::value(now))
+        .filter(sessions::Column::UserId.eq(user_id))
+        .filter(sessions::Column::RevokedAt.is_null());
+    if let Some(keep) = keep {
+        update = update.filter(sessions::Column::Id.ne(keep));
+    }
+    Ok(update.exec(db).await?.rows_affected)
+}
+
+pub async fn touch_session(
+    db: &impl ConnectionTrait,
+    session_id: Uuid,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Result<()> {
+    sessions::Entity::update_many()
+        .col_expr(sessions::Column::LastRefreshedAt, Expr::value(now))
+        .col_expr(sessions::Column::UpdatedAt, Expr::value(now))
+        .col_expr(sessions::Column::ExpiresAt, Expr::value(expires_at))
+        .filter(sessions::Column::Id.eq(session_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn list_active_sessions(
+    db: &impl ConnectionTrait,
+    user_id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<Vec<Session>> {
+    Ok(sessions::Entity::find()
+        .filter(sessions::Column::UserId.eq(user_id))
+        .filter(sessions::Column::RevokedAt.is_null())
+        .filter(sessions::Column::ExpiresAt.gt(now))
+        .order_by_desc(sessions::Column::CreatedAt)
+        .limit(1000)
+        .all(db)
+        .await?)
+}
+
+pub async fn insert_refresh_token(db: &impl ConnectionTrait, token: RefreshToken) -> Result<()> {
+    refresh_tokens::ActiveModel {
+        id: Set(token.id),
+        user_id: Set(token.user_id),
+        session_id: Set(token.session_id),
+        token_hash: Set(token.token_hash),
+        created_at: Set(token.created_at),
+        expires_at: Set(token.expires_at),
+        used_at: Set(token.used_at),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn find_refresh_token(
+    db: &impl ConnectionTrait,
+    token_hash: &str,
+) -> Result<Option<RefreshToken>> {
+    Ok(refresh_tokens::Entity::find()
+        .filter(refresh_tokens::Column::TokenHash.eq(token_hash))
+        .one(db)
+        .await?)
+}
+
+pub async fn find_refresh_token_by_id(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Option<RefreshToken>> {
+    Ok(refresh_tokens::Entity::find_by_id(id).one(db).await?)
+}
+
+/// Marks a token used if nobody has; true when this call did. Two concurrent
+/// exchanges of one token cannot both win.
+pub async fn claim_refresh_token(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let result = refresh_tokens::Entity::update_many()
+        .col_expr(refresh_tokens::Column::UsedAt, Expr::value(Some(now)))
+        .filter(refresh_tokens::Column::Id.eq(id))
+        .filter(refresh_tokens::Column::UsedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}

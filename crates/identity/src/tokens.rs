@@ -1,0 +1,390 @@
+//! Access tokens (EdDSA JWTs), the signing keys and their JWKS, and opaque
+//! refresh tokens.
+//!
+//! The key file is JSON: `{"active": "<kid>", "keys": [{"kid": "...",
+//! "private_key": "<base64url Ed25519 seed>"} | {"kid": "...", "public_key":
+//! "<base64url>"}]}`. The active key signs; every key verifies and is
+//! published in the JWKS, so a key can be rotated in before it signs and kept
+//! after it stops.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use keel_kernel::{Error, Result, Role, Secret};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const ACCESS_TYPE: &str = "access";
+
+/// One public key as RFC 8037 publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicJwk {
+    pub kid: String,
+    pub x: String,
+}
+
+#[derive(Deserialize)]
+struct KeyFile {
+    active: String,
+    keys: Vec<KeyEntry>,
+}
+
+#[derive(Deserialize)]
+struct KeyEntry {
+    kid: String,
+    #[serde(default)]
+    private_key: Option<Secret<String>>,
+    #[serde(default)]
+    public_key: Option<String>,
+}
+
+/// The signing key and every verification key.
+pub struct KeySet {
+    active_kid: String,
+    signing: EncodingKey,
+    verifying: HashMap<String, DecodingKey>,
+    public: Vec<PublicJwk>,
+}
+
+impl std::fmt::Debug for KeySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeySet")
+            .field("active_kid", &self.active_kid)
+            .field(
+                "kids",
+                &self.public.iter().map(|key| &key.kid).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a key file could not be used; messages name the file, never a key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read auth key file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write auth key file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("auth key file {path} is invalid: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+impl KeySet {
+    /// Reads a key file.
+    pub fn load(path: &Path) -> Result<KeySet, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|reason| KeyFileError::Invalid {
+            path: path.display().to_string(),
+            reason,
+        })
+    }
+
+    /// Reads the key file, or creates it (mode 0600) with one new key.
+    pub fn load_or_generate(path: &Path) -> Result<KeySet, KeyFileError> {
+        if path.exists() {
+            return Self::load(path);
+        }
+        let write_error = |source| KeyFileError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(write_error)?;
+        }
+        let text = Self::generate_file();
+        write_private(path, &text).map_err(write_error)?;
+        tracing::info!(path = %path.display(), "generated a new signing key");
+        Self::load(path)
+    }
+
+    /// The JSON of a key file holding one freshly generated key.
+    pub fn generate_file() -> String {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let kid = format!("k-{}", &Uuid::now_v7().simple().to_string()[..12]);
+        serde_json::json!({
+            "active": kid,
+            "keys": [{ "kid": kid, "private_key": URL_SAFE_NO_PAD.encode(seed) }],
+        })
+        .to_string()
+    }
+
+    pub fn parse(text: &str) -> Result<KeySet, String> {
+        let file: KeyFile = serde_json::from_str(text).map_err(|error| error.to_string())?;
+        let mut signing = None;
+        let mut verifying = HashMap::new();
+        let mut public = Vec::new();
+        for entry in file.keys {
+            let public_bytes: [u8; 32] = match (&entry.private_key, &entry.public_key) {
+                (Some(private_key), _) => {
+                    let seed: [u8; 32] = URL_SAFE_NO_PAD
+                        .decode(private_key.expose().trim())
+                        .ok()
+                        .and_then(|bytes| bytes.try_into().ok())
+                        .ok_or_else(|| {
+                            format!(
+                                "key {}: private_key must be 32 bytes of base64url",
+                                entry.kid
+                            )
+                        })?;
+                    let key = SigningKey::from_bytes(&seed);
+                    if entry.kid == file.active {
+                        let der = key
+                            .to_pkcs8_der()
+                            .map_err(|error| format!("key {}: {error}", entry.kid))?;
+                        signing = Some(EncodingKey::from_ed_der(der.as_bytes()));
+                    }
+                    key.verifying_key().to_bytes()
+                }
+                (None, Some(public_key)) => URL_SAFE_NO_PAD
+                    .decode(public_key.trim())
+                    .ok()
+                    .and_then(|bytes| bytes.try_into().ok())
+                    .ok_or_else(|| {
+                        format!(
+                            "key {}: public_key must be 32 bytes of base64url",
+                            entry.kid
+                        )
+                    })?,
+                (None, None) => {
+                    return Err(format!(
+                        "key {}: needs private_key or public_key",
+                        entry.kid
+                    ));
+                }
+            };
+            if verifying
+                .insert(entry.kid.clone(), DecodingKey::from_ed_der(&public_bytes))
+                .is_some()
+            {
+                return Err(format!("key {} appears twice", entry.kid));
+            }
+            public.push(PublicJwk {
+                kid: entry.kid,
+                x: URL_SAFE_NO_PAD.encode(public_bytes),
+            });
+        }
+        let signing = signing
+            .ok_or_else(|| format!("the active key {:?} has no private_key", file.active))?;
+        Ok(KeySet {
+            active_kid: file.active,
+            signing,
+            verifying,
+            public,
+        })
+    }
+
+    pub fn public_keys(&self) -> &[PublicJwk] {
+        &self.public
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    std::fs::write(path, text)
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub sid: String,
+    pub role: String,
+    pub typ: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Issues and verifies access tokens.
+#[derive(Debug)]
+pub struct TokenService {
+    keys: KeySet,
+    issuer: String,
+    audience: String,
+    access_ttl: Duration,
+}
+
+impl TokenService {
+    pub fn new(keys: KeySet, issuer: String, audience: String, access_ttl: Duration) -> Self {
+        Self {
+            keys,
+            issuer,
+            audience,
+            access_ttl,
+        }
+    }
+
+    pub fn keys(&self) -> &KeySet {
+        &self.keys
+    }
+
+    pub fn issue_access(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        role: Role,
+        now: DateTime<Utc>,
+    ) -> Result<(String, DateTime<Utc>)> {
+        let expires_at = now + self.access_ttl;
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: user_id.to_string(),
+            sid: session_id.to_string(),
+            role: role.as_str().to_owned(),
+            typ: ACCESS_TYPE.to_owned(),
+            iat: now.timestamp(),
+            exp: expires_at.timestamp(),
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.keys.active_kid.clone());
+        header.typ = Some("JWT".to_owned());
+        let token = jsonwebtoken::encode(&header, &claims, &self.keys.signing)
+            .map_err(|error| Error::internal(format!("signing failed: {error}")))?;
+        Ok((token, expires_at))
+    }
+
+    /// Checks signature (EdDSA only, by `kid`), `iss`, `aud`, `exp` and
+    /// `typ`; returns the user and session ids.
+    pub fn verify_access(&self, token: &str) -> Result<(Uuid, Uuid)> {
+        let refuse = |why: &str| {
+            tracing::debug!(reason = why, "access token refused");
+            Error::unauthenticated("invalid or expired access token")
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| refuse("malformed header"))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(refuse("algorithm is not EdDSA"));
+        }
+        let key = header
+            .kid
+            .as_deref()
+            .and_then(|kid| self.keys.verifying.get(kid))
+            .ok_or_else(|| refuse("unknown kid"))?;
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.leeway = 5;
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
+            .map_err(|error| {
+                tracing::debug!(error = %error, "access token refused");
+                Error::unauthenticated("invalid or expired access token")
+            })?
+            .claims;
+        if claims.typ != ACCESS_TYPE {
+            return Err(refuse("not an access token"));
+        }
+        let user_id = Uuid::parse_str(&claims.sub).map_err(|_| refuse("bad sub"))?;
+        let session_id = Uuid::parse_str(&claims.sid).map_err(|_| refuse("bad sid"))?;
+        Ok((user_id, session_id))
+    }
+}
+
+/// A new refresh token: 256 random bits, base64url. Only its hash is stored.
+pub fn new_refresh_token() -> Secret<String> {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    Secret::new(URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// SHA-256 (hex) of a refresh token: enough for 256-bit random input, and
+/// cheap enough to look up on every refresh.
+pub fn hash_refresh_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> TokenService {
+        let keys = KeySet::parse(&KeySet::generate_file()).expect("keys");
+        TokenService::new(keys, "keel".into(), "keel".into(), Duration::from_secs(900))
+    }
+
+    #[test]
+    fn a_token_verifies_with_its_own_keys_only() {
+        let service = service();
+        let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
+        let (token, _) = service
+            .issue_access(user, session, Role::User, Utc::now())
+            .expect("issue");
+        assert_eq!(service.verify_access(&token).ok(), Some((user, session)));
+        assert!(self::service().verify_access(&token).is_err());
+    }
+
+    #[test]
+    fn rotation_keeps_old_tokens_valid() {
+        let old = KeySet::generate_file();
+        let old_value: serde_json::Value = serde_json::from_str(&old).expect("json");
+        let old_kid = old_value["active"].as_str().expect("kid").to_owned();
+        let old_private = old_value["keys"][0]["private_key"]
+            .as_str()
+            .expect("key")
+            .to_owned();
+        let old_service = TokenService::new(
+            KeySet::parse(&old).expect("keys"),
+            "keel".into(),
+            "keel".into(),
+            Duration::from_secs(900),
+        );
+        let (token, _) = old_service
+            .issue_access(Uuid::now_v7(), Uuid::now_v7(), Role::User, Utc::now())
+            .expect("issue");
+
+        let new: serde_json::Value = serde_json::from_str(&KeySet::generate_file()).expect("json");
+        let rotated = serde_json::json!({
+            "active": new["active"],
+            "keys": [new["keys"][0], { "kid": old_kid, "private_key": old_private }],
+        });
+        let rotated = TokenService::new(
+            KeySet::parse(&rotated.to_string()).expect("keys"),
+            "keel".into(),
+            "keel".into(),
+            Duration::from_secs(900),
+        );
+        assert_eq!(rotated.keys().public_keys().len(), 2);
+        assert!(rotated.verify_access(&token).is_ok());
+    }
+
+    #[test]
+    fn key_files_without_a_signing_key_are_refused() {
+        let error = KeySet::parse(r#"{"active":"a","keys":[{"kid":"a","public_key":"AAAA"}]}"#)
+            .expect_err("invalid");
+        assert!(error.contains("32 bytes"), "{error}");
+    }
+}

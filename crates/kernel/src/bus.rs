@@ -1,0 +1,335 @@
+//! Commands, queries and their buses.
+//!
+//! Handlers are registered once, at start-up, by the composition root; each
+//! command or query type has exactly one. Every call goes through the same
+//! chain: the bus's own span and timing, then the registered middleware
+//! (idempotency, metrics, ... as later modules add them), then, for
+//! commands, one database transaction around the handler, committed only when
+//! the handler succeeds.
+
+use std::any::{Any, TypeId, type_name};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sea_orm::{DatabaseBackend, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
+use tracing::Instrument;
+
+use crate::context::RequestContext;
+use crate::error::{Code, Error, Result};
+
+/// A request to change state. `NAME` names its span (`identity.register`).
+pub trait Command: Send + 'static {
+    const NAME: &'static str;
+    type Output: Send + 'static;
+}
+
+/// A request to read state.
+pub trait Query: Send + 'static {
+    const NAME: &'static str;
+    type Output: Send + 'static;
+}
+
+/// What a command handler works with: the caller, a connection for reads
+/// that need no transaction, and the command's one transaction.
+///
+/// The transaction (and, on SQLite, the writer slot) is taken at the first
+/// call to [`CommandContext::tx`], so that slow work without the database,
+/// such as hashing a password, holds no lock.
+pub struct CommandContext<'a> {
+    pub request: &'a RequestContext,
+    pub db: &'a DatabaseConnection,
+    writer: Option<&'a Mutex<()>>,
+    open: OnceCell<OpenTransaction<'a>>,
+}
+
+struct OpenTransaction<'a> {
+    tx: DatabaseTransaction,
+    // Held until commit or rollback; dropped after the transaction ends.
+    _writer: Option<MutexGuard<'a, ()>>,
+}
+
+impl<'a> CommandContext<'a> {
+    /// The command's transaction, begun on first use.
+    pub async fn tx(&self) -> Result<&DatabaseTransaction> {
+        let open = self
+            .open
+            .get_or_try_init(|| async {
+                let writer = match self.writer {
+                    Some(writer) => Some(writer.lock().await),
+                    None => None,
+                };
+                let tx = self.db.begin().await?;
+                Ok::<_, Error>(OpenTransaction {
+                    tx,
+                    _writer: writer,
+                })
+            })
+            .await?;
+        Ok(&open.tx)
+    }
+
+    async fn finish(self, success: bool) -> Result<()> {
+        let Some(open) = self.open.into_inner() else {
+            return Ok(());
+        };
+        let OpenTransaction { tx, _writer } = open;
+        if success {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a query handler works with: the caller and a connection.
+pub struct QueryContext<'a> {
+    pub request: &'a RequestContext,
+    pub db: &'a DatabaseConnection,
+}
+
+#[async_trait]
+pub trait CommandHandler<C: Command>: Send + Sync + 'static {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: C) -> Result<C::Output>;
+}
+
+#[async_trait]
+pub trait QueryHandler<Q: Query>: Send + Sync + 'static {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: Q) -> Result<Q::Output>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    Command,
+    Query,
+}
+
+/// What middleware may know about a call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallInfo<'a> {
+    pub name: &'static str,
+    pub kind: CallKind,
+    pub request: &'a RequestContext,
+}
+
+pub type Erased = Box<dyn Any + Send>;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One link of the chain around every handler. It receives the rest of the
+/// chain as a future and may observe it, time it, or answer without it.
+pub trait Middleware: Send + Sync + 'static {
+    fn around<'a>(
+        &'a self,
+        call: CallInfo<'a>,
+        next: BoxFuture<'a, Result<Erased>>,
+    ) -> BoxFuture<'a, Result<Erased>>;
+}
+
+type ErasedCommandHandler<C> = Arc<dyn CommandHandler<C>>;
+type ErasedQueryHandler<Q> = Arc<dyn QueryHandler<Q>>;
+
+/// Collects handlers and middleware at start-up, then becomes an immutable [`Bus`].
+pub struct BusBuilder {
+    db: DatabaseConnection,
+    commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    middleware: Vec<Arc<dyn Middleware>>,
+}
+
+impl BusBuilder {
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self {
+            db,
+            commands: HashMap::new(),
+            queries: HashMap::new(),
+            middleware: Vec::new(),
+        }
+    }
+
+    /// Registers the handler of `C`. Registering twice is a wiring bug.
+    pub fn command<C: Command>(&mut self, handler: impl CommandHandler<C>) -> &mut Self {
+        let handler: ErasedCommandHandler<C> = Arc::new(handler);
+        let previous = self.commands.insert(TypeId::of::<C>(), Box::new(handler));
+        assert!(
+            previous.is_none(),
+            "two handlers for command {}",
+            type_name::<C>()
+        );
+        self
+    }
+
+    pub fn query<Q: Query>(&mut self, handler: impl QueryHandler<Q>) -> &mut Self {
+        let handler: ErasedQueryHandler<Q> = Arc::new(handler);
+        let previous = self.queries.insert(TypeId::of::<Q>(), Box::new(handler));
+        assert!(
+            previous.is_none(),
+            "two handlers for query {}",
+            type_name::<Q>()
+        );
+        self
+    }
+
+    /// Adds a link to the chain; the first added is the outermost.
+    pub fn middleware(&mut self, middleware: impl Middleware) -> &mut Self {
+        self.middleware.push(Arc::new(middleware));
+        self
+    }
+
+    pub fn build(self) -> Bus {
+        // SQLite has one writer. Queueing command transactions here, instead
+        // of letting them race for the file lock, avoids SQLITE_BUSY when a
+        // deferred transaction upgrades from read to write.
+        let writer =
+            (self.db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
+        Bus {
+            inner: Arc::new(Inner {
+                db: self.db,
+                writer,
+                commands: self.commands,
+                queries: self.queries,
+                middleware: self.middleware,
+            }),
+        }
+    }
+}
+
+struct Inner {
+    db: DatabaseConnection,
+    writer: Option<Mutex<()>>,
+    commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
+    middleware: Vec<Arc<dyn Middleware>>,
+}
+
+/// The command bus and the query bus, cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl Bus {
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// Runs `command` in one transaction through the middleware chain.
+    pub async fn execute<C: Command>(&self, ctx: &RequestContext, command: C) -> Result<C::Output> {
+        let handler = self
+            .inner
+            .commands
+            .get(&TypeId::of::<C>())
+            .and_then(|handler| handler.downcast_ref::<ErasedCommandHandler<C>>())
+            .cloned()
+            .ok_or_else(|| unregistered(C::NAME))?;
+        let inner = &self.inner;
+        let terminal: BoxFuture<'_, Result<Erased>> = Box::pin(async move {
+            let command_ctx = CommandContext {
+                request: ctx,
+                db: &inner.db,
+                writer: inner.writer.as_ref(),
+                open: OnceCell::new(),
+            };
+            let outcome = handler.handle(&command_ctx, command).await;
+            command_ctx.finish(outcome.is_ok()).await?;
+            outcome.map(|output| Box::new(output) as Erased)
+        });
+        let output = self.run(CallKind::Command, C::NAME, ctx, terminal).await?;
+        downcast::<C::Output>(output, C::NAME)
+    }
+
+    /// Runs `query` through the middleware chain, outside any transaction.
+    pub async fn ask<Q: Query>(&self, ctx: &RequestContext, query: Q) -> Result<Q::Output> {
+        let handler = self
+            .inner
+            .queries
+            .get(&TypeId::of::<Q>())
+            .and_then(|handler| handler.downcast_ref::<ErasedQueryHandler<Q>>())
+            .cloned()
+            .ok_or_else(|| unregistered(Q::NAME))?;
+        let db = &self.inner.db;
+        let terminal: BoxFuture<'_, Result<Erased>> = Box::pin(async move {
+            let output = handler
+                .handle(&QueryContext { request: ctx, db }, query)
+                .await?;
+            Ok(Box::new(output) as Erased)
+        });
+        let output = self.run(CallKind::Query, Q::NAME, ctx, terminal).await?;
+        downcast::<Q::Output>(output, Q::NAME)
+    }
+
+    async fn run<'a>(
+        &'a self,
+        kind: CallKind,
+        name: &'static str,
+        ctx: &'a RequestContext,
+        terminal: BoxFuture<'a, Result<Erased>>,
+    ) -> Result<Erased> {
+        let call = CallInfo {
+            name,
+            kind,
+            request: ctx,
+        };
+        let chained = self
+            .inner
+            .middleware
+            .iter()
+            .rev()
+            .fold(terminal, |next, middleware| middleware.around(call, next));
+        let span = match kind {
+            CallKind::Command => tracing::info_span!(
+                "command",
+                otel.name = name,
+                command = name,
+                duration_ms = tracing::field::Empty,
+                code = tracing::field::Empty
+            ),
+            CallKind::Query => tracing::info_span!(
+                "query",
+                otel.name = name,
+                query = name,
+                duration_ms = tracing::field::Empty,
+                code = tracing::field::Empty
+            ),
+        };
+        let started = std::time::Instant::now();
+        let outcome = async {
+            // Dropping the chain on timeout drops the open transaction, which rolls it back.
+            match ctx.deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, chained)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(Code::DeadlineExceeded, "deadline exceeded"))
+                    }),
+                None => chained.await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        span.record("duration_ms", duration_ms);
+        span.record(
+            "code",
+            outcome
+                .as_ref()
+                .err()
+                .map_or("OK", |error| error.code().as_str()),
+        );
+        span.in_scope(|| tracing::debug!(duration_ms, ok = outcome.is_ok(), "{name} finished"));
+        outcome
+    }
+}
+
+fn unregistered(name: &str) -> Error {
+    Error::internal(format!("no handler registered for {name}"))
+}
+
+fn downcast<T: 'static>(output: Erased, name: &str) -> Result<T> {
+    output
+        .downcast::<T>()
+        .map(|output| *output)
+        .map_err(|_| Error::internal(format!("middleware changed the output type of {name}")))
+}

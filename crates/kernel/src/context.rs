@@ -1,0 +1,136 @@
+//! Who is calling, under which request id, until when.
+
+use std::net::IpAddr;
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The roles of Keel, from least to most powerful.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    User,
+    Moderator,
+    Admin,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Moderator => "moderator",
+            Role::Admin => "admin",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Role> {
+        match value {
+            "user" => Some(Role::User),
+            "moderator" => Some(Role::Moderator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An authenticated caller: a user acting through one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    /// Read from the database at authentication, not from the token, so a
+    /// demotion takes effect at once.
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+/// Everything a handler may know about the call besides its arguments.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub request_id: String,
+    pub principal: Option<Principal>,
+    pub deadline: Option<Instant>,
+    pub client_ip: Option<IpAddr>,
+    pub user_agent: Option<String>,
+    /// Set only by in-process callers (the CLI, start-up bootstrap), never
+    /// from a network request: such a caller may do what an admin may.
+    trusted: bool,
+}
+
+impl RequestContext {
+    pub fn new(request_id: impl Into<String>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            principal: None,
+            deadline: None,
+            client_ip: None,
+            user_agent: None,
+            trusted: false,
+        }
+    }
+
+    /// A context for work that no client started (CLI, bootstrap, tasks).
+    pub fn system() -> Self {
+        Self {
+            trusted: true,
+            ..Self::new(format!("system-{}", crate::id::new_id()))
+        }
+    }
+
+    pub fn is_trusted(&self) -> bool {
+        self.trusted
+    }
+
+    pub fn with_principal(mut self, principal: Principal) -> Self {
+        self.principal = Some(principal);
+        self
+    }
+
+    /// The caller, or UNAUTHENTICATED.
+    pub fn principal(&self) -> Result<&Principal> {
+        self.principal
+            .as_ref()
+            .ok_or_else(|| Error::unauthenticated("authentication required"))
+    }
+
+    /// Ok for an authenticated or trusted caller, else UNAUTHENTICATED.
+    pub fn require_caller(&self) -> Result<()> {
+        if self.trusted {
+            Ok(())
+        } else {
+            self.principal().map(|_| ())
+        }
+    }
+
+    /// Ok for an admin or a trusted in-process caller, else
+    /// UNAUTHENTICATED (nobody) or PERMISSION_DENIED (not an admin).
+    pub fn require_admin(&self) -> Result<()> {
+        if self.trusted || self.principal()?.is_admin() {
+            Ok(())
+        } else {
+            Err(Error::permission_denied("this call needs the admin role"))
+        }
+    }
+
+    /// True when the caller may act on `user_id`'s resources: themself, an
+    /// admin, or a trusted in-process caller.
+    pub fn may_act_for(&self, user_id: uuid::Uuid) -> bool {
+        self.trusted
+            || self
+                .principal
+                .as_ref()
+                .is_some_and(|principal| principal.is_admin() || principal.user_id == user_id)
+    }
+}

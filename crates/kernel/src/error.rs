@@ -1,0 +1,383 @@
+//! The one error type of Keel and the one table that maps its codes to gRPC
+//! codes and HTTP statuses. Every transport reads this table; none keeps its own.
+
+use std::time::Duration;
+
+/// The restricted set of error codes. Each one has exactly one gRPC code and
+/// one HTTP status (grpc-gateway's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Code {
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    Unauthenticated,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+}
+
+impl Code {
+    pub const ALL: [Code; 16] = [
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::Unauthenticated,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+    ];
+
+    /// The one table: (gRPC code, HTTP status, name).
+    const fn row(self) -> (tonic::Code, u16, &'static str) {
+        match self {
+            Code::Cancelled => (tonic::Code::Cancelled, 499, "CANCELLED"),
+            Code::Unknown => (tonic::Code::Unknown, 500, "UNKNOWN"),
+            Code::InvalidArgument => (tonic::Code::InvalidArgument, 400, "INVALID_ARGUMENT"),
+            Code::DeadlineExceeded => (tonic::Code::DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
+            Code::NotFound => (tonic::Code::NotFound, 404, "NOT_FOUND"),
+            Code::AlreadyExists => (tonic::Code::AlreadyExists, 409, "ALREADY_EXISTS"),
+            Code::PermissionDenied => (tonic::Code::PermissionDenied, 403, "PERMISSION_DENIED"),
+            Code::Unauthenticated => (tonic::Code::Unauthenticated, 401, "UNAUTHENTICATED"),
+            Code::ResourceExhausted => (tonic::Code::ResourceExhausted, 429, "RESOURCE_EXHAUSTED"),
+            Code::FailedPrecondition => {
+                (tonic::Code::FailedPrecondition, 400, "FAILED_PRECONDITION")
+            }
+            Code::Aborted => (tonic::Code::Aborted, 409, "ABORTED"),
+            Code::OutOfRange => (tonic::Code::OutOfRange, 400, "OUT_OF_RANGE"),
+            Code::Unimplemented => (tonic::Code::Unimplemented, 501, "UNIMPLEMENTED"),
+            Code::Internal => (tonic::Code::Internal, 500, "INTERNAL"),
+            Code::Unavailable => (tonic::Code::Unavailable, 503, "UNAVAILABLE"),
+            Code::DataLoss => (tonic::Code::DataLoss, 500, "DATA_LOSS"),
+        }
+    }
+
+    pub const fn grpc(self) -> tonic::Code {
+        self.row().0
+    }
+
+    pub const fn http_status(self) -> u16 {
+        self.row().1
+    }
+
+    /// The canonical name, as REST error bodies show it (`NOT_FOUND`).
+    pub const fn as_str(self) -> &'static str {
+        self.row().2
+    }
+
+    pub fn from_grpc(code: tonic::Code) -> Code {
+        Code::ALL
+            .into_iter()
+            .find(|candidate| candidate.grpc() == code)
+            .unwrap_or(Code::Unknown)
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One invalid field of a request (`google.rpc.BadRequest.FieldViolation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+/// The error every command, query and adapter returns.
+///
+/// `message` is sent to the client; `cause` never is: for internal errors the
+/// client sees a fixed message and the cause is logged with the request id.
+#[derive(Debug)]
+pub struct Error {
+    code: Code,
+    message: String,
+    violations: Vec<FieldViolation>,
+    retry_after: Option<Duration>,
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            violations: Vec::new(),
+            retry_after: None,
+            cause: None,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn violations(&self) -> &[FieldViolation] {
+        &self.violations
+    }
+
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(Code::NotFound, format!("{} not found", what.into()))
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(Code::Unauthenticated, message)
+    }
+
+    pub fn permission_denied(message: impl Into<String>) -> Self {
+        Self::new(Code::PermissionDenied, message)
+    }
+
+    pub fn already_exists(message: impl Into<String>) -> Self {
+        Self::new(Code::AlreadyExists, message)
+    }
+
+    /// A request with one invalid field.
+    pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::invalid(vec![FieldViolation {
+            field: field.into(),
+            description: description.into(),
+        }])
+    }
+
+    /// A request with several invalid fields; the message names them all.
+    pub fn invalid(violations: Vec<FieldViolation>) -> Self {
+        let message = violations
+            .iter()
+            .map(|violation| format!("{}: {}", violation.field, violation.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self {
+            violations,
+            ..Self::new(Code::InvalidArgument, message)
+        }
+    }
+
+    pub fn resource_exhausted(message: impl Into<String>, retry_after: Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(Code::ResourceExhausted, message)
+        }
+    }
+
+    /// An internal failure: the client is told only "internal error".
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(Code::Internal, "internal error")
+        }
+    }
+
+    pub fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self {
+            cause: Some(cause.into()),
+            ..Self::new(Code::Unavailable, "service unavailable, retry later")
+        }
+    }
+
+    pub fn with_cause(
+        mut self,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)?;
+        if let Some(cause) = &self.cause {
+            write!(f, " ({cause})")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause.as_deref().map(|cause| cause as _)
+    }
+}
+
+impl From<sea_orm::DbErr> for Error {
+    fn from(error: sea_orm::DbErr) -> Self {
+        match &error {
+            sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_) => {
+                Error::unavailable(error)
+            }
+            _ => Error::internal(error),
+        }
+    }
+}
+
+impl<E: Into<Error> + std::error::Error> From<sea_orm::TransactionError<E>> for Error {
+    fn from(error: sea_orm::TransactionError<E>) -> Self {
+        match error {
+            sea_orm::TransactionError::Connection(db) => db.into(),
+            sea_orm::TransactionError::Transaction(inner) => inner.into(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt};
+
+        if let Some(cause) = &error.cause {
+            // The span of the call carries the request id.
+            if matches!(
+                error.code,
+                Code::Internal | Code::Unknown | Code::DataLoss | Code::Unavailable
+            ) {
+                tracing::error!(code = %error.code, cause = %cause, "request failed");
+            } else {
+                tracing::debug!(code = %error.code, cause = %cause, "request refused");
+            }
+        }
+        let mut details = ErrorDetails::new();
+        if !error.violations.is_empty() {
+            details.set_bad_request(
+                error
+                    .violations
+                    .iter()
+                    .map(|violation| {
+                        tonic_types::FieldViolation::new(
+                            violation.field.clone(),
+                            violation.description.clone(),
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if let Some(retry_after) = error.retry_after {
+            details.set_retry_info(Some(retry_after));
+        }
+        let mut status = if error.violations.is_empty() && error.retry_after.is_none() {
+            tonic::Status::new(error.code.grpc(), error.message)
+        } else {
+            tonic::Status::with_error_details(error.code.grpc(), error.message, details)
+        };
+        if let Some(retry_after) = error.retry_after {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(value) = seconds.to_string().parse() {
+                status.metadata_mut().insert("retry-after", value);
+            }
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_matches_grpc_gateway() {
+        let expected = [
+            (Code::Cancelled, 499),
+            (Code::InvalidArgument, 400),
+            (Code::DeadlineExceeded, 504),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::PermissionDenied, 403),
+            (Code::Unauthenticated, 401),
+            (Code::ResourceExhausted, 429),
+            (Code::FailedPrecondition, 400),
+            (Code::Aborted, 409),
+            (Code::OutOfRange, 400),
+            (Code::Unimplemented, 501),
+            (Code::Unavailable, 503),
+            (Code::Internal, 500),
+            (Code::Unknown, 500),
+            (Code::DataLoss, 500),
+        ];
+        for (code, status) in expected {
+            assert_eq!(code.http_status(), status, "{code}");
+            assert_eq!(Code::from_grpc(code.grpc()), code);
+        }
+    }
+
+    #[test]
+    fn internal_causes_never_reach_the_client() {
+        let status: tonic::Status = Error::internal("password column missing").into();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn field_violations_travel_as_bad_request() {
+        use tonic_types::StatusExt;
+        let status: tonic::Status = Error::invalid_field("email", "is not an email address").into();
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().expect("bad request details");
+        assert_eq!(bad_request.field_violations[0].field, "email");
+        assert_eq!(status.message(), "email: is not an email address");
+    }
+}
+
+/// Gathers the field violations of several parses, so that one response
+/// names every invalid field instead of only the first.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value, or `None` after recording why it was refused.
+    pub fn take<T>(&mut self, result: Result<T>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(error) if error.violations.is_empty() => {
+                self.0.push(FieldViolation {
+                    field: String::new(),
+                    description: error.message,
+                });
+                None
+            }
+            Err(error) => {
+                self.0.extend(error.violations);
+                None
+            }
+        }
+    }
+
+    /// INVALID_ARGUMENT naming every recorded field.
+    pub fn into_error(self) -> Error {
+        if self.0.is_empty() {
+            return Error::new(Code::InvalidArgument, "invalid request");
+        }
+        Error::invalid(self.0)
+    }
+}

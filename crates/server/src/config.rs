@@ -1,0 +1,235 @@
+//! Configuration: defaults, then `keel.toml` (or `--config FILE`), then
+//! `KEEL_*` variables. Validated at start; errors name the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use keel_kernel::Secret;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Every setting of keel. Secrets are wrapped: `Debug` prints `[redacted]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// `KEEL_LISTEN`: the one address for gRPC (and later REST, grpc-web).
+    pub listen: SocketAddr,
+    /// `KEEL_DATA_DIR`: the SQLite file and the generated signing key live here.
+    pub data_dir: PathBuf,
+    /// `KEEL_DATABASE_URL`: `postgres://...`; unset means SQLite in the data dir.
+    pub database_url: Option<Secret<String>>,
+    /// `KEEL_DATABASE_MAX_CONNECTIONS`
+    pub database_max_connections: u32,
+    /// `KEEL_REDIS_URL`: the cluster mode's bus, cache and limits (later issues).
+    pub redis_url: Option<Secret<String>>,
+    /// `KEEL_ENV`: `development` (default) or `production`.
+    pub env: Environment,
+    /// `KEEL_LOG`: a tracing filter (`info`, `keel=debug,info`).
+    pub log: String,
+    /// `KEEL_LOG_FORMAT`: `json` or `pretty`; unset means pretty in a terminal.
+    pub log_format: Option<LogFormat>,
+    /// `KEEL_REFLECTION`: gRPC server reflection; unset means on except in production.
+    pub reflection: Option<bool>,
+    /// `KEEL_AUTH_KEYS_FILE`: the signing-key file; required in production.
+    pub auth_keys_file: Option<PathBuf>,
+    /// `KEEL_AUTH_ISSUER` / `KEEL_AUTH_AUDIENCE`: the `iss` and `aud` of access tokens.
+    pub auth_issuer: String,
+    pub auth_audience: String,
+    /// `KEEL_ACCESS_TOKEN_TTL_SECONDS`: 900 (15 minutes) by default.
+    pub access_token_ttl_seconds: u64,
+    /// `KEEL_REFRESH_GRACE_SECONDS`: how long a rotated refresh token still rotates.
+    pub refresh_grace_seconds: u64,
+    /// `KEEL_BOOTSTRAP_ADMIN_EMAIL` / `KEEL_BOOTSTRAP_ADMIN_PASSWORD`: an admin
+    /// created at start when no account has that email (for containers).
+    pub bootstrap_admin_email: Option<String>,
+    pub bootstrap_admin_password: Option<Secret<String>>,
+    /// `KEEL_MAX_MESSAGE_BYTES`: the largest request or response message.
+    pub max_message_bytes: usize,
+    /// `KEEL_SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may finish after SIGTERM.
+    pub shutdown_grace_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./keel-data"),
+            database_url: None,
+            database_max_connections: 16,
+            redis_url: None,
+            env: Environment::Development,
+            log: "info".to_owned(),
+            log_format: None,
+            reflection: None,
+            auth_keys_file: None,
+            auth_issuer: "keel".to_owned(),
+            auth_audience: "keel".to_owned(),
+            access_token_ttl_seconds: 900,
+            refresh_grace_seconds: 10,
+            bootstrap_admin_email: None,
+            bootstrap_admin_password: None,
+            max_message_bytes: 4 * 1024 * 1024,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("configuration: {setting}: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (`path`, or `./keel.toml` when it exists), then `KEEL_*`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(invalid(
+                        "--config",
+                        format!("{} does not exist", path.display()),
+                    ));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => figment = figment.merge(Toml::file("keel.toml")),
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("KEEL_").ignore(&["config"]))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.database_url {
+            let scheme = url.expose().split(':').next().unwrap_or_default();
+            if !matches!(scheme, "postgres" | "postgresql" | "sqlite") {
+                return Err(invalid(
+                    "KEEL_DATABASE_URL",
+                    format!("scheme {scheme:?} is not supported; use postgres:// or sqlite://"),
+                ));
+            }
+        }
+        if let Some(url) = &self.redis_url
+            && !url.expose().starts_with("redis://")
+            && !url.expose().starts_with("rediss://")
+        {
+            return Err(invalid(
+                "KEEL_REDIS_URL",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if self.max_message_bytes < 1024 {
+            return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));
+        }
+        if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 24 * 3600 {
+            return Err(invalid(
+                "KEEL_ACCESS_TOKEN_TTL_SECONDS",
+                "must be between 1 and 86400",
+            ));
+        }
+        if self.database_max_connections == 0 {
+            return Err(invalid(
+                "KEEL_DATABASE_MAX_CONNECTIONS",
+                "must be at least 1",
+            ));
+        }
+        if self.auth_issuer.is_empty() || self.auth_audience.is_empty() {
+            return Err(invalid(
+                "KEEL_AUTH_ISSUER",
+                "issuer and audience must not be empty",
+            ));
+        }
+        if self.bootstrap_admin_email.is_some() != self.bootstrap_admin_password.is_some() {
+            return Err(invalid(
+                "KEEL_BOOTSTRAP_ADMIN_PASSWORD",
+                "set both KEEL_BOOTSTRAP_ADMIN_EMAIL and KEEL_BOOTSTRAP_ADMIN_PASSWORD, or neither",
+            ));
+        }
+        if self.env == Environment::Production && self.auth_keys_file.is_none() {
+            return Err(invalid(
+                "KEEL_AUTH_KEYS_FILE",
+                "is required when KEEL_ENV=production (create one with `keel keys generate`)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn reflection_enabled(&self) -> bool {
+        self.reflection
+            .unwrap_or(self.env != Environment::Production)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let config = Config {
+            database_url: Some(Secret::new("postgres://keel:hunter2@db/keel".to_owned())),
+            bootstrap_admin_password: Some(Secret::new("hunter2".to_owned())),
+            ..Config::default()
+        };
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn production_needs_keys_and_errors_name_the_setting() {
+        let config = Config {
+            env: Environment::Production,
+            ..Config::default()
+        };
+        let error = config.validate().expect_err("refused").to_string();
+        assert!(error.contains("KEEL_AUTH_KEYS_FILE"), "{error}");
+        assert!(!config.reflection_enabled());
+    }
+
+    #[test]
+    fn env_variables_override_the_file_and_bad_values_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("keel.toml", "listen = \"127.0.0.1:9000\"\nlog = \"debug\"")?;
+            jail.set_env("KEEL_LISTEN", "127.0.0.1:9100");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            assert_eq!(config.listen.port(), 9100);
+            assert_eq!(config.log, "debug");
+            jail.set_env("KEEL_MAX_MESSAGE_BYTES", "lots");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("max_message_bytes"), "{error}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,19 @@
+//! The `keel` binary's library: configuration, the composition root, the
+//! listener, shutdown, and the CLI's subcommands.
+//!
+//! # Layout
+//! - [`config`]: layered settings (defaults, `keel.toml`, `KEEL_*`), validated;
+//! - [`app`]: `State::build` wires the modules; `Application::build` binds
+//!   (port 0 in tests) and `run_until_stopped` serves until a shutdown future;
+//! - [`layers`]: request id, span, deadline and authentication around every call;
+//! - [`users`]: account creation for the CLI and the bootstrap admin;
+//! - [`telemetry`]: JSON or pretty logs.
+
+pub mod app;
+pub mod config;
+pub mod layers;
+pub mod telemetry;
+pub mod users;
+
+pub use app::{Application, State};
+pub use config::Config;

@@ -1,0 +1,172 @@
+//! `keel`: thin on purpose. Parse flags, load the configuration, and hand over
+//! to the library.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use keel_kernel::Role;
+use keel_server::{Application, Config, State, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    about = "Keel: typed gRPC, REST and grpc-web backend"
+)]
+struct Cli {
+    /// A TOML configuration file (default: ./keel.toml when present).
+    #[arg(long, global = true, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC on KEEL_LISTEN (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Manage accounts.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Manage signing keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create an account; the password is read from a prompt, or from stdin when it is not a terminal.
+    Create {
+        #[arg(long)]
+        email: String,
+        #[arg(long, value_enum, default_value_t = RoleArg::User)]
+        role: RoleArg,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new signing-key file (for KEEL_AUTH_KEYS_FILE) on stdout.
+    Generate,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    User,
+    Moderator,
+    Admin,
+}
+
+impl From<RoleArg> for Role {
+    fn from(role: RoleArg) -> Role {
+        match role {
+            RoleArg::User => Role::User,
+            RoleArg::Moderator => Role::Moderator,
+            RoleArg::Admin => Role::Admin,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Keys {
+        command: KeysCommand::Generate,
+    }) = cli.command
+    {
+        println!("{}", keel_identity::tokens::KeySet::generate_file());
+        return Ok(());
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    telemetry::init(&config);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            let db = keel_server::app::connect(&config).await?;
+            keel_db::migrate(&db).await.context("applying migrations")?;
+            println!("migrations applied ({})", keel_db::backend_name(&db));
+            Ok(())
+        }
+        Command::Users {
+            command:
+                UsersCommand::Create {
+                    email,
+                    role,
+                    display_name,
+                },
+        } => {
+            let password = read_password()?;
+            let state = State::build(config).await?;
+            let id = keel_server::users::create_user(
+                &state.bus,
+                &email,
+                &password,
+                display_name.as_deref(),
+                role.into(),
+            )
+            .await?;
+            println!("created user {id} ({email}, {})", Role::from(role));
+            Ok(())
+        }
+        Command::Keys { .. } => Ok(()),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let app = Application::build(config).await?;
+    tracing::info!(
+        address = %app.local_addr()?,
+        database = keel_db::backend_name(&app.state().db),
+        reflection = app.state().config.reflection_enabled(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "keel is serving gRPC"
+    );
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => tracing::info!("SIGINT received"),
+        _ = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("password: ")?;
+        let second = rpassword::prompt_password("again: ")?;
+        anyhow::ensure!(first == second, "the passwords differ");
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    anyhow::ensure!(!password.is_empty(), "no password given");
+    Ok(password)
+}

@@ -1,0 +1,56 @@
+# Keel dev tasks. `just` itself comes from the tools venv:
+#     PATH="$(scripts/tools.sh | tail -1):$PATH"
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set positional-arguments := true
+
+# Puts buf and grpcurl (the venv of scripts/tools.sh) on PATH for one line.
+tools := 'PATH="$(scripts/tools.sh | tail -n 1):$PATH"'
+
+test_database_url := env("KEEL_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test")
+test_redis_url := env("KEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+# List the recipes
+default:
+    @{{ just_executable() }} --justfile {{ quote(justfile()) }} --list --unsorted
+
+# Start keel in embedded mode (SQLite under ./keel-data); extra args go to keel
+run *args:
+    cargo run --release --bin keel -- "$@"
+
+# Run every test of the workspace (embedded adapters)
+test *args:
+    cargo test --workspace "$@"
+
+# Run the tests with the cluster adapters too (local PostgreSQL and Redis)
+test-pg *args:
+    KEEL_TEST_DATABASE_URL={{ quote(test_database_url) }} KEEL_TEST_REDIS_URL={{ quote(test_redis_url) }} cargo test --workspace "$@"
+
+# Check formatting and clippy (warnings are errors)
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# Format all Rust code
+fmt:
+    cargo fmt --all
+
+# Lint the Protobuf contracts
+proto-lint:
+    {{ tools }} buf lint
+
+# Check the contracts for breaking changes (e.g. `just proto-breaking '.git#ref=HEAD~1'`)
+proto-breaking against='.git#branch=main':
+    {{ tools }} buf breaking --against "$1"
+
+# Build the release binary and call it over gRPC with grpcurl
+smoke:
+    scripts/smoke.sh
+
+# Everything CI runs
+ci:
+    .ci/run
+
+# Install buf, grpcurl and just into .venv-tools and print its bin dir
+tools:
+    scripts/tools.sh

@@ -1,0 +1,26 @@
+//! The one Migrator of every Keel module. Each module's tables arrive in
+//! migrations named `m<date>_<seq>_<module>_<what>`, applied in order by
+//! `keel migrate` and at start-up.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261121_000001_identity;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261121_000001_identity::Migration)]
+    }
+}
+
+/// Text compared byte by byte on every backend, so that range scans for a
+/// prefix and keyset pages agree between SQLite (BINARY) and PostgreSQL.
+pub(crate) fn byte_ordered(manager: &SchemaManager, column: ColumnDef) -> ColumnDef {
+    let mut column = column;
+    if manager.get_database_backend() == sea_orm_migration::sea_orm::DatabaseBackend::Postgres {
+        column.extra("COLLATE \"C\"");
+    }
+    column
+}
