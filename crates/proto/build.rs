@@ -33,9 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Every `.proto` under `proto/keel`, relative to `proto/`, sorted for stable output.
+/// Every `.proto` under `proto/keel` plus the error details, relative to `proto/`, sorted.
 fn proto_files(root: &std::path::Path) -> std::io::Result<Vec<String>> {
-    let mut files = Vec::new();
+    // google.rpc's error details are served by reflection so clients can
+    // read the details of an error; their Rust types come from tonic-types.
+    let mut files = vec!["google/rpc/error_details.proto".to_owned()];
     let mut stack = vec![root.join("keel")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(dir)? {

@@ -83,7 +83,7 @@ impl Identity {
         }
     }
 
-    pub(crate) fn tokens(&self) -> &TokenService {
+    pub fn tokens(&self) -> &TokenService {
         &self.inner.tokens
     }
 

@@ -88,6 +88,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Db> {
     };
     let settings = DbSettings {
         max_connections: config.database_max_connections,
+        schema: config.database_schema.clone(),
         ..DbSettings::new(url)
     };
     keel_db::connect(&settings)

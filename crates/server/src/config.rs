@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use keel_kernel::Secret;
+pub use keel_kernel::Secret;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `KEEL_DATABASE_URL`: `postgres://...`; unset means SQLite in the data dir.
     pub database_url: Option<Secret<String>>,
+    /// `KEEL_DATABASE_SCHEMA`: PostgreSQL only, the schema to work in.
+    pub database_schema: Option<String>,
     /// `KEEL_DATABASE_MAX_CONNECTIONS`
     pub database_max_connections: u32,
     /// `KEEL_REDIS_URL`: the cluster mode's bus, cache and limits (later issues).
@@ -69,6 +71,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./keel-data"),
             database_url: None,
+            database_schema: None,
             database_max_connections: 16,
             redis_url: None,
             env: Environment::Development,

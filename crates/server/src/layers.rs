@@ -90,7 +90,12 @@ where
                 ctx.deadline = header(request.headers(), "grpc-timeout")
                     .and_then(parse_grpc_timeout)
                     .map(|timeout| tokio::time::Instant::now() + timeout);
-                if let Some(authorization) = header(request.headers(), "authorization") {
+                // Health and reflection are public: no database round trip for them.
+                let public = request.uri().path().starts_with("/grpc.health.")
+                    || request.uri().path().starts_with("/grpc.reflection.");
+                if let Some(authorization) =
+                    header(request.headers(), "authorization").filter(|_| !public)
+                {
                     let principal = match bearer(authorization) {
                         Some(token) => state.identity.authenticate(&state.db, token).await,
                         None => Err(Error::unauthenticated(
@@ -151,8 +156,8 @@ fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
 /// gRPC spec (and our error table) says RESOURCE_EXHAUSTED.
 fn resource_exhausted_for_oversized(headers: &mut HeaderMap) {
     let oversized = header(headers, "grpc-status") == Some("11")
-        && header(headers, "grpc-message")
-            .is_some_and(|message| message.contains("message length too large"));
+        // grpc-message is percent-encoded on the wire.
+        && header(headers, "grpc-message").is_some_and(|message| message.contains("length%20too%20large"));
     if oversized {
         headers.insert("grpc-status", HeaderValue::from_static("8"));
     }

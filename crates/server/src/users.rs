@@ -2,7 +2,8 @@
 
 use keel_identity::commands::CreateUser;
 use keel_identity::model::{DisplayName, Email, NewPassword};
-use keel_kernel::{Bus, Code, Role};
+pub use keel_kernel::Role;
+use keel_kernel::{Bus, Code};
 
 /// Creates an account through the command bus, as a trusted caller.
 pub async fn create_user(

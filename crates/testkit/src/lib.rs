@@ -1,1 +1,279 @@
+//! Test helpers: a real keel server on port 0, a fresh database per test,
+//! and ready gRPC clients.
+//!
+//! # Layout
+//! - [`Backend`] and [`spawn_app`]: SQLite in a temporary directory, or a
+//!   new PostgreSQL schema under `KEEL_TEST_DATABASE_URL`;
+//! - [`TestApp`]: the running server, its clients, and call helpers;
+//! - [`backend_tests!`]: writes each test once and runs it on every backend.
+//!
+//! In CI (`CI=true`) a PostgreSQL suite fails, never skips, when
+//! `KEEL_TEST_DATABASE_URL` is unset or the server is unreachable.
 
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+
+use keel_proto::identity as pb;
+use keel_proto::identity::identity_command_service_client::IdentityCommandServiceClient;
+use keel_proto::identity::identity_query_service_client::IdentityQueryServiceClient;
+use keel_server::{Application, Config, State};
+use sea_orm::ConnectionTrait;
+use tonic::transport::Channel;
+
+pub use keel_proto;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// The PostgreSQL URL for tests: `None` means skip, except in CI where a
+/// missing URL is an error.
+pub fn postgres_url() -> Option<String> {
+    match std::env::var("KEEL_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!(
+                "CI=true but KEEL_TEST_DATABASE_URL is not set: the PostgreSQL suites must run in CI"
+            )
+        }
+        _ => None,
+    }
+}
+
+/// A running keel with its own database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub state: State,
+    pub backend: Backend,
+    pub data_dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    schema: Option<(String, String)>,
+}
+
+/// Starts keel on `backend`; `None` when PostgreSQL is not configured (outside CI).
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Like [`spawn_app`], with a chance to change the configuration first.
+pub async fn spawn_app_with(
+    backend: Backend,
+    configure: impl FnOnce(&mut Config),
+) -> Option<TestApp> {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.path().to_owned(),
+        log: std::env::var("KEEL_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+        shutdown_grace_seconds: 2,
+        database_max_connections: 5,
+        ..Config::default()
+    };
+    let mut schema = None;
+    if backend == Backend::Postgres {
+        let url = postgres_url()?;
+        let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+        let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone()))
+            .await
+            .unwrap_or_else(|error| {
+                panic!("PostgreSQL at KEEL_TEST_DATABASE_URL is unreachable: {error}")
+            });
+        admin
+            .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
+            .await
+            .unwrap();
+        let _ = admin.close().await;
+        config.database_url = Some(keel_server::config::Secret::new(url.clone()));
+        config.database_schema = Some(name.clone());
+        schema = Some((url, name));
+    }
+    configure(&mut config);
+    config.validate().unwrap();
+    keel_server::telemetry::init(&config);
+    let app = Application::build(config).await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let state = app.state().clone();
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    Some(TestApp {
+        addr,
+        state,
+        backend,
+        data_dir,
+        shutdown: Some(shutdown),
+        server: Some(server),
+        schema,
+    })
+}
+
+impl TestApp {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn commands(&self) -> IdentityCommandServiceClient<Channel> {
+        IdentityCommandServiceClient::new(self.channel().await)
+    }
+
+    pub async fn queries(&self) -> IdentityQueryServiceClient<Channel> {
+        IdentityQueryServiceClient::new(self.channel().await)
+    }
+
+    /// Registers `email` with [`PASSWORD`] and returns the user.
+    pub async fn register(&self, email: &str) -> pb::User {
+        self.commands()
+            .await
+            .register(pb::RegisterRequest {
+                email: email.to_owned(),
+                password: PASSWORD.to_owned(),
+                display_name: email.split('@').next().unwrap().to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+    }
+
+    /// Logs in with [`PASSWORD`] and returns the tokens.
+    pub async fn login(&self, email: &str) -> pb::AuthTokens {
+        self.commands()
+            .await
+            .login(pb::LoginRequest {
+                email: email.to_owned(),
+                password: PASSWORD.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens
+            .unwrap()
+    }
+
+    /// Registers and logs in: the user and an access token.
+    pub async fn signed_in(&self, email: &str) -> (pb::User, pb::AuthTokens) {
+        let user = self.register(email).await;
+        (user, self.login(email).await)
+    }
+
+    /// Creates an admin through the CLI's code path and logs in.
+    pub async fn admin(&self, email: &str) -> (pb::User, pb::AuthTokens) {
+        keel_server::users::create_user(
+            &self.state.bus,
+            email,
+            PASSWORD,
+            Some("Admin"),
+            keel_server::users::Role::Admin,
+        )
+        .await
+        .unwrap();
+        let tokens = self.login(email).await;
+        let user = self
+            .queries()
+            .await
+            .get_current_user(authed(pb::GetCurrentUserRequest {}, &tokens.access_token))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        (user, tokens)
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some((url, schema)) = self.schema.take() {
+            // Drop is not async: clean the schema up on a thread of its own.
+            let _ = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    if let Ok(db) = keel_db::connect(&keel_db::DbSettings::new(url)).await {
+                        let _ = db
+                            .execute_unprepared(&format!(
+                                "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                            ))
+                            .await;
+                        let _ = db.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, access_token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {access_token}").parse().unwrap(),
+    );
+    request
+}
+
+/// Writes each `async fn name(app: TestApp) { ... }` once and runs it as
+/// `sqlite::name` and `postgres::name`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($(async fn $name:ident($app:ident : TestApp) $body:block)*) => {
+        mod sqlite {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let $app = $crate::spawn_app($crate::Backend::Sqlite).await.unwrap();
+                    $body
+                }
+            )*
+        }
+        mod postgres {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some($app) = $crate::spawn_app($crate::Backend::Postgres).await else {
+                        eprintln!("KEEL_TEST_DATABASE_URL unset: PostgreSQL run of {} skipped", stringify!($name));
+                        return;
+                    };
+                    $body
+                }
+            )*
+        }
+    };
+}
