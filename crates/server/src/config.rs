@@ -232,7 +232,10 @@ mod tests {
             assert_eq!(config.log, "debug");
             jail.set_env("KEEL_MAX_MESSAGE_BYTES", "lots");
             let error = Config::load(None).expect_err("refused").to_string();
-            assert!(error.contains("MAX_MESSAGE_BYTES") && error.contains("KEEL_"), "{error}");
+            assert!(
+                error.contains("MAX_MESSAGE_BYTES") && error.contains("KEEL_"),
+                "{error}"
+            );
             Ok(())
         });
     }

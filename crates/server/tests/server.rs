@@ -1,0 +1,355 @@
+//! The `keel` binary and the server's own behaviour: CLI, bootstrap admin,
+//! production guards, reflection switch, health, graceful shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_proto::identity as pb;
+use keel_proto::identity::identity_command_service_client::IdentityCommandServiceClient;
+use keel_testkit::{Backend, PASSWORD, spawn_app_with};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+fn keel(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEEL_DATA_DIR", data_dir)
+        .env("KEEL_LOG", "info")
+        .env("KEEL_LOG_FORMAT", "json");
+    command
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `keel serve` and waits until its health check answers SERVING.
+async fn serve(data_dir: &std::path::Path, port: u16) -> Running {
+    let child = keel(data_dir)
+        .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
+        .env("KEEL_SHUTDOWN_GRACE_SECONDS", "10")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            && let Ok(response) = HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+        {
+            assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
+            return running;
+        }
+        assert!(Instant::now() < deadline, "keel did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn users_create_reads_the_password_from_stdin_and_the_admin_can_log_in() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = keel(data_dir.path())
+        .args([
+            "users",
+            "create",
+            "--email",
+            "ops@example.com",
+            "--role",
+            "admin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("created user"));
+
+    let port = free_port();
+    let _server = serve(data_dir.path(), port).await;
+    let mut commands = IdentityCommandServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let login = commands
+        .login(pb::LoginRequest {
+            email: "ops@example.com".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(login.user.unwrap().role, pb::Role::Admin as i32);
+}
+
+#[test]
+fn users_create_refuses_a_weak_password() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = keel(data_dir.path())
+        .args([
+            "users",
+            "create",
+            "--email",
+            "ops@example.com",
+            "--role",
+            "admin",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "password").unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("password"));
+}
+
+#[test]
+fn production_refuses_to_start_without_signing_keys() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = keel(data_dir.path())
+        .env("KEEL_ENV", "production")
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("KEEL_AUTH_KEYS_FILE"), "{stderr}");
+    assert!(!data_dir.path().join("auth-keys.json").exists());
+}
+
+#[test]
+fn invalid_settings_are_named() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = keel(data_dir.path())
+        .env("KEEL_LISTEN", "not-an-address")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("LISTEN"));
+    let output = keel(data_dir.path())
+        .env("KEEL_DATABASE_URL", "mysql://root:hunter2@localhost/keel")
+        .arg("migrate")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("KEEL_DATABASE_URL"), "{stderr}");
+    assert!(
+        !stderr.contains("hunter2"),
+        "a secret reached the output: {stderr}"
+    );
+}
+
+#[test]
+fn migrate_applies_the_schema_and_keys_generate_prints_a_usable_key_file() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let output = keel(data_dir.path()).arg("migrate").output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(data_dir.path().join("keel.db").exists());
+
+    let output = keel(data_dir.path())
+        .args(["keys", "generate"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let file = String::from_utf8(output.stdout).unwrap();
+    assert!(keel_identity::tokens::KeySet::parse(&file).is_ok());
+}
+
+#[tokio::test]
+async fn the_generated_signing_key_is_private_and_kept_across_restarts() {
+    use std::os::unix::fs::PermissionsExt;
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = serve(data_dir.path(), port).await;
+    let key_file = data_dir.path().join("auth-keys.json");
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let before = std::fs::read_to_string(&key_file).unwrap();
+    drop(server);
+    let _server = serve(data_dir.path(), port).await;
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), before);
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_call_in_flight_finish_then_exits() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = serve(data_dir.path(), port).await;
+    let commands = IdentityCommandServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    // Each Register hashes a password; eight of them on two cores are still
+    // running when SIGTERM arrives.
+    let calls: Vec<_> = (0..8)
+        .map(|index| {
+            let mut commands = commands.clone();
+            tokio::spawn(async move {
+                commands
+                    .register(pb::RegisterRequest {
+                        email: format!("late{index}@example.com"),
+                        password: PASSWORD.into(),
+                        display_name: "Late".into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let signalled = Instant::now();
+    for call in calls {
+        let response = call.await.unwrap();
+        assert!(response.is_ok(), "{response:?}");
+    }
+    assert!(
+        signalled.elapsed() > Duration::from_millis(5),
+        "the calls were not in flight at SIGTERM"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "keel did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    // Stopped accepting: nothing listens any more.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+async fn reflection_answers(app: &keel_testkit::TestApp) -> bool {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest,
+    };
+    let mut client = ServerReflectionClient::new(app.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let Ok(response) = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+    else {
+        return false;
+    };
+    let mut stream = response.into_inner();
+    matches!(stream.message().await, Ok(Some(_)))
+}
+
+#[tokio::test]
+async fn reflection_can_be_turned_off() {
+    let on = spawn_app_with(Backend::Sqlite, |_| {}).await.unwrap();
+    assert!(reflection_answers(&on).await);
+    let off = spawn_app_with(Backend::Sqlite, |config| config.reflection = Some(false))
+        .await
+        .unwrap();
+    assert!(!reflection_answers(&off).await);
+}
+
+mod bootstrap_admin {
+    use super::*;
+
+    async fn creates_the_admin_once(backend: Backend) {
+        let configure = |config: &mut keel_server::Config| {
+            config.bootstrap_admin_email = Some("root@example.com".into());
+            config.bootstrap_admin_password =
+                Some(keel_server::config::Secret::new(PASSWORD.into()));
+        };
+        let Some(app) = spawn_app_with(backend, configure).await else {
+            return;
+        };
+        let tokens = app.login("root@example.com").await;
+        let me = app
+            .queries()
+            .await
+            .get_current_user(keel_testkit::authed(
+                pb::GetCurrentUserRequest {},
+                &tokens.access_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(me.role, pb::Role::Admin as i32);
+        // A second start with the same settings keeps the one account.
+        let again = keel_server::State::build((*app.state.config).clone())
+            .await
+            .unwrap();
+        let page = again
+            .bus
+            .ask(
+                &keel_kernel::RequestContext::system(),
+                keel_identity::queries::ListUsers {
+                    page_size: 10,
+                    page_token: String::new(),
+                    query: String::new(),
+                    order_by: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.users.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        creates_the_admin_once(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        creates_the_admin_once(Backend::Postgres).await;
+    }
+}
