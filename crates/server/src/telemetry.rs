@@ -20,8 +20,9 @@ pub fn init(config: &Config) {
     let result = match format {
         LogFormat::Json => builder
             .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            // The span list carries the call's request id on every line.
+            .with_current_span(false)
+            .with_span_list(true)
             .flatten_event(true)
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),

@@ -43,10 +43,14 @@ impl Drop for Running {
 
 /// Starts `keel serve` and waits until its health check answers SERVING.
 async fn serve(data_dir: &std::path::Path, port: u16) -> Running {
+    serve_logging_to(data_dir, port, Stdio::null()).await
+}
+
+async fn serve_logging_to(data_dir: &std::path::Path, port: u16, log: impl Into<Stdio>) -> Running {
     let child = keel(data_dir)
         .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
         .env("KEEL_SHUTDOWN_GRACE_SECONDS", "10")
-        .stdout(Stdio::null())
+        .stdout(log)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -112,6 +116,41 @@ async fn users_create_reads_the_password_from_stdin_and_the_admin_can_log_in() {
         .unwrap()
         .into_inner();
     assert_eq!(login.user.unwrap().role, pb::Role::Admin as i32);
+}
+
+#[tokio::test]
+async fn every_log_line_of_a_call_carries_its_request_id() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let log_path = data_dir.path().join("keel.log");
+    let port = free_port();
+    let server = serve_logging_to(
+        data_dir.path(),
+        port,
+        std::fs::File::create(&log_path).unwrap(),
+    )
+    .await;
+    let mut commands = IdentityCommandServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::RegisterRequest {
+        email: "logged@example.com".into(),
+        password: PASSWORD.into(),
+        display_name: "Logged".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-log-check-7".parse().unwrap());
+    commands.register(request).await.unwrap();
+    drop(server);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let line = log
+        .lines()
+        .find(|line| line.contains("user registered"))
+        .unwrap_or_else(|| panic!("no registration line in {log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(line["spans"][0]["request_id"], "req-log-check-7", "{line}");
+    assert_eq!(line["spans"][1]["command"], "identity.register", "{line}");
+    assert!(!log.contains(PASSWORD), "a password reached the log");
 }
 
 #[test]
