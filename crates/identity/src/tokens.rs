@@ -119,7 +119,8 @@ impl KeySet {
     pub fn generate_file() -> String {
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
-        let kid = format!("k-{}", &Uuid::now_v7().simple().to_string()[..12]);
+        let public = URL_SAFE_NO_PAD.encode(SigningKey::from_bytes(&seed).verifying_key().to_bytes());
+        let kid = thumbprint(&public);
         serde_json::json!({
             "active": kid,
             "keys": [{ "kid": kid, "private_key": URL_SAFE_NO_PAD.encode(seed) }],
@@ -195,6 +196,13 @@ impl KeySet {
     pub fn public_keys(&self) -> &[PublicJwk] {
         &self.public
     }
+}
+
+/// The RFC 7638 thumbprint of an Ed25519 public key, shortened: a kid that
+/// is unique per key and the same wherever it is computed.
+pub fn thumbprint(x: &str) -> String {
+    let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#);
+    URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))[..16].to_owned()
 }
 
 #[cfg(unix)]
