@@ -37,7 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn proto_files(root: &std::path::Path) -> std::io::Result<Vec<String>> {
     // google.rpc's error details are served by reflection so clients can
     // read the details of an error; their Rust types come from tonic-types.
-    let mut files = vec!["google/rpc/error_details.proto".to_owned()];
+    let mut files = vec![
+        "google/rpc/error_details.proto".to_owned(),
+        "google/rpc/status.proto".to_owned(),
+    ];
     let mut stack = vec![root.join("keel")];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(dir)? {

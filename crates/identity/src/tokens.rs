@@ -119,7 +119,8 @@ impl KeySet {
     pub fn generate_file() -> String {
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
-        let public = URL_SAFE_NO_PAD.encode(SigningKey::from_bytes(&seed).verifying_key().to_bytes());
+        let public =
+            URL_SAFE_NO_PAD.encode(SigningKey::from_bytes(&seed).verifying_key().to_bytes());
         let kid = thumbprint(&public);
         serde_json::json!({
             "active": kid,

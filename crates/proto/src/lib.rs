@@ -19,6 +19,12 @@ pub mod google {
 }
 
 pub mod keel {
+    pub mod api {
+        pub mod v1 {
+            tonic::include_proto!("keel.api.v1");
+        }
+    }
+
     pub mod identity {
         pub mod v1 {
             tonic::include_proto!("keel.identity.v1");

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_db::{Db, DbSettings};
+use keel_edge::{CorsSettings, Upstream};
 use keel_identity::tokens::{KeySet, TokenService};
 use keel_identity::{Identity, IdentitySettings};
 use keel_kernel::limit::InProcessRateLimiter;
 use keel_kernel::{Bus, BusBuilder, RequestContext};
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -132,16 +133,39 @@ impl Application {
     ) -> anyhow::Result<()> {
         let Application { listener, state } = self;
         let config = state.config.clone();
-        let limit = config.max_message_bytes;
-
         let (health, health_service) = tonic_health::server::health_reporter();
         let readiness = tokio::spawn(watch_database(state.db.clone(), health));
 
-        let (command, query) = keel_identity::grpc::services(&state.bus);
-        let mut router = Server::builder()
-            .layer(ContextLayer::new(state.identity.clone(), state.db.clone()))
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(health_service)
+        let service = state.listener_service(health_service)?;
+        crate::listen::serve(
+            listener,
+            service,
+            shutdown,
+            Duration::from_secs(config.shutdown_grace_seconds),
+        )
+        .await;
+
+        readiness.abort();
+        if let Err(error) = state.db.clone().close().await {
+            tracing::warn!(error = %error, "closing the database pool");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+impl State {
+    /// Every gRPC service behind the request-context layer: what native gRPC,
+    /// grpc-web and the REST edge (in process, no socket) all call.
+    pub fn grpc_upstream(
+        &self,
+        health_service: tonic_health::pb::health_server::HealthServer<
+            impl tonic_health::pb::health_server::Health,
+        >,
+    ) -> anyhow::Result<Upstream> {
+        let limit = self.config.max_message_bytes;
+        let (command, query) = keel_identity::grpc::services(&self.bus);
+        let mut routes = Routes::new(health_service)
             .add_service(
                 command
                     .max_decoding_message_size(limit)
@@ -152,48 +176,54 @@ impl Application {
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
             );
-        if config.reflection_enabled() {
+        if self.config.reflection_enabled() {
             let reflection = || {
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
                     .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             };
-            router = router
+            routes = routes
                 .add_service(reflection().build_v1()?)
                 .add_service(reflection().build_v1alpha()?);
         }
-
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let mut stopped = stop_rx.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = stop_tx.send(true);
-        });
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        let serve = router.serve_with_incoming_shutdown(incoming, async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-            tracing::info!("shutting down: no new connections");
-        });
-        tokio::pin!(serve);
-        let grace = Duration::from_secs(config.shutdown_grace_seconds);
-        let mut stop = stop_rx;
-        let outcome = tokio::select! {
-            outcome = &mut serve => outcome.map_err(anyhow::Error::from),
-            _ = async {
-                let _ = stop.wait_for(|stop| *stop).await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the grace period; closing them");
-                Ok(())
-            }
-        };
-        readiness.abort();
-        if let Err(error) = state.db.clone().close().await {
-            tracing::warn!(error = %error, "closing the database pool");
-        }
-        tracing::info!("stopped");
-        outcome
+        let layered = tower::ServiceBuilder::new()
+            .layer(ContextLayer::new(self.identity.clone(), self.db.clone()))
+            .service(routes.prepare());
+        Ok(Upstream::new(layered))
     }
+
+    /// The one listener's service: gRPC, grpc-web and REST on one port.
+    pub fn listener_service(
+        &self,
+        health_service: tonic_health::pb::health_server::HealthServer<
+            impl tonic_health::pb::health_server::Health,
+        >,
+    ) -> anyhow::Result<keel_edge::listener::ListenerService> {
+        let upstream = self.grpc_upstream(health_service)?;
+        edge_service(&self.config, upstream)
+    }
+}
+
+/// The edge in front of `upstream`: the same code in process and for
+/// `keel edge --upstream`.
+pub fn edge_service(
+    config: &Config,
+    upstream: Upstream,
+) -> anyhow::Result<keel_edge::listener::ListenerService> {
+    let edge = keel_edge::Edge::new(
+        keel_proto::FILE_DESCRIPTOR_SET,
+        upstream.clone(),
+        config.max_message_bytes,
+    )
+    .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?;
+    let cors = CorsSettings {
+        allowed_origins: config.cors_origins(),
+    };
+    Ok(keel_edge::one_listener(
+        &upstream,
+        Arc::new(edge).router(),
+        &cors,
+    ))
 }
 
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is unreachable.

@@ -63,6 +63,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// `KEEL_SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
+    /// call from, or `*`. Unset: any origin in development, none in production.
+    pub cors_allowed_origins: Option<String>,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             bootstrap_admin_password: None,
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
+            cors_allowed_origins: None,
         }
     }
 }
@@ -186,6 +190,19 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    pub fn cors_origins(&self) -> Vec<String> {
+        match &self.cors_allowed_origins {
+            Some(origins) => origins
+                .split(',')
+                .map(str::trim)
+                .filter(|origin| !origin.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None if self.env == Environment::Production => Vec::new(),
+            None => vec!["*".to_owned()],
+        }
     }
 
     pub fn reflection_enabled(&self) -> bool {

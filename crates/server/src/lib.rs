@@ -6,12 +6,14 @@
 //! - [`app`]: `State::build` wires the modules; `Application::build` binds
 //!   (port 0 in tests) and `run_until_stopped` serves until a shutdown future;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
+//! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
 //! - [`users`]: account creation for the CLI and the bootstrap admin;
 //! - [`telemetry`]: JSON or pretty logs.
 
 pub mod app;
 pub mod config;
 pub mod layers;
+pub mod listen;
 pub mod telemetry;
 pub mod users;
 

@@ -1,0 +1,95 @@
+//! Keel's edge: every gRPC method also served as REST/JSON (from its
+//! `google.api.http` annotation) and as grpc-web, on one listener.
+//!
+//! # Layout
+//! - [`template`]: path templates (`/v1/{name=shelves/*}:verb`), parse and match;
+//! - [`routes`]: the route table, read from descriptors alone;
+//! - [`transcode`]: JSON <-> protobuf, path and query bindings;
+//! - [`rest`]: the one REST handler (unary JSON, server streams as SSE or NDJSON);
+//! - [`upstream`]: calls by method path on any gRPC tower service, in
+//!   process or over a channel;
+//! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
+//! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
+//! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS.
+//!
+//! The edge knows descriptors, not modules: a new annotated RPC is served
+//! with no edge code.
+
+pub mod error;
+pub mod listener;
+pub mod openapi;
+pub mod rest;
+pub mod routes;
+pub mod template;
+pub mod transcode;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use prost_reflect::DescriptorPool;
+
+pub use listener::{CorsSettings, one_listener};
+pub use upstream::Upstream;
+
+/// The REST edge: routes, descriptors and the gRPC peer they are served by.
+pub struct Edge {
+    pub routes: routes::RouteTable,
+    pub pool: DescriptorPool,
+    pub upstream: Upstream,
+    pub max_body_bytes: usize,
+    openapi: serde_json::Value,
+}
+
+impl Edge {
+    /// Reads the routes of every annotated method in `descriptor_set`.
+    pub fn new(
+        descriptor_set: &[u8],
+        upstream: Upstream,
+        max_body_bytes: usize,
+    ) -> Result<Edge, String> {
+        let pool = DescriptorPool::decode(descriptor_set)
+            .map_err(|error| format!("descriptor set: {error}"))?;
+        let routes = routes::RouteTable::from_pool(&pool)?;
+        let openapi = openapi::document(&routes, &pool);
+        Ok(Edge {
+            routes,
+            pool,
+            upstream,
+            max_body_bytes,
+            openapi,
+        })
+    }
+
+    pub fn openapi(&self) -> &serde_json::Value {
+        &self.openapi
+    }
+
+    /// The REST router: `/healthz`, `/readyz`, `/openapi.json`, `/docs`, and
+    /// every annotated method as the fallback.
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        use axum::routing::get;
+        let openapi = self.clone();
+        let ready = self.clone();
+        let fallback = self;
+        axum::Router::new()
+            .route(
+                "/healthz",
+                get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),
+            )
+            .route("/readyz", get(move || listener::readiness(ready.clone())))
+            .route(
+                "/openapi.json",
+                get(move || {
+                    let document = openapi.openapi.clone();
+                    async move { axum::Json(document) }
+                }),
+            )
+            .route(
+                "/docs",
+                get(|| async { axum::response::Html(openapi::DOCS_PAGE) }),
+            )
+            .fallback(move |request: http::Request<axum::body::Body>| {
+                rest::handle(fallback.clone(), request)
+            })
+    }
+}

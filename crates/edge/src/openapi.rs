@@ -1,0 +1,339 @@
+//! The OpenAPI 3.1 document of the REST routes, generated from the same
+//! descriptors: paths, parameters, request and response schemas (in the
+//! `{"data": ...}` envelope), the error schema and bearer auth.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor};
+use prost_types::FileDescriptorProto;
+use serde_json::{Map, Value, json};
+
+use crate::routes::{BodyBinding, Route, RouteTable};
+
+/// A page that renders `/openapi.json` for a person (Scalar's standalone
+/// bundle from a CDN; the document itself is served by keel).
+pub const DOCS_PAGE: &str = r#"<!doctype html>
+<html>
+  <head>
+    <title>Keel API</title>
+    <meta charset="utf-8" />
+    <meta name="viewport" content="width=device-width, initial-scale=1" />
+  </head>
+  <body>
+    <script id="api-reference" data-url="/openapi.json"></script>
+    <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference"></script>
+    <noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
+  </body>
+</html>
+"#;
+
+pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
+    let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    let mut schemas = Schemas::default();
+    let mut tags = BTreeSet::new();
+    for route in routes.routes() {
+        let service = route.method.parent_service();
+        tags.insert(service.name().to_owned());
+        let operation = operation(route, &mut schemas);
+        paths
+            .entry(route.template.openapi_path())
+            .or_default()
+            .insert(route.http_method.as_str().to_ascii_lowercase(), operation);
+    }
+    let _ = pool;
+    let mut components = schemas.finish();
+    components.insert(
+        "Error".to_owned(),
+        json!({
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["code", "message", "details"],
+                    "properties": {
+                        "code": {"type": "string", "description": "The gRPC code name, e.g. NOT_FOUND.", "examples": ["NOT_FOUND"]},
+                        "message": {"type": "string"},
+                        "details": {"type": "array", "items": {"type": "object", "description": "A google.rpc detail such as BadRequest or RetryInfo, with its @type."}},
+                        "request_id": {"type": ["string", "null"]}
+                    }
+                }
+            }
+        }),
+    );
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Keel API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Every method is also served over gRPC and grpc-web on the same port. Successful responses are wrapped as {\"data\": ...}; failures as {\"error\": ...}. Fields at their default value are always present (0, false, \"\", []); 64-bit integers are strings."
+        },
+        "tags": tags.into_iter().map(|name| json!({"name": name})).collect::<Vec<_>>(),
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+            "responses": {
+                "Error": {
+                    "description": "An error, with the HTTP status of its code.",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+                }
+            }
+        },
+        "security": [{"bearer": []}, {}]
+    })
+}
+
+fn operation(route: &Route, schemas: &mut Schemas) -> Value {
+    let method = &route.method;
+    let input = method.input();
+    let mut parameters = Vec::new();
+    let mut path_fields = BTreeSet::new();
+    for variable in &route.template.variables {
+        let name = variable.field_path.join(".");
+        path_fields.insert(name.clone());
+        let mut schema = leaf_schema(&resolve(&input, &variable.field_path), schemas);
+        if let Some(pattern) = route.template.variable_pattern(variable) {
+            schema["description"] = json!(format!("matches {pattern}"));
+        }
+        parameters.push(json!({"name": name, "in": "path", "required": true, "schema": schema}));
+    }
+    let body_field = match &route.body {
+        BodyBinding::Field(field) => Some(field.name().to_owned()),
+        _ => None,
+    };
+    if !matches!(route.body, BodyBinding::Whole) {
+        for (name, field) in query_fields(&input, "", 0) {
+            if path_fields.contains(&name)
+                || body_field
+                    .as_deref()
+                    .is_some_and(|body| name.split('.').next() == Some(body))
+            {
+                continue;
+            }
+            let schema = if field.is_list() {
+                json!({"type": "array", "items": leaf_schema(&field, schemas)})
+            } else {
+                leaf_schema(&field, schemas)
+            };
+            let mut parameter =
+                json!({"name": name, "in": "query", "required": false, "schema": schema});
+            if field.is_list() {
+                parameter["explode"] = json!(true);
+            }
+            parameters.push(parameter);
+        }
+    }
+    let mut operation = json!({
+        "operationId": format!("{}_{}", method.parent_service().name(), method.name()),
+        "tags": [method.parent_service().name()],
+        "summary": method.name(),
+        "parameters": parameters,
+        "responses": {
+            route.success_status.as_u16().to_string(): {
+                "description": "Success",
+                "content": response_content(route, schemas)
+            },
+            "default": {"$ref": "#/components/responses/Error"}
+        }
+    });
+    if let Some(comment) = comments(
+        method
+            .parent_service()
+            .parent_file()
+            .file_descriptor_proto(),
+        method.path(),
+    ) {
+        operation["description"] = json!(comment);
+    }
+    let request_schema = match &route.body {
+        BodyBinding::None => None,
+        BodyBinding::Whole => Some(schemas.reference(&input)),
+        BodyBinding::Field(field) => Some(field_schema(field, schemas)),
+    };
+    if let Some(schema) = request_schema {
+        operation["requestBody"] = json!({
+            "required": false,
+            "content": {"application/json": {"schema": schema}}
+        });
+    }
+    operation
+}
+
+fn response_content(route: &Route, schemas: &mut Schemas) -> Value {
+    let data = match &route.response_body {
+        Some(field) => field_schema(field, schemas),
+        None => schemas.reference(&route.method.output()),
+    };
+    let envelope = json!({"type": "object", "required": ["data"], "properties": {"data": data}});
+    if route.method.is_server_streaming() {
+        json!({
+            "text/event-stream": {"schema": {"type": "string", "description": "Server-sent events; each `data:` is the JSON below, an `error` event ends a failed stream."}, "x-item-schema": envelope},
+            "application/x-ndjson": {"schema": envelope}
+        })
+    } else {
+        json!({"application/json": {"schema": envelope}})
+    }
+}
+
+fn resolve(message: &MessageDescriptor, path: &[String]) -> FieldDescriptor {
+    let mut current = message.clone();
+    let mut field = None;
+    for part in path {
+        let found = current
+            .get_field_by_name(part)
+            .expect("route validated its path fields");
+        if let Kind::Message(inner) = found.kind() {
+            current = inner;
+        }
+        field = Some(found);
+    }
+    field.expect("a path variable has at least one part")
+}
+
+/// Fields a query string can set: scalars, enums, well-known types and
+/// repeated ones, nested through singular messages (depth-limited).
+fn query_fields(
+    message: &MessageDescriptor,
+    prefix: &str,
+    depth: usize,
+) -> Vec<(String, FieldDescriptor)> {
+    let mut out = Vec::new();
+    for field in message.fields() {
+        let name = format!("{prefix}{}", field.name());
+        match field.kind() {
+            _ if field.is_map() => {}
+            Kind::Message(inner) if !is_well_known(&inner) => {
+                if !field.is_list() && depth < 3 {
+                    out.extend(query_fields(&inner, &format!("{name}."), depth + 1));
+                }
+            }
+            _ => out.push((name, field)),
+        }
+    }
+    out
+}
+
+fn is_well_known(message: &MessageDescriptor) -> bool {
+    message.full_name().starts_with("google.protobuf.")
+}
+
+fn field_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
+    if field.is_map() {
+        let Kind::Message(entry) = field.kind() else {
+            return json!({"type": "object"});
+        };
+        let value = entry.map_entry_value_field();
+        return json!({"type": "object", "additionalProperties": leaf_schema(&value, schemas)});
+    }
+    if field.is_list() {
+        return json!({"type": "array", "items": leaf_schema(field, schemas)});
+    }
+    leaf_schema(field, schemas)
+}
+
+fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
+    match field.kind() {
+        Kind::Double | Kind::Float => json!({"type": "number"}),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({"type": "integer", "format": "int32"})
+        }
+        Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int64", "minimum": 0}),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => json!({"type": "string", "format": "int64"}),
+        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64"}),
+        Kind::Bool => json!({"type": "boolean"}),
+        Kind::String => json!({"type": "string"}),
+        Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
+        Kind::Enum(enumeration) => json!({
+            "type": "string",
+            "enum": enumeration.values().map(|value| value.name().to_owned()).collect::<Vec<_>>()
+        }),
+        Kind::Message(message) => schemas.reference(&message),
+    }
+}
+
+/// Component schemas, added as they are referenced.
+#[derive(Default)]
+struct Schemas {
+    done: BTreeMap<String, Value>,
+}
+
+impl Schemas {
+    fn reference(&mut self, message: &MessageDescriptor) -> Value {
+        if let Some(schema) = well_known(message.full_name()) {
+            return schema;
+        }
+        let name = message.full_name().to_owned();
+        if !self.done.contains_key(&name) {
+            self.done.insert(name.clone(), Value::Null);
+            let mut properties = Map::new();
+            for field in message.fields() {
+                let mut schema = field_schema(&field, self);
+                if let Some(comment) =
+                    comments(message.parent_file_descriptor_proto(), field.path())
+                {
+                    schema = json!({"allOf": [schema], "description": comment});
+                }
+                properties.insert(field.json_name().to_owned(), schema);
+            }
+            let mut schema = json!({"type": "object", "properties": properties});
+            if let Some(comment) = comments(message.parent_file_descriptor_proto(), message.path())
+            {
+                schema["description"] = json!(comment);
+            }
+            self.done.insert(name.clone(), schema);
+        }
+        json!({"$ref": format!("#/components/schemas/{name}")})
+    }
+
+    fn finish(self) -> Map<String, Value> {
+        self.done.into_iter().collect()
+    }
+}
+
+fn well_known(name: &str) -> Option<Value> {
+    Some(match name {
+        "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
+        "google.protobuf.Duration" => {
+            json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$", "examples": ["1.5s"]})
+        }
+        "google.protobuf.FieldMask" => {
+            json!({"type": "string", "description": "comma-separated field paths", "examples": ["displayName,email"]})
+        }
+        "google.protobuf.Empty" => json!({"type": "object"}),
+        "google.protobuf.Struct" => json!({"type": "object", "additionalProperties": true}),
+        "google.protobuf.Value" => json!({}),
+        "google.protobuf.ListValue" => json!({"type": "array"}),
+        "google.protobuf.Any" => {
+            json!({"type": "object", "required": ["@type"], "properties": {"@type": {"type": "string"}}, "additionalProperties": true})
+        }
+        "google.protobuf.BoolValue" => json!({"type": ["boolean", "null"]}),
+        "google.protobuf.StringValue" => json!({"type": ["string", "null"]}),
+        "google.protobuf.BytesValue" => {
+            json!({"type": ["string", "null"], "contentEncoding": "base64"})
+        }
+        "google.protobuf.Int32Value" | "google.protobuf.UInt32Value" => {
+            json!({"type": ["integer", "null"]})
+        }
+        "google.protobuf.Int64Value" | "google.protobuf.UInt64Value" => {
+            json!({"type": ["string", "null"], "format": "int64"})
+        }
+        "google.protobuf.FloatValue" | "google.protobuf.DoubleValue" => {
+            json!({"type": ["number", "null"]})
+        }
+        _ => return None,
+    })
+}
+
+/// The leading comment of the element at `path` in its file, if any.
+fn comments(file: &FileDescriptorProto, path: &[i32]) -> Option<String> {
+    let info = file.source_code_info.as_ref()?;
+    let location = info
+        .location
+        .iter()
+        .find(|location| location.path == path)?;
+    let text = location.leading_comments.as_deref()?.trim();
+    (!text.is_empty()).then(|| text.lines().map(str::trim).collect::<Vec<_>>().join("\n"))
+}

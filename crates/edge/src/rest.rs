@@ -1,0 +1,303 @@
+//! The REST side of the edge: one handler for every annotated method.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use keel_kernel::Code;
+use prost_reflect::DynamicMessage;
+use serde_json::{Value, json};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+use crate::Edge;
+use crate::error::EdgeError;
+use crate::routes::{BodyBinding, RouteMatch};
+use crate::transcode::{message_json, request_bytes, response_json};
+
+/// Request headers that travel to the gRPC call as metadata.
+const FORWARDED: [&str; 6] = [
+    "authorization",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "user-agent",
+    "grpc-timeout",
+];
+
+pub async fn handle(edge: Arc<Edge>, request: Request<Body>) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .filter(|id| {
+            !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic())
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| keel_kernel::id::new_id().to_string());
+    match transcode(&edge, request, &request_id).await {
+        Ok(response) => response,
+        Err(error) => error.with_request_id(&request_id).into_response(),
+    }
+}
+
+async fn transcode(
+    edge: &Edge,
+    request: Request<Body>,
+    request_id: &str,
+) -> Result<Response, EdgeError> {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let (route, bindings) = match edge.routes.find(&parts.method, path) {
+        RouteMatch::Found(route, bindings) => (route, bindings),
+        RouteMatch::NotFound => {
+            return Err(EdgeError::new(
+                StatusCode::NOT_FOUND,
+                Code::NotFound.as_str(),
+                format!("no route for {} {path}", parts.method),
+            ));
+        }
+        RouteMatch::MethodNotAllowed(allowed) => {
+            let allow = allowed
+                .iter()
+                .map(http::Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut error = EdgeError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented.as_str(),
+                format!(
+                    "{} is not allowed on {path}; allowed: {allow}",
+                    parts.method
+                ),
+            );
+            if let Ok(value) = HeaderValue::from_str(&allow) {
+                error.headers.push((header::ALLOW, value));
+            }
+            return Err(error);
+        }
+    };
+    let body = axum::body::to_bytes(body, edge.max_body_bytes)
+        .await
+        .map_err(|_| {
+            EdgeError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::ResourceExhausted.as_str(),
+                format!(
+                    "the request body is larger than {} bytes",
+                    edge.max_body_bytes
+                ),
+            )
+        })?;
+    if !matches!(route.body, BodyBinding::None) && !body.is_empty() && !is_json(&parts.headers) {
+        return Err(EdgeError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Code::InvalidArgument.as_str(),
+            "the request body must be application/json",
+        ));
+    }
+    let message = request_bytes(route, &bindings, parts.uri.query(), &body)?;
+
+    let mut grpc_request = tonic::Request::new(message);
+    *grpc_request.metadata_mut() = metadata(&parts.headers, request_id);
+    if let Some(timeout) = timeout(&parts.headers)? {
+        grpc_request.set_timeout(timeout);
+    }
+    if let Some(info) = parts
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+    {
+        grpc_request.extensions_mut().insert(info.clone());
+    }
+
+    if route.method.is_server_streaming() {
+        let sse = parts
+            .headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/event-stream"));
+        return stream(edge, route, grpc_request, sse, request_id).await;
+    }
+    let reply = edge
+        .upstream
+        .unary(&route.grpc_path, grpc_request)
+        .await
+        .map_err(|status| EdgeError::from_status(&status, &edge.pool))?;
+    let data = response_json(route, &reply.message)?;
+    let mut response = (route.success_status, axum::Json(json!({ "data": data }))).into_response();
+    copy_metadata(&reply.metadata, response.headers_mut());
+    Ok(response)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+}
+
+fn metadata(headers: &HeaderMap, request_id: &str) -> MetadataMap {
+    let mut metadata = MetadataMap::new();
+    for (name, value) in headers {
+        let name = name.as_str();
+        let key = if FORWARDED.contains(&name) {
+            name
+        } else if let Some(custom) = name.strip_prefix("grpc-metadata-") {
+            custom
+        } else {
+            continue;
+        };
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_bytes()),
+        ) {
+            metadata.append(key, value);
+        }
+    }
+    if let Ok(value) = MetadataValue::try_from(request_id) {
+        metadata.insert("x-request-id", value);
+    }
+    metadata
+}
+
+/// `x-request-timeout` (seconds) as the call's deadline; `grpc-timeout`
+/// travels as metadata and wins when both are given.
+fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, EdgeError> {
+    if headers.contains_key("grpc-timeout") {
+        return Ok(None);
+    }
+    let Some(value) = headers.get("x-request-timeout") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .filter(|duration| !duration.is_zero())
+        .map(Some)
+        .ok_or_else(|| {
+            EdgeError::bad_request("x-request-timeout must be a positive number of seconds")
+        })
+}
+
+/// Response metadata as headers, less what belongs to gRPC's framing.
+fn copy_metadata(metadata: &MetadataMap, headers: &mut HeaderMap) {
+    for (name, value) in metadata.clone().into_headers() {
+        let Some(name) = name else { continue };
+        let skip = name == header::CONTENT_TYPE
+            || name.as_str().starts_with("grpc-")
+            || name == header::CONTENT_LENGTH
+            || name == header::DATE
+            || name == "te";
+        if !skip {
+            headers.append(name, value);
+        }
+    }
+}
+
+/// A server stream as SSE (`text/event-stream`, each message an event whose
+/// `id:` is its cursor) or NDJSON. An error mid-stream ends it with a last
+/// event in the `{"error": ...}` shape.
+async fn stream(
+    edge: &Edge,
+    route: &crate::routes::Route,
+    request: tonic::Request<Bytes>,
+    sse: bool,
+    request_id: &str,
+) -> Result<Response, EdgeError> {
+    let (metadata, messages) = edge
+        .upstream
+        .server_streaming(&route.grpc_path, request)
+        .await
+        .map_err(|status| EdgeError::from_status(&status, &edge.pool))?;
+    let output = route.method.output();
+    let response_body = route.response_body.clone();
+    let pool = edge.pool.clone();
+    let request_id = request_id.to_owned();
+    let cursor_field = ["cursor", "sequence"]
+        .into_iter()
+        .find_map(|name| output.get_field_by_name(name));
+    let events = messages.map(move |item| {
+        let chunk = match item {
+            Ok(bytes) => match DynamicMessage::decode(output.clone(), bytes) {
+                Ok(message) => {
+                    let data = message_json(&message, response_body.as_ref())
+                        .unwrap_or_else(|error| error.body());
+                    let cursor = cursor_field
+                        .as_ref()
+                        .and_then(|field| cursor_text(&message.get_field(field)));
+                    frame(sse, None, cursor.as_deref(), &json!({ "data": data }))
+                }
+                Err(error) => error_frame(
+                    sse,
+                    &EdgeError::internal(format!("undecodable stream message: {error}")),
+                    &request_id,
+                ),
+            },
+            Err(status) => error_frame(sse, &EdgeError::from_status(&status, &pool), &request_id),
+        };
+        Ok::<_, Infallible>(chunk)
+    });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let mut response = Response::new(Body::from_stream(events));
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tell proxies (nginx) not to buffer the stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    copy_metadata(&metadata, response.headers_mut());
+    Ok(response)
+}
+
+/// A message's cursor as an SSE id: a non-empty string or a non-zero number.
+fn cursor_text(value: &prost_reflect::Value) -> Option<String> {
+    use prost_reflect::Value;
+    match value {
+        Value::String(text) if !text.is_empty() => Some(text.clone()),
+        Value::U64(number) if *number > 0 => Some(number.to_string()),
+        Value::I64(number) if *number > 0 => Some(number.to_string()),
+        Value::U32(number) if *number > 0 => Some(number.to_string()),
+        Value::I32(number) if *number > 0 => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+fn frame(sse: bool, event: Option<&str>, id: Option<&str>, value: &Value) -> Bytes {
+    let json = value.to_string();
+    if !sse {
+        return Bytes::from(format!("{json}\n"));
+    }
+    let mut out = String::new();
+    if let Some(event) = event {
+        out.push_str(&format!("event: {event}\n"));
+    }
+    if let Some(id) = id {
+        out.push_str(&format!("id: {id}\n"));
+    }
+    out.push_str(&format!("data: {json}\n\n"));
+    Bytes::from(out)
+}
+
+fn error_frame(sse: bool, error: &EdgeError, request_id: &str) -> Bytes {
+    let error = error.clone().with_request_id(request_id);
+    frame(sse, Some("error"), None, &error.body())
+}

@@ -1,0 +1,163 @@
+//! Calls a gRPC method by path with protobuf bytes in and out, on any tower
+//! service that speaks gRPC: the in-process server (no socket) or a
+//! `tonic::transport::Channel` to a remote keel.
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use futures::future::BoxFuture;
+use http::uri::PathAndQuery;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::MetadataMap;
+use tonic::{Status, Streaming};
+use tower::util::BoxCloneSyncService;
+use tower::{ServiceExt, service_fn};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+// The error is a `Status`, not a boxed `dyn Error`: a `dyn` error type
+// trips the compiler's `Send` proof of tonic's client futures
+// (rust-lang/rust#102211).
+pub type Inner = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    Status,
+>;
+
+/// A gRPC peer for the edge. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Inner,
+}
+
+/// What a unary call returned.
+pub struct UnaryReply {
+    pub metadata: MetadataMap,
+    pub message: Bytes,
+}
+
+impl Upstream {
+    /// Any `Service<http::Request<Body>>` answering gRPC: the server's own
+    /// routes (in process) or a `Channel`.
+    pub fn new<S, B>(service: S) -> Upstream
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let inner = service
+            .map_response(|response: http::Response<B>| response.map(tonic::body::Body::new))
+            .map_err(|error: S::Error| Status::from_error(error.into()));
+        Upstream {
+            inner: BoxCloneSyncService::new(inner),
+        }
+    }
+
+    /// A tonic client over the upstream. tonic needs an owned service per call.
+    fn grpc(&self) -> tonic::client::Grpc<Inner> {
+        tonic::client::Grpc::new(self.inner.clone())
+    }
+
+    pub fn unary(
+        &self,
+        path: &str,
+        request: tonic::Request<Bytes>,
+    ) -> BoxFuture<'static, Result<UnaryReply, Status>> {
+        let path = PathAndQuery::try_from(path).map_err(|_| Status::internal("bad method path"));
+        let mut grpc = self.grpc();
+        Box::pin(async move {
+            grpc.ready()
+                .await
+                .map_err(|error| Status::unavailable(format!("upstream unavailable: {error}")))?;
+            let response = grpc.unary(request, path?, RawCodec).await?;
+            let (metadata, message, _) = response.into_parts();
+            Ok(UnaryReply { metadata, message })
+        })
+    }
+
+    pub fn server_streaming(
+        &self,
+        path: &str,
+        request: tonic::Request<Bytes>,
+    ) -> BoxFuture<'static, Result<(MetadataMap, Streaming<Bytes>), Status>> {
+        let path = PathAndQuery::try_from(path).map_err(|_| Status::internal("bad method path"));
+        let mut grpc = self.grpc();
+        Box::pin(async move {
+            grpc.ready()
+                .await
+                .map_err(|error| Status::unavailable(format!("upstream unavailable: {error}")))?;
+            let response = grpc.server_streaming(request, path?, RawCodec).await?;
+            let (metadata, stream, _) = response.into_parts();
+            Ok((metadata, stream))
+        })
+    }
+
+    /// The raw service, for forwarding gRPC and grpc-web requests untouched.
+    pub fn service(&self) -> Inner {
+        self.inner.clone()
+    }
+}
+
+/// A request with `deadline` as its `grpc-timeout`.
+pub fn with_timeout(
+    mut request: tonic::Request<Bytes>,
+    timeout: Option<Duration>,
+) -> tonic::Request<Bytes> {
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    request
+}
+
+/// Passes protobuf bytes through unchanged: the edge encodes and decodes
+/// with descriptors, not generated types.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// An upstream that refuses every call: for tests of the pure HTTP rules.
+pub fn unreachable_upstream() -> Upstream {
+    Upstream::new(service_fn(
+        |_request: http::Request<tonic::body::Body>| async {
+            Ok::<_, Status>(Status::unavailable("no upstream").into_http::<tonic::body::Body>())
+        },
+    ))
+}
