@@ -31,12 +31,26 @@ pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let mut schemas = Schemas::default();
     let mut tags = BTreeSet::new();
+    // OpenAPI treats `/v1/users/{id}` and `/v1/users/{user.id}` as one
+    // path: routes that differ only in variable names share the first one's
+    // key and parameter names, and say which field each parameter sets.
+    let mut keys: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
     for route in routes.routes() {
         let service = route.method.parent_service();
         tags.insert(service.name().to_owned());
-        let operation = operation(route, &mut schemas);
+        let own_names: Vec<String> = route
+            .template
+            .variables
+            .iter()
+            .map(|v| v.field_path.join("."))
+            .collect();
+        let (key, names) = keys
+            .entry(structural_path(&route.template.openapi_path()))
+            .or_insert_with(|| (route.template.openapi_path(), own_names))
+            .clone();
+        let operation = operation(route, &names, &mut schemas);
         paths
-            .entry(route.template.openapi_path())
+            .entry(key)
             .or_default()
             .insert(route.http_method.as_str().to_ascii_lowercase(), operation);
     }
@@ -86,19 +100,41 @@ pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
     })
 }
 
-fn operation(route: &Route, schemas: &mut Schemas) -> Value {
+/// `/v1/users/{user.id}` -> `/v1/users/{}`
+fn structural_path(path: &str) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for c in path.chars() {
+        match c {
+            '{' => {
+                inside = true;
+                out.push_str("{}");
+            }
+            '}' => inside = false,
+            _ if inside => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn operation(route: &Route, names: &[String], schemas: &mut Schemas) -> Value {
     let method = &route.method;
     let input = method.input();
     let mut parameters = Vec::new();
     let mut path_fields = BTreeSet::new();
-    for variable in &route.template.variables {
-        let name = variable.field_path.join(".");
-        path_fields.insert(name.clone());
+    for (variable, name) in route.template.variables.iter().zip(names) {
+        let field = variable.field_path.join(".");
+        path_fields.insert(field.clone());
         let mut schema = leaf_schema(&resolve(&input, &variable.field_path), schemas);
         if let Some(pattern) = route.template.variable_pattern(variable) {
             schema["description"] = json!(format!("matches {pattern}"));
         }
-        parameters.push(json!({"name": name, "in": "path", "required": true, "schema": schema}));
+        let mut parameter = json!({"name": name, "in": "path", "required": true, "schema": schema});
+        if *name != field {
+            parameter["description"] = json!(format!("sets the request field {field}"));
+        }
+        parameters.push(parameter);
     }
     let body_field = match &route.body {
         BodyBinding::Field(field) => Some(field.name().to_owned()),

@@ -39,6 +39,14 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Print the OpenAPI 3.1 document of the REST routes.
+    Openapi,
+    /// Run the edge alone (REST, grpc-web, gRPC pass-through) in front of a remote keel.
+    Edge {
+        /// The gRPC address of the keel tier, e.g. http://10.0.0.5:8080.
+        #[arg(long, env = "KEEL_UPSTREAM")]
+        upstream: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +95,16 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", keel_identity::tokens::KeySet::generate_file());
         return Ok(());
     }
+    if let Some(Command::Openapi) = cli.command {
+        let edge = keel_edge::Edge::new(
+            keel_proto::FILE_DESCRIPTOR_SET,
+            keel_edge::upstream::unreachable_upstream(),
+            0,
+        )
+        .map_err(|error| anyhow::anyhow!(error))?;
+        println!("{}", serde_json::to_string_pretty(edge.openapi())?);
+        return Ok(());
+    }
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init(&config);
     match cli.command.unwrap_or(Command::Serve) {
@@ -118,7 +136,8 @@ async fn main() -> anyhow::Result<()> {
             println!("created user {id} ({email}, {})", Role::from(role));
             Ok(())
         }
-        Command::Keys { .. } => Ok(()),
+        Command::Edge { upstream } => edge(config, &upstream).await,
+        Command::Keys { .. } | Command::Openapi => Ok(()),
     }
 }
 
@@ -133,6 +152,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         "keel is serving gRPC"
     );
     app.run_until_stopped(shutdown_signal()).await
+}
+
+async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
+    let channel = tonic::transport::Channel::from_shared(upstream.to_owned())
+        .map_err(|error| anyhow::anyhow!("--upstream {upstream:?}: {error}"))?
+        .connect_lazy();
+    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding KEEL_LISTEN {}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, upstream, "keel edge is serving");
+    keel_server::listen::serve(
+        listener,
+        service,
+        shutdown_signal(),
+        std::time::Duration::from_secs(config.shutdown_grace_seconds),
+    )
+    .await;
+    Ok(())
 }
 
 async fn shutdown_signal() {
