@@ -93,3 +93,6 @@ impl Edge {
             })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -80,8 +80,19 @@ pub fn request_bytes(
         )?;
     }
     let options = DeserializeOptions::new().deny_unknown_fields(true);
-    let message = DynamicMessage::deserialize_with_options(input, Value::Object(json), &options)
-        .map_err(|error| EdgeError::bad_request(format!("invalid request: {error}")))?;
+    // The tracked path names the field a value was refused for.
+    let mut track = serde_path_to_error::Track::new();
+    let deserializer = serde_path_to_error::Deserializer::new(Value::Object(json), &mut track);
+    let message = DynamicMessage::deserialize_with_options(input, deserializer, &options).map_err(
+        |error| {
+            let path = track.path().to_string();
+            if path.is_empty() || path == "." {
+                EdgeError::bad_request(format!("invalid request: {error}"))
+            } else {
+                EdgeError::bad_request(format!("invalid request: {path}: {error}"))
+            }
+        },
+    )?;
     Ok(message.encode_to_vec().into())
 }
 
