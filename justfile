@@ -47,6 +47,10 @@ proto-breaking against='.git#branch=main':
 smoke:
     scripts/smoke.sh
 
+# Build the debug binary and call it over grpc-web from the TypeScript client (clients/ts)
+ts-client:
+    scripts/ts-client.sh
+
 # Everything CI runs
 ci:
     .ci/run
