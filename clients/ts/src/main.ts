@@ -24,6 +24,14 @@ const GRPC_WEB_PROTO = "application/grpc-web+proto";
 
 class Mismatch extends Error {}
 
+// A Mismatch thrown inside the interceptor reaches the caller wrapped in a
+// ConnectError (connect's call runner converts whatever an interceptor throws).
+function asMismatch(e: unknown): Mismatch | undefined {
+  if (e instanceof Mismatch) return e;
+  if (e instanceof ConnectError && e.cause instanceof Mismatch) return e.cause;
+  return undefined;
+}
+
 function expect(ok: boolean, what: string): asserts ok {
   if (!ok) throw new Mismatch(what);
 }
@@ -126,7 +134,8 @@ async function expectError(code: Code, call: () => Promise<unknown>): Promise<Co
   try {
     await call();
   } catch (e) {
-    if (e instanceof Mismatch) throw e;
+    const mismatch = asMismatch(e);
+    if (mismatch) throw mismatch;
     const err = ConnectError.from(e);
     expect(err.code === code, `expected ${Code[code]}, got ${Code[err.code]}: ${err.rawMessage}`);
     return err;
@@ -209,8 +218,9 @@ async function main(): Promise<void> {
 }
 
 main().catch((e: unknown) => {
-  if (e instanceof Mismatch) {
-    process.stderr.write(`ts-client: FAIL: ${e.message}\n`);
+  const mismatch = asMismatch(e);
+  if (mismatch) {
+    process.stderr.write(`ts-client: FAIL: ${mismatch.message}\n`);
   } else {
     const err = e instanceof Error ? e : new Error(String(e));
     process.stderr.write(`ts-client: FAIL: unexpected error: ${err.stack ?? err.message}\n`);
