@@ -268,6 +268,18 @@ echo "== current user without credentials (must be Unauthenticated)"
 run_expect_fail "${grpc[@]}" "$addr" keel.identity.v1.IdentityQueryService/GetCurrentUser
 expect_contains "$out" "Code: Unauthenticated" "GetCurrentUser without authorization"
 
+echo "== the same over REST, with curl"
+run curl -sS -X POST "http://$addr/v1/auth/login" -H 'content-type: application/json' \
+  -d "{\"email\": \"$email\", \"password\": \"$password\"}" -o /dev/null -w '%{http_code}\n'
+expect_contains "$out" "200" "REST login"
+run curl -sS "http://$addr/v1/users/me" -H "authorization: Bearer $token"
+expect_contains "$out" "\"email\":\"$email\"" "REST GET /v1/users/me"
+run curl -sS -o /dev/null -w '%{http_code}\n' "http://$addr/v1/users/me"
+expect_contains "$out" "401" "REST GET /v1/users/me without a token"
+run curl -sS -o /dev/null -w '%{http_code}\n' "http://$addr/openapi.json"
+expect_contains "$out" "200" "GET /openapi.json"
+echo
+
 echo "== shutdown"
 show_cmd kill -TERM "$server_pid"
 stop_server 15
