@@ -44,8 +44,8 @@ PATH="$tools_bin:$PATH"
 command -v buf >/dev/null || fail "buf not found in $tools_bin"
 
 log "npm ci (clients/ts)"
-# --loglevel=error: a clean install prints nothing but real problems.
-(cd "$client" && npm ci --no-audit --no-fund --loglevel=error) || fail "npm ci failed in clients/ts"
+# stdout stays the transcript: npm's summary goes to stderr with the progress.
+(cd "$client" && npm ci --no-audit --no-fund --no-update-notifier --loglevel=error >&2) || fail "npm ci failed in clients/ts"
 log "generating clients/ts/src/gen from proto/ (buf generate, protoc-gen-es)"
 (cd "$client" && npm run --silent generate) || fail "code generation failed"
 log "type-checking the client (tsc --noEmit)"
