@@ -47,6 +47,10 @@ proto-breaking against='.git#branch=main':
 smoke:
     scripts/smoke.sh
 
+# Throughput and latency of GetCurrentUser as gRPC, REST (edge) and grpc-web, same load (scripts/bench-edge.sh)
+bench-edge:
+    scripts/bench-edge.sh
+
 # Build the debug binary and call it over grpc-web from the TypeScript client (clients/ts)
 ts-client:
     scripts/ts-client.sh

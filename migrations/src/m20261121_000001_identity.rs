@@ -136,9 +136,7 @@ impl MigrationTrait for Migration {
         manager
             .drop_table(Table::drop().table(Sessions::Table).to_owned())
             .await?;
-        manager
-            .drop_table(Table::drop().table(Users::Table).to_owned())
-            .await
+        manager.drop_table(Table::drop().table(Users::Table).to_owned()).await
     }
 }
 

@@ -31,11 +31,7 @@ impl EdgeError {
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_REQUEST,
-            Code::InvalidArgument.as_str(),
-            message,
-        )
+        Self::new(StatusCode::BAD_REQUEST, Code::InvalidArgument.as_str(), message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -112,11 +108,7 @@ impl IntoResponse for EdgeError {
         for (name, value) in self.headers {
             response.headers_mut().insert(name, value);
         }
-        if let Some(id) = self
-            .request_id
-            .as_deref()
-            .and_then(|id| HeaderValue::from_str(id).ok())
-        {
+        if let Some(id) = self.request_id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
             response.headers_mut().insert("x-request-id", id);
         }
         response

@@ -42,13 +42,8 @@ pub struct Edge {
 
 impl Edge {
     /// Reads the routes of every annotated method in `descriptor_set`.
-    pub fn new(
-        descriptor_set: &[u8],
-        upstream: Upstream,
-        max_body_bytes: usize,
-    ) -> Result<Edge, String> {
-        let pool = DescriptorPool::decode(descriptor_set)
-            .map_err(|error| format!("descriptor set: {error}"))?;
+    pub fn new(descriptor_set: &[u8], upstream: Upstream, max_body_bytes: usize) -> Result<Edge, String> {
+        let pool = DescriptorPool::decode(descriptor_set).map_err(|error| format!("descriptor set: {error}"))?;
         let routes = routes::RouteTable::from_pool(&pool)?;
         let openapi = openapi::document(&routes, &pool);
         Ok(Edge {
@@ -84,13 +79,8 @@ impl Edge {
                     async move { axum::Json(document) }
                 }),
             )
-            .route(
-                "/docs",
-                get(|| async { axum::response::Html(openapi::DOCS_PAGE) }),
-            )
-            .fallback(move |request: http::Request<axum::body::Body>| {
-                rest::handle(fallback.clone(), request)
-            })
+            .route("/docs", get(|| async { axum::response::Html(openapi::DOCS_PAGE) }))
+            .fallback(move |request: http::Request<axum::body::Body>| rest::handle(fallback.clone(), request))
     }
 }
 

@@ -32,8 +32,7 @@ pub type ListenerService = BoxCloneSyncService<Request<Body>, Response<Body>, In
 /// tonic-web, grpc-web); `rest` everything else.
 pub fn one_listener(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) -> ListenerService {
     let grpc_service = grpc.service();
-    let grpc_web =
-        BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
+    let grpc_web = BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
     let dispatch = Dispatch {
         grpc: grpc_service,
         grpc_web,
@@ -173,21 +172,14 @@ pub async fn readiness(edge: Arc<Edge>) -> axum::response::Response {
     use prost::Message;
     let reply = edge
         .upstream
-        .unary(
-            "/grpc.health.v1.Health/Check",
-            tonic::Request::new(bytes::Bytes::new()),
-        )
+        .unary("/grpc.health.v1.Health/Check", tonic::Request::new(bytes::Bytes::new()))
         .await;
     let serving = reply
         .ok()
         .and_then(|reply| HealthCheckResponse::decode(reply.message).ok())
         .is_some_and(|health| health.status == 1);
     if serving {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({"status": "ready"})),
-        )
-            .into_response()
+        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

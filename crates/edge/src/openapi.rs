@@ -154,8 +154,7 @@ fn operation(route: &Route, names: &[String], schemas: &mut Schemas) -> Value {
             } else {
                 leaf_schema(&field, schemas)
             };
-            let mut parameter =
-                json!({"name": name, "in": "query", "required": false, "schema": schema});
+            let mut parameter = json!({"name": name, "in": "query", "required": false, "schema": schema});
             if field.is_list() {
                 parameter["explode"] = json!(true);
             }
@@ -176,10 +175,7 @@ fn operation(route: &Route, names: &[String], schemas: &mut Schemas) -> Value {
         }
     });
     if let Some(comment) = comments(
-        method
-            .parent_service()
-            .parent_file()
-            .file_descriptor_proto(),
+        method.parent_service().parent_file().file_descriptor_proto(),
         method.path(),
     ) {
         operation["description"] = json!(comment);
@@ -231,11 +227,7 @@ fn resolve(message: &MessageDescriptor, path: &[String]) -> FieldDescriptor {
 
 /// Fields a query string can set: scalars, enums, well-known types and
 /// repeated ones, nested through singular messages (depth-limited).
-fn query_fields(
-    message: &MessageDescriptor,
-    prefix: &str,
-    depth: usize,
-) -> Vec<(String, FieldDescriptor)> {
+fn query_fields(message: &MessageDescriptor, prefix: &str, depth: usize) -> Vec<(String, FieldDescriptor)> {
     let mut out = Vec::new();
     for field in message.fields() {
         let name = format!("{prefix}{}", field.name());
@@ -307,16 +299,13 @@ impl Schemas {
             let mut properties = Map::new();
             for field in message.fields() {
                 let mut schema = field_schema(&field, self);
-                if let Some(comment) =
-                    comments(message.parent_file_descriptor_proto(), field.path())
-                {
+                if let Some(comment) = comments(message.parent_file_descriptor_proto(), field.path()) {
                     schema = json!({"allOf": [schema], "description": comment});
                 }
                 properties.insert(field.json_name().to_owned(), schema);
             }
             let mut schema = json!({"type": "object", "properties": properties});
-            if let Some(comment) = comments(message.parent_file_descriptor_proto(), message.path())
-            {
+            if let Some(comment) = comments(message.parent_file_descriptor_proto(), message.path()) {
                 schema["description"] = json!(comment);
             }
             self.done.insert(name.clone(), schema);
@@ -366,10 +355,7 @@ fn well_known(name: &str) -> Option<Value> {
 /// The leading comment of the element at `path` in its file, if any.
 fn comments(file: &FileDescriptorProto, path: &[i32]) -> Option<String> {
     let info = file.source_code_info.as_ref()?;
-    let location = info
-        .location
-        .iter()
-        .find(|location| location.path == path)?;
+    let location = info.location.iter().find(|location| location.path == path)?;
     let text = location.leading_comments.as_deref()?.trim();
     (!text.is_empty()).then(|| text.lines().map(str::trim).collect::<Vec<_>>().join("\n"))
 }

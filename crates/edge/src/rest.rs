@@ -20,8 +20,9 @@ use crate::routes::{BodyBinding, RouteMatch};
 use crate::transcode::{message_json, request_bytes, response_json};
 
 /// Request headers that travel to the gRPC call as metadata.
-const FORWARDED: [&str; 6] = [
+const FORWARDED: [&str; 7] = [
     "authorization",
+    "last-event-id",
     "idempotency-key",
     "traceparent",
     "tracestate",
@@ -34,9 +35,7 @@ pub async fn handle(edge: Arc<Edge>, request: Request<Body>) -> Response {
         .headers()
         .get("x-request-id")
         .and_then(|value| value.to_str().ok())
-        .filter(|id| {
-            !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic())
-        })
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| keel_kernel::id::new_id().to_string());
     match transcode(&edge, request, &request_id).await {
@@ -45,11 +44,7 @@ pub async fn handle(edge: Arc<Edge>, request: Request<Body>) -> Response {
     }
 }
 
-async fn transcode(
-    edge: &Edge,
-    request: Request<Body>,
-    request_id: &str,
-) -> Result<Response, EdgeError> {
+async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Result<Response, EdgeError> {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
     let (route, bindings) = match edge.routes.find(&parts.method, path) {
@@ -62,18 +57,11 @@ async fn transcode(
             ));
         }
         RouteMatch::MethodNotAllowed(allowed) => {
-            let allow = allowed
-                .iter()
-                .map(http::Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
+            let allow = allowed.iter().map(http::Method::as_str).collect::<Vec<_>>().join(", ");
             let mut error = EdgeError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 Code::Unimplemented.as_str(),
-                format!(
-                    "{} is not allowed on {path}; allowed: {allow}",
-                    parts.method
-                ),
+                format!("{} is not allowed on {path}; allowed: {allow}", parts.method),
             );
             if let Ok(value) = HeaderValue::from_str(&allow) {
                 error.headers.push((header::ALLOW, value));
@@ -81,18 +69,13 @@ async fn transcode(
             return Err(error);
         }
     };
-    let body = axum::body::to_bytes(body, edge.max_body_bytes)
-        .await
-        .map_err(|_| {
-            EdgeError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Code::ResourceExhausted.as_str(),
-                format!(
-                    "the request body is larger than {} bytes",
-                    edge.max_body_bytes
-                ),
-            )
-        })?;
+    let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
+        EdgeError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::ResourceExhausted.as_str(),
+            format!("the request body is larger than {} bytes", edge.max_body_bytes),
+        )
+    })?;
     if !matches!(route.body, BodyBinding::None) && !body.is_empty() && !is_json(&parts.headers) {
         return Err(EdgeError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -107,10 +90,7 @@ async fn transcode(
     if let Some(timeout) = timeout(&parts.headers)? {
         grpc_request.set_timeout(timeout);
     }
-    if let Some(info) = parts
-        .extensions
-        .get::<tonic::transport::server::TcpConnectInfo>()
-    {
+    if let Some(info) = parts.extensions.get::<tonic::transport::server::TcpConnectInfo>() {
         grpc_request.extensions_mut().insert(info.clone());
     }
 
@@ -140,8 +120,7 @@ fn is_json(headers: &HeaderMap) -> bool {
         .and_then(|value| value.split(';').next())
         .is_some_and(|mime| {
             let mime = mime.trim().to_ascii_lowercase();
-            mime == "application/json"
-                || (mime.starts_with("application/") && mime.ends_with("+json"))
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
         })
 }
 
@@ -185,9 +164,7 @@ fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, EdgeError> {
         .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
         .filter(|duration| !duration.is_zero())
         .map(Some)
-        .ok_or_else(|| {
-            EdgeError::bad_request("x-request-timeout must be a positive number of seconds")
-        })
+        .ok_or_else(|| EdgeError::bad_request("x-request-timeout must be a positive number of seconds"))
 }
 
 /// Response metadata as headers, less what belongs to gRPC's framing.
@@ -231,8 +208,7 @@ async fn stream(
         let chunk = match item {
             Ok(bytes) => match DynamicMessage::decode(output.clone(), bytes) {
                 Ok(message) => {
-                    let data = message_json(&message, response_body.as_ref())
-                        .unwrap_or_else(|error| error.body());
+                    let data = message_json(&message, response_body.as_ref()).unwrap_or_else(|error| error.body());
                     let cursor = cursor_field
                         .as_ref()
                         .and_then(|field| cursor_text(&message.get_field(field)));

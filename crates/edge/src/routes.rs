@@ -60,12 +60,9 @@ impl RouteTable {
                     continue;
                 }
                 let rule: HttpRule = match options.get_extension(http).as_ref() {
-                    Value::Message(message) => message.transcode_to().map_err(|error| {
-                        format!(
-                            "{}: unreadable google.api.http: {error}",
-                            method.full_name()
-                        )
-                    })?,
+                    Value::Message(message) => message
+                        .transcode_to()
+                        .map_err(|error| format!("{}: unreadable google.api.http: {error}", method.full_name()))?,
                     _ => continue,
                 };
                 let success_status = match &response {
@@ -119,11 +116,7 @@ impl RouteTable {
     }
 }
 
-fn route(
-    method: &MethodDescriptor,
-    rule: &HttpRule,
-    success_status: http::StatusCode,
-) -> Result<Route, String> {
+fn route(method: &MethodDescriptor, rule: &HttpRule, success_status: http::StatusCode) -> Result<Route, String> {
     let name = method.full_name();
     let (http_method, template) = match &rule.pattern {
         Some(Pattern::Get(path)) => (Method::GET, path.as_str()),
@@ -143,26 +136,16 @@ fn route(
     for variable in &template.variables {
         let mut message = input.clone();
         for (index, part) in variable.field_path.iter().enumerate() {
-            let field = message.get_field_by_name(part).ok_or_else(|| {
-                format!(
-                    "{name}: path variable {} names no field",
-                    variable.field_path.join(".")
-                )
-            })?;
+            let field = message
+                .get_field_by_name(part)
+                .ok_or_else(|| format!("{name}: path variable {} names no field", variable.field_path.join(".")))?;
             if index + 1 < variable.field_path.len() {
                 message = match field.kind() {
-                    prost_reflect::Kind::Message(inner) if !field.is_list() && !field.is_map() => {
-                        inner
-                    }
+                    prost_reflect::Kind::Message(inner) if !field.is_list() && !field.is_map() => inner,
                     _ => return Err(format!("{name}: {part} is not a message")),
                 };
-            } else if field.is_list()
-                || field.is_map()
-                || matches!(field.kind(), prost_reflect::Kind::Message(_))
-            {
-                return Err(format!(
-                    "{name}: path variable {part} must be a scalar field"
-                ));
+            } else if field.is_list() || field.is_map() || matches!(field.kind(), prost_reflect::Kind::Message(_)) {
+                return Err(format!("{name}: path variable {part} must be a scalar field"));
             }
         }
     }

@@ -49,11 +49,7 @@ pub struct TemplateError {
 
 impl fmt::Display for TemplateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid path template {:?}: {}",
-            self.template, self.reason
-        )
+        write!(f, "invalid path template {:?}: {}", self.template, self.reason)
     }
 }
 
@@ -103,10 +99,7 @@ impl PathTemplate {
                 }
                 let start = segments.len();
                 for part in pattern.split('/') {
-                    segments.push(
-                        parse_segment(part)
-                            .ok_or_else(|| error("bad segment inside a variable"))?,
-                    );
+                    segments.push(parse_segment(part).ok_or_else(|| error("bad segment inside a variable"))?);
                 }
                 variables.push(Variable {
                     field_path,
@@ -120,8 +113,7 @@ impl PathTemplate {
                 if part.contains(['{', '}']) {
                     return Err(error("a variable must be a whole segment"));
                 }
-                segments
-                    .push(parse_segment(part).ok_or_else(|| error("empty or invalid segment"))?);
+                segments.push(parse_segment(part).ok_or_else(|| error("empty or invalid segment"))?);
                 chars = &chars[end..];
             }
             match chars.strip_prefix('/') {
@@ -130,9 +122,7 @@ impl PathTemplate {
                 None => return Err(error("a variable must be a whole segment")),
             }
         }
-        if let Some(position) = segments
-            .iter()
-            .position(|segment| *segment == Segment::Rest)
+        if let Some(position) = segments.iter().position(|segment| *segment == Segment::Rest)
             && position != segments.len() - 1
         {
             return Err(error("'**' must be the last segment"));
@@ -183,16 +173,15 @@ impl PathTemplate {
                     variable.end
                 };
                 let covered = &parts[variable.start..end];
-                let value =
-                    if covered.len() == 1 && !(has_rest && variable.end == self.segments.len()) {
-                        percent_decode(covered[0], true)
-                    } else {
-                        covered
-                            .iter()
-                            .map(|part| percent_decode(part, false))
-                            .collect::<Option<Vec<_>>>()
-                            .map(|parts| parts.join("/"))
-                    };
+                let value = if covered.len() == 1 && !(has_rest && variable.end == self.segments.len()) {
+                    percent_decode(covered[0], true)
+                } else {
+                    covered
+                        .iter()
+                        .map(|part| percent_decode(part, false))
+                        .collect::<Option<Vec<_>>>()
+                        .map(|parts| parts.join("/"))
+                };
                 value.map(|value| Binding {
                     field_path: variable.field_path.clone(),
                     value,
@@ -210,11 +199,7 @@ impl PathTemplate {
             .iter()
             .filter(|segment| matches!(segment, Segment::Literal(_)))
             .count();
-        let singles = self
-            .segments
-            .iter()
-            .filter(|segment| **segment == Segment::Any)
-            .count();
+        let singles = self.segments.iter().filter(|segment| **segment == Segment::Any).count();
         (literals, singles, self.verb.is_some())
     }
 
@@ -224,11 +209,7 @@ impl PathTemplate {
         let mut index = 0;
         while index < self.segments.len() {
             out.push('/');
-            if let Some(variable) = self
-                .variables
-                .iter()
-                .find(|variable| variable.start == index)
-            {
+            if let Some(variable) = self.variables.iter().find(|variable| variable.start == index) {
                 out.push('{');
                 out.push_str(&variable.field_path.join("."));
                 out.push('}');
@@ -334,43 +315,29 @@ mod tests {
     use super::*;
 
     fn bound(template: &str, path: &str) -> Option<Vec<(String, String)>> {
-        PathTemplate::parse(template)
-            .unwrap()
-            .matches(path)
-            .map(|bindings| {
-                bindings
-                    .into_iter()
-                    .map(|binding| (binding.field_path.join("."), binding.value))
-                    .collect()
-            })
+        PathTemplate::parse(template).unwrap().matches(path).map(|bindings| {
+            bindings
+                .into_iter()
+                .map(|binding| (binding.field_path.join("."), binding.value))
+                .collect()
+        })
     }
 
     fn pairs(items: &[(&str, &str)]) -> Option<Vec<(String, String)>> {
-        Some(
-            items
-                .iter()
-                .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
-                .collect(),
-        )
+        Some(items.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect())
     }
 
     #[test]
     fn literals_and_simple_variables() {
         assert_eq!(bound("/v1/users/me", "/v1/users/me"), pairs(&[]));
-        assert_eq!(
-            bound("/v1/users/{id}", "/v1/users/42"),
-            pairs(&[("id", "42")])
-        );
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/42"), pairs(&[("id", "42")]));
         assert_eq!(bound("/v1/users/{id}", "/v1/users/"), None);
         assert_eq!(bound("/v1/users/{id}", "/v1/users/42/x"), None);
         assert_eq!(
             bound("/v1/users/{user.id}", "/v1/users/a%20b"),
             pairs(&[("user.id", "a b")])
         );
-        assert_eq!(
-            bound("/v1/users/{id}", "/v1/users/a%2Fb"),
-            pairs(&[("id", "a/b")])
-        );
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/a%2Fb"), pairs(&[("id", "a/b")]));
     }
 
     #[test]
@@ -379,18 +346,12 @@ mod tests {
             bound("/v1/{name=shelves/*/books/*}", "/v1/shelves/1/books/2"),
             pairs(&[("name", "shelves/1/books/2")])
         );
-        assert_eq!(
-            bound("/v1/{name=shelves/*/books/*}", "/v1/shelves/1/notes/2"),
-            None
-        );
+        assert_eq!(bound("/v1/{name=shelves/*/books/*}", "/v1/shelves/1/notes/2"), None);
         assert_eq!(
             bound("/v1/files/{path=**}", "/v1/files/a/b%2Fc/d"),
             pairs(&[("path", "a/b%2Fc/d")])
         );
-        assert_eq!(
-            bound("/v1/files/{path=**}", "/v1/files"),
-            pairs(&[("path", "")])
-        );
+        assert_eq!(bound("/v1/files/{path=**}", "/v1/files"), pairs(&[("path", "")]));
         assert_eq!(bound("/v1/*/items", "/v1/x/items"), pairs(&[]));
         assert_eq!(bound("/v1/static/**", "/v1/static/a/b/c"), pairs(&[]));
     }
@@ -435,9 +396,7 @@ mod tests {
     #[test]
     fn openapi_paths() {
         assert_eq!(
-            PathTemplate::parse("/v1/users/{user.id}")
-                .unwrap()
-                .openapi_path(),
+            PathTemplate::parse("/v1/users/{user.id}").unwrap().openapi_path(),
             "/v1/users/{user.id}"
         );
         let template = PathTemplate::parse("/v1/{name=shelves/*}:archive").unwrap();

@@ -43,22 +43,14 @@ fn echo_metadata<T>(request: &tonic::Request<T>, response: &mut Response<impl Si
 
 #[tonic::async_trait]
 impl TranscodeTestService for TestService {
-    async fn echo(
-        &self,
-        request: tonic::Request<pb::EchoRequest>,
-    ) -> Result<Response<pb::EchoResponse>, Status> {
+    async fn echo(&self, request: tonic::Request<pb::EchoRequest>) -> Result<Response<pb::EchoResponse>, Status> {
         let inner = request.get_ref().clone();
-        let mut response = Response::new(pb::EchoResponse {
-            request: Some(inner),
-        });
+        let mut response = Response::new(pb::EchoResponse { request: Some(inner) });
         echo_metadata(&request, &mut response);
         Ok(response)
     }
 
-    async fn echo_all(
-        &self,
-        request: tonic::Request<pb::EchoRequest>,
-    ) -> Result<Response<pb::EchoResponse>, Status> {
+    async fn echo_all(&self, request: tonic::Request<pb::EchoRequest>) -> Result<Response<pb::EchoResponse>, Status> {
         Ok(Response::new(pb::EchoResponse {
             request: Some(request.into_inner()),
         }))
@@ -86,10 +78,7 @@ impl TranscodeTestService for TestService {
         }))
     }
 
-    async fn cancel(
-        &self,
-        request: tonic::Request<pb::CancelRequest>,
-    ) -> Result<Response<pb::CancelResponse>, Status> {
+    async fn cancel(&self, request: tonic::Request<pb::CancelRequest>) -> Result<Response<pb::CancelResponse>, Status> {
         let request = request.into_inner();
         Ok(Response::new(pb::CancelResponse {
             id: request.id,
@@ -97,29 +86,20 @@ impl TranscodeTestService for TestService {
         }))
     }
 
-    async fn fail(
-        &self,
-        request: tonic::Request<pb::FailRequest>,
-    ) -> Result<Response<pb::FailResponse>, Status> {
+    async fn fail(&self, request: tonic::Request<pb::FailRequest>) -> Result<Response<pb::FailResponse>, Status> {
         let error = match request.into_inner().code {
             3 => keel_kernel::Error::invalid_field("thing.name", "is required"),
             5 => keel_kernel::Error::not_found("thing"),
             8 => keel_kernel::Error::resource_exhausted("slow down", Duration::from_secs(7)),
             13 => keel_kernel::Error::internal("the disk is on fire"),
-            code => keel_kernel::Error::new(
-                keel_kernel::Code::from_grpc(tonic::Code::from(code)),
-                "as asked",
-            ),
+            code => keel_kernel::Error::new(keel_kernel::Code::from_grpc(tonic::Code::from(code)), "as asked"),
         };
         Err(error.into())
     }
 
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
 
-    async fn watch(
-        &self,
-        request: tonic::Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, request: tonic::Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         let events = (1..=request.count as u64).map(move |sequence| {
             if request.fail_after > 0 && sequence > request.fail_after as u64 {
@@ -134,10 +114,7 @@ impl TranscodeTestService for TestService {
         Ok(Response::new(Box::pin(tokio_stream::iter(events))))
     }
 
-    async fn files(
-        &self,
-        request: tonic::Request<pb::FilesRequest>,
-    ) -> Result<Response<pb::FilesResponse>, Status> {
+    async fn files(&self, request: tonic::Request<pb::FilesRequest>) -> Result<Response<pb::FilesResponse>, Status> {
         Ok(Response::new(pb::FilesResponse {
             path: request.into_inner().path,
         }))
@@ -145,8 +122,7 @@ impl TranscodeTestService for TestService {
 }
 
 fn listener(max_body_bytes: usize) -> ListenerService {
-    let routes =
-        tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
+    let routes = tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
     let upstream = Upstream::new(routes);
     let edge = Arc::new(Edge::new(DESCRIPTORS, upstream.clone(), max_body_bytes).unwrap());
     one_listener(
@@ -213,15 +189,13 @@ async fn post(uri: &str, body: Value) -> Reply {
 
 #[tokio::test]
 async fn path_variables_and_typed_query_parameters() {
-    let reply = get("/v1/echo/a%20b?page_size=5&flag=true&big=9007199254740993&state=STATE_PAID&ratio=0.5&blob=aGk%3D").await;
+    let reply =
+        get("/v1/echo/a%20b?page_size=5&flag=true&big=9007199254740993&state=STATE_PAID&ratio=0.5&blob=aGk%3D").await;
     let request = &reply.data()["request"];
     assert_eq!(request["id"], "a b");
     assert_eq!(request["pageSize"], 5);
     assert_eq!(request["flag"], true);
-    assert_eq!(
-        request["big"], "9007199254740993",
-        "64-bit integers are strings"
-    );
+    assert_eq!(request["big"], "9007199254740993", "64-bit integers are strings");
     assert_eq!(request["state"], "STATE_PAID");
     assert_eq!(request["ratio"], 0.5);
     assert_eq!(request["blob"], "aGk=");
@@ -290,10 +264,7 @@ async fn a_body_field_with_maps_oneofs_and_defaults() {
     assert_eq!(thing["displayName"], "original name accepted");
     assert_eq!(thing["counts"], json!({"a": 1, "b": 2}));
     assert_eq!(thing["number"], 42);
-    assert!(
-        thing.get("text").is_none(),
-        "only the set member of a oneof"
-    );
+    assert!(thing.get("text").is_none(), "only the set member of a oneof");
     assert_eq!(thing["blob"], "AAEC");
     assert_eq!(thing["at"], "2026-11-21T10:00:00.500Z");
     assert_eq!(thing["maybeFlag"], false);
@@ -330,11 +301,7 @@ async fn unknown_and_malformed_json_are_400s_that_say_where() {
 
 #[tokio::test]
 async fn body_star_custom_verbs_and_additional_bindings() {
-    let reply = post(
-        "/v1/echo:all",
-        json!({"id": "all", "tag": ["x"], "big": "12"}),
-    )
-    .await;
+    let reply = post("/v1/echo:all", json!({"id": "all", "tag": ["x"], "big": "12"})).await;
     assert_eq!(reply.data()["request"]["tag"], json!(["x"]));
     assert_eq!(reply.data()["request"]["big"], "12");
     // With body "*" every field comes from the body.
@@ -352,20 +319,11 @@ async fn body_star_custom_verbs_and_additional_bindings() {
 
     let reply = post("/v1/orders/o-7:cancel", json!({"reason": "changed mind"})).await;
     assert_eq!(reply.data(), json!({"id": "o-7", "reason": "changed mind"}));
-    assert_eq!(
-        post("/v1/orders/o-7", json!({})).await.status,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(post("/v1/orders/o-7", json!({})).await.status, StatusCode::NOT_FOUND);
 
     let reply = get("/v1/books/shelves/1/books/2").await;
-    assert_eq!(
-        reply.data()["request"]["thing"]["name"],
-        "shelves/1/books/2"
-    );
-    assert_eq!(
-        get("/v1/books/shelves/1/notes/2").await.status,
-        StatusCode::NOT_FOUND
-    );
+    assert_eq!(reply.data()["request"]["thing"]["name"], "shelves/1/books/2");
+    assert_eq!(get("/v1/books/shelves/1/notes/2").await.status, StatusCode::NOT_FOUND);
 
     let reply = get("/v1/files/a/b/c.txt").await;
     assert_eq!(reply.data()["path"], "a/b/c.txt");
@@ -376,10 +334,7 @@ async fn response_body_and_creation_status() {
     let reply = get("/v1/shelves/9/things/4").await;
     let data = reply.data();
     assert_eq!(data["name"], "shelves/9/things/4");
-    assert!(
-        data.get("etag").is_none(),
-        "response_body picks the one field"
-    );
+    assert!(data.get("etag").is_none(), "response_body picks the one field");
 
     let reply = post("/v1/things", json!({"name": "new"})).await;
     assert_eq!(reply.status, StatusCode::CREATED);
@@ -396,10 +351,7 @@ async fn errors_keep_their_code_status_and_details() {
     assert_eq!(error["details"], json!([]));
     assert_eq!(
         error["request_id"].as_str(),
-        reply
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
+        reply.headers.get("x-request-id").and_then(|v| v.to_str().ok())
     );
 
     let error = get("/v1/fail/3").await.error();
@@ -407,10 +359,7 @@ async fn errors_keep_their_code_status_and_details() {
         error["details"][0]["@type"],
         "type.googleapis.com/google.rpc.BadRequest"
     );
-    assert_eq!(
-        error["details"][0]["fieldViolations"][0]["field"],
-        "thing.name"
-    );
+    assert_eq!(error["details"][0]["fieldViolations"][0]["field"], "thing.name");
 
     let reply = get("/v1/fail/8").await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
@@ -465,12 +414,7 @@ async fn http_level_errors() {
     assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(reply.error()["code"], "RESOURCE_EXHAUSTED");
 
-    let reply = send(
-        Request::get("/v1/echo/x")
-            .body(Body::from("{\"a\":1}"))
-            .unwrap(),
-    )
-    .await;
+    let reply = send(Request::get("/v1/echo/x").body(Body::from("{\"a\":1}")).unwrap()).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
 }
 
@@ -489,10 +433,7 @@ async fn headers_travel_as_metadata_and_back() {
     .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers.get("x-echo-foo").unwrap(), "bar");
-    assert_eq!(
-        reply.headers.get("x-echo-authorization").unwrap(),
-        "Bearer t0k3n"
-    );
+    assert_eq!(reply.headers.get("x-echo-authorization").unwrap(), "Bearer t0k3n");
     assert_eq!(reply.headers.get("x-echo-request-id").unwrap(), "rid-123");
     let timeout = reply
         .headers
@@ -535,10 +476,7 @@ async fn server_streams_as_sse_with_ids_and_a_final_error_event() {
             .unwrap()
     };
     let reply = send(request("/v1/watch?count=3")).await;
-    assert_eq!(
-        reply.headers.get("content-type").unwrap(),
-        "text/event-stream"
-    );
+    assert_eq!(reply.headers.get("content-type").unwrap(), "text/event-stream");
     let events = sse_events(std::str::from_utf8(&reply.body).unwrap());
     assert_eq!(events.len(), 3);
     for (index, (name, id, data)) in events.iter().enumerate() {
@@ -559,10 +497,7 @@ async fn server_streams_as_sse_with_ids_and_a_final_error_event() {
 #[tokio::test]
 async fn server_streams_as_ndjson_without_sse() {
     let reply = get("/v1/watch?count=2&fail_after=1").await;
-    assert_eq!(
-        reply.headers.get("content-type").unwrap(),
-        "application/x-ndjson"
-    );
+    assert_eq!(reply.headers.get("content-type").unwrap(), "application/x-ndjson");
     let lines: Vec<Value> = std::str::from_utf8(&reply.body)
         .unwrap()
         .lines()
@@ -615,11 +550,7 @@ async fn grpc_web_binary_and_text_on_the_same_listener() {
     assert_eq!(reply.status, StatusCode::OK);
     let (messages, trailers) = grpc_web_frames(&reply.body);
     assert_eq!(
-        pb::EchoResponse::decode(&messages[0][..])
-            .unwrap()
-            .request
-            .unwrap()
-            .id,
+        pb::EchoResponse::decode(&messages[0][..]).unwrap().request.unwrap().id,
         "web"
     );
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
@@ -646,20 +577,12 @@ async fn grpc_web_binary_and_text_on_the_same_listener() {
                 .body
                 .split(|byte| *byte == b'=')
                 .filter(|piece| !piece.is_empty())
-                .flat_map(|piece| {
-                    base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(piece)
-                        .unwrap()
-                })
+                .flat_map(|piece| base64::engine::general_purpose::STANDARD_NO_PAD.decode(piece).unwrap())
                 .collect()
         });
     let (messages, _) = grpc_web_frames(&decoded);
     assert_eq!(
-        pb::EchoResponse::decode(&messages[0][..])
-            .unwrap()
-            .request
-            .unwrap()
-            .id,
+        pb::EchoResponse::decode(&messages[0][..]).unwrap().request.unwrap().id,
         "web"
     );
 
@@ -698,13 +621,7 @@ async fn cors_preflight_and_exposed_grpc_web_headers() {
         reply.headers.get("access-control-allow-origin").unwrap(),
         "https://app.example"
     );
-    assert_eq!(
-        reply
-            .headers
-            .get("access-control-allow-credentials")
-            .unwrap(),
-        "true"
-    );
+    assert_eq!(reply.headers.get("access-control-allow-credentials").unwrap(), "true");
 
     let reply = send(
         Request::get("/v1/echo/x")
@@ -764,8 +681,7 @@ async fn every_route_is_documented_and_every_documented_path_is_served() {
     let paths = document["paths"].as_object().unwrap();
     for route in edge.routes.routes() {
         let documented = paths.iter().any(|(path, item)| {
-            item.get(route.http_method.as_str().to_ascii_lowercase())
-                .is_some()
+            item.get(route.http_method.as_str().to_ascii_lowercase()).is_some()
                 && crate::template::PathTemplate::parse(path)
                     .map(|template| {
                         template
@@ -790,10 +706,7 @@ async fn every_route_is_documented_and_every_documented_path_is_served() {
             let uri = sample_path(path, operation);
             let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
             assert!(
-                matches!(
-                    edge.routes.find(&method, &uri),
-                    crate::routes::RouteMatch::Found(..)
-                ),
+                matches!(edge.routes.find(&method, &uri), crate::routes::RouteMatch::Found(..)),
                 "documented {method} {path} ({uri}) is not served"
             );
             served += 1;
@@ -802,8 +715,8 @@ async fn every_route_is_documented_and_every_documented_path_is_served() {
     assert_eq!(served, edge.routes.routes().len());
     assert_eq!(document["openapi"], "3.1.0");
     assert_eq!(
-        paths["/v1/things"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]["properties"]
-            ["data"]["$ref"],
+        paths["/v1/things"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]["properties"]["data"]
+            ["$ref"],
         "#/components/schemas/keel.testing.v1.CreateThingResponse"
     );
 }

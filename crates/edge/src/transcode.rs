@@ -8,9 +8,7 @@
 
 use bytes::Bytes;
 use prost::Message as _;
-use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions,
-};
+use prost_reflect::{DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions};
 use serde_json::{Map, Value};
 
 use crate::error::EdgeError;
@@ -37,9 +35,7 @@ pub fn request_bytes(
                 match value {
                     Value::Object(object) => json = object,
                     _ => {
-                        return Err(EdgeError::bad_request(
-                            "the request body must be a JSON object",
-                        ));
+                        return Err(EdgeError::bad_request("the request body must be a JSON object"));
                     }
                 }
             }
@@ -83,16 +79,14 @@ pub fn request_bytes(
     // The tracked path names the field a value was refused for.
     let mut track = serde_path_to_error::Track::new();
     let deserializer = serde_path_to_error::Deserializer::new(Value::Object(json), &mut track);
-    let message = DynamicMessage::deserialize_with_options(input, deserializer, &options).map_err(
-        |error| {
-            let path = track.path().to_string();
-            if path.is_empty() || path == "." {
-                EdgeError::bad_request(format!("invalid request: {error}"))
-            } else {
-                EdgeError::bad_request(format!("invalid request: {path}: {error}"))
-            }
-        },
-    )?;
+    let message = DynamicMessage::deserialize_with_options(input, deserializer, &options).map_err(|error| {
+        let path = track.path().to_string();
+        if path.is_empty() || path == "." {
+            EdgeError::bad_request(format!("invalid request: {error}"))
+        } else {
+            EdgeError::bad_request(format!("invalid request: {path}: {error}"))
+        }
+    })?;
     Ok(message.encode_to_vec().into())
 }
 
@@ -130,11 +124,7 @@ fn decode_component(raw: &str) -> Result<String, EdgeError> {
             let byte = replaced
                 .get(index + 1..index + 3)
                 .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| {
-                    EdgeError::bad_request(format!(
-                        "bad percent-encoding in query string near {raw:?}"
-                    ))
-                })?;
+                .ok_or_else(|| EdgeError::bad_request(format!("bad percent-encoding in query string near {raw:?}")))?;
             out.push(byte);
             index += 3;
         } else {
@@ -182,9 +172,7 @@ fn insert(
         }
         let entry = json.entry(key).or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(object) = entry else {
-            return Err(EdgeError::bad_request(format!(
-                "{display:?} conflicts with the body"
-            )));
+            return Err(EdgeError::bad_request(format!("{display:?} conflicts with the body")));
         };
         return insert(object, &inner, &path[1..], raw, display, from_query);
     }
@@ -217,8 +205,7 @@ fn is_well_known(message: &MessageDescriptor) -> bool {
 /// The JSON value of one string for `field`: what the proto3 JSON mapping
 /// would accept there.
 fn scalar(field: &FieldDescriptor, raw: &str, display: &str) -> Result<Value, EdgeError> {
-    let invalid =
-        |what: &str| EdgeError::bad_request(format!("{display:?} must be {what}, got {raw:?}"));
+    let invalid = |what: &str| EdgeError::bad_request(format!("{display:?} must be {what}, got {raw:?}"));
     Ok(match field.kind() {
         Kind::Bool => match raw {
             "true" | "1" => Value::Bool(true),
@@ -234,9 +221,7 @@ fn scalar(field: &FieldDescriptor, raw: &str, display: &str) -> Result<Value, Ed
             "false" => Value::Bool(false),
             _ => return Err(invalid("true or false")),
         },
-        Kind::Message(message)
-            if is_well_known(&message) && message.full_name() != "google.protobuf.Struct" =>
-        {
+        Kind::Message(message) if is_well_known(&message) && message.full_name() != "google.protobuf.Struct" => {
             Value::String(raw.to_owned())
         }
         Kind::Message(_) => {
@@ -252,19 +237,12 @@ fn scalar(field: &FieldDescriptor, raw: &str, display: &str) -> Result<Value, Ed
 /// The JSON of a response: canonical mapping, lowerCamelCase, fields at their
 /// default value included (so clients see `0`, `false`, `""` and `[]`).
 pub fn response_json(route: &Route, bytes: &[u8]) -> Result<Value, EdgeError> {
-    let message = DynamicMessage::decode(route.method.output(), bytes).map_err(|error| {
-        EdgeError::internal(format!(
-            "undecodable response from {}: {error}",
-            route.grpc_path
-        ))
-    })?;
+    let message = DynamicMessage::decode(route.method.output(), bytes)
+        .map_err(|error| EdgeError::internal(format!("undecodable response from {}: {error}", route.grpc_path)))?;
     message_json(&message, route.response_body.as_ref())
 }
 
-pub fn message_json(
-    message: &DynamicMessage,
-    response_body: Option<&FieldDescriptor>,
-) -> Result<Value, EdgeError> {
+pub fn message_json(message: &DynamicMessage, response_body: Option<&FieldDescriptor>) -> Result<Value, EdgeError> {
     let options = SerializeOptions::new().skip_default_fields(false);
     let serialize = |message: &DynamicMessage| {
         message

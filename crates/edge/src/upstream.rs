@@ -17,11 +17,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 // The error is a `Status`, not a boxed `dyn Error`: a `dyn` error type
 // trips the compiler's `Send` proof of tonic's client futures
 // (rust-lang/rust#102211).
-pub type Inner = BoxCloneSyncService<
-    http::Request<tonic::body::Body>,
-    http::Response<tonic::body::Body>,
-    Status,
->;
+pub type Inner = BoxCloneSyncService<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>, Status>;
 
 /// A gRPC peer for the edge. Cheap to clone.
 #[derive(Clone)]
@@ -63,11 +59,7 @@ impl Upstream {
         tonic::client::Grpc::new(self.inner.clone())
     }
 
-    pub fn unary(
-        &self,
-        path: &str,
-        request: tonic::Request<Bytes>,
-    ) -> BoxFuture<'static, Result<UnaryReply, Status>> {
+    pub fn unary(&self, path: &str, request: tonic::Request<Bytes>) -> BoxFuture<'static, Result<UnaryReply, Status>> {
         let path = PathAndQuery::try_from(path).map_err(|_| Status::internal("bad method path"));
         let mut grpc = self.grpc();
         Box::pin(async move {
@@ -104,10 +96,7 @@ impl Upstream {
 }
 
 /// A request with `deadline` as its `grpc-timeout`.
-pub fn with_timeout(
-    mut request: tonic::Request<Bytes>,
-    timeout: Option<Duration>,
-) -> tonic::Request<Bytes> {
+pub fn with_timeout(mut request: tonic::Request<Bytes>, timeout: Option<Duration>) -> tonic::Request<Bytes> {
     if let Some(timeout) = timeout {
         request.set_timeout(timeout);
     }
@@ -155,9 +144,7 @@ impl Decoder for RawCodec {
 
 /// An upstream that refuses every call: for tests of the pure HTTP rules.
 pub fn unreachable_upstream() -> Upstream {
-    Upstream::new(service_fn(
-        |_request: http::Request<tonic::body::Body>| async {
-            Ok::<_, Status>(Status::unavailable("no upstream").into_http::<tonic::body::Body>())
-        },
-    ))
+    Upstream::new(service_fn(|_request: http::Request<tonic::body::Body>| async {
+        Ok::<_, Status>(Status::unavailable("no upstream").into_http::<tonic::body::Body>())
+    }))
 }

@@ -8,15 +8,15 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_kernel::limit::Quota;
-use keel_kernel::{
-    Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, clock, id,
-};
+use keel_kernel::{Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, clock, id};
 use uuid::Uuid;
 
 use crate::Identity;
+use crate::events::{Deleted, LoggedIn, LoginFailed, PasswordChanged, Registered, RoleChanged, SessionRevoked};
 use crate::model::{DisplayName, Email, NewPassword};
 use crate::store::{self, RefreshToken, Session, User};
 use crate::tokens::{hash_refresh_token, new_refresh_token};
+use keel_proto::identity as pb;
 
 /// Tokens handed to a client at login or refresh.
 #[derive(Debug, Clone)]
@@ -44,9 +44,16 @@ pub struct Login {
     pub password: Secret<String>,
 }
 
+/// A failed login is an outcome, not an error, so that its audit event commits.
+#[derive(Debug)]
+pub enum LoginOutcome {
+    SignedIn(Box<User>, IssuedTokens),
+    Refused,
+}
+
 impl Command for Login {
     const NAME: &'static str = "identity.login";
-    type Output = (User, IssuedTokens);
+    type Output = LoginOutcome;
 }
 
 pub struct RefreshSession {
@@ -126,10 +133,6 @@ impl Command for RevokeSession {
     type Output = ();
 }
 
-fn invalid_credentials() -> Error {
-    Error::unauthenticated("invalid email or password")
-}
-
 fn invalid_refresh_token() -> Error {
     Error::unauthenticated("invalid or expired refresh token")
 }
@@ -141,34 +144,20 @@ impl Identity {
             .await
             .map_err(|retry_after| {
                 Error::resource_exhausted(
-                    format!(
-                        "too many attempts; retry in {} s",
-                        retry_after.as_secs().max(1)
-                    ),
+                    format!("too many attempts; retry in {} s", retry_after.as_secs().max(1)),
                     retry_after,
                 )
             })
     }
 
-    async fn throttle_address(
-        &self,
-        scope: &str,
-        address: Option<IpAddr>,
-        quota: Quota,
-    ) -> Result<()> {
+    async fn throttle_address(&self, scope: &str, address: Option<IpAddr>, quota: Quota) -> Result<()> {
         match address {
             Some(address) => self.throttle(scope, address, quota).await,
             None => Ok(()),
         }
     }
 
-    fn new_user(
-        &self,
-        email: &Email,
-        display_name: &DisplayName,
-        role: Role,
-        password_hash: String,
-    ) -> User {
+    fn new_user(&self, email: &Email, display_name: &DisplayName, role: Role, password_hash: String) -> User {
         let now = clock::now();
         let id = id::new_id();
         User {
@@ -210,8 +199,7 @@ impl Identity {
         )
         .await?;
         let (access_token, access_token_expires_at) =
-            self.tokens()
-                .issue_access(user.id, session_id, role_of(user)?, now)?;
+            self.tokens().issue_access(user.id, session_id, role_of(user)?, now)?;
         Ok(IssuedTokens {
             access_token: Secret::new(access_token),
             access_token_expires_at,
@@ -223,9 +211,7 @@ impl Identity {
 }
 
 pub(crate) fn role_of(user: &User) -> Result<Role> {
-    Role::parse(&user.role).ok_or_else(|| {
-        Error::internal(format!("user {} has unknown role {:?}", user.id, user.role))
-    })
+    Role::parse(&user.role).ok_or_else(|| Error::internal(format!("user {} has unknown role {:?}", user.id, user.role)))
 }
 
 /// Refuses to leave the system without an admin.
@@ -239,6 +225,38 @@ async fn keep_an_admin(db: &impl sea_orm::ConnectionTrait, target: &User) -> Res
     Ok(())
 }
 
+fn record_registered(ctx: &CommandContext<'_>, user: &User) {
+    ctx.record(
+        &Registered(pb::UserRegistered {
+            user_id: user.id.to_string(),
+            email: user.email.clone(),
+            display_name: user.display_name.clone(),
+        }),
+        Some(user.id),
+        user.id.to_string(),
+    );
+}
+
+fn record_session_revoked(ctx: &CommandContext<'_>, user_id: Uuid, session_id: Uuid, reason: &str) {
+    ctx.record(
+        &SessionRevoked(pb::SessionRevoked {
+            user_id: user_id.to_string(),
+            session_id: session_id.to_string(),
+            reason: reason.to_owned(),
+        }),
+        Some(user_id),
+        session_id.to_string(),
+    );
+}
+
+/// Who did it, for audit events: the principal, or `system`.
+fn actor(ctx: &CommandContext<'_>) -> String {
+    ctx.request
+        .principal
+        .as_ref()
+        .map_or_else(|| "system".to_owned(), |principal| principal.user_id.to_string())
+}
+
 fn not_found_user() -> Error {
     Error::not_found("user")
 }
@@ -247,15 +265,12 @@ fn not_found_user() -> Error {
 impl CommandHandler<Register> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: Register) -> Result<User> {
         let settings = self.settings();
-        self.throttle_address(
-            "register:address",
-            ctx.request.client_ip,
-            settings.register_per_address,
-        )
-        .await?;
+        self.throttle_address("register:address", ctx.request.client_ip, settings.register_per_address)
+            .await?;
         let hash = self.hasher().hash(command.password.secret()).await?;
         let user = self.new_user(&command.email, &command.display_name, Role::User, hash);
         let user = store::insert_user(ctx.tx().await?, user).await?;
+        record_registered(ctx, &user);
         tracing::info!(user_id = %user.id, "user registered");
         Ok(user)
     }
@@ -268,6 +283,7 @@ impl CommandHandler<CreateUser> for Identity {
         let hash = self.hasher().hash(command.password.secret()).await?;
         let user = self.new_user(&command.email, &command.display_name, command.role, hash);
         let user = store::insert_user(ctx.tx().await?, user).await?;
+        record_registered(ctx, &user);
         tracing::info!(user_id = %user.id, role = %command.role, "user created");
         Ok(user)
     }
@@ -275,36 +291,39 @@ impl CommandHandler<CreateUser> for Identity {
 
 #[async_trait]
 impl CommandHandler<Login> for Identity {
-    async fn handle(
-        &self,
-        ctx: &CommandContext<'_>,
-        command: Login,
-    ) -> Result<(User, IssuedTokens)> {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: Login) -> Result<LoginOutcome> {
         let settings = self.settings();
-        self.throttle_address(
-            "login:address",
-            ctx.request.client_ip,
-            settings.login_per_address,
-        )
-        .await?;
-        self.throttle(
-            "login:account",
-            command.email.key(),
-            settings.login_per_account,
-        )
-        .await?;
+        self.throttle_address("login:address", ctx.request.client_ip, settings.login_per_address)
+            .await?;
+        self.throttle("login:account", command.email.key(), settings.login_per_account)
+            .await?;
         let user = store::find_user_by_email_key(ctx.db, command.email.key()).await?;
+        let address = ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
         let Some(user) = user else {
             // Same work, same answer as a wrong password: no enumeration.
             self.hasher().verify_dummy(&command.password).await?;
-            return Err(invalid_credentials());
+            ctx.record(
+                &LoginFailed(pb::LoginFailed {
+                    user_id: String::new(),
+                    ip_address: address,
+                    reason: "unknown_email".to_owned(),
+                }),
+                None,
+                command.email.key(),
+            );
+            return Ok(LoginOutcome::Refused);
         };
-        if !self
-            .hasher()
-            .verify(&command.password, &user.password_hash)
-            .await?
-        {
-            return Err(invalid_credentials());
+        if !self.hasher().verify(&command.password, &user.password_hash).await? {
+            ctx.record(
+                &LoginFailed(pb::LoginFailed {
+                    user_id: user.id.to_string(),
+                    ip_address: address,
+                    reason: "wrong_password".to_owned(),
+                }),
+                Some(user.id),
+                user.id.to_string(),
+            );
+            return Ok(LoginOutcome::Refused);
         }
         let now = clock::now();
         let tx = ctx.tx().await?;
@@ -319,27 +338,28 @@ impl CommandHandler<Login> for Identity {
                 expires_at: now + settings.refresh_ttl,
                 revoked_at: None,
                 user_agent: ctx.request.user_agent.clone().unwrap_or_default(),
-                ip_address: ctx
-                    .request
-                    .client_ip
-                    .map(|ip| ip.to_string())
-                    .unwrap_or_default(),
+                ip_address: ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             },
         )
         .await?;
         let tokens = self.issue_tokens(tx, &user, session.id, now).await?;
+        ctx.record(
+            &LoggedIn(pb::UserLoggedIn {
+                user_id: user.id.to_string(),
+                session_id: session.id.to_string(),
+                ip_address: address,
+            }),
+            Some(user.id),
+            user.id.to_string(),
+        );
         tracing::info!(user_id = %user.id, session_id = %session.id, "logged in");
-        Ok((user, tokens))
+        Ok(LoginOutcome::SignedIn(Box::new(user), tokens))
     }
 }
 
 #[async_trait]
 impl CommandHandler<RefreshSession> for Identity {
-    async fn handle(
-        &self,
-        ctx: &CommandContext<'_>,
-        command: RefreshSession,
-    ) -> Result<RefreshOutcome> {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: RefreshSession) -> Result<RefreshOutcome> {
         let now = clock::now();
         let tx = ctx.tx().await?;
         let token_hash = hash_refresh_token(command.refresh_token.expose());
@@ -367,6 +387,7 @@ impl CommandHandler<RefreshSession> for Identity {
                 .unwrap_or(now);
             if now - used_at > self.settings().refresh_grace {
                 store::revoke_session(tx, session.id, now).await?;
+                record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
                 tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
                 return Ok(RefreshOutcome::ReuseDetected);
             }
@@ -382,6 +403,7 @@ impl CommandHandler<Logout> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, _command: Logout) -> Result<()> {
         let principal = ctx.request.principal()?;
         store::revoke_session(ctx.tx().await?, principal.session_id, clock::now()).await?;
+        record_session_revoked(ctx, principal.user_id, principal.session_id, "logout");
         tracing::info!(user_id = %principal.user_id, session_id = %principal.session_id, "logged out");
         Ok(())
     }
@@ -391,12 +413,8 @@ impl CommandHandler<Logout> for Identity {
 impl CommandHandler<ChangePassword> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: ChangePassword) -> Result<()> {
         let principal = ctx.request.principal()?.clone();
-        self.throttle(
-            "login:account",
-            principal.user_id,
-            self.settings().login_per_account,
-        )
-        .await?;
+        self.throttle("login:account", principal.user_id, self.settings().login_per_account)
+            .await?;
         let user = store::find_user(ctx.db, principal.user_id)
             .await?
             .ok_or_else(not_found_user)?;
@@ -417,9 +435,15 @@ impl CommandHandler<ChangePassword> for Identity {
             ..user
         };
         store::update_user(tx, &updated).await?;
-        let revoked =
-            store::revoke_other_sessions(tx, principal.user_id, Some(principal.session_id), now)
-                .await?;
+        let revoked = store::revoke_other_sessions(tx, principal.user_id, Some(principal.session_id), now).await?;
+        ctx.record(
+            &PasswordChanged(pb::PasswordChanged {
+                user_id: principal.user_id.to_string(),
+                revoked_sessions: revoked,
+            }),
+            Some(principal.user_id),
+            principal.user_id.to_string(),
+        );
         tracing::info!(user_id = %principal.user_id, revoked_sessions = revoked, "password changed");
         Ok(())
     }
@@ -439,9 +463,7 @@ impl CommandHandler<UpdateUser> for Identity {
                 .map_err(|_| Error::permission_denied("only an admin may change a role"))?;
         }
         let tx = ctx.tx().await?;
-        let user = store::find_user(tx, command.id)
-            .await?
-            .ok_or_else(not_found_user)?;
+        let user = store::find_user(tx, command.id).await?.ok_or_else(not_found_user)?;
         if let Some(role) = command.role
             && role != Role::Admin
         {
@@ -467,6 +489,16 @@ impl CommandHandler<UpdateUser> for Identity {
         updated.updated_at = now;
         store::update_user(tx, &updated).await?;
         if updated.role != user.role {
+            ctx.record(
+                &RoleChanged(pb::RoleChanged {
+                    user_id: user.id.to_string(),
+                    from_role: user.role.clone(),
+                    to_role: updated.role.clone(),
+                    changed_by: actor(ctx),
+                }),
+                Some(user.id),
+                user.id.to_string(),
+            );
             tracing::info!(user_id = %user.id, from = %user.role, to = %updated.role, "role changed");
         }
         Ok(updated)
@@ -478,13 +510,19 @@ impl CommandHandler<DeleteUser> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: DeleteUser) -> Result<()> {
         ctx.request.require_admin()?;
         let tx = ctx.tx().await?;
-        let user = store::find_user(tx, command.id)
-            .await?
-            .ok_or_else(not_found_user)?;
+        let user = store::find_user(tx, command.id).await?.ok_or_else(not_found_user)?;
         keep_an_admin(tx, &user).await?;
         // Sessions and refresh tokens go with the user (ON DELETE CASCADE),
         // so the user's access tokens stop working at once.
         store::delete_user(tx, user.id).await?;
+        ctx.record(
+            &Deleted(pb::UserDeleted {
+                user_id: user.id.to_string(),
+                deleted_by: actor(ctx),
+            }),
+            Some(user.id),
+            user.id.to_string(),
+        );
         tracing::info!(user_id = %user.id, "user deleted");
         Ok(())
     }
@@ -500,6 +538,7 @@ impl CommandHandler<RevokeSession> for Identity {
             .filter(|session| ctx.request.may_act_for(session.user_id))
             .ok_or_else(|| Error::not_found("session"))?;
         store::revoke_session(tx, session.id, clock::now()).await?;
+        record_session_revoked(ctx, session.user_id, session.id, "revoked");
         tracing::info!(user_id = %session.user_id, session_id = %session.id, "session revoked");
         Ok(())
     }

@@ -3,17 +3,13 @@
 use keel_kernel::grpc::{context, timestamp};
 use keel_kernel::{Bus, Error, Role, Secret, Violations, id::parse_id};
 use keel_proto::identity as pb;
-use keel_proto::identity::identity_command_service_server::{
-    IdentityCommandService, IdentityCommandServiceServer,
-};
-use keel_proto::identity::identity_query_service_server::{
-    IdentityQueryService, IdentityQueryServiceServer,
-};
+use keel_proto::identity::identity_command_service_server::{IdentityCommandService, IdentityCommandServiceServer};
+use keel_proto::identity::identity_query_service_server::{IdentityQueryService, IdentityQueryServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::commands::{
-    ChangePassword, CreateUser, DeleteUser, IssuedTokens, Login, Logout, RefreshOutcome,
-    RefreshSession, Register, RevokeSession, UpdateUser,
+    ChangePassword, CreateUser, DeleteUser, IssuedTokens, Login, LoginOutcome, Logout, RefreshOutcome, RefreshSession,
+    Register, RevokeSession, UpdateUser,
 };
 use crate::model::{DisplayName, Email, NewPassword};
 use crate::queries::{GetCurrentUser, GetJwks, GetUser, ListSessions, ListUsers};
@@ -94,11 +90,7 @@ fn session_to_proto(session: &Session, current: uuid::Uuid) -> pb::Session {
     }
 }
 
-fn required_secret(
-    violations: &mut Violations,
-    field: &str,
-    value: String,
-) -> Option<Secret<String>> {
+fn required_secret(violations: &mut Violations, field: &str, value: String) -> Option<Secret<String>> {
     if value.is_empty() {
         violations.take::<()>(Err(Error::invalid_field(field, "is required")));
         return None;
@@ -108,19 +100,14 @@ fn required_secret(
 
 #[tonic::async_trait]
 impl IdentityCommandService for CommandApi {
-    async fn register(
-        &self,
-        request: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let ctx = context(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
         let email = violations.take(Email::parse("email", &request.email));
         let password = violations.take(NewPassword::parse("password", &request.password));
-        let display_name =
-            violations.take(DisplayName::parse("display_name", &request.display_name));
-        let (Some(email), Some(password), Some(display_name)) = (email, password, display_name)
-        else {
+        let display_name = violations.take(DisplayName::parse("display_name", &request.display_name));
+        let (Some(email), Some(password), Some(display_name)) = (email, password, display_name) else {
             return Err(violations.into_error().into());
         };
         let user = self
@@ -139,10 +126,7 @@ impl IdentityCommandService for CommandApi {
         }))
     }
 
-    async fn login(
-        &self,
-        request: Request<pb::LoginRequest>,
-    ) -> Result<Response<pb::LoginResponse>, Status> {
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let ctx = context(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
@@ -151,11 +135,13 @@ impl IdentityCommandService for CommandApi {
         let (Some(email), Some(password)) = (email, password) else {
             return Err(violations.into_error().into());
         };
-        let (user, tokens) = self.bus.execute(&ctx, Login { email, password }).await?;
-        Ok(Response::new(pb::LoginResponse {
-            tokens: Some(tokens_to_proto(tokens)),
-            user: Some(user_to_proto(&user)),
-        }))
+        match self.bus.execute(&ctx, Login { email, password }).await? {
+            LoginOutcome::SignedIn(user, tokens) => Ok(Response::new(pb::LoginResponse {
+                tokens: Some(tokens_to_proto(tokens)),
+                user: Some(user_to_proto(&user)),
+            })),
+            LoginOutcome::Refused => Err(Error::unauthenticated("invalid email or password").into()),
+        }
     }
 
     async fn refresh_session(
@@ -164,32 +150,21 @@ impl IdentityCommandService for CommandApi {
     ) -> Result<Response<pb::RefreshSessionResponse>, Status> {
         let ctx = context(&request);
         let mut violations = Violations::new();
-        let Some(refresh_token) = required_secret(
-            &mut violations,
-            "refresh_token",
-            request.into_inner().refresh_token,
-        ) else {
+        let Some(refresh_token) = required_secret(&mut violations, "refresh_token", request.into_inner().refresh_token)
+        else {
             return Err(violations.into_error().into());
         };
-        match self
-            .bus
-            .execute(&ctx, RefreshSession { refresh_token })
-            .await?
-        {
+        match self.bus.execute(&ctx, RefreshSession { refresh_token }).await? {
             RefreshOutcome::Rotated(tokens) => Ok(Response::new(pb::RefreshSessionResponse {
                 tokens: Some(tokens_to_proto(tokens)),
             })),
-            RefreshOutcome::ReuseDetected => Err(Error::unauthenticated(
-                "refresh token was already used; the session has been revoked",
-            )
-            .into()),
+            RefreshOutcome::ReuseDetected => {
+                Err(Error::unauthenticated("refresh token was already used; the session has been revoked").into())
+            }
         }
     }
 
-    async fn logout(
-        &self,
-        request: Request<pb::LogoutRequest>,
-    ) -> Result<Response<pb::LogoutResponse>, Status> {
+    async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
         let ctx = context(&request);
         self.bus.execute(&ctx, Logout).await?;
         Ok(Response::new(pb::LogoutResponse {}))
@@ -202,13 +177,8 @@ impl IdentityCommandService for CommandApi {
         let ctx = context(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let current_password = required_secret(
-            &mut violations,
-            "current_password",
-            request.current_password,
-        );
-        let new_password =
-            violations.take(NewPassword::parse("new_password", &request.new_password));
+        let current_password = required_secret(&mut violations, "current_password", request.current_password);
+        let new_password = violations.take(NewPassword::parse("new_password", &request.new_password));
         let (Some(current_password), Some(new_password)) = (current_password, new_password) else {
             return Err(violations.into_error().into());
         };
@@ -233,15 +203,13 @@ impl IdentityCommandService for CommandApi {
         let mut violations = Violations::new();
         let email = violations.take(Email::parse("email", &request.email));
         let password = violations.take(NewPassword::parse("password", &request.password));
-        let display_name =
-            violations.take(DisplayName::parse("display_name", &request.display_name));
+        let display_name = violations.take(DisplayName::parse("display_name", &request.display_name));
         let role = if request.role == pb::Role::Unspecified as i32 {
             Some(Role::User)
         } else {
             violations.take(role_from_proto("role", request.role))
         };
-        let (Some(email), Some(password), Some(display_name), Some(role)) =
-            (email, password, display_name, role)
+        let (Some(email), Some(password), Some(display_name), Some(role)) = (email, password, display_name, role)
         else {
             return Err(violations.into_error().into());
         };
@@ -299,8 +267,7 @@ impl IdentityCommandService for CommandApi {
             match path.as_str() {
                 "email" => command.email = violations.take(Email::parse("user.email", &user.email)),
                 "display_name" => {
-                    command.display_name =
-                        violations.take(DisplayName::parse("user.display_name", &user.display_name))
+                    command.display_name = violations.take(DisplayName::parse("user.display_name", &user.display_name))
                 }
                 "role" => command.role = violations.take(role_from_proto("user.role", user.role)),
                 "id" | "created_at" | "updated_at" => {
@@ -366,10 +333,7 @@ impl IdentityQueryService for QueryApi {
         }))
     }
 
-    async fn get_user(
-        &self,
-        request: Request<pb::GetUserRequest>,
-    ) -> Result<Response<pb::GetUserResponse>, Status> {
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
         let ctx = context(&request);
         let id = parse_id("id", &request.get_ref().id)?;
         let user = self.bus.ask(&ctx, GetUser { id }).await?;
@@ -421,10 +385,7 @@ impl IdentityQueryService for QueryApi {
         }))
     }
 
-    async fn get_jwks(
-        &self,
-        request: Request<pb::GetJwksRequest>,
-    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+    async fn get_jwks(&self, request: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
         let ctx = context(&request);
         let keys = self.bus.ask(&ctx, GetJwks).await?;
         Ok(Response::new(pb::GetJwksResponse {

@@ -3,6 +3,7 @@
 //! # Layout
 //! - `model.rs`: `Email`, `DisplayName`, `NewPassword`, parsed at the boundary;
 //! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
+//! - `events.rs`: the events identity emits, and the welcome-email handler;
 //! - `store.rs`: the SeaORM entities and the module's only SQL;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool;
@@ -13,6 +14,7 @@
 //! turns a bearer token into a principal for the server's auth layer.
 
 pub mod commands;
+pub mod events;
 pub mod grpc;
 pub mod model;
 pub mod password;
@@ -68,11 +70,7 @@ struct Inner {
 }
 
 impl Identity {
-    pub fn new(
-        tokens: TokenService,
-        limiter: Arc<dyn RateLimiter>,
-        settings: IdentitySettings,
-    ) -> Self {
+    pub fn new(tokens: TokenService, limiter: Arc<dyn RateLimiter>, settings: IdentitySettings) -> Self {
         Self {
             inner: Arc::new(Inner {
                 tokens,
@@ -102,20 +100,13 @@ impl Identity {
     /// Verifies an access token and that its session is still active. The
     /// role comes from the database, so revocation, deletion and demotion
     /// take effect at once rather than at the token's expiry.
-    pub async fn authenticate(
-        &self,
-        db: &impl ConnectionTrait,
-        access_token: &str,
-    ) -> Result<Principal> {
+    pub async fn authenticate(&self, db: &impl ConnectionTrait, access_token: &str) -> Result<Principal> {
         let (user_id, session_id) = self.tokens().verify_access(access_token)?;
         let refused = || Error::unauthenticated("invalid or expired access token");
         let (session, user) = store::find_session_with_user(db, session_id)
             .await?
             .ok_or_else(refused)?;
-        if session.user_id != user_id
-            || session.revoked_at.is_some()
-            || session.expires_at <= clock::now()
-        {
+        if session.user_id != user_id || session.revoked_at.is_some() || session.expires_at <= clock::now() {
             return Err(refused());
         }
         Ok(Principal {

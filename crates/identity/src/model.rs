@@ -63,16 +63,10 @@ impl DisplayName {
             return Err(Error::invalid_field(field, "is required"));
         }
         if value.chars().count() > 100 {
-            return Err(Error::invalid_field(
-                field,
-                "must be at most 100 characters",
-            ));
+            return Err(Error::invalid_field(field, "must be at most 100 characters"));
         }
         if value.chars().any(char::is_control) {
-            return Err(Error::invalid_field(
-                field,
-                "must not contain control characters",
-            ));
+            return Err(Error::invalid_field(field, "must not contain control characters"));
         }
         Ok(DisplayName(value.to_owned()))
     }
@@ -98,10 +92,7 @@ impl NewPassword {
             return Err(Error::invalid_field(field, "must be at least 8 characters"));
         }
         if length > 128 {
-            return Err(Error::invalid_field(
-                field,
-                "must be at most 128 characters",
-            ));
+            return Err(Error::invalid_field(field, "must be at most 128 characters"));
         }
         let lowered = raw.to_lowercase();
         if COMMON_PASSWORDS.lines().any(|common| common == lowered) {
@@ -136,10 +127,7 @@ mod tests {
             "a da@example.com",
             "ada@.com",
         ] {
-            assert!(
-                Email::parse("email", bad).is_err(),
-                "{bad:?} should be refused"
-            );
+            assert!(Email::parse("email", bad).is_err(), "{bad:?} should be refused");
         }
     }
 
@@ -158,9 +146,7 @@ mod tests {
         assert!(DisplayName::parse("display_name", " ").is_err());
         assert!(DisplayName::parse("display_name", &"é".repeat(101)).is_err());
         assert_eq!(
-            DisplayName::parse("display_name", " Ada ")
-                .map(|n| n.key())
-                .ok(),
+            DisplayName::parse("display_name", " Ada ").map(|n| n.key()).ok(),
             Some("ada".to_owned())
         );
     }

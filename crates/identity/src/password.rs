@@ -71,9 +71,7 @@ impl PasswordHasher {
         let dummy = match self.dummy.get() {
             Some(dummy) => dummy.clone(),
             None => {
-                let hash = self
-                    .hash(&Secret::new("keel dummy password".to_owned()))
-                    .await?;
+                let hash = self.hash(&Secret::new("keel dummy password".to_owned())).await?;
                 self.dummy.get_or_init(|| hash).clone()
             }
         };
@@ -90,10 +88,7 @@ mod tests {
         let hasher = PasswordHasher::new();
         let secret = Secret::new("correct horse battery staple".to_owned());
         let hash = hasher.hash(&secret).await.expect("hash");
-        assert!(
-            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
-            "{hash}"
-        );
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
         assert!(hasher.verify(&secret, &hash).await.expect("verify"));
         assert!(
             !hasher

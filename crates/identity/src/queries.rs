@@ -144,35 +144,17 @@ impl QueryHandler<ListUsers> for Identity {
                         ..
                     },
                 ) => UserKey::CreatedAt(*created_at, *id),
-                (
-                    UserOrder::Email,
-                    UserCursor {
-                        email: Some(email), ..
-                    },
-                ) => UserKey::Email(email.clone()),
+                (UserOrder::Email, UserCursor { email: Some(email), .. }) => UserKey::Email(email.clone()),
                 _ => {
-                    return Err(Error::invalid_field(
-                        "page_token",
-                        "is not a page token of this list",
-                    ));
+                    return Err(Error::invalid_field("page_token", "is not a page token of this list"));
                 }
             }),
         };
         let prefix_filter = (!prefix.is_empty()).then_some(prefix.as_str());
-        let mut users = store::list_users(
-            ctx.db,
-            prefix_filter,
-            order,
-            descending,
-            after.as_ref(),
-            limit + 1,
-        )
-        .await?;
+        let mut users = store::list_users(ctx.db, prefix_filter, order, descending, after.as_ref(), limit + 1).await?;
         let next_page_token = if users.len() as u64 > limit {
             users.truncate(limit as usize);
-            let last = users
-                .last()
-                .ok_or_else(|| Error::internal("page without rows"))?;
+            let last = users.last().ok_or_else(|| Error::internal("page without rows"))?;
             encode_token(&UserCursor {
                 order: normalised_order,
                 query: prefix,
@@ -183,10 +165,7 @@ impl QueryHandler<ListUsers> for Identity {
         } else {
             String::new()
         };
-        Ok(UserPage {
-            users,
-            next_page_token,
-        })
+        Ok(UserPage { users, next_page_token })
     }
 }
 
@@ -211,14 +190,8 @@ mod tests {
 
     #[test]
     fn order_by_accepts_the_two_keys_and_desc() {
-        assert!(matches!(
-            parse_order(""),
-            Ok((UserOrder::CreatedAt, false, _))
-        ));
-        assert!(matches!(
-            parse_order("email DESC"),
-            Ok((UserOrder::Email, true, _))
-        ));
+        assert!(matches!(parse_order(""), Ok((UserOrder::CreatedAt, false, _))));
+        assert!(matches!(parse_order("email DESC"), Ok((UserOrder::Email, true, _))));
         assert!(matches!(
             parse_order("created_at asc"),
             Ok((UserOrder::CreatedAt, false, _))

@@ -4,8 +4,8 @@ use chrono::{DateTime, Utc};
 use keel_kernel::{Error, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait,
-    QueryFilter, QueryOrder, QuerySelect, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, SqlErr,
 };
 use uuid::Uuid;
 
@@ -140,10 +140,7 @@ pub async fn find_user(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Use
     Ok(users::Entity::find_by_id(id).one(db).await?)
 }
 
-pub async fn find_user_by_email_key(
-    db: &impl ConnectionTrait,
-    email_key: &str,
-) -> Result<Option<User>> {
+pub async fn find_user_by_email_key(db: &impl ConnectionTrait, email_key: &str) -> Result<Option<User>> {
     Ok(users::Entity::find()
         .filter(users::Column::EmailKey.eq(email_key))
         .one(db)
@@ -156,19 +153,13 @@ pub async fn update_user(db: &impl ConnectionTrait, user: &User) -> Result<()> {
     let result = users::Entity::update_many()
         .col_expr(users::Column::Email, Expr::value(user.email.clone()))
         .col_expr(users::Column::EmailKey, Expr::value(user.email_key.clone()))
-        .col_expr(
-            users::Column::DisplayName,
-            Expr::value(user.display_name.clone()),
-        )
+        .col_expr(users::Column::DisplayName, Expr::value(user.display_name.clone()))
         .col_expr(
             users::Column::DisplayNameKey,
             Expr::value(user.display_name_key.clone()),
         )
         .col_expr(users::Column::Role, Expr::value(user.role.clone()))
-        .col_expr(
-            users::Column::PasswordHash,
-            Expr::value(user.password_hash.clone()),
-        )
+        .col_expr(users::Column::PasswordHash, Expr::value(user.password_hash.clone()))
         .col_expr(users::Column::Version, Expr::value(user.version))
         .col_expr(users::Column::UpdatedAt, Expr::value(user.updated_at))
         .filter(users::Column::Id.eq(user.id))
@@ -247,15 +238,9 @@ pub async fn list_users(
     match after {
         Some(UserKey::CreatedAt(created_at, id)) => {
             let (time_after, id_after) = if descending {
-                (
-                    users::Column::CreatedAt.lt(*created_at),
-                    users::Column::Id.lt(*id),
-                )
+                (users::Column::CreatedAt.lt(*created_at), users::Column::Id.lt(*id))
             } else {
-                (
-                    users::Column::CreatedAt.gt(*created_at),
-                    users::Column::Id.gt(*id),
-                )
+                (users::Column::CreatedAt.gt(*created_at), users::Column::Id.gt(*id))
             };
             select = select.filter(
                 Condition::any().add(time_after).add(
@@ -300,10 +285,7 @@ pub async fn insert_session(db: &impl ConnectionTrait, session: Session) -> Resu
 }
 
 /// A session and its user in one query (the authentication path).
-pub async fn find_session_with_user(
-    db: &impl ConnectionTrait,
-    session_id: Uuid,
-) -> Result<Option<(Session, User)>> {
+pub async fn find_session_with_user(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Option<(Session, User)>> {
     let found = sessions::Entity::find_by_id(session_id)
         .find_also_related(users::Entity)
         .one(db)
@@ -316,11 +298,7 @@ pub async fn find_session(db: &impl ConnectionTrait, session_id: Uuid) -> Result
 }
 
 /// Revokes one session if it is still active; true when this call revoked it.
-pub async fn revoke_session(
-    db: &impl ConnectionTrait,
-    session_id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<bool> {
+pub async fn revoke_session(db: &impl ConnectionTrait, session_id: Uuid, now: DateTime<Utc>) -> Result<bool> {
     let result = sessions::Entity::update_many()
         .col_expr(sessions::Column::RevokedAt, Expr::value(Some(now)))
         .col_expr(sessions::Column::UpdatedAt, Expr::value(now))
@@ -395,30 +373,20 @@ pub async fn insert_refresh_token(db: &impl ConnectionTrait, token: RefreshToken
     Ok(())
 }
 
-pub async fn find_refresh_token(
-    db: &impl ConnectionTrait,
-    token_hash: &str,
-) -> Result<Option<RefreshToken>> {
+pub async fn find_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> Result<Option<RefreshToken>> {
     Ok(refresh_tokens::Entity::find()
         .filter(refresh_tokens::Column::TokenHash.eq(token_hash))
         .one(db)
         .await?)
 }
 
-pub async fn find_refresh_token_by_id(
-    db: &impl ConnectionTrait,
-    id: Uuid,
-) -> Result<Option<RefreshToken>> {
+pub async fn find_refresh_token_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<RefreshToken>> {
     Ok(refresh_tokens::Entity::find_by_id(id).one(db).await?)
 }
 
 /// Marks a token used if nobody has; true when this call did. Two concurrent
 /// exchanges of one token cannot both win.
-pub async fn claim_refresh_token(
-    db: &impl ConnectionTrait,
-    id: Uuid,
-    now: DateTime<Utc>,
-) -> Result<bool> {
+pub async fn claim_refresh_token(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
     let result = refresh_tokens::Entity::update_many()
         .col_expr(refresh_tokens::Column::UsedAt, Expr::value(Some(now)))
         .filter(refresh_tokens::Column::Id.eq(id))

@@ -59,10 +59,7 @@ impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeySet")
             .field("active_kid", &self.active_kid)
-            .field(
-                "kids",
-                &self.public.iter().map(|key| &key.kid).collect::<Vec<_>>(),
-            )
+            .field("kids", &self.public.iter().map(|key| &key.kid).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -71,15 +68,9 @@ impl std::fmt::Debug for KeySet {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("cannot read auth key file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("cannot write auth key file {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
+    Write { path: String, source: std::io::Error },
     #[error("auth key file {path} is invalid: {reason}")]
     Invalid { path: String, reason: String },
 }
@@ -119,8 +110,7 @@ impl KeySet {
     pub fn generate_file() -> String {
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
-        let public =
-            URL_SAFE_NO_PAD.encode(SigningKey::from_bytes(&seed).verifying_key().to_bytes());
+        let public = URL_SAFE_NO_PAD.encode(SigningKey::from_bytes(&seed).verifying_key().to_bytes());
         let kid = thumbprint(&public);
         serde_json::json!({
             "active": kid,
@@ -141,12 +131,7 @@ impl KeySet {
                         .decode(private_key.expose().trim())
                         .ok()
                         .and_then(|bytes| bytes.try_into().ok())
-                        .ok_or_else(|| {
-                            format!(
-                                "key {}: private_key must be 32 bytes of base64url",
-                                entry.kid
-                            )
-                        })?;
+                        .ok_or_else(|| format!("key {}: private_key must be 32 bytes of base64url", entry.kid))?;
                     let key = SigningKey::from_bytes(&seed);
                     if entry.kid == file.active {
                         let der = key
@@ -160,17 +145,9 @@ impl KeySet {
                     .decode(public_key.trim())
                     .ok()
                     .and_then(|bytes| bytes.try_into().ok())
-                    .ok_or_else(|| {
-                        format!(
-                            "key {}: public_key must be 32 bytes of base64url",
-                            entry.kid
-                        )
-                    })?,
+                    .ok_or_else(|| format!("key {}: public_key must be 32 bytes of base64url", entry.kid))?,
                 (None, None) => {
-                    return Err(format!(
-                        "key {}: needs private_key or public_key",
-                        entry.kid
-                    ));
+                    return Err(format!("key {}: needs private_key or public_key", entry.kid));
                 }
             };
             if verifying
@@ -184,8 +161,7 @@ impl KeySet {
                 x: URL_SAFE_NO_PAD.encode(public_bytes),
             });
         }
-        let signing = signing
-            .ok_or_else(|| format!("the active key {:?} has no private_key", file.active))?;
+        let signing = signing.ok_or_else(|| format!("the active key {:?} has no private_key", file.active))?;
         Ok(KeySet {
             active_kid: file.active,
             signing,
@@ -361,10 +337,7 @@ mod tests {
         let old = KeySet::generate_file();
         let old_value: serde_json::Value = serde_json::from_str(&old).expect("json");
         let old_kid = old_value["active"].as_str().expect("kid").to_owned();
-        let old_private = old_value["keys"][0]["private_key"]
-            .as_str()
-            .expect("key")
-            .to_owned();
+        let old_private = old_value["keys"][0]["private_key"].as_str().expect("key").to_owned();
         let old_service = TokenService::new(
             KeySet::parse(&old).expect("keys"),
             "keel".into(),
@@ -392,8 +365,7 @@ mod tests {
 
     #[test]
     fn key_files_without_a_signing_key_are_refused() {
-        let error = KeySet::parse(r#"{"active":"a","keys":[{"kid":"a","public_key":"AAAA"}]}"#)
-            .expect_err("invalid");
+        let error = KeySet::parse(r#"{"active":"a","keys":[{"kid":"a","public_key":"AAAA"}]}"#).expect_err("invalid");
         assert!(error.contains("32 bytes"), "{error}");
     }
 }

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::context::RequestContext;
 use crate::error::{Code, Error, Result};
+use crate::events::{DomainEvent, Outbox, PendingEvent};
 
 /// A request to change state. `NAME` names its span (`identity.register`).
 pub trait Command: Send + 'static {
@@ -44,6 +45,8 @@ pub struct CommandContext<'a> {
     pub db: &'a DatabaseConnection,
     writer: Option<&'a Mutex<()>>,
     open: OnceCell<OpenTransaction<'a>>,
+    // A std mutex: never held across an await.
+    events: std::sync::Mutex<Vec<PendingEvent>>,
 }
 
 struct OpenTransaction<'a> {
@@ -63,13 +66,25 @@ impl<'a> CommandContext<'a> {
                     None => None,
                 };
                 let tx = self.db.begin().await?;
-                Ok::<_, Error>(OpenTransaction {
-                    tx,
-                    _writer: writer,
-                })
+                Ok::<_, Error>(OpenTransaction { tx, _writer: writer })
             })
             .await?;
         Ok(&open.tx)
+    }
+
+    /// Records a domain event. It is written to the outbox in this command's
+    /// transaction, and only if the command succeeds.
+    pub fn record<E: DomainEvent>(&self, payload: &E, user_id: Option<uuid::Uuid>, aggregate_id: impl Into<String>) {
+        let mut event = PendingEvent::new(payload, user_id, aggregate_id);
+        event.idempotency_key = self.request.idempotency_key.clone();
+        self.events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(event);
+    }
+
+    fn take_events(&self) -> Vec<PendingEvent> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     async fn finish(self, success: bool) -> Result<()> {
@@ -122,11 +137,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// One link of the chain around every handler. It receives the rest of the
 /// chain as a future and may observe it, time it, or answer without it.
 pub trait Middleware: Send + Sync + 'static {
-    fn around<'a>(
-        &'a self,
-        call: CallInfo<'a>,
-        next: BoxFuture<'a, Result<Erased>>,
-    ) -> BoxFuture<'a, Result<Erased>>;
+    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Erased>>) -> BoxFuture<'a, Result<Erased>>;
 }
 
 type ErasedCommandHandler<C> = Arc<dyn CommandHandler<C>>;
@@ -135,6 +146,7 @@ type ErasedQueryHandler<Q> = Arc<dyn QueryHandler<Q>>;
 /// Collects handlers and middleware at start-up, then becomes an immutable [`Bus`].
 pub struct BusBuilder {
     db: DatabaseConnection,
+    outbox: Option<Arc<dyn Outbox>>,
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     middleware: Vec<Arc<dyn Middleware>>,
@@ -144,6 +156,7 @@ impl BusBuilder {
     pub fn new(db: DatabaseConnection) -> Self {
         Self {
             db,
+            outbox: None,
             commands: HashMap::new(),
             queries: HashMap::new(),
             middleware: Vec::new(),
@@ -154,22 +167,20 @@ impl BusBuilder {
     pub fn command<C: Command>(&mut self, handler: impl CommandHandler<C>) -> &mut Self {
         let handler: ErasedCommandHandler<C> = Arc::new(handler);
         let previous = self.commands.insert(TypeId::of::<C>(), Box::new(handler));
-        assert!(
-            previous.is_none(),
-            "two handlers for command {}",
-            type_name::<C>()
-        );
+        assert!(previous.is_none(), "two handlers for command {}", type_name::<C>());
         self
     }
 
     pub fn query<Q: Query>(&mut self, handler: impl QueryHandler<Q>) -> &mut Self {
         let handler: ErasedQueryHandler<Q> = Arc::new(handler);
         let previous = self.queries.insert(TypeId::of::<Q>(), Box::new(handler));
-        assert!(
-            previous.is_none(),
-            "two handlers for query {}",
-            type_name::<Q>()
-        );
+        assert!(previous.is_none(), "two handlers for query {}", type_name::<Q>());
+        self
+    }
+
+    /// Where commands' events go. Without an outbox, recorded events are dropped.
+    pub fn outbox(&mut self, outbox: Arc<dyn Outbox>) -> &mut Self {
+        self.outbox = Some(outbox);
         self
     }
 
@@ -183,11 +194,11 @@ impl BusBuilder {
         // SQLite has one writer. Queueing command transactions here, instead
         // of letting them race for the file lock, avoids SQLITE_BUSY when a
         // deferred transaction upgrades from read to write.
-        let writer =
-            (self.db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
+        let writer = (self.db.get_database_backend() == DatabaseBackend::Sqlite).then(|| Mutex::new(()));
         Bus {
             inner: Arc::new(Inner {
                 db: self.db,
+                outbox: self.outbox,
                 writer,
                 commands: self.commands,
                 queries: self.queries,
@@ -199,6 +210,7 @@ impl BusBuilder {
 
 struct Inner {
     db: DatabaseConnection,
+    outbox: Option<Arc<dyn Outbox>>,
     writer: Option<Mutex<()>>,
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
@@ -232,9 +244,21 @@ impl Bus {
                 db: &inner.db,
                 writer: inner.writer.as_ref(),
                 open: OnceCell::new(),
+                events: std::sync::Mutex::new(Vec::new()),
             };
             let outcome = handler.handle(&command_ctx, command).await;
+            let events = command_ctx.take_events();
+            let wrote_events = match (&outcome, &inner.outbox) {
+                (Ok(_), Some(outbox)) if !events.is_empty() => {
+                    outbox.write(command_ctx.tx().await?, &events).await?;
+                    true
+                }
+                _ => false,
+            };
             command_ctx.finish(outcome.is_ok()).await?;
+            if wrote_events && let Some(outbox) = &inner.outbox {
+                outbox.committed();
+            }
             outcome.map(|output| Box::new(output) as Erased)
         });
         let output = self.run(CallKind::Command, C::NAME, ctx, terminal).await?;
@@ -252,9 +276,7 @@ impl Bus {
             .ok_or_else(|| unregistered(Q::NAME))?;
         let db = &self.inner.db;
         let terminal: BoxFuture<'_, Result<Erased>> = Box::pin(async move {
-            let output = handler
-                .handle(&QueryContext { request: ctx, db }, query)
-                .await?;
+            let output = handler.handle(&QueryContext { request: ctx, db }, query).await?;
             Ok(Box::new(output) as Erased)
         });
         let output = self.run(CallKind::Query, Q::NAME, ctx, terminal).await?;
@@ -301,9 +323,7 @@ impl Bus {
             match ctx.deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, chained)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::new(Code::DeadlineExceeded, "deadline exceeded"))
-                    }),
+                    .unwrap_or_else(|_| Err(Error::new(Code::DeadlineExceeded, "deadline exceeded"))),
                 None => chained.await,
             }
         }
@@ -313,10 +333,7 @@ impl Bus {
         span.record("duration_ms", duration_ms);
         span.record(
             "code",
-            outcome
-                .as_ref()
-                .err()
-                .map_or("OK", |error| error.code().as_str()),
+            outcome.as_ref().err().map_or("OK", |error| error.code().as_str()),
         );
         span.in_scope(|| tracing::debug!(duration_ms, ok = outcome.is_ok(), "{name} finished"));
         outcome

@@ -64,6 +64,8 @@ pub struct RequestContext {
     pub deadline: Option<Instant>,
     pub client_ip: Option<IpAddr>,
     pub user_agent: Option<String>,
+    /// The request's `idempotency-key`, carried into the events it causes.
+    pub idempotency_key: Option<String>,
     /// Set only by in-process callers (the CLI, start-up bootstrap), never
     /// from a network request: such a caller may do what an admin may.
     trusted: bool,
@@ -77,6 +79,7 @@ impl RequestContext {
             deadline: None,
             client_ip: None,
             user_agent: None,
+            idempotency_key: None,
             trusted: false,
         }
     }

@@ -57,9 +57,7 @@ impl Code {
             Code::PermissionDenied => (tonic::Code::PermissionDenied, 403, "PERMISSION_DENIED"),
             Code::Unauthenticated => (tonic::Code::Unauthenticated, 401, "UNAUTHENTICATED"),
             Code::ResourceExhausted => (tonic::Code::ResourceExhausted, 429, "RESOURCE_EXHAUSTED"),
-            Code::FailedPrecondition => {
-                (tonic::Code::FailedPrecondition, 400, "FAILED_PRECONDITION")
-            }
+            Code::FailedPrecondition => (tonic::Code::FailedPrecondition, 400, "FAILED_PRECONDITION"),
             Code::Aborted => (tonic::Code::Aborted, 409, "ABORTED"),
             Code::OutOfRange => (tonic::Code::OutOfRange, 400, "OUT_OF_RANGE"),
             Code::Unimplemented => (tonic::Code::Unimplemented, 501, "UNIMPLEMENTED"),
@@ -113,10 +111,15 @@ pub struct Error {
     message: String,
     violations: Vec<FieldViolation>,
     retry_after: Option<Duration>,
+    // Boxed: rare, and it keeps `Result<T, Error>` small.
+    info: Option<Box<ErrorInfo>>,
     cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A machine-readable reason and its metadata (`google.rpc.ErrorInfo`).
+type ErrorInfo = (String, Vec<(String, String)>);
 
 impl Error {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
@@ -125,8 +128,23 @@ impl Error {
             message: message.into(),
             violations: Vec::new(),
             retry_after: None,
+            info: None,
             cause: None,
         }
+    }
+
+    /// Adds a machine-readable reason (`google.rpc.ErrorInfo`, domain `keel`)
+    /// with metadata, e.g. where a subscriber should resume.
+    pub fn with_info(mut self, reason: &str, metadata: &[(&str, String)]) -> Self {
+        let metadata = metadata.iter().map(|(key, value)| ((*key).to_owned(), value.clone()));
+        self.info = Some(Box::new((reason.to_owned(), metadata.collect())));
+        self
+    }
+
+    pub fn info(&self) -> Option<(&str, &[(String, String)])> {
+        self.info
+            .as_deref()
+            .map(|(reason, metadata)| (reason.as_str(), metadata.as_slice()))
     }
 
     pub fn code(&self) -> Code {
@@ -204,10 +222,7 @@ impl Error {
         }
     }
 
-    pub fn with_cause(
-        mut self,
-        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
+    pub fn with_cause(mut self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         self.cause = Some(cause.into());
         self
     }
@@ -232,9 +247,7 @@ impl std::error::Error for Error {
 impl From<sea_orm::DbErr> for Error {
     fn from(error: sea_orm::DbErr) -> Self {
         match &error {
-            sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_) => {
-                Error::unavailable(error)
-            }
+            sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_) => Error::unavailable(error),
             _ => Error::internal(error),
         }
     }
@@ -271,10 +284,7 @@ impl From<Error> for tonic::Status {
                     .violations
                     .iter()
                     .map(|violation| {
-                        tonic_types::FieldViolation::new(
-                            violation.field.clone(),
-                            violation.description.clone(),
-                        )
+                        tonic_types::FieldViolation::new(violation.field.clone(), violation.description.clone())
                     })
                     .collect::<Vec<_>>(),
             );
@@ -282,7 +292,14 @@ impl From<Error> for tonic::Status {
         if let Some(retry_after) = error.retry_after {
             details.set_retry_info(Some(retry_after));
         }
-        let mut status = if error.violations.is_empty() && error.retry_after.is_none() {
+        if let Some((reason, metadata)) = error.info.as_deref() {
+            details.set_error_info(
+                reason.clone(),
+                "keel",
+                metadata.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
+            );
+        }
+        let mut status = if error.violations.is_empty() && error.retry_after.is_none() && error.info.is_none() {
             tonic::Status::new(error.code.grpc(), error.message)
         } else {
             tonic::Status::with_error_details(error.code.grpc(), error.message, details)

@@ -5,6 +5,7 @@
 //!   and HTTP statuses;
 //! - [`bus`]: `Command` / `Query` traits, typed handlers, the middleware
 //!   chain, one transaction per command;
+//! - [`events`]: domain events and the outbox port;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
@@ -16,15 +17,16 @@ pub mod bus;
 pub mod clock;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod grpc;
 pub mod id;
 pub mod limit;
+pub mod mail;
 pub mod page;
 pub mod secret;
 
-pub use bus::{
-    Bus, BusBuilder, Command, CommandContext, CommandHandler, Query, QueryContext, QueryHandler,
-};
+pub use bus::{Bus, BusBuilder, Command, CommandContext, CommandHandler, Query, QueryContext, QueryHandler};
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
+pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
 pub use secret::Secret;

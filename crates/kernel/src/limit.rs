@@ -56,10 +56,7 @@ impl InProcessRateLimiter {
     }
 
     fn limiter(&self, quota: Quota) -> Arc<DefaultKeyedRateLimiter<String>> {
-        let mut limiters = self
-            .limiters
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut limiters = self.limiters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         limiters
             .entry(quota)
             .or_insert_with(|| {
@@ -79,12 +76,7 @@ impl RateLimiter for InProcessRateLimiter {
     async fn acquire(&self, key: &str, quota: Quota) -> Result<(), Duration> {
         let limiter = self.limiter(quota);
         // Forget idle keys now and then so the map stays bounded.
-        if self
-            .calls
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            % 4096
-            == 4095
-        {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4096 == 4095 {
             limiter.retain_recent();
         }
         limiter
@@ -104,10 +96,7 @@ mod tests {
         for _ in 0..3 {
             assert!(limiter.acquire("a", quota).await.is_ok());
         }
-        let wait = limiter
-            .acquire("a", quota)
-            .await
-            .expect_err("fourth is refused");
+        let wait = limiter.acquire("a", quota).await.expect_err("fourth is refused");
         assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60));
         assert!(limiter.acquire("b", quota).await.is_ok());
     }

@@ -37,9 +37,7 @@ pub fn decode_token<T: DeserializeOwned>(token: &str) -> Result<Option<T>> {
     }
     let invalid = || Error::invalid_field("page_token", "is not a page token of this list");
     let json = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    serde_json::from_slice(&json)
-        .map(Some)
-        .map_err(|_| invalid())
+    serde_json::from_slice(&json).map(Some).map_err(|_| invalid())
 }
 
 #[cfg(test)]

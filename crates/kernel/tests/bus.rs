@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_kernel::bus::{BoxFuture, CallInfo, Erased, Middleware};
 use keel_kernel::{
-    BusBuilder, Code, Command, CommandContext, CommandHandler, Error, Query, QueryContext,
-    QueryHandler, RequestContext, Result,
+    BusBuilder, Code, Command, CommandContext, CommandHandler, Error, Query, QueryContext, QueryHandler,
+    RequestContext, Result,
 };
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 
@@ -38,11 +38,8 @@ struct Handlers;
 impl CommandHandler<Insert> for Handlers {
     async fn handle(&self, ctx: &CommandContext<'_>, command: Insert) -> Result<i64> {
         let tx = ctx.tx().await?;
-        tx.execute_unprepared(&format!(
-            "INSERT INTO items (value) VALUES ({})",
-            command.value
-        ))
-        .await?;
+        tx.execute_unprepared(&format!("INSERT INTO items (value) VALUES ({})", command.value))
+            .await?;
         tokio::time::sleep(command.sleep).await;
         if command.fail_after_insert {
             return Err(Error::invalid_field("value", "refused after the write"));
@@ -72,23 +69,17 @@ struct Recorder {
 }
 
 impl Middleware for Recorder {
-    fn around<'a>(
-        &'a self,
-        call: CallInfo<'a>,
-        next: BoxFuture<'a, Result<Erased>>,
-    ) -> BoxFuture<'a, Result<Erased>> {
+    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Erased>>) -> BoxFuture<'a, Result<Erased>> {
         Box::pin(async move {
             self.seen
                 .lock()
                 .unwrap()
                 .push(format!("{} before {}", self.label, call.name));
             let outcome = next.await;
-            self.seen.lock().unwrap().push(format!(
-                "{} after {} ok={}",
-                self.label,
-                call.name,
-                outcome.is_ok()
-            ));
+            self.seen
+                .lock()
+                .unwrap()
+                .push(format!("{} after {} ok={}", self.label, call.name, outcome.is_ok()));
             outcome
         })
     }
@@ -119,16 +110,8 @@ async fn a_command_commits_on_success_and_leaves_nothing_on_failure() {
     let bus = builder.build();
     let ctx = RequestContext::new("test");
 
-    assert_eq!(
-        bus.execute(&ctx, insert(1, false, Duration::ZERO))
-            .await
-            .unwrap(),
-        1
-    );
-    let error = bus
-        .execute(&ctx, insert(2, true, Duration::ZERO))
-        .await
-        .unwrap_err();
+    assert_eq!(bus.execute(&ctx, insert(1, false, Duration::ZERO)).await.unwrap(), 1);
+    let error = bus.execute(&ctx, insert(2, true, Duration::ZERO)).await.unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
     assert_eq!(bus.ask(&ctx, Count).await.unwrap(), 1);
 }
@@ -150,12 +133,7 @@ async fn an_expired_deadline_is_deadline_exceeded_and_rolls_back() {
     ctx.deadline = None;
     assert_eq!(bus.ask(&ctx, Count).await.unwrap(), 0);
     // The writer slot was released with the dropped transaction.
-    assert_eq!(
-        bus.execute(&ctx, insert(3, false, Duration::ZERO))
-            .await
-            .unwrap(),
-        3
-    );
+    assert_eq!(bus.execute(&ctx, insert(3, false, Duration::ZERO)).await.unwrap(), 3);
 }
 
 #[tokio::test]
@@ -176,9 +154,7 @@ async fn middleware_wraps_every_call_outermost_first() {
         });
     let bus = builder.build();
     let ctx = RequestContext::new("test");
-    bus.execute(&ctx, insert(1, true, Duration::ZERO))
-        .await
-        .unwrap_err();
+    bus.execute(&ctx, insert(1, true, Duration::ZERO)).await.unwrap_err();
     bus.ask(&ctx, Count).await.unwrap();
     assert_eq!(
         *seen.lock().unwrap(),
@@ -200,10 +176,7 @@ async fn an_unregistered_command_is_an_internal_error() {
     let dir = tempfile::tempdir().unwrap();
     let bus = BusBuilder::new(database(&dir).await).build();
     let error = bus
-        .execute(
-            &RequestContext::new("test"),
-            insert(1, false, Duration::ZERO),
-        )
+        .execute(&RequestContext::new("test"), insert(1, false, Duration::ZERO))
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::Internal);

@@ -9,8 +9,7 @@
 //! Clients and servers sit behind the `client` and `server` features.
 
 /// The encoded `FileDescriptorSet` of every contract, imports included.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/keel_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keel_descriptor.bin"));
 
 pub mod google {
     pub mod api {
@@ -25,6 +24,12 @@ pub mod keel {
         }
     }
 
+    pub mod events {
+        pub mod v1 {
+            tonic::include_proto!("keel.events.v1");
+        }
+    }
+
     pub mod identity {
         pub mod v1 {
             tonic::include_proto!("keel.identity.v1");
@@ -32,4 +37,5 @@ pub mod keel {
     }
 }
 
+pub use keel::events::v1 as events;
 pub use keel::identity::v1 as identity;

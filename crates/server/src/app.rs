@@ -26,6 +26,7 @@ pub struct State {
     pub db: Db,
     pub bus: Bus,
     pub identity: Identity,
+    pub events: keel_bus::Events,
 }
 
 impl State {
@@ -50,13 +51,44 @@ impl State {
         };
         let identity = Identity::new(tokens, Arc::new(InProcessRateLimiter::new()), settings);
 
+        let mailer: Arc<dyn keel_kernel::mail::Mailer> = match &config.smtp_url {
+            Some(url) => Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?),
+            None => {
+                let path = config
+                    .mail_file
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("mail.jsonl"));
+                Arc::new(crate::mail::FileMailer::new(path))
+            }
+        };
+        let mut handlers = keel_bus::handlers::Registry::default();
+        handlers.add(Arc::new(keel_identity::events::WelcomeEmail::new(mailer)));
+        let event_settings = keel_bus::Settings {
+            redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
+            subscriptions: keel_bus::subscribe::Settings {
+                heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
+                queue: 256,
+            },
+            retention: Duration::from_secs(config.events_retention_hours.saturating_mul(3600)),
+            handlers: keel_bus::handlers::Settings {
+                max_attempts: config.event_handler_max_attempts,
+                base_backoff: Duration::from_millis(config.event_handler_backoff_ms),
+                ..keel_bus::handlers::Settings::default()
+            },
+            ..keel_bus::Settings::default()
+        };
+        let events = keel_bus::Events::start(db.clone(), event_settings, handlers).await?;
+
         let mut bus = BusBuilder::new(db.clone());
+        bus.outbox(events.outbox());
         keel_identity::register(&mut bus, &identity);
+        keel_bus::register(&mut bus, &events);
         let state = State {
             config: Arc::new(config),
             db,
             bus: bus.build(),
             identity,
+            events,
         };
         state.bootstrap_admin().await?;
         Ok(state)
@@ -127,10 +159,7 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
     /// calls finish within the grace period, and closes the pool.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application { listener, state } = self;
         let config = state.config.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -159,23 +188,24 @@ impl State {
     /// grpc-web and the REST edge (in process, no socket) all call.
     pub fn grpc_upstream(
         &self,
-        health_service: tonic_health::pb::health_server::HealthServer<
-            impl tonic_health::pb::health_server::Health,
-        >,
+        health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ) -> anyhow::Result<Upstream> {
         let limit = self.config.max_message_bytes;
+        // Every service gets the same explicit message-size limits.
+        macro_rules! limited {
+            ($service:expr) => {
+                $service
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit)
+            };
+        }
         let (command, query) = keel_identity::grpc::services(&self.bus);
+        let (event_command, event_query) = keel_bus::grpc::services(&self.bus);
         let mut routes = Routes::new(health_service)
-            .add_service(
-                command
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit),
-            )
-            .add_service(
-                query
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit),
-            );
+            .add_service(limited!(command))
+            .add_service(limited!(query))
+            .add_service(limited!(event_command))
+            .add_service(limited!(event_query));
         if self.config.reflection_enabled() {
             let reflection = || {
                 tonic_reflection::server::Builder::configure()
@@ -195,9 +225,7 @@ impl State {
     /// The one listener's service: gRPC, grpc-web and REST on one port.
     pub fn listener_service(
         &self,
-        health_service: tonic_health::pb::health_server::HealthServer<
-            impl tonic_health::pb::health_server::Health,
-        >,
+        health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ) -> anyhow::Result<keel_edge::listener::ListenerService> {
         let upstream = self.grpc_upstream(health_service)?;
         edge_service(&self.config, upstream)
@@ -206,10 +234,7 @@ impl State {
 
 /// The edge in front of `upstream`: the same code in process and for
 /// `keel edge --upstream`.
-pub fn edge_service(
-    config: &Config,
-    upstream: Upstream,
-) -> anyhow::Result<keel_edge::listener::ListenerService> {
+pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_edge::listener::ListenerService> {
     let edge = keel_edge::Edge::new(
         keel_proto::FILE_DESCRIPTOR_SET,
         upstream.clone(),
@@ -219,11 +244,7 @@ pub fn edge_service(
     let cors = CorsSettings {
         allowed_origins: config.cors_origins(),
     };
-    Ok(keel_edge::one_listener(
-        &upstream,
-        Arc::new(edge).router(),
-        &cors,
-    ))
+    Ok(keel_edge::one_listener(&upstream, Arc::new(edge).router(), &cors))
 }
 
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is unreachable.

@@ -63,6 +63,21 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// `KEEL_SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// `KEEL_SMTP_URL`: send email through this SMTP relay
+    /// (`smtp://user:pass@host:587`); unset: write it to `KEEL_MAIL_FILE`.
+    pub smtp_url: Option<Secret<String>>,
+    /// `KEEL_MAIL_FROM`: the sender of keel's email.
+    pub mail_from: String,
+    /// `KEEL_MAIL_FILE`: where email goes without SMTP (default `<data dir>/mail.jsonl`).
+    pub mail_file: Option<PathBuf>,
+    /// `KEEL_EVENTS_RETENTION_HOURS`: numbered events older than this are pruned.
+    pub events_retention_hours: u64,
+    /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
+    pub events_heartbeat_seconds: u64,
+    /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
+    pub event_handler_max_attempts: u32,
+    /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
+    pub event_handler_backoff_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from, or `*`. Unset: any origin in development, none in production.
     pub cors_allowed_origins: Option<String>,
@@ -91,6 +106,13 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
             cors_allowed_origins: None,
+            smtp_url: None,
+            mail_from: "Keel <keel@localhost>".to_owned(),
+            mail_file: None,
+            events_retention_hours: 7 * 24,
+            events_heartbeat_seconds: 15,
+            event_handler_max_attempts: 5,
+            event_handler_backoff_ms: 200,
         }
     }
 }
@@ -100,10 +122,7 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Figment(#[from] Box<figment::Error>),
     #[error("configuration: {setting}: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
+    Invalid { setting: &'static str, reason: String },
 }
 
 fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -120,10 +139,7 @@ impl Config {
         match path {
             Some(path) => {
                 if !path.exists() {
-                    return Err(invalid(
-                        "--config",
-                        format!("{} does not exist", path.display()),
-                    ));
+                    return Err(invalid("--config", format!("{} does not exist", path.display())));
                 }
                 figment = figment.merge(Toml::file(path));
             }
@@ -151,31 +167,30 @@ impl Config {
             && !url.expose().starts_with("redis://")
             && !url.expose().starts_with("rediss://")
         {
-            return Err(invalid(
-                "KEEL_REDIS_URL",
-                "must start with redis:// or rediss://",
-            ));
+            return Err(invalid("KEEL_REDIS_URL", "must start with redis:// or rediss://"));
         }
         if self.max_message_bytes < 1024 {
             return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));
         }
         if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 24 * 3600 {
-            return Err(invalid(
-                "KEEL_ACCESS_TOKEN_TTL_SECONDS",
-                "must be between 1 and 86400",
-            ));
+            return Err(invalid("KEEL_ACCESS_TOKEN_TTL_SECONDS", "must be between 1 and 86400"));
+        }
+        if self.events_heartbeat_seconds == 0 {
+            return Err(invalid("KEEL_EVENTS_HEARTBEAT_SECONDS", "must be at least 1"));
+        }
+        if self.event_handler_max_attempts == 0 {
+            return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if let Some(url) = &self.smtp_url
+            && !url.expose().starts_with("smtp://")
+        {
+            return Err(invalid("KEEL_SMTP_URL", "must start with smtp://"));
         }
         if self.database_max_connections == 0 {
-            return Err(invalid(
-                "KEEL_DATABASE_MAX_CONNECTIONS",
-                "must be at least 1",
-            ));
+            return Err(invalid("KEEL_DATABASE_MAX_CONNECTIONS", "must be at least 1"));
         }
         if self.auth_issuer.is_empty() || self.auth_audience.is_empty() {
-            return Err(invalid(
-                "KEEL_AUTH_ISSUER",
-                "issuer and audience must not be empty",
-            ));
+            return Err(invalid("KEEL_AUTH_ISSUER", "issuer and audience must not be empty"));
         }
         if self.bootstrap_admin_email.is_some() != self.bootstrap_admin_password.is_some() {
             return Err(invalid(
@@ -206,8 +221,7 @@ impl Config {
     }
 
     pub fn reflection_enabled(&self) -> bool {
-        self.reflection
-            .unwrap_or(self.env != Environment::Production)
+        self.reflection.unwrap_or(self.env != Environment::Production)
     }
 }
 

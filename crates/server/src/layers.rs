@@ -75,8 +75,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
         let request_id = request_id(request.headers());
-        let span =
-            tracing::info_span!("grpc", request_id = %request_id, path = %request.uri().path());
+        let span = tracing::info_span!("grpc", request_id = %request_id, path = %request.uri().path());
         Box::pin(
             async move {
                 let started = std::time::Instant::now();
@@ -87,20 +86,19 @@ where
                     .and_then(TcpConnectInfo::remote_addr)
                     .map(|address| address.ip());
                 ctx.user_agent = header(request.headers(), "user-agent").map(str::to_owned);
+                ctx.idempotency_key = header(request.headers(), "idempotency-key")
+                    .filter(|key| !key.is_empty() && key.len() <= 255)
+                    .map(str::to_owned);
                 ctx.deadline = header(request.headers(), "grpc-timeout")
                     .and_then(parse_grpc_timeout)
                     .map(|timeout| tokio::time::Instant::now() + timeout);
                 // Health and reflection are public: no database round trip for them.
                 let public = request.uri().path().starts_with("/grpc.health.")
                     || request.uri().path().starts_with("/grpc.reflection.");
-                if let Some(authorization) =
-                    header(request.headers(), "authorization").filter(|_| !public)
-                {
+                if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
                     let principal = match bearer(authorization) {
                         Some(token) => state.identity.authenticate(&state.db, token).await,
-                        None => Err(Error::unauthenticated(
-                            "authorization must be `Bearer <access token>`",
-                        )),
+                        None => Err(Error::unauthenticated("authorization must be `Bearer <access token>`")),
                     };
                     match principal {
                         Ok(principal) => ctx.principal = Some(principal),
@@ -116,10 +114,7 @@ where
                 let mut response = response.map(Body::new);
                 resource_exhausted_for_oversized(response.headers_mut());
                 set_request_id(response.headers_mut(), &request_id);
-                tracing::debug!(
-                    duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-                    "call answered"
-                );
+                tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
                 Ok(response)
             }
             .instrument(span),
@@ -139,9 +134,7 @@ fn bearer(authorization: &str) -> Option<&str> {
 /// The client's `x-request-id` when it is a sane token, else a new UUIDv7.
 fn request_id(headers: &HeaderMap) -> String {
     header(headers, REQUEST_ID)
-        .filter(|id| {
-            !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic())
-        })
+        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
         .map(str::to_owned)
         .unwrap_or_else(|| keel_kernel::id::new_id().to_string())
 }

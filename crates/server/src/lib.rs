@@ -7,6 +7,7 @@
 //!   (port 0 in tests) and `run_until_stopped` serves until a shutdown future;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
+//! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
 //! - [`users`]: account creation for the CLI and the bootstrap admin;
 //! - [`telemetry`]: JSON or pretty logs.
 
@@ -14,6 +15,7 @@ pub mod app;
 pub mod config;
 pub mod layers;
 pub mod listen;
+pub mod mail;
 pub mod telemetry;
 pub mod users;
 

@@ -48,12 +48,11 @@ pub async fn serve(
             remote_addr: Some(remote),
         };
         let service = service.clone();
-        let per_request =
-            hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                let mut request = request.map(axum::body::Body::new);
-                request.extensions_mut().insert(info.clone());
-                service.clone().oneshot(request)
-            });
+        let per_request = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            request.extensions_mut().insert(info.clone());
+            service.clone().oneshot(request)
+        });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
             .into_owned();

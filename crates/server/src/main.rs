@@ -10,11 +10,7 @@ use keel_kernel::Role;
 use keel_server::{Application, Config, State, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "keel",
-    version,
-    about = "Keel: typed gRPC, REST and grpc-web backend"
-)]
+#[command(name = "keel", version, about = "Keel: typed gRPC, REST and grpc-web backend")]
 struct Cli {
     /// A TOML configuration file (default: ./keel.toml when present).
     #[arg(long, global = true, env = "KEEL_CONFIG")]
@@ -125,14 +121,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let password = read_password()?;
             let state = State::build(config).await?;
-            let id = keel_server::users::create_user(
-                &state.bus,
-                &email,
-                &password,
-                display_name.as_deref(),
-                role.into(),
-            )
-            .await?;
+            let id =
+                keel_server::users::create_user(&state.bus, &email, &password, display_name.as_deref(), role.into())
+                    .await?;
             println!("created user {id} ({email}, {})", Role::from(role));
             Ok(())
         }

@@ -15,12 +15,7 @@ pub async fn create_user(
 ) -> anyhow::Result<uuid::Uuid> {
     let email = Email::parse("email", email)?;
     let password = NewPassword::parse("password", password)?;
-    let default_name = email
-        .as_str()
-        .split('@')
-        .next()
-        .unwrap_or("admin")
-        .to_owned();
+    let default_name = email.as_str().split('@').next().unwrap_or("admin").to_owned();
     let display_name = DisplayName::parse("display_name", display_name.unwrap_or(&default_name))?;
     let user = bus
         .execute(
@@ -37,11 +32,7 @@ pub async fn create_user(
 }
 
 /// True when it created the admin, false when the email was already taken.
-pub async fn create_admin_if_missing(
-    bus: &Bus,
-    email: &str,
-    password: &str,
-) -> anyhow::Result<bool> {
+pub async fn create_admin_if_missing(bus: &Bus, email: &str, password: &str) -> anyhow::Result<bool> {
     match create_user(bus, email, password, None, Role::Admin).await {
         Ok(_) => Ok(true),
         Err(error)

@@ -22,11 +22,7 @@ async fn current_user(app: &TestApp, token: &str) -> Result<pb::User, tonic::Sta
         .map(|response| response.into_inner().user.unwrap())
 }
 
-async fn login_with(
-    app: &TestApp,
-    email: &str,
-    password: &str,
-) -> Result<pb::LoginResponse, tonic::Status> {
+async fn login_with(app: &TestApp, email: &str, password: &str) -> Result<pb::LoginResponse, tonic::Status> {
     app.commands()
         .await
         .login(pb::LoginRequest {
@@ -49,14 +45,8 @@ async fn refresh(app: &TestApp, refresh_token: &str) -> Result<pb::AuthTokens, t
 
 /// The same signing key as the app, with other claims settings.
 fn token_service(app: &TestApp, audience: &str) -> keel_identity::tokens::TokenService {
-    let keys =
-        keel_identity::tokens::KeySet::load(&app.data_dir.path().join("auth-keys.json")).unwrap();
-    keel_identity::tokens::TokenService::new(
-        keys,
-        "keel".into(),
-        audience.into(),
-        Duration::from_secs(900),
-    )
+    let keys = keel_identity::tokens::KeySet::load(&app.data_dir.path().join("auth-keys.json")).unwrap();
+    keel_identity::tokens::TokenService::new(keys, "keel".into(), audience.into(), Duration::from_secs(900))
 }
 
 fn ids(user: &pb::User, tokens: &pb::AuthTokens) -> (uuid::Uuid, uuid::Uuid) {
@@ -583,10 +573,7 @@ mod refresh_reuse {
         let replay = refresh(&app, &first.refresh_token).await.unwrap_err();
         assert_eq!(replay.code(), Code::Unauthenticated);
         assert!(replay.message().contains("revoked"), "{}", replay.message());
-        assert_eq!(
-            code(refresh(&app, &rotated.refresh_token).await),
-            Code::Unauthenticated
-        );
+        assert_eq!(code(refresh(&app, &rotated.refresh_token).await), Code::Unauthenticated);
         assert_eq!(
             code(current_user(&app, &rotated.access_token).await),
             Code::Unauthenticated
@@ -599,11 +586,10 @@ mod refresh_reuse {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
-        let app = keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| {
-            config.refresh_grace_seconds = 1
-        })
-        .await
-        .unwrap();
+        let app =
+            keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
+                .await
+                .unwrap();
         reuse_revokes_the_session(app).await;
     }
 

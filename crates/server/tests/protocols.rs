@@ -46,8 +46,8 @@ impl Client3 {
         let upstream = match protocol {
             Protocol::Grpc => Some(Upstream::new(app.channel().await)),
             Protocol::GrpcWeb => {
-                let http = Client::builder(TokioExecutor::new())
-                    .build_http::<tonic_web::GrpcWebCall<tonic::body::Body>>();
+                let http =
+                    Client::builder(TokioExecutor::new()).build_http::<tonic_web::GrpcWebCall<tonic::body::Body>>();
                 let base = origin.clone();
                 let web = tower::ServiceBuilder::new()
                     .map_request(move |mut request: http::Request<tonic::body::Body>| {
@@ -111,19 +111,9 @@ impl Client3 {
                 let fields = status
                     .get_error_details()
                     .bad_request()
-                    .map(|bad| {
-                        bad.field_violations
-                            .iter()
-                            .map(|v| v.field.clone())
-                            .collect()
-                    })
+                    .map(|bad| bad.field_violations.iter().map(|v| v.field.clone()).collect())
                     .unwrap_or_default();
-                Err((
-                    keel_kernel::Code::from_grpc(status.code())
-                        .as_str()
-                        .to_owned(),
-                    fields,
-                ))
+                Err((keel_kernel::Code::from_grpc(status.code()).as_str().to_owned(), fields))
             }
         }
     }
@@ -148,9 +138,7 @@ impl Client3 {
             .await
             .unwrap();
         let status = response.status();
-        let body: Value =
-            serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
-                .unwrap();
+        let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
         if status.is_success() {
             Ok(body["data"].clone())
         } else {
@@ -233,10 +221,7 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
         token: None,
     };
     log.push(("register", client.call(register("ada@example.com")).await));
-    log.push((
-        "register again",
-        client.call(register("ADA@example.com")).await,
-    ));
+    log.push(("register again", client.call(register("ADA@example.com")).await));
     log.push((
         "register invalid",
         client
@@ -248,10 +233,7 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
             })
             .await,
     ));
-    log.push((
-        "login wrong password",
-        client.call(login("not the password")).await,
-    ));
+    log.push(("login wrong password", client.call(login("not the password")).await));
     let tokens = client.call(login(PASSWORD)).await;
     let access = tokens.as_ref().unwrap()["tokens"]["accessToken"]
         .as_str()
@@ -308,10 +290,7 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
             })
             .await,
     ));
-    let me_id = log[4].1.as_ref().unwrap()["user"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let me_id = log[4].1.as_ref().unwrap()["user"]["id"].as_str().unwrap().to_owned();
     log.push((
         "rename",
         client
@@ -444,10 +423,7 @@ async fn three_protocols_agree(backend: Backend) {
             ("promote yourself", Some("PERMISSION_DENIED")),
             ("sessions", None),
             ("refresh", None),
-            (
-                "change password with a wrong current one",
-                Some("INVALID_ARGUMENT")
-            ),
+            ("change password with a wrong current one", Some("INVALID_ARGUMENT")),
             ("jwks", None),
             ("logout", None),
             ("current user after logout", Some("UNAUTHENTICATED")),
@@ -457,10 +433,7 @@ async fn three_protocols_agree(backend: Backend) {
         expected[2].1.as_ref().unwrap_err().1,
         ["email", "password", "display_name"]
     );
-    assert_eq!(
-        expected[9].1.as_ref().unwrap()["user"]["displayName"],
-        "Ada L."
-    );
+    assert_eq!(expected[9].1.as_ref().unwrap()["user"]["displayName"], "Ada L.");
     for (protocol, outcome) in &results[1..] {
         for ((step, want), (_, got)) in expected.iter().zip(outcome) {
             assert_eq!(got, want, "{protocol:?} disagrees with gRPC at {step:?}");

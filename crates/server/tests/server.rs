@@ -57,15 +57,12 @@ async fn serve_logging_to(data_dir: &std::path::Path, port: u16, log: impl Into<
     let running = Running(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(channel) =
-            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-                .unwrap()
-                .connect()
-                .await
+        if let Ok(channel) = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
             && let Ok(response) = HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
+                .check(HealthCheckRequest { service: String::new() })
                 .await
         {
             assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
@@ -80,14 +77,7 @@ async fn serve_logging_to(data_dir: &std::path::Path, port: u16, log: impl Into<
 async fn users_create_reads_the_password_from_stdin_and_the_admin_can_log_in() {
     let data_dir = tempfile::tempdir().unwrap();
     let mut child = keel(data_dir.path())
-        .args([
-            "users",
-            "create",
-            "--email",
-            "ops@example.com",
-            "--role",
-            "admin",
-        ])
+        .args(["users", "create", "--email", "ops@example.com", "--role", "admin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,11 +85,7 @@ async fn users_create_reads_the_password_from_stdin_and_the_admin_can_log_in() {
         .unwrap();
     writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("created user"));
 
     let port = free_port();
@@ -123,12 +109,7 @@ async fn every_log_line_of_a_call_carries_its_request_id() {
     let data_dir = tempfile::tempdir().unwrap();
     let log_path = data_dir.path().join("keel.log");
     let port = free_port();
-    let server = serve_logging_to(
-        data_dir.path(),
-        port,
-        std::fs::File::create(&log_path).unwrap(),
-    )
-    .await;
+    let server = serve_logging_to(data_dir.path(), port, std::fs::File::create(&log_path).unwrap()).await;
     let mut commands = IdentityCommandServiceClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -157,14 +138,7 @@ async fn every_log_line_of_a_call_carries_its_request_id() {
 fn users_create_refuses_a_weak_password() {
     let data_dir = tempfile::tempdir().unwrap();
     let mut child = keel(data_dir.path())
-        .args([
-            "users",
-            "create",
-            "--email",
-            "ops@example.com",
-            "--role",
-            "admin",
-        ])
+        .args(["users", "create", "--email", "ops@example.com", "--role", "admin"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -208,27 +182,17 @@ fn invalid_settings_are_named() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("KEEL_DATABASE_URL"), "{stderr}");
-    assert!(
-        !stderr.contains("hunter2"),
-        "a secret reached the output: {stderr}"
-    );
+    assert!(!stderr.contains("hunter2"), "a secret reached the output: {stderr}");
 }
 
 #[test]
 fn migrate_applies_the_schema_and_keys_generate_prints_a_usable_key_file() {
     let data_dir = tempfile::tempdir().unwrap();
     let output = keel(data_dir.path()).arg("migrate").output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(data_dir.path().join("keel.db").exists());
 
-    let output = keel(data_dir.path())
-        .args(["keys", "generate"])
-        .output()
-        .unwrap();
+    let output = keel(data_dir.path()).args(["keys", "generate"]).output().unwrap();
     assert!(output.status.success());
     let file = String::from_utf8(output.stdout).unwrap();
     assert!(keel_identity::tokens::KeySet::parse(&file).is_ok());
@@ -277,13 +241,7 @@ async fn sigterm_lets_the_call_in_flight_finish_then_exits() {
         .collect();
     tokio::time::sleep(Duration::from_millis(15)).await;
     let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let signalled = Instant::now();
     for call in calls {
         let response = call.await.unwrap();
@@ -308,18 +266,13 @@ async fn sigterm_lets_the_call_in_flight_finish_then_exits() {
 
 async fn reflection_answers(app: &keel_testkit::TestApp) -> bool {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_request::MessageRequest,
-    };
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request::MessageRequest};
     let mut client = ServerReflectionClient::new(app.channel().await);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let Ok(response) = client
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-    else {
+    let Ok(response) = client.server_reflection_info(tokio_stream::once(request)).await else {
         return false;
     };
     let mut stream = response.into_inner();
@@ -342,8 +295,7 @@ mod bootstrap_admin {
     async fn creates_the_admin_once(backend: Backend) {
         let configure = |config: &mut keel_server::Config| {
             config.bootstrap_admin_email = Some("root@example.com".into());
-            config.bootstrap_admin_password =
-                Some(keel_server::config::Secret::new(PASSWORD.into()));
+            config.bootstrap_admin_password = Some(keel_server::config::Secret::new(PASSWORD.into()));
         };
         let Some(app) = spawn_app_with(backend, configure).await else {
             return;
@@ -352,10 +304,7 @@ mod bootstrap_admin {
         let me = app
             .queries()
             .await
-            .get_current_user(keel_testkit::authed(
-                pb::GetCurrentUserRequest {},
-                &tokens.access_token,
-            ))
+            .get_current_user(keel_testkit::authed(pb::GetCurrentUserRequest {}, &tokens.access_token))
             .await
             .unwrap()
             .into_inner()
@@ -363,9 +312,7 @@ mod bootstrap_admin {
             .unwrap();
         assert_eq!(me.role, pb::Role::Admin as i32);
         // A second start with the same settings keeps the one account.
-        let again = keel_server::State::build((*app.state.config).clone())
-            .await
-            .unwrap();
+        let again = keel_server::State::build((*app.state.config).clone()).await.unwrap();
         let page = again
             .bus
             .ask(

@@ -37,9 +37,7 @@ pub fn postgres_url() -> Option<String> {
     match std::env::var("KEEL_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!(
-                "CI=true but KEEL_TEST_DATABASE_URL is not set: the PostgreSQL suites must run in CI"
-            )
+            panic!("CI=true but KEEL_TEST_DATABASE_URL is not set: the PostgreSQL suites must run in CI")
         }
         _ => None,
     }
@@ -62,10 +60,7 @@ pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
 }
 
 /// Like [`spawn_app`], with a chance to change the configuration first.
-pub async fn spawn_app_with(
-    backend: Backend,
-    configure: impl FnOnce(&mut Config),
-) -> Option<TestApp> {
+pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> Option<TestApp> {
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -81,9 +76,7 @@ pub async fn spawn_app_with(
         let name = format!("test_{}", uuid::Uuid::now_v7().simple());
         let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone()))
             .await
-            .unwrap_or_else(|error| {
-                panic!("PostgreSQL at KEEL_TEST_DATABASE_URL is unreachable: {error}")
-            });
+            .unwrap_or_else(|error| panic!("PostgreSQL at KEEL_TEST_DATABASE_URL is unreachable: {error}"));
         admin
             .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
             .await
@@ -120,11 +113,7 @@ impl TestApp {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        Channel::from_shared(self.endpoint()).unwrap().connect().await.unwrap()
     }
 
     pub async fn commands(&self) -> IdentityCommandServiceClient<Channel> {
@@ -222,9 +211,7 @@ impl Drop for TestApp {
                 runtime.block_on(async {
                     if let Ok(db) = keel_db::connect(&keel_db::DbSettings::new(url)).await {
                         let _ = db
-                            .execute_unprepared(&format!(
-                                "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                            ))
+                            .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
                             .await;
                         let _ = db.close().await;
                     }
@@ -238,10 +225,9 @@ impl Drop for TestApp {
 /// `message` with `authorization: Bearer <token>`.
 pub fn authed<T>(message: T, access_token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {access_token}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {access_token}").parse().unwrap());
     request
 }
 

@@ -1,0 +1,119 @@
+//! The per-process fan-out: one reader of the event table per process, not
+//! one per subscriber. It delivers events to local subscribers strictly in
+//! sequence order without gaps: news from the transport is used when it is
+//! the next sequence, and the table fills any gap (and is polled, in case
+//! news never comes).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keel_kernel::{Envelope, Result};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{Mutex, broadcast};
+
+use crate::store;
+
+pub struct Hub {
+    db: DatabaseConnection,
+    sender: broadcast::Sender<Arc<Envelope>>,
+    /// The last sequence delivered; guarded so deliveries never interleave.
+    position: Mutex<u64>,
+    /// The same, readable without waiting.
+    delivered: AtomicU64,
+}
+
+impl Hub {
+    /// Starts at the newest committed event: subscribers replay older ones
+    /// from the table themselves.
+    pub async fn start(db: DatabaseConnection, buffer: usize) -> Result<Arc<Hub>> {
+        let latest = store::latest_sequence(&db).await?;
+        let (sender, _) = broadcast::channel(buffer.max(16));
+        Ok(Arc::new(Hub {
+            db,
+            sender,
+            position: Mutex::new(latest),
+            delivered: AtomicU64::new(latest),
+        }))
+    }
+
+    /// A live feed, and the position it starts after. Subscribe before
+    /// replaying, so nothing falls between replay and live.
+    pub fn subscribe(&self) -> (broadcast::Receiver<Arc<Envelope>>, u64) {
+        let receiver = self.sender.subscribe();
+        (receiver, self.delivered.load(Ordering::Acquire))
+    }
+
+    pub fn latest(&self) -> u64 {
+        self.delivered.load(Ordering::Acquire)
+    }
+
+    /// News of numbered events (from the relay or the transport).
+    pub async fn offer(&self, mut batch: Vec<Envelope>) {
+        batch.sort_by_key(|event| event.sequence);
+        let mut position = self.position.lock().await;
+        for event in batch {
+            if event.sequence <= *position {
+                continue;
+            }
+            if event.sequence == *position + 1 {
+                self.deliver(&mut position, event);
+            } else if let Err(error) = self.catch_up(&mut position).await {
+                tracing::warn!(error = %error, "event hub could not read the event table");
+                return;
+            }
+        }
+    }
+
+    /// Reads whatever the table has past the position (the safety net).
+    pub async fn poll(&self) {
+        let mut position = self.position.lock().await;
+        if let Err(error) = self.catch_up(&mut position).await {
+            tracing::debug!(error = %error, "event hub poll failed");
+        }
+    }
+
+    async fn catch_up(&self, position: &mut u64) -> Result<()> {
+        loop {
+            let batch = store::read_after(&self.db, *position, 1000).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for event in batch {
+                if event.sequence == *position + 1 {
+                    self.deliver(position, event);
+                } else {
+                    // A hole in the numbering would be a bug in the relay:
+                    // say so, and do not wait for it forever.
+                    tracing::error!(
+                        expected = *position + 1,
+                        found = event.sequence,
+                        "gap in event sequence"
+                    );
+                    self.deliver(position, event);
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, position: &mut u64, event: Envelope) {
+        *position = event.sequence;
+        self.delivered.store(event.sequence, Ordering::Release);
+        // No receivers is fine: nobody is subscribed right now.
+        let _ = self.sender.send(Arc::new(event));
+    }
+
+    /// Polls the table every `every` until the hub is dropped.
+    pub fn spawn_poller(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                let Some(hub) = weak.upgrade() else { break };
+                hub.poll().await;
+            }
+        })
+    }
+}

@@ -1,0 +1,175 @@
+//! Keel's events: the transactional outbox, the relay, the bus (Redis or in
+//! process), resumable realtime subscriptions, durable internal handlers,
+//! the audit log and retention.
+//!
+//! # Layout
+//! - `store.rs`: the event tables and the module's only SQL;
+//! - `relay.rs`: the outbox the command bus writes to, and the relay that
+//!   numbers committed events (one at a time across processes) and publishes them;
+//! - `transport.rs`: in process, or Redis pub/sub (fred);
+//! - `hub.rs`: one reader of the table per process, fanning out in order;
+//! - `subscribe.rs`: replay after a cursor, then live, heartbeats, slow
+//!   subscribers, the resync rule;
+//! - `handlers.rs`: durable handlers with checkpoints, backoff, dead letters, replay;
+//! - `queries.rs` / `commands.rs` / `grpc.rs`: the module's API.
+//!
+//! The guarantee: an event is published if and only if its change
+//! committed, and a subscriber that comes back with its cursor misses
+//! nothing and sees nothing twice. The table is the truth; the transport
+//! only makes it fast.
+
+pub mod commands;
+pub mod grpc;
+pub mod handlers;
+pub mod hub;
+pub mod queries;
+pub mod relay;
+pub mod store;
+pub mod subscribe;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kernel::{BusBuilder, Outbox, Result, clock};
+use sea_orm::DatabaseConnection;
+
+use crate::handlers::Registry;
+use crate::hub::Hub;
+use crate::relay::{Relay, TableOutbox};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Redis for a cluster of keel processes; `None`: in process.
+    pub redis_url: Option<String>,
+    pub subscriptions: subscribe::Settings,
+    /// Events a process buffers for its subscribers before a slow one is cut off.
+    pub hub_buffer: usize,
+    /// How often each process reads the table for events it heard nothing of.
+    pub poll: Duration,
+    /// How often the relay looks for committed, unnumbered events.
+    pub relay_poll: Duration,
+    /// Numbered events older than this are pruned (once every handler passed them).
+    pub retention: Duration,
+    pub prune_every: Duration,
+    pub handlers: handlers::Settings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            subscriptions: subscribe::Settings {
+                heartbeat: Duration::from_secs(15),
+                queue: 256,
+            },
+            hub_buffer: 8192,
+            poll: Duration::from_millis(500),
+            relay_poll: Duration::from_millis(500),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_every: Duration::from_secs(60),
+            handlers: handlers::Settings::default(),
+        }
+    }
+}
+
+/// The events module, running. Cheap to clone.
+#[derive(Clone)]
+pub struct Events {
+    pub(crate) hub: Arc<Hub>,
+    relay: Arc<Relay>,
+    pub(crate) registry: Registry,
+    pub(crate) settings: Settings,
+    _tasks: Arc<Tasks>,
+}
+
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl Events {
+    /// Starts the hub, the transport, the relay, the handlers and retention.
+    pub async fn start(db: DatabaseConnection, settings: Settings, registry: Registry) -> Result<Events> {
+        let hub = Hub::start(db.clone(), settings.hub_buffer).await?;
+        let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
+            Some(url) => Arc::new(
+                transport::Redis::connect(url, &hub)
+                    .await
+                    .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?,
+            ),
+            None => Arc::new(transport::InProcess::new(&hub)),
+        };
+        let relay = Relay::new(db.clone(), transport);
+        let mut tasks = vec![relay.spawn(settings.relay_poll), hub.spawn_poller(settings.poll)];
+        tasks.extend(registry.spawn(&db, &hub, settings.handlers));
+        tasks.push(spawn_retention(
+            db,
+            registry.names(),
+            settings.retention,
+            settings.prune_every,
+        ));
+        Ok(Events {
+            hub,
+            relay,
+            registry,
+            settings,
+            _tasks: Arc::new(Tasks(tasks)),
+        })
+    }
+
+    /// What the command bus writes events to.
+    pub fn outbox(&self) -> Arc<dyn Outbox> {
+        Arc::new(TableOutbox::new(self.relay.clone()))
+    }
+
+    /// Numbers and publishes pending events now (tests, shutdown).
+    pub async fn flush(&self) -> Result<usize> {
+        self.relay.run_once().await
+    }
+
+    pub fn latest_sequence(&self) -> u64 {
+        self.hub.latest()
+    }
+}
+
+/// Registers the module's queries and commands.
+pub fn register(bus: &mut BusBuilder, events: &Events) {
+    bus.query::<queries::Subscribe>(events.clone())
+        .query::<queries::ListAuditEvents>(events.clone())
+        .query::<queries::ListDeadLetters>(events.clone())
+        .command::<commands::ReplayDeadLetter>(events.clone());
+}
+
+fn spawn_retention(
+    db: DatabaseConnection,
+    handlers: Vec<&'static str>,
+    retention: Duration,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let result = async {
+                let through = if handlers.is_empty() {
+                    u64::MAX / 2
+                } else {
+                    store::lowest_checkpoint(&db, &handlers).await?
+                };
+                let before = clock::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+                store::prune(&db, before, through).await
+            }
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(pruned) => tracing::info!(pruned, "old events pruned"),
+                Err(error) => tracing::warn!(error = %error, "event retention failed"),
+            }
+        }
+    })
+}

@@ -1,0 +1,185 @@
+//! The reads of the events module: subscriptions, the audit log, dead letters.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use keel_kernel::page::{decode_token, encode_token};
+use keel_kernel::{Envelope, Error, Query, QueryContext, QueryHandler, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::Events;
+use crate::store::{self, DeadLetter};
+use crate::subscribe::{self, Item, Subscription};
+
+pub struct Subscribe {
+    pub topics: Vec<String>,
+    pub after_sequence: u64,
+}
+
+impl Query for Subscribe {
+    const NAME: &'static str = "events.subscribe";
+    type Output = mpsc::Receiver<Result<Item>>;
+}
+
+pub struct ListAuditEvents {
+    pub page_size: i32,
+    pub page_token: String,
+    pub event_names: Vec<String>,
+    pub user_id: Option<Uuid>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+pub struct EventPage {
+    pub events: Vec<Envelope>,
+    pub next_page_token: String,
+}
+
+impl Query for ListAuditEvents {
+    const NAME: &'static str = "events.list_audit_events";
+    type Output = EventPage;
+}
+
+pub struct ListDeadLetters {
+    pub page_size: i32,
+    pub page_token: String,
+    pub include_replayed: bool,
+}
+
+pub struct DeadLetterPage {
+    pub dead_letters: Vec<(DeadLetter, Option<Envelope>)>,
+    pub next_page_token: String,
+}
+
+impl Query for ListDeadLetters {
+    const NAME: &'static str = "events.list_dead_letters";
+    type Output = DeadLetterPage;
+}
+
+#[async_trait]
+impl QueryHandler<Subscribe> for Events {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: Subscribe) -> Result<mpsc::Receiver<Result<Item>>> {
+        let principal = ctx.request.principal()?.clone();
+        subscribe::start(
+            ctx.db.clone(),
+            self.hub.clone(),
+            self.settings.subscriptions,
+            Subscription {
+                topics: query.topics,
+                after: query.after_sequence,
+                principal,
+            },
+        )
+        .await
+    }
+}
+
+/// Audit pages: the filters they belong to and the last sequence seen.
+#[derive(Serialize, Deserialize, PartialEq)]
+struct AuditCursor {
+    filters: String,
+    before: u64,
+}
+
+fn page_size(requested: i32, default: u64, max: u64) -> Result<u64> {
+    match requested {
+        0 => Ok(default),
+        size if size < 0 => Err(Error::invalid_field("page_size", "must not be negative")),
+        size => Ok((size as u64).min(max)),
+    }
+}
+
+#[async_trait]
+impl QueryHandler<ListAuditEvents> for Events {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: ListAuditEvents) -> Result<EventPage> {
+        ctx.request.require_admin()?;
+        let limit = page_size(query.page_size, 50, 200)?;
+        let filters = format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            query.event_names, query.user_id, query.since, query.until
+        );
+        let cursor: Option<AuditCursor> = decode_token(&query.page_token)?;
+        if cursor.as_ref().is_some_and(|cursor| cursor.filters != filters) {
+            return Err(Error::invalid_field(
+                "page_token",
+                "belongs to a list with other filters",
+            ));
+        }
+        let mut events = store::list_events(
+            ctx.db,
+            &query.event_names,
+            query.user_id,
+            query.since,
+            query.until,
+            cursor.map(|cursor| cursor.before),
+            limit + 1,
+        )
+        .await?;
+        let next_page_token = if events.len() as u64 > limit {
+            events.truncate(limit as usize);
+            let before = events.last().map_or(0, |event| event.sequence);
+            encode_token(&AuditCursor { filters, before })?
+        } else {
+            String::new()
+        };
+        Ok(EventPage {
+            events,
+            next_page_token,
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeadLetterCursor {
+    include_replayed: bool,
+    failed_at: DateTime<Utc>,
+    id: Uuid,
+}
+
+#[async_trait]
+impl QueryHandler<ListDeadLetters> for Events {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: ListDeadLetters) -> Result<DeadLetterPage> {
+        ctx.request.require_admin()?;
+        let limit = page_size(query.page_size, 50, 200)?;
+        let cursor: Option<DeadLetterCursor> = decode_token(&query.page_token)?;
+        if cursor
+            .as_ref()
+            .is_some_and(|cursor| cursor.include_replayed != query.include_replayed)
+        {
+            return Err(Error::invalid_field(
+                "page_token",
+                "belongs to a list with other filters",
+            ));
+        }
+        let mut letters = store::list_dead_letters(
+            ctx.db,
+            query.include_replayed,
+            cursor.map(|cursor| (cursor.failed_at, cursor.id)),
+            limit + 1,
+        )
+        .await?;
+        let next_page_token = if letters.len() as u64 > limit {
+            letters.truncate(limit as usize);
+            match letters.last() {
+                Some(last) => encode_token(&DeadLetterCursor {
+                    include_replayed: query.include_replayed,
+                    failed_at: last.failed_at,
+                    id: last.id,
+                })?,
+                None => String::new(),
+            }
+        } else {
+            String::new()
+        };
+        let mut dead_letters = Vec::with_capacity(letters.len());
+        for letter in letters {
+            let event = store::find_by_event_id(ctx.db, letter.event_id).await?;
+            dead_letters.push((letter, event));
+        }
+        Ok(DeadLetterPage {
+            dead_letters,
+            next_page_token,
+        })
+    }
+}

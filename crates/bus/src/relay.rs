@@ -1,0 +1,84 @@
+//! The relay: numbers committed outbox rows and announces them. It runs in
+//! every keel process; the table's advisory lock makes them take turns, so
+//! an event is numbered once, in order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_kernel::{Outbox, PendingEvent, Result, clock};
+use sea_orm::{DatabaseConnection, DatabaseTransaction};
+use tokio::sync::Notify;
+
+use crate::store;
+use crate::transport::Transport;
+
+pub struct Relay {
+    db: DatabaseConnection,
+    transport: Arc<dyn Transport>,
+    wake: Notify,
+}
+
+impl Relay {
+    pub fn new(db: DatabaseConnection, transport: Arc<dyn Transport>) -> Arc<Relay> {
+        Arc::new(Relay {
+            db,
+            transport,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Numbers and publishes everything pending; returns how many.
+    pub async fn run_once(&self) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let batch = store::assign_sequences(&self.db, 500, clock::now()).await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            total += batch.len();
+            self.transport.publish(&batch).await;
+        }
+    }
+
+    /// Runs on every commit with events, and every `every` for rows that a
+    /// crashed process committed but never numbered.
+    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let relay = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = relay.wake.notified() => {}
+                    () = tokio::time::sleep(every) => {}
+                }
+                if let Err(error) = relay.run_once().await {
+                    tracing::warn!(error = %error, "event relay failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        })
+    }
+}
+
+/// The outbox the command bus writes to: the event table, in the command's
+/// transaction.
+pub struct TableOutbox {
+    relay: Arc<Relay>,
+}
+
+impl TableOutbox {
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self { relay }
+    }
+}
+
+#[async_trait]
+impl Outbox for TableOutbox {
+    async fn write(&self, tx: &DatabaseTransaction, events: &[PendingEvent]) -> Result<()> {
+        store::insert_pending(tx, events).await
+    }
+
+    fn committed(&self) {
+        self.relay.wake.notify_one();
+    }
+}

@@ -1,0 +1,496 @@
+//! The event tables and the only SQL of the events module: outbox writes,
+//! sequence assignment by the relay, reads for replay and audit,
+//! checkpoints, dead letters, retention.
+
+use chrono::{DateTime, Utc};
+use keel_kernel::{Envelope, PendingEvent, Result};
+use sea_orm::sea_query::{Expr, Func};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, Statement, TransactionTrait,
+};
+use uuid::Uuid;
+
+pub mod events {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "events")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub position: i64,
+        pub event_id: Uuid,
+        pub sequence: Option<i64>,
+        pub event_name: String,
+        pub event_version: String,
+        pub occurred_at: DateTimeUtc,
+        pub user_id: Option<Uuid>,
+        pub aggregate_id: String,
+        pub payload_type: String,
+        pub payload: Vec<u8>,
+        pub idempotency_key: Option<String>,
+        pub audited: bool,
+        pub published_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod checkpoints {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event_checkpoints")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub handler: String,
+        pub user_id: Option<Uuid>,
+        pub sequence: i64,
+        pub leased_by: Option<String>,
+        pub leased_until: Option<DateTimeUtc>,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod dead_letters {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event_dead_letters")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub handler: String,
+        pub event_id: Uuid,
+        pub sequence: i64,
+        pub user_id: Option<Uuid>,
+        pub attempts: i32,
+        pub last_error: String,
+        pub failed_at: DateTimeUtc,
+        pub replayed_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod retention {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event_retention")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: i32,
+        pub user_id: Option<Uuid>,
+        pub pruned_through: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub type DeadLetter = dead_letters::Model;
+
+pub fn envelope(row: events::Model) -> Envelope {
+    Envelope {
+        event_id: row.event_id,
+        name: row.event_name,
+        version: row.event_version,
+        occurred_at: row.occurred_at,
+        sequence: row.sequence.unwrap_or_default().max(0) as u64,
+        user_id: row.user_id,
+        aggregate_id: row.aggregate_id,
+        payload_type: row.payload_type,
+        payload: row.payload,
+        idempotency_key: row.idempotency_key,
+    }
+}
+
+/// Writes a command's events, unnumbered, in its transaction.
+pub async fn insert_pending(db: &impl ConnectionTrait, pending: &[PendingEvent]) -> Result<()> {
+    let rows = pending.iter().map(|event| events::ActiveModel {
+        event_id: Set(event.event_id),
+        sequence: Set(None),
+        event_name: Set(event.name.to_owned()),
+        event_version: Set(event.version.to_owned()),
+        occurred_at: Set(event.occurred_at),
+        user_id: Set(event.user_id),
+        aggregate_id: Set(event.aggregate_id.clone()),
+        payload_type: Set(event.payload_type.to_owned()),
+        payload: Set(event.payload.clone()),
+        idempotency_key: Set(event.idempotency_key.clone()),
+        audited: Set(event.audited),
+        published_at: Set(None),
+        ..Default::default()
+    });
+    events::Entity::insert_many(rows).exec_without_returning(db).await?;
+    Ok(())
+}
+
+/// A lock key for the relay's transaction-scoped PostgreSQL advisory lock.
+const RELAY_LOCK: i64 = 0x6b65_656c_7265_6c61; // "keelrela"
+
+/// Numbers up to `limit` committed, unnumbered events in insertion order,
+/// continuing the sequence without a gap, and returns them. Several relays
+/// (several keel processes) may call this at once: a transaction-scoped
+/// advisory lock lets one number at a time, so no event gets two numbers and
+/// numbers follow commit order of the relays.
+pub async fn assign_sequences(
+    db: &sea_orm::DatabaseConnection,
+    limit: u64,
+    now: DateTime<Utc>,
+) -> Result<Vec<Envelope>> {
+    let tx = db.begin().await?;
+    if tx.get_database_backend() == DatabaseBackend::Postgres {
+        tx.execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_advisory_xact_lock($1)",
+            [RELAY_LOCK.into()],
+        ))
+        .await?;
+    }
+    let rows = events::Entity::find()
+        .filter(events::Column::Sequence.is_null())
+        .order_by_asc(events::Column::Position)
+        .limit(limit)
+        .all(&tx)
+        .await?;
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+    let mut next = latest_sequence(&tx).await? as i64;
+    let mut numbered = Vec::with_capacity(rows.len());
+    for mut row in rows {
+        next += 1;
+        events::Entity::update_many()
+            .col_expr(events::Column::Sequence, Expr::value(Some(next)))
+            .col_expr(events::Column::PublishedAt, Expr::value(Some(now)))
+            .filter(events::Column::Position.eq(row.position))
+            .exec(&tx)
+            .await?;
+        row.sequence = Some(next);
+        numbered.push(envelope(row));
+    }
+    tx.commit().await?;
+    Ok(numbered)
+}
+
+/// The newest assigned sequence (0 when none).
+pub async fn latest_sequence(db: &impl ConnectionTrait) -> Result<u64> {
+    let latest: Option<Option<i64>> = events::Entity::find()
+        .select_only()
+        .column_as(Expr::expr(Func::max(Expr::col(events::Column::Sequence))), "latest")
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(latest.flatten().unwrap_or_default().max(0) as u64)
+}
+
+/// Events numbered after `after`, in order.
+pub async fn read_after(db: &impl ConnectionTrait, after: u64, limit: u64) -> Result<Vec<Envelope>> {
+    let rows = events::Entity::find()
+        .filter(events::Column::Sequence.gt(after as i64))
+        .order_by_asc(events::Column::Sequence)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(envelope).collect())
+}
+
+pub async fn find_by_event_id(db: &impl ConnectionTrait, event_id: Uuid) -> Result<Option<Envelope>> {
+    Ok(events::Entity::find()
+        .filter(events::Column::EventId.eq(event_id))
+        .one(db)
+        .await?
+        .map(envelope))
+}
+
+/// Everything up to this sequence was pruned (0: nothing yet).
+pub async fn pruned_through(db: &impl ConnectionTrait) -> Result<u64> {
+    Ok(retention::Entity::find_by_id(1)
+        .one(db)
+        .await?
+        .map_or(0, |row| row.pruned_through.max(0) as u64))
+}
+
+/// Deletes numbered events that occurred before `before` and that every
+/// handler has passed, and moves the watermark. Returns how many went.
+pub async fn prune(db: &sea_orm::DatabaseConnection, before: DateTime<Utc>, handlers_through: u64) -> Result<u64> {
+    let tx = db.begin().await?;
+    let newest_old: Option<Option<i64>> = events::Entity::find()
+        .select_only()
+        .column_as(Expr::expr(Func::max(Expr::col(events::Column::Sequence))), "newest")
+        .filter(events::Column::OccurredAt.lt(before))
+        .filter(events::Column::Sequence.is_not_null())
+        .filter(events::Column::Sequence.lte(handlers_through as i64))
+        .into_tuple()
+        .one(&tx)
+        .await?;
+    let Some(through) = newest_old.flatten() else {
+        tx.commit().await?;
+        return Ok(0);
+    };
+    let deleted = events::Entity::delete_many()
+        .filter(events::Column::Sequence.lte(through))
+        .exec(&tx)
+        .await?
+        .rows_affected;
+    let existing = retention::Entity::find_by_id(1).one(&tx).await?;
+    match existing {
+        Some(_) => {
+            retention::Entity::update_many()
+                .col_expr(retention::Column::PrunedThrough, Expr::value(through))
+                .filter(retention::Column::Id.eq(1))
+                .exec(&tx)
+                .await?;
+        }
+        None => {
+            retention::ActiveModel {
+                id: Set(1),
+                user_id: Set(None),
+                pruned_through: Set(through),
+            }
+            .insert(&tx)
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// One page of the audit log: audited events, of the given names (exact or
+/// `prefix.*`) when some are given, newest first.
+pub async fn list_events(
+    db: &impl ConnectionTrait,
+    names: &[String],
+    user_id: Option<Uuid>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    before_sequence: Option<u64>,
+    limit: u64,
+) -> Result<Vec<Envelope>> {
+    let mut names_condition = Condition::any();
+    for name in names {
+        names_condition = match name.strip_suffix('*') {
+            Some(prefix) => names_condition.add(events::Column::EventName.starts_with(prefix)),
+            None => names_condition.add(events::Column::EventName.eq(name.as_str())),
+        };
+    }
+    let mut select = events::Entity::find()
+        .filter(events::Column::Sequence.is_not_null())
+        .filter(events::Column::Audited.eq(true));
+    if !names.is_empty() {
+        select = select.filter(names_condition);
+    }
+    if let Some(user_id) = user_id {
+        select = select.filter(events::Column::UserId.eq(user_id));
+    }
+    if let Some(since) = since {
+        select = select.filter(events::Column::OccurredAt.gte(since));
+    }
+    if let Some(until) = until {
+        select = select.filter(events::Column::OccurredAt.lt(until));
+    }
+    if let Some(before) = before_sequence {
+        select = select.filter(events::Column::Sequence.lt(before as i64));
+    }
+    let rows = select
+        .order_by_desc(events::Column::Sequence)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(envelope).collect())
+}
+
+pub async fn checkpoint(db: &impl ConnectionTrait, handler: &str) -> Result<Option<u64>> {
+    Ok(checkpoints::Entity::find_by_id(handler.to_owned())
+        .one(db)
+        .await?
+        .map(|row| row.sequence.max(0) as u64))
+}
+
+pub async fn save_checkpoint(
+    db: &impl ConnectionTrait,
+    handler: &str,
+    sequence: u64,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let updated = checkpoints::Entity::update_many()
+        .col_expr(checkpoints::Column::Sequence, Expr::value(sequence as i64))
+        .col_expr(checkpoints::Column::UpdatedAt, Expr::value(now))
+        .filter(checkpoints::Column::Handler.eq(handler))
+        .exec(db)
+        .await?;
+    if updated.rows_affected == 0 {
+        checkpoints::ActiveModel {
+            handler: Set(handler.to_owned()),
+            user_id: Set(None),
+            sequence: Set(sequence as i64),
+            leased_by: Set(None),
+            leased_until: Set(None),
+            updated_at: Set(now),
+        }
+        .insert(db)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The lowest checkpoint of the given handlers: what retention may prune through.
+pub async fn lowest_checkpoint(db: &impl ConnectionTrait, handlers: &[&str]) -> Result<u64> {
+    let mut lowest = u64::MAX;
+    for handler in handlers {
+        lowest = lowest.min(checkpoint(db, handler).await?.unwrap_or(0));
+    }
+    Ok(lowest)
+}
+
+pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -> Result<()> {
+    let existing = dead_letters::Entity::find()
+        .filter(dead_letters::Column::Handler.eq(letter.handler.as_str()))
+        .filter(dead_letters::Column::EventId.eq(letter.event_id))
+        .one(db)
+        .await?;
+    if existing.is_some() {
+        // Redelivered after a crash: the letter is already there.
+        return Ok(());
+    }
+    dead_letters::ActiveModel {
+        id: Set(letter.id),
+        handler: Set(letter.handler),
+        event_id: Set(letter.event_id),
+        sequence: Set(letter.sequence),
+        user_id: Set(letter.user_id),
+        attempts: Set(letter.attempts),
+        last_error: Set(letter.last_error),
+        failed_at: Set(letter.failed_at),
+        replayed_at: Set(letter.replayed_at),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn find_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<DeadLetter>> {
+    Ok(dead_letters::Entity::find_by_id(id).one(db).await?)
+}
+
+pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: i32) -> Result<()> {
+    dead_letters::Entity::update_many()
+        .col_expr(dead_letters::Column::ReplayedAt, Expr::value(Some(now)))
+        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .filter(dead_letters::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: i32) -> Result<()> {
+    dead_letters::Entity::update_many()
+        .col_expr(dead_letters::Column::LastError, Expr::value(error.to_owned()))
+        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .filter(dead_letters::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// One page of dead letters, newest first, before `(failed_at, id)`.
+pub async fn list_dead_letters(
+    db: &impl ConnectionTrait,
+    include_replayed: bool,
+    before: Option<(DateTime<Utc>, Uuid)>,
+    limit: u64,
+) -> Result<Vec<DeadLetter>> {
+    let mut select = dead_letters::Entity::find();
+    if !include_replayed {
+        select = select.filter(dead_letters::Column::ReplayedAt.is_null());
+    }
+    if let Some((failed_at, id)) = before {
+        select = select.filter(
+            Condition::any().add(dead_letters::Column::FailedAt.lt(failed_at)).add(
+                Condition::all()
+                    .add(dead_letters::Column::FailedAt.eq(failed_at))
+                    .add(dead_letters::Column::Id.lt(id)),
+            ),
+        );
+    }
+    Ok(select
+        .order_by_desc(dead_letters::Column::FailedAt)
+        .order_by_desc(dead_letters::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?)
+}
+
+/// Takes, renews or confirms the lease of `handler` for `owner` until
+/// `until`; false when another process holds it.
+pub async fn lease(
+    db: &impl ConnectionTrait,
+    handler: &str,
+    owner: &str,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool> {
+    if checkpoint(db, handler).await?.is_none() {
+        // First run anywhere: start from the beginning of the log. A
+        // concurrent first insert loses on the primary key and is harmless.
+        let _ = checkpoints::ActiveModel {
+            handler: Set(handler.to_owned()),
+            user_id: Set(None),
+            sequence: Set(0),
+            leased_by: Set(None),
+            leased_until: Set(None),
+            updated_at: Set(now),
+        }
+        .insert(db)
+        .await;
+    }
+    let taken = checkpoints::Entity::update_many()
+        .col_expr(checkpoints::Column::LeasedBy, Expr::value(Some(owner.to_owned())))
+        .col_expr(checkpoints::Column::LeasedUntil, Expr::value(Some(until)))
+        .filter(checkpoints::Column::Handler.eq(handler))
+        .filter(
+            Condition::any()
+                .add(checkpoints::Column::LeasedUntil.is_null())
+                .add(checkpoints::Column::LeasedUntil.lt(now))
+                .add(checkpoints::Column::LeasedBy.eq(owner)),
+        )
+        .exec(db)
+        .await?;
+    Ok(taken.rows_affected == 1)
+}
+
+/// Moves the checkpoint if `owner` still holds the lease (fencing: a runner
+/// that lost its lease cannot move it back).
+pub async fn advance_checkpoint(
+    db: &impl ConnectionTrait,
+    handler: &str,
+    owner: &str,
+    sequence: u64,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let updated = checkpoints::Entity::update_many()
+        .col_expr(checkpoints::Column::Sequence, Expr::value(sequence as i64))
+        .col_expr(checkpoints::Column::UpdatedAt, Expr::value(now))
+        .filter(checkpoints::Column::Handler.eq(handler))
+        .filter(checkpoints::Column::LeasedBy.eq(owner))
+        .filter(checkpoints::Column::Sequence.lt(sequence as i64))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected == 1)
+}

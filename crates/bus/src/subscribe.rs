@@ -1,0 +1,158 @@
+//! Realtime subscriptions: replay from the table after the cursor, then
+//! live from the hub, with no gap and no duplicate at the hand-over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_kernel::{Code, Envelope, Error, Principal, Result, topic_matches};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::hub::Hub;
+use crate::store;
+
+/// What a subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Item {
+    Event(Arc<Envelope>),
+    Heartbeat { latest: u64 },
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub topics: Vec<String>,
+    pub after: u64,
+    pub principal: Principal,
+}
+
+impl Subscription {
+    fn wants(&self, event: &Envelope) -> bool {
+        let visible = self.principal.is_admin() || event.user_id == Some(self.principal.user_id);
+        visible && (self.topics.is_empty() || self.topics.iter().any(|topic| topic_matches(topic, &event.name)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub heartbeat: Duration,
+    /// Items queued for one subscriber before it counts as too slow.
+    pub queue: usize,
+}
+
+/// Starts a subscription; its items arrive on the returned channel. An error
+/// item ends it. Fails at once with FAILED_PRECONDITION (reason
+/// `RESYNC_REQUIRED`) when the cursor is older than the retention window.
+pub async fn start(
+    db: DatabaseConnection,
+    hub: Arc<Hub>,
+    settings: Settings,
+    subscription: Subscription,
+) -> Result<mpsc::Receiver<Result<Item>>> {
+    for topic in &subscription.topics {
+        let wildcard_inside = topic.trim_end_matches('*').contains('*');
+        if topic.is_empty() || wildcard_inside {
+            return Err(Error::invalid_field(
+                "topics",
+                format!("{topic:?} is not an event name or `prefix.*`"),
+            ));
+        }
+    }
+    let pruned = store::pruned_through(&db).await?;
+    if subscription.after < pruned {
+        return Err(Error::new(
+            Code::FailedPrecondition,
+            format!(
+                "events up to sequence {pruned} are no longer retained; resync, then subscribe after the newest sequence"
+            ),
+        )
+        .with_info(
+            "RESYNC_REQUIRED",
+            &[("oldest_retained_sequence", (pruned + 1).to_string()), ("latest_sequence", hub.latest().to_string())],
+        ));
+    }
+    // Subscribe to the live feed before replaying, so nothing committed in
+    // between is missed; duplicates are dropped by sequence.
+    let (live, _) = hub.subscribe();
+    let (sender, receiver) = mpsc::channel(settings.queue.max(1));
+    tokio::spawn(run(db, hub, settings, subscription, live, sender));
+    Ok(receiver)
+}
+
+async fn run(
+    db: DatabaseConnection,
+    hub: Arc<Hub>,
+    settings: Settings,
+    subscription: Subscription,
+    mut live: broadcast::Receiver<Arc<Envelope>>,
+    sender: mpsc::Sender<Result<Item>>,
+) {
+    let mut last = subscription.after;
+    // Replay what the table has, page by page.
+    loop {
+        let batch = match store::read_after(&db, last, 500).await {
+            Ok(batch) => batch,
+            Err(error) => {
+                let _ = sender.send(Err(error)).await;
+                return;
+            }
+        };
+        if batch.is_empty() {
+            break;
+        }
+        for event in batch {
+            last = event.sequence;
+            if subscription.wants(&event) && sender.send(Ok(Item::Event(Arc::new(event)))).await.is_err() {
+                return;
+            }
+        }
+    }
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + settings.heartbeat, settings.heartbeat);
+    loop {
+        tokio::select! {
+            received = live.recv() => match received {
+                Ok(event) => {
+                    if event.sequence <= last {
+                        continue;
+                    }
+                    if event.sequence > last + 1 {
+                        // Committed between the replay's last page and the
+                        // live feed's start: read the hole from the table.
+                        match store::read_after(&db, last, event.sequence - last - 1).await {
+                            Ok(hole) => {
+                                for missing in hole.into_iter().filter(|missing| missing.sequence < event.sequence) {
+                                    if subscription.wants(&missing) && sender.send(Ok(Item::Event(Arc::new(missing)))).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            Err(error) => {
+                                let _ = sender.send(Err(error)).await;
+                                return;
+                            }
+                        }
+                    }
+                    last = event.sequence;
+                    if subscription.wants(&event) && sender.send(Ok(Item::Event(event))).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let error = Error::new(
+                        Code::ResourceExhausted,
+                        format!("subscriber too slow to keep up; resume with after_sequence={last}"),
+                    )
+                    .with_info("SUBSCRIBER_TOO_SLOW", &[("resume_after_sequence", last.to_string())]);
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = heartbeat.tick() => {
+                if sender.send(Ok(Item::Heartbeat { latest: hub.latest() })).await.is_err() {
+                    return;
+                }
+            }
+            () = sender.closed() => return,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! The domain events identity emits (payloads in
+//! `proto/keel/identity/v1/events.proto`), and its durable handler: the
+//! welcome email.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keel_kernel::mail::{Mailer, OutgoingEmail};
+use keel_kernel::{DomainEvent, Envelope, Error, EventHandler, Result};
+use keel_proto::identity as pb;
+use prost::Message;
+
+/// Declares a domain event: a newtype over its payload message, its name,
+/// and whether the audit log lists it.
+macro_rules! domain_event {
+    ($name:ident, $payload:ident, $event_name:literal, audited = $audited:literal) => {
+        pub struct $name(pub pb::$payload);
+
+        impl DomainEvent for $name {
+            const NAME: &'static str = $event_name;
+            const PAYLOAD_TYPE: &'static str = concat!("keel.identity.v1.", stringify!($payload));
+            const AUDITED: bool = $audited;
+
+            fn encode_payload(&self) -> Vec<u8> {
+                self.0.encode_to_vec()
+            }
+        }
+    };
+}
+
+domain_event!(Registered, UserRegistered, "identity.user.registered", audited = false);
+domain_event!(LoggedIn, UserLoggedIn, "identity.user.logged_in", audited = false);
+domain_event!(LoginFailed, LoginFailed, "identity.login.failed", audited = true);
+domain_event!(
+    PasswordChanged,
+    PasswordChanged,
+    "identity.password.changed",
+    audited = true
+);
+domain_event!(RoleChanged, RoleChanged, "identity.user.role_changed", audited = true);
+domain_event!(
+    SessionRevoked,
+    SessionRevoked,
+    "identity.session.revoked",
+    audited = true
+);
+domain_event!(Deleted, UserDeleted, "identity.user.deleted", audited = true);
+
+/// Sends the welcome email on `identity.user.registered`. The event id is
+/// the message id, so a redelivered event is the same message.
+pub struct WelcomeEmail {
+    mailer: Arc<dyn Mailer>,
+}
+
+impl WelcomeEmail {
+    pub fn new(mailer: Arc<dyn Mailer>) -> Self {
+        Self { mailer }
+    }
+}
+
+#[async_trait]
+impl EventHandler for WelcomeEmail {
+    fn name(&self) -> &'static str {
+        "identity.welcome_email"
+    }
+
+    fn topics(&self) -> Vec<&'static str> {
+        vec![Registered::NAME]
+    }
+
+    async fn handle(&self, event: &Envelope) -> Result<()> {
+        let registered: pb::UserRegistered = event.payload(Registered::PAYLOAD_TYPE).ok_or_else(|| {
+            Error::internal(format!(
+                "event {} has no readable UserRegistered payload",
+                event.event_id
+            ))
+        })?;
+        self.mailer
+            .send(&OutgoingEmail {
+                message_id: event.event_id.to_string(),
+                to: registered.email.clone(),
+                subject: "Welcome to Keel".to_owned(),
+                text: format!(
+                    "Hello {},\n\nyour account {} is ready.\n",
+                    registered.display_name, registered.email
+                ),
+            })
+            .await
+    }
+}
