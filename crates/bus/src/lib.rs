@@ -136,6 +136,10 @@ impl Events {
     pub fn latest_sequence(&self) -> u64 {
         self.hub.latest()
     }
+
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
 }
 
 /// Registers the module's queries and commands.

@@ -189,7 +189,8 @@ pub async fn assign_sequences(
     Ok(numbered)
 }
 
-/// The newest assigned sequence (0 when none).
+/// The newest assigned sequence (0 when none). Pruning keeps its
+/// watermark, so numbering continues after the table was emptied.
 pub async fn latest_sequence(db: &impl ConnectionTrait) -> Result<u64> {
     let latest: Option<Option<i64>> = events::Entity::find()
         .select_only()
@@ -197,7 +198,8 @@ pub async fn latest_sequence(db: &impl ConnectionTrait) -> Result<u64> {
         .into_tuple()
         .one(db)
         .await?;
-    Ok(latest.flatten().unwrap_or_default().max(0) as u64)
+    let in_table = latest.flatten().unwrap_or_default().max(0) as u64;
+    Ok(in_table.max(pruned_through(db).await?))
 }
 
 /// Events numbered after `after`, in order.

@@ -136,35 +136,41 @@ impl Redis {
         ];
         let mut messages = subscriber.message_rx();
         let weak = Arc::downgrade(hub);
-        tasks.push(tokio::spawn(async move {
-            while let Ok(message) = messages.recv().await {
-                let Some(hub) = weak.upgrade() else { break };
-                let Ok(text) = message.value.convert::<String>() else {
-                    continue;
-                };
-                match serde_json::from_str::<Vec<EnvelopeJson>>(&text) {
-                    Ok(batch) => {
-                        hub.offer(batch.into_iter().filter_map(EnvelopeJson::into_envelope).collect())
-                            .await
+        tasks.push(
+            tokio::spawn(async move {
+                while let Ok(message) = messages.recv().await {
+                    let Some(hub) = weak.upgrade() else { break };
+                    let Ok(text) = message.value.convert::<String>() else {
+                        continue;
+                    };
+                    match serde_json::from_str::<Vec<EnvelopeJson>>(&text) {
+                        Ok(batch) => {
+                            hub.offer(batch.into_iter().filter_map(EnvelopeJson::into_envelope).collect())
+                                .await
+                        }
+                        Err(error) => tracing::warn!(error = %error, "unreadable event message from redis"),
                     }
-                    Err(error) => tracing::warn!(error = %error, "unreadable event message from redis"),
                 }
-            }
-        }).abort_handle());
+            })
+            .abort_handle(),
+        );
         let subscribing = subscriber.clone();
-        tasks.push(tokio::spawn(async move {
-            // Until Redis answers, subscribe keeps failing; the tracked
-            // channel is re-subscribed on every reconnect after that.
-            loop {
-                match subscribing.subscribe(CHANNEL).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        tracing::debug!(error = %error, "redis subscribe failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+        tasks.push(
+            tokio::spawn(async move {
+                // Until Redis answers, subscribe keeps failing; the tracked
+                // channel is re-subscribed on every reconnect after that.
+                loop {
+                    match subscribing.subscribe(CHANNEL).await {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::debug!(error = %error, "redis subscribe failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
                     }
                 }
-            }
-        }).abort_handle());
+            })
+            .abort_handle(),
+        );
         Ok(Redis {
             publisher,
             _subscriber: subscriber,

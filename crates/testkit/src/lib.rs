@@ -43,6 +43,89 @@ pub fn postgres_url() -> Option<String> {
     }
 }
 
+/// The Redis URL for tests: `None` means skip, except in CI where a missing
+/// URL is an error.
+pub fn redis_url() -> Option<String> {
+    match std::env::var("KEEL_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("CI=true but KEEL_TEST_REDIS_URL is not set: the Redis suites must run in CI")
+        }
+        _ => None,
+    }
+}
+
+/// A fresh, migrated database without a server: SQLite in a temporary
+/// directory, or a new PostgreSQL schema (dropped with the guard).
+pub struct TestDatabase {
+    pub db: sea_orm::DatabaseConnection,
+    _dir: tempfile::TempDir,
+    schema: Option<(String, String)>,
+}
+
+impl TestDatabase {
+    pub async fn new(backend: Backend) -> Option<TestDatabase> {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, schema) = match backend {
+            Backend::Sqlite => (keel_db::DbSettings::new(keel_db::sqlite_url(dir.path())), None),
+            Backend::Postgres => {
+                let url = postgres_url()?;
+                let name = create_schema(&url).await;
+                let settings = keel_db::DbSettings {
+                    schema: Some(name.clone()),
+                    max_connections: 8,
+                    ..keel_db::DbSettings::new(url.clone())
+                };
+                (settings, Some((url, name)))
+            }
+        };
+        let db = keel_db::connect(&settings).await.unwrap();
+        keel_db::migrate(&db).await.unwrap();
+        Some(TestDatabase { db, _dir: dir, schema })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Some((url, schema)) = self.schema.take() {
+            drop_schema(url, schema);
+        }
+    }
+}
+
+/// A new, empty PostgreSQL schema; its name.
+pub async fn create_schema(url: &str) -> String {
+    let name = format!("test_{}", uuid::Uuid::now_v7().simple());
+    let admin = keel_db::connect(&keel_db::DbSettings::new(url.to_owned()))
+        .await
+        .unwrap_or_else(|error| panic!("PostgreSQL at KEEL_TEST_DATABASE_URL is unreachable: {error}"));
+    admin
+        .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    name
+}
+
+/// Drops a test schema (from `Drop`, so on a thread of its own).
+pub fn drop_schema(url: String, schema: String) {
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            if let Ok(db) = keel_db::connect(&keel_db::DbSettings::new(url)).await {
+                let _ = db
+                    .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    .await;
+                let _ = db.close().await;
+            }
+        });
+    })
+    .join();
+}
+
 /// A running keel with its own database.
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -73,15 +156,7 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
     let mut schema = None;
     if backend == Backend::Postgres {
         let url = postgres_url()?;
-        let name = format!("test_{}", uuid::Uuid::now_v7().simple());
-        let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone()))
-            .await
-            .unwrap_or_else(|error| panic!("PostgreSQL at KEEL_TEST_DATABASE_URL is unreachable: {error}"));
-        admin
-            .execute_unprepared(&format!("CREATE SCHEMA \"{name}\""))
-            .await
-            .unwrap();
-        let _ = admin.close().await;
+        let name = create_schema(&url).await;
         config.database_url = Some(keel_server::config::Secret::new(url.clone()));
         config.database_schema = Some(name.clone());
         schema = Some((url, name));
@@ -202,22 +277,7 @@ impl Drop for TestApp {
             let _ = shutdown.send(());
         }
         if let Some((url, schema)) = self.schema.take() {
-            // Drop is not async: clean the schema up on a thread of its own.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async {
-                    if let Ok(db) = keel_db::connect(&keel_db::DbSettings::new(url)).await {
-                        let _ = db
-                            .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                            .await;
-                        let _ = db.close().await;
-                    }
-                });
-            })
-            .join();
+            drop_schema(url, schema);
         }
     }
 }

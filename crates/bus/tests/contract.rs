@@ -1,0 +1,503 @@
+//! One contract suite for the events machinery, run on every database
+//! (SQLite, PostgreSQL) and every transport (in process, Redis).
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keel_bus::handlers::Registry;
+use keel_bus::subscribe::Item;
+use keel_bus::{Events, Settings, store};
+use keel_kernel::{
+    BusBuilder, Code, Command, CommandContext, CommandHandler, DomainEvent, Envelope, Error, EventHandler, Principal,
+    RequestContext, Result, Role,
+};
+use keel_testkit::{Backend, TestDatabase};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+struct Noted(String);
+
+impl DomainEvent for Noted {
+    const NAME: &'static str = "test.note.added";
+    const PAYLOAD_TYPE: &'static str = "google.protobuf.StringValue";
+
+    fn encode_payload(&self) -> Vec<u8> {
+        prost::Message::encode_to_vec(&self.0)
+    }
+}
+
+/// Records one event per note; fails (after recording) when asked to.
+struct AddNote {
+    text: String,
+    user: Uuid,
+    fail: bool,
+}
+
+impl Command for AddNote {
+    const NAME: &'static str = "test.add_note";
+    type Output = ();
+}
+
+struct Notes;
+
+#[async_trait]
+impl CommandHandler<AddNote> for Notes {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: AddNote) -> Result<()> {
+        ctx.record(&Noted(command.text.clone()), Some(command.user), command.text);
+        if command.fail {
+            return Err(Error::new(Code::Aborted, "rolled back on purpose"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    InProcess,
+    Redis,
+}
+
+struct Rig {
+    _database: TestDatabase,
+    db: sea_orm::DatabaseConnection,
+    events: Events,
+    bus: keel_kernel::Bus,
+}
+
+async fn rig(backend: Backend, transport: Transport, settings: Settings, registry: Registry) -> Option<Rig> {
+    let database = TestDatabase::new(backend).await?;
+    let redis_url = match transport {
+        Transport::InProcess => None,
+        Transport::Redis => Some(keel_testkit::redis_url()?),
+    };
+    let events = Events::start(database.db.clone(), Settings { redis_url, ..settings }, registry)
+        .await
+        .unwrap();
+    let mut builder = BusBuilder::new(database.db.clone());
+    builder.outbox(events.outbox()).command::<AddNote>(Notes);
+    Some(Rig {
+        db: database.db.clone(),
+        _database: database,
+        events,
+        bus: builder.build(),
+    })
+}
+
+fn admin() -> Principal {
+    Principal {
+        user_id: Uuid::now_v7(),
+        session_id: Uuid::now_v7(),
+        role: Role::Admin,
+    }
+}
+
+async fn add(rig: &Rig, text: &str, user: Uuid, fail: bool) -> Result<()> {
+    rig.bus
+        .execute(
+            &RequestContext::new("test"),
+            AddNote {
+                text: text.to_owned(),
+                user,
+                fail,
+            },
+        )
+        .await
+}
+
+/// Events until `count` arrived (or the deadline passed).
+async fn collect(receiver: &mut mpsc::Receiver<Result<Item>>, count: usize) -> Vec<Arc<Envelope>> {
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while events.len() < count {
+        match tokio::time::timeout_at(deadline, receiver.recv()).await {
+            Ok(Some(Ok(Item::Event(event)))) => events.push(event),
+            Ok(Some(Ok(Item::Heartbeat { .. }))) => {}
+            Ok(Some(Err(error))) => panic!("subscription failed: {error}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    events
+}
+
+async fn subscribe(
+    rig: &Rig,
+    principal: Principal,
+    topics: &[&str],
+    after: u64,
+) -> Result<mpsc::Receiver<Result<Item>>> {
+    keel_bus::subscribe::start(
+        rig.db.clone(),
+        rig.events_hub(),
+        keel_bus::subscribe::Settings {
+            heartbeat: Duration::from_secs(30),
+            queue: 64,
+        },
+        keel_bus::subscribe::Subscription {
+            topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
+            after,
+            principal,
+        },
+    )
+    .await
+}
+
+impl Rig {
+    fn events_hub(&self) -> Arc<keel_bus::hub::Hub> {
+        self.events.hub()
+    }
+}
+
+async fn committed_events_arrive_in_order_and_rolled_back_ones_never(backend: Backend, transport: Transport) {
+    let Some(rig) = rig(backend, transport, Settings::default(), Registry::default()).await else {
+        return;
+    };
+    let user = Uuid::now_v7();
+    let mut live = subscribe(&rig, admin(), &["test.*"], 0).await.unwrap();
+    for index in 0..20 {
+        add(&rig, &format!("note {index}"), user, false).await.unwrap();
+        // Every third command fails after recording: its event must vanish with it.
+        if index % 3 == 0 {
+            assert!(add(&rig, &format!("rolled back {index}"), user, true).await.is_err());
+        }
+    }
+    let events = collect(&mut live, 20).await;
+    assert_eq!(events.len(), 20, "{transport:?}");
+    let sequences: Vec<u64> = events.iter().map(|event| event.sequence).collect();
+    assert_eq!(sequences, (1..=20).collect::<Vec<_>>());
+    let texts: Vec<String> = events.iter().map(|event| event.aggregate_id.clone()).collect();
+    assert_eq!(texts, (0..20).map(|index| format!("note {index}")).collect::<Vec<_>>());
+    // Nothing more comes, in particular no rolled-back event.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), collect(&mut live, 1))
+            .await
+            .map_or(true, |more| more.is_empty())
+    );
+    assert_eq!(store::latest_sequence(&rig.db).await.unwrap(), 20);
+}
+
+async fn a_late_subscriber_replays_then_continues_live_without_gap_or_duplicate(
+    backend: Backend,
+    transport: Transport,
+) {
+    let Some(rig) = rig(backend, transport, Settings::default(), Registry::default()).await else {
+        return;
+    };
+    let user = Uuid::now_v7();
+    for index in 0..10 {
+        add(&rig, &format!("early {index}"), user, false).await.unwrap();
+    }
+    rig.events.flush().await.unwrap();
+    let mut from_four = subscribe(&rig, admin(), &[], 4).await.unwrap();
+    let writer = {
+        let bus = rig.bus.clone();
+        tokio::spawn(async move {
+            for index in 0..30 {
+                bus.execute(
+                    &RequestContext::new("test"),
+                    AddNote {
+                        text: format!("late {index}"),
+                        user,
+                        fail: false,
+                    },
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let events = collect(&mut from_four, 36).await;
+    writer.await.unwrap();
+    let sequences: Vec<u64> = events.iter().map(|event| event.sequence).collect();
+    assert_eq!(sequences, (5..=40).collect::<Vec<_>>(), "{transport:?}");
+}
+
+async fn users_see_only_their_own_events(backend: Backend, transport: Transport) {
+    let Some(rig) = rig(backend, transport, Settings::default(), Registry::default()).await else {
+        return;
+    };
+    let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    let as_user = |user_id| Principal {
+        user_id,
+        session_id: Uuid::now_v7(),
+        role: Role::User,
+    };
+    let mut bobs = subscribe(&rig, as_user(bob), &[], 0).await.unwrap();
+    for index in 0..5 {
+        add(&rig, &format!("alice {index}"), alice, false).await.unwrap();
+    }
+    add(&rig, "bob 0", bob, false).await.unwrap();
+    let events = collect(&mut bobs, 6).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].user_id, Some(bob));
+    assert_eq!(events[0].sequence, 6);
+}
+
+async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, transport: Transport) {
+    let settings = Settings {
+        hub_buffer: 16,
+        ..Settings::default()
+    };
+    let Some(rig) = rig(backend, transport, settings, Registry::default()).await else {
+        return;
+    };
+    let mut slow = keel_bus::subscribe::start(
+        rig.db.clone(),
+        rig.events_hub(),
+        keel_bus::subscribe::Settings {
+            heartbeat: Duration::from_secs(30),
+            queue: 1,
+        },
+        keel_bus::subscribe::Subscription {
+            topics: Vec::new(),
+            after: 0,
+            principal: admin(),
+        },
+    )
+    .await
+    .unwrap();
+    let user = Uuid::now_v7();
+    for index in 0..80 {
+        add(&rig, &format!("n{index}"), user, false).await.unwrap();
+    }
+    rig.events.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut last = 0;
+    let error = loop {
+        match tokio::time::timeout(Duration::from_secs(10), slow.recv())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Item::Event(event))) => {
+                assert_eq!(event.sequence, last + 1, "never skipped silently");
+                last = event.sequence;
+            }
+            Some(Ok(Item::Heartbeat { .. })) => {}
+            Some(Err(error)) => break error,
+            None => panic!("the slow subscription ended without an error"),
+        }
+    };
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    assert!(
+        error.message().contains(&format!("after_sequence={last}")),
+        "{}",
+        error.message()
+    );
+    let (reason, metadata) = error.info().unwrap();
+    assert_eq!(reason, "SUBSCRIBER_TOO_SLOW");
+    assert_eq!(metadata[0].1, last.to_string());
+}
+
+async fn a_cursor_older_than_retention_must_resync(backend: Backend, transport: Transport) {
+    let Some(rig) = rig(backend, transport, Settings::default(), Registry::default()).await else {
+        return;
+    };
+    let user = Uuid::now_v7();
+    for index in 0..5 {
+        add(&rig, &format!("n{index}"), user, false).await.unwrap();
+    }
+    rig.events.flush().await.unwrap();
+    let pruned = store::prune(
+        &rig.db,
+        keel_kernel::clock::now() + chrono::Duration::seconds(1),
+        u64::MAX / 2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pruned, 5);
+    let error = subscribe(&rig, admin(), &[], 2).await.unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert_eq!(error.info().unwrap().0, "RESYNC_REQUIRED");
+    // From the watermark on is fine.
+    let mut ok = subscribe(&rig, admin(), &[], 5).await.unwrap();
+    add(&rig, "after prune", user, false).await.unwrap();
+    assert_eq!(collect(&mut ok, 1).await[0].sequence, 6);
+}
+
+/// Fails its first `failures` deliveries of each event.
+struct Flaky {
+    failures: u32,
+    attempts: AtomicU32,
+    handled: mpsc::UnboundedSender<Uuid>,
+}
+
+#[async_trait]
+impl EventHandler for Flaky {
+    fn name(&self) -> &'static str {
+        "test.flaky"
+    }
+
+    fn topics(&self) -> Vec<&'static str> {
+        vec!["test.*"]
+    }
+
+    async fn handle(&self, event: &Envelope) -> Result<()> {
+        if self.attempts.fetch_add(1, Ordering::SeqCst) < self.failures {
+            return Err(Error::unavailable("downstream is down"));
+        }
+        let _ = self.handled.send(event.event_id);
+        Ok(())
+    }
+}
+
+async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, transport: Transport) {
+    let (handled, mut done) = mpsc::unbounded_channel();
+    let flaky = Arc::new(Flaky {
+        failures: 4,
+        attempts: AtomicU32::new(0),
+        handled,
+    });
+    let mut registry = Registry::default();
+    registry.add(flaky.clone());
+    let settings = Settings {
+        handlers: keel_bus::handlers::Settings {
+            max_attempts: 3,
+            base_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            lease: Duration::from_secs(30),
+        },
+        ..Settings::default()
+    };
+    let Some(rig) = rig(backend, transport, settings, registry).await else {
+        return;
+    };
+    let user = Uuid::now_v7();
+    add(&rig, "first", user, false).await.unwrap();
+    add(&rig, "second", user, false).await.unwrap();
+    // The first event fails three times and is dead-lettered; the handler
+    // moves on: the second fails once more (4th failure), then succeeds.
+    let second = tokio::time::timeout(Duration::from_secs(10), done.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let letters = store::list_dead_letters(&rig.db, false, None, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 3);
+    assert!(
+        letters[0].last_error.contains("downstream is down"),
+        "{}",
+        letters[0].last_error
+    );
+    assert_ne!(letters[0].event_id, second);
+    assert_eq!(flaky.attempts.load(Ordering::SeqCst), 5);
+    // The admin replays it: now the handler succeeds.
+    keel_bus::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
+        .await
+        .unwrap();
+    assert_eq!(done.recv().await.unwrap(), letters[0].event_id);
+    let replayed = store::find_dead_letter(&rig.db, letters[0].id).await.unwrap().unwrap();
+    assert!(replayed.replayed_at.is_some());
+    assert!(
+        store::list_dead_letters(&rig.db, false, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = keel_bus::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+    assert_eq!(store::checkpoint(&rig.db, "test.flaky").await.unwrap(), Some(2));
+}
+
+fn registry_of(handler: &Arc<Flaky>) -> Registry {
+    let mut registry = Registry::default();
+    registry.add(handler.clone());
+    registry
+}
+
+async fn concurrent_relays_never_number_an_event_twice(backend: Backend, transport: Transport) {
+    let Some(rig) = rig(backend, transport, Settings::default(), Registry::default()).await else {
+        return;
+    };
+    let user = Uuid::now_v7();
+    for index in 0..60 {
+        keel_bus::store::insert_pending(
+            &rig.db,
+            &[keel_kernel::PendingEvent::new(
+                &Noted(format!("{index}")),
+                Some(user),
+                format!("{index}"),
+            )],
+        )
+        .await
+        .unwrap();
+    }
+    // Four relays race (as four keel processes would).
+    let relays: Vec<_> = (0..4)
+        .map(|_| {
+            let db = rig.db.clone();
+            tokio::spawn(async move {
+                let mut numbered = Vec::new();
+                for _ in 0..20 {
+                    if let Ok(batch) = store::assign_sequences(&db, 7, keel_kernel::clock::now()).await {
+                        numbered.extend(batch.into_iter().map(|event| (event.sequence, event.event_id)));
+                    }
+                }
+                numbered
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for relay in relays {
+        all.extend(relay.await.unwrap());
+    }
+    while let Ok(batch) = store::assign_sequences(&rig.db, 100, keel_kernel::clock::now()).await {
+        if batch.is_empty() {
+            break;
+        }
+        all.extend(batch.into_iter().map(|event| (event.sequence, event.event_id)));
+    }
+    all.sort();
+    let sequences: Vec<u64> = all.iter().map(|(sequence, _)| *sequence).collect();
+    // The background relay may have numbered some too: read the table.
+    let table = store::read_after(&rig.db, 0, 1000).await.unwrap();
+    let table_sequences: Vec<u64> = table.iter().map(|event| event.sequence).collect();
+    assert_eq!(table_sequences, (1..=60).collect::<Vec<_>>());
+    let mut ids: Vec<Uuid> = table.iter().map(|event| event.event_id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 60);
+    assert!(
+        sequences.windows(2).all(|pair| pair[0] < pair[1]),
+        "a sequence was handed out twice"
+    );
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite_in_process() {
+                    super::$name(Backend::Sqlite, Transport::InProcess).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_in_process() {
+                    super::$name(Backend::Postgres, Transport::InProcess).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres_redis() {
+                    super::$name(Backend::Postgres, Transport::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+contract!(
+    committed_events_arrive_in_order_and_rolled_back_ones_never,
+    a_late_subscriber_replays_then_continues_live_without_gap_or_duplicate,
+    users_see_only_their_own_events,
+    a_subscriber_too_slow_is_ended_with_where_to_resume,
+    a_cursor_older_than_retention_must_resync,
+    failing_handlers_retry_then_dead_letter_then_replay,
+    concurrent_relays_never_number_an_event_twice,
+);
