@@ -137,6 +137,14 @@ impl Events {
         self.hub.latest()
     }
 
+    /// Stops the relay, the poller, the handlers and retention (shutdown).
+    /// Committed events not yet numbered are numbered by the next start.
+    pub fn stop(&self) {
+        for task in &self._tasks.0 {
+            task.abort();
+        }
+    }
+
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
     }

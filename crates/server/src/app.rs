@@ -47,6 +47,7 @@ impl State {
         );
         let settings = IdentitySettings {
             refresh_grace: chrono::Duration::seconds(config.refresh_grace_seconds as i64),
+            register_per_address: keel_kernel::limit::Quota::new(config.register_burst, Duration::from_secs(30)),
             ..IdentitySettings::default()
         };
         let identity = Identity::new(tokens, Arc::new(InProcessRateLimiter::new()), settings);
@@ -175,6 +176,7 @@ impl Application {
         .await;
 
         readiness.abort();
+        state.events.stop();
         if let Err(error) = state.db.clone().close().await {
             tracing::warn!(error = %error, "closing the database pool");
         }

@@ -63,6 +63,9 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// `KEEL_SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// `KEEL_REGISTER_BURST`: registrations one client address may make at
+    /// once; one more every 30 s after that.
+    pub register_burst: u32,
     /// `KEEL_SMTP_URL`: send email through this SMTP relay
     /// (`smtp://user:pass@host:587`); unset: write it to `KEEL_MAIL_FILE`.
     pub smtp_url: Option<Secret<String>>,
@@ -106,6 +109,7 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
             cors_allowed_origins: None,
+            register_burst: 10,
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
             mail_file: None,
