@@ -103,9 +103,9 @@ impl Events {
                     .await
                     .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?,
             ),
-            None => Arc::new(transport::InProcess::new(&hub)),
+            None => Arc::new(transport::InProcess),
         };
-        let relay = Relay::new(db.clone(), transport);
+        let relay = Relay::new(db.clone(), transport, &hub);
         let mut tasks = vec![relay.spawn(settings.relay_poll), hub.spawn_poller(settings.poll)];
         tasks.extend(registry.spawn(&db, &hub, settings.handlers));
         tasks.push(spawn_retention(

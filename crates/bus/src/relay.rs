@@ -2,7 +2,7 @@
 //! every keel process; the table's advisory lock makes them take turns, so
 //! an event is numbered once, in order.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,20 +10,25 @@ use keel_kernel::{Outbox, PendingEvent, Result, clock};
 use sea_orm::{DatabaseConnection, DatabaseTransaction};
 use tokio::sync::Notify;
 
+use crate::hub::Hub;
 use crate::store;
 use crate::transport::Transport;
 
 pub struct Relay {
     db: DatabaseConnection,
     transport: Arc<dyn Transport>,
+    // This process's subscribers hear of an event without the transport's
+    // round trip; other processes through it.
+    local: Weak<Hub>,
     wake: Notify,
 }
 
 impl Relay {
-    pub fn new(db: DatabaseConnection, transport: Arc<dyn Transport>) -> Arc<Relay> {
+    pub fn new(db: DatabaseConnection, transport: Arc<dyn Transport>, local: &Arc<Hub>) -> Arc<Relay> {
         Arc::new(Relay {
             db,
             transport,
+            local: Arc::downgrade(local),
             wake: Notify::new(),
         })
     }
@@ -37,6 +42,9 @@ impl Relay {
                 return Ok(total);
             }
             total += batch.len();
+            if let Some(hub) = self.local.upgrade() {
+                hub.offer(batch.clone()).await;
+            }
             self.transport.publish(&batch).await;
         }
     }

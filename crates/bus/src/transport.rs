@@ -3,7 +3,7 @@
 //! the event table stays the truth, so a lost message (Redis down, a
 //! reconnect) costs latency, never an event: hubs also poll the table.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,26 +21,13 @@ pub trait Transport: Send + Sync + 'static {
     async fn publish(&self, events: &[Envelope]);
 }
 
-/// One process: the relay hands events straight to the local hub.
-pub struct InProcess {
-    hub: Weak<Hub>,
-}
-
-impl InProcess {
-    pub fn new(hub: &Arc<Hub>) -> Self {
-        Self {
-            hub: Arc::downgrade(hub),
-        }
-    }
-}
+/// One process: the relay already handed the events to the local hub;
+/// there is nobody else to tell.
+pub struct InProcess;
 
 #[async_trait]
 impl Transport for InProcess {
-    async fn publish(&self, events: &[Envelope]) {
-        if let Some(hub) = self.hub.upgrade() {
-            hub.offer(events.to_vec()).await;
-        }
-    }
+    async fn publish(&self, _events: &[Envelope]) {}
 }
 
 pub const CHANNEL: &str = "keel:events";
