@@ -121,7 +121,11 @@ async fn redis_latency(url: &str, subscribers: usize, messages: u64, gap: Durati
     let mut clients: Vec<SubscriberClient> = Vec::new();
     let mut consumers = Vec::new();
     for _ in 0..subscribers {
-        let subscriber = Builder::from_config(config.clone()).build_subscriber_client().expect("subscriber");
+        // Room for every message of the run (a fred channel per connection).
+        let subscriber = Builder::from_config(config.clone())
+            .with_performance_config(|performance| performance.broadcast_channel_capacity = 256)
+            .build_subscriber_client()
+            .expect("subscriber");
         subscriber.init().await.expect("redis");
         let mut rx = subscriber.message_rx();
         subscriber.subscribe(channel.as_str()).await.expect("subscribe");
@@ -143,8 +147,10 @@ async fn redis_latency(url: &str, subscribers: usize, messages: u64, gap: Durati
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     for index in 0..messages {
-        let _: () = publisher.publish(channel.as_str(), index.to_string()).await.expect("publish");
+        // From the call, not its reply: Redis delivers to subscribers before
+        // it answers the publisher.
         published.lock().unwrap_or_else(|p| p.into_inner())[index as usize] = Some(Instant::now());
+        let _: () = publisher.publish(channel.as_str(), index.to_string()).await.expect("publish");
         tokio::time::sleep(gap).await;
     }
     for consumer in consumers {
@@ -170,8 +176,15 @@ async fn main() {
     let redis_url = std::env::var("KEEL_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let dir = std::env::temp_dir().join(format!("keel-bench-{}", Uuid::now_v7()));
     std::fs::create_dir_all(&dir).expect("temp dir");
+    // PostgreSQL: a schema of the bench's own, dropped at the end.
+    let schema = format!("bench_{}", Uuid::now_v7().simple());
     let (settings, backend) = match std::env::var("KEEL_BENCH_DATABASE_URL") {
-        Ok(url) => (keel_db::DbSettings { max_connections: 16, ..keel_db::DbSettings::new(url) }, "postgres"),
+        Ok(url) => {
+            let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone())).await.expect("postgres");
+            sea_orm::ConnectionTrait::execute_unprepared(&admin, &format!("CREATE SCHEMA \"{schema}\"")).await.expect("schema");
+            let settings = keel_db::DbSettings { max_connections: 16, schema: Some(schema.clone()), ..keel_db::DbSettings::new(url) };
+            (settings, "postgres")
+        }
         Err(_) => (keel_db::DbSettings::new(keel_db::sqlite_url(&dir)), "sqlite"),
     };
     let db = keel_db::connect(&settings).await.expect("database");
@@ -246,7 +259,10 @@ async fn main() {
         let config = Config::from_url(&redis_url).expect("redis url");
         let publisher = Builder::from_config(config.clone()).build().expect("client");
         publisher.init().await.expect("redis");
-        let subscriber = Builder::from_config(config).build_subscriber_client().expect("subscriber");
+        let subscriber = Builder::from_config(config)
+            .with_performance_config(|performance| performance.broadcast_channel_capacity = 65_536)
+            .build_subscriber_client()
+            .expect("subscriber");
         subscriber.init().await.expect("redis");
         let mut rx = subscriber.message_rx();
         let channel = format!("bench:{}", Uuid::now_v7());
@@ -280,5 +296,8 @@ async fn main() {
     println!("| keel: commit + outbox + relay + redis + hub + subscriber | {keel_rate:.0} | {:.2} |", keel_rate / redis_rate);
     println!("| redis: PUBLISH -> SUBSCRIBE | {redis_rate:.0} | 1.00 |");
     events.stop();
+    if backend == "postgres" {
+        let _ = sea_orm::ConnectionTrait::execute_unprepared(&db, &format!("DROP SCHEMA \"{schema}\" CASCADE")).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

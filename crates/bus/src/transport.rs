@@ -112,6 +112,7 @@ impl Redis {
             .build()?;
         let subscriber = Builder::from_config(config)
             .with_connection_config(connection)
+            .with_performance_config(|performance| performance.broadcast_channel_capacity = 4096)
             .set_policy(policy)
             .build_subscriber_client()?;
         // Connect in the background: keel starts, and commits, while Redis is down.

@@ -17,7 +17,7 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use crate::Edge;
 use crate::error::EdgeError;
 use crate::routes::{BodyBinding, RouteMatch};
-use crate::transcode::{message_json, request_bytes, response_json};
+use crate::transcode::{message_json, request_bytes, response_body};
 
 /// Request headers that travel to the gRPC call as metadata.
 const FORWARDED: [&str; 7] = [
@@ -107,8 +107,11 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
         .unary(&route.grpc_path, grpc_request)
         .await
         .map_err(|status| EdgeError::from_status(&status, &edge.pool))?;
-    let data = response_json(route, &reply.message)?;
-    let mut response = (route.success_status, axum::Json(json!({ "data": data }))).into_response();
+    let body = response_body(route, &reply.message)?;
+    let mut response = (route.success_status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     copy_metadata(&reply.metadata, response.headers_mut());
     Ok(response)
 }

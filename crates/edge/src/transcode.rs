@@ -75,6 +75,10 @@ pub fn request_bytes(
             false,
         )?;
     }
+    if json.is_empty() {
+        // Nothing bound: the empty message, without a trip through serde.
+        return Ok(Bytes::new());
+    }
     let options = DeserializeOptions::new().deny_unknown_fields(true);
     // The tracked path names the field a value was refused for.
     let mut track = serde_path_to_error::Track::new();
@@ -240,6 +244,27 @@ pub fn response_json(route: &Route, bytes: &[u8]) -> Result<Value, EdgeError> {
     let message = DynamicMessage::decode(route.method.output(), bytes)
         .map_err(|error| EdgeError::internal(format!("undecodable response from {}: {error}", route.grpc_path)))?;
     message_json(&message, route.response_body.as_ref())
+}
+
+/// `{"data": <response>}` as bytes. The whole message is serialised
+/// straight into the buffer, without an intermediate `Value` tree (the hot
+/// path of every REST call).
+pub fn response_body(route: &Route, bytes: &[u8]) -> Result<Vec<u8>, EdgeError> {
+    if route.response_body.is_some() {
+        let data = response_json(route, bytes)?;
+        return serde_json::to_vec(&serde_json::json!({ "data": data }))
+            .map_err(|error| EdgeError::internal(format!("unserializable response: {error}")));
+    }
+    let message = DynamicMessage::decode(route.method.output(), bytes)
+        .map_err(|error| EdgeError::internal(format!("undecodable response from {}: {error}", route.grpc_path)))?;
+    let mut out = Vec::with_capacity(bytes.len() * 2 + 16);
+    out.extend_from_slice(b"{\"data\":");
+    let mut serializer = serde_json::Serializer::new(&mut out);
+    message
+        .serialize_with_options(&mut serializer, &SerializeOptions::new().skip_default_fields(false))
+        .map_err(|error| EdgeError::internal(format!("unserializable response: {error}")))?;
+    out.push(b'}');
+    Ok(out)
 }
 
 pub fn message_json(message: &DynamicMessage, response_body: Option<&FieldDescriptor>) -> Result<Value, EdgeError> {
