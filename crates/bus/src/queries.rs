@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use keel_kernel::page::{decode_token, encode_token};
+use keel_kernel::page::{decode_token, encode_token, page_size_within};
 use keel_kernel::{Envelope, Error, Query, QueryContext, QueryHandler, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -82,19 +82,11 @@ struct AuditCursor {
     before: u64,
 }
 
-fn page_size(requested: i32, default: u64, max: u64) -> Result<u64> {
-    match requested {
-        0 => Ok(default),
-        size if size < 0 => Err(Error::invalid_field("page_size", "must not be negative")),
-        size => Ok((size as u64).min(max)),
-    }
-}
-
 #[async_trait]
 impl QueryHandler<ListAuditEvents> for Events {
     async fn handle(&self, ctx: &QueryContext<'_>, query: ListAuditEvents) -> Result<EventPage> {
         ctx.request.require_admin()?;
-        let limit = page_size(query.page_size, 50, 200)?;
+        let limit = page_size_within(query.page_size, 50, 200)?;
         let filters = format!(
             "{:?}|{:?}|{:?}|{:?}",
             query.event_names, query.user_id, query.since, query.until
@@ -141,7 +133,7 @@ struct DeadLetterCursor {
 impl QueryHandler<ListDeadLetters> for Events {
     async fn handle(&self, ctx: &QueryContext<'_>, query: ListDeadLetters) -> Result<DeadLetterPage> {
         ctx.request.require_admin()?;
-        let limit = page_size(query.page_size, 50, 200)?;
+        let limit = page_size_within(query.page_size, 50, 200)?;
         let cursor: Option<DeadLetterCursor> = decode_token(&query.page_token)?;
         if cursor
             .as_ref()

@@ -18,10 +18,15 @@ pub const MAX_PAGE_SIZE: u64 = 100;
 /// `page_size` as AIP-158 reads it: 0 means the default, larger than the
 /// maximum is lowered to the maximum, negative is an error.
 pub fn page_size(requested: i32) -> Result<u64> {
+    page_size_within(requested, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+}
+
+/// [`page_size`] for a list with its own default and maximum.
+pub fn page_size_within(requested: i32, default: u64, max: u64) -> Result<u64> {
     match requested {
-        0 => Ok(DEFAULT_PAGE_SIZE),
+        0 => Ok(default),
         size if size < 0 => Err(Error::invalid_field("page_size", "must not be negative")),
-        size => Ok((size as u64).min(MAX_PAGE_SIZE)),
+        size => Ok((size as u64).min(max)),
     }
 }
 
