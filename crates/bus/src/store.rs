@@ -153,7 +153,8 @@ pub async fn assign_sequences(
     limit: u64,
     now: DateTime<Utc>,
 ) -> Result<Vec<Envelope>> {
-    let tx = db.begin().await?;
+    // SQLite: the write lock up front (BEGIN IMMEDIATE) plays the role of the advisory lock.
+    let tx = db.begin_with_options(keel_kernel::bus::write_transaction()).await?;
     if tx.get_database_backend() == DatabaseBackend::Postgres {
         tx.execute_raw(Statement::from_sql_and_values(
             DatabaseBackend::Postgres,
@@ -232,7 +233,7 @@ pub async fn pruned_through(db: &impl ConnectionTrait) -> Result<u64> {
 /// Deletes numbered events that occurred before `before` and that every
 /// handler has passed, and moves the watermark. Returns how many went.
 pub async fn prune(db: &sea_orm::DatabaseConnection, before: DateTime<Utc>, handlers_through: u64) -> Result<u64> {
-    let tx = db.begin().await?;
+    let tx = db.begin_with_options(keel_kernel::bus::write_transaction()).await?;
     let newest_old: Option<Option<i64>> = events::Entity::find()
         .select_only()
         .column_as(Expr::expr(Func::max(Expr::col(events::Column::Sequence))), "newest")

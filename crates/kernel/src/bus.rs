@@ -65,7 +65,7 @@ impl<'a> CommandContext<'a> {
                     Some(writer) => Some(writer.lock().await),
                     None => None,
                 };
-                let tx = self.db.begin().await?;
+                let tx = self.db.begin_with_options(write_transaction()).await?;
                 Ok::<_, Error>(OpenTransaction { tx, _writer: writer })
             })
             .await?;
@@ -337,6 +337,18 @@ impl Bus {
         );
         span.in_scope(|| tracing::debug!(duration_ms, ok = outcome.is_ok(), "{name} finished"));
         outcome
+    }
+}
+
+/// Options for a transaction that will write. On SQLite it is `BEGIN
+/// IMMEDIATE`: the write lock is taken (waiting out the busy timeout) before
+/// the first read, so that a writer outside this bus (the event relay, a
+/// handler) committing in between cannot fail the transaction's first write
+/// with SQLITE_BUSY_SNAPSHOT. PostgreSQL ignores it.
+pub fn write_transaction() -> sea_orm::TransactionOptions {
+    sea_orm::TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..sea_orm::TransactionOptions::default()
     }
 }
 
