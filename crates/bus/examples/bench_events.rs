@@ -60,17 +60,37 @@ fn ms(duration: Duration) -> f64 {
 
 /// Latencies (commit returned -> subscriber received) for `events` events,
 /// one every `gap`, with `subscribers` subscribers.
-async fn keel_latency(events_module: &Events, bus: &keel_kernel::Bus, db: &sea_orm::DatabaseConnection, subscribers: usize, events: u64, gap: Duration, base: u64) -> Vec<Duration> {
+async fn keel_latency(
+    events_module: &Events,
+    bus: &keel_kernel::Bus,
+    db: &sea_orm::DatabaseConnection,
+    subscribers: usize,
+    events: u64,
+    gap: Duration,
+    base: u64,
+) -> Vec<Duration> {
     let committed: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; events as usize]));
-    let received: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::new(Mutex::new(Vec::with_capacity(subscribers * events as usize)));
-    let admin = Principal { user_id: Uuid::now_v7(), session_id: Uuid::now_v7(), role: Role::Admin };
+    let received: Arc<Mutex<Vec<(u64, Instant)>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(subscribers * events as usize)));
+    let admin = Principal {
+        user_id: Uuid::now_v7(),
+        session_id: Uuid::now_v7(),
+        role: Role::Admin,
+    };
     let mut consumers = Vec::new();
     for _ in 0..subscribers {
         let mut receiver = keel_bus::subscribe::start(
             db.clone(),
             events_module.hub(),
-            keel_bus::subscribe::Settings { heartbeat: Duration::from_secs(60), queue: 1024 },
-            Subscription { topics: vec!["bench.*".into()], after: events_module.latest_sequence(), principal: admin.clone() },
+            keel_bus::subscribe::Settings {
+                heartbeat: Duration::from_secs(60),
+                queue: 1024,
+            },
+            Subscription {
+                topics: vec!["bench.*".into()],
+                after: events_module.latest_sequence(),
+                principal: admin.clone(),
+            },
         )
         .await
         .expect("subscribe");
@@ -82,7 +102,10 @@ async fn keel_latency(events_module: &Events, bus: &keel_kernel::Bus, db: &sea_o
                     Ok(Some(Ok(Item::Event(event)))) => {
                         let index: u64 = event.aggregate_id.parse().unwrap_or(0);
                         if index >= base {
-                            received.lock().unwrap_or_else(|p| p.into_inner()).push((index - base, Instant::now()));
+                            received
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((index - base, Instant::now()));
                             got += 1;
                         }
                     }
@@ -94,7 +117,9 @@ async fn keel_latency(events_module: &Events, bus: &keel_kernel::Bus, db: &sea_o
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     for index in 0..events {
-        bus.execute(&RequestContext::system(), Emit(base + index)).await.expect("commit");
+        bus.execute(&RequestContext::system(), Emit(base + index))
+            .await
+            .expect("commit");
         committed.lock().unwrap_or_else(|p| p.into_inner())[index as usize] = Some(Instant::now());
         tokio::time::sleep(gap).await;
     }
@@ -135,8 +160,16 @@ async fn redis_latency(url: &str, subscribers: usize, messages: u64, gap: Durati
             while got < messages {
                 match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
                     Ok(Ok(message)) => {
-                        let index: u64 = message.value.convert::<String>().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-                        received.lock().unwrap_or_else(|p| p.into_inner()).push((index, Instant::now()));
+                        let index: u64 = message
+                            .value
+                            .convert::<String>()
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(0);
+                        received
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((index, Instant::now()));
                         got += 1;
                     }
                     _ => break,
@@ -150,7 +183,10 @@ async fn redis_latency(url: &str, subscribers: usize, messages: u64, gap: Durati
         // From the call, not its reply: Redis delivers to subscribers before
         // it answers the publisher.
         published.lock().unwrap_or_else(|p| p.into_inner())[index as usize] = Some(Instant::now());
-        let _: () = publisher.publish(channel.as_str(), index.to_string()).await.expect("publish");
+        let _: () = publisher
+            .publish(channel.as_str(), index.to_string())
+            .await
+            .expect("publish");
         tokio::time::sleep(gap).await;
     }
     for consumer in consumers {
@@ -165,7 +201,13 @@ async fn redis_latency(url: &str, subscribers: usize, messages: u64, gap: Durati
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
-        .filter_map(|(index, at)| published.get(*index as usize).copied().flatten().map(|sent| at.saturating_duration_since(sent)))
+        .filter_map(|(index, at)| {
+            published
+                .get(*index as usize)
+                .copied()
+                .flatten()
+                .map(|sent| at.saturating_duration_since(sent))
+        })
         .collect();
     latencies.sort();
     latencies
@@ -180,9 +222,17 @@ async fn main() {
     let schema = format!("bench_{}", Uuid::now_v7().simple());
     let (settings, backend) = match std::env::var("KEEL_BENCH_DATABASE_URL") {
         Ok(url) => {
-            let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone())).await.expect("postgres");
-            sea_orm::ConnectionTrait::execute_unprepared(&admin, &format!("CREATE SCHEMA \"{schema}\"")).await.expect("schema");
-            let settings = keel_db::DbSettings { max_connections: 16, schema: Some(schema.clone()), ..keel_db::DbSettings::new(url) };
+            let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone()))
+                .await
+                .expect("postgres");
+            sea_orm::ConnectionTrait::execute_unprepared(&admin, &format!("CREATE SCHEMA \"{schema}\""))
+                .await
+                .expect("schema");
+            let settings = keel_db::DbSettings {
+                max_connections: 16,
+                schema: Some(schema.clone()),
+                ..keel_db::DbSettings::new(url)
+            };
             (settings, "postgres")
         }
         Err(_) => (keel_db::DbSettings::new(keel_db::sqlite_url(&dir)), "sqlite"),
@@ -191,7 +241,11 @@ async fn main() {
     keel_db::migrate(&db).await.expect("migrations");
     let events = Events::start(
         db.clone(),
-        Settings { redis_url: Some(redis_url.clone()), hub_buffer: 65_536, ..Settings::default() },
+        Settings {
+            redis_url: Some(redis_url.clone()),
+            hub_buffer: 65_536,
+            ..Settings::default()
+        },
         keel_bus::handlers::Registry::default(),
     )
     .await
@@ -201,7 +255,10 @@ async fn main() {
     let bus = builder.build();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    println!("keel bench-events: database {backend}, transport redis ({redis_url}), {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "keel bench-events: database {backend}, transport redis ({redis_url}), {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     println!();
     println!("commit-to-subscriber latency (200 events, one every 5 ms), beside Redis PUBLISH -> SUBSCRIBE");
     println!("| subscribers | keel p50 ms | keel p99 ms | redis p50 ms | redis p99 ms | p99 keel/redis |");
@@ -211,10 +268,19 @@ async fn main() {
         let keel = keel_latency(&events, &bus, &db, subscribers, 200, Duration::from_millis(5), base).await;
         base += 1_000_000;
         let redis = redis_latency(&redis_url, subscribers, 200, Duration::from_millis(5)).await;
-        let (kp50, kp99, rp50, rp99) = (percentile(&keel, 0.5), percentile(&keel, 0.99), percentile(&redis, 0.5), percentile(&redis, 0.99));
+        let (kp50, kp99, rp50, rp99) = (
+            percentile(&keel, 0.5),
+            percentile(&keel, 0.99),
+            percentile(&redis, 0.5),
+            percentile(&redis, 0.99),
+        );
         println!(
             "| {subscribers} | {:.3} | {:.3} | {:.3} | {:.3} | {:.2} |",
-            ms(kp50), ms(kp99), ms(rp50), ms(rp99), ms(kp99) / ms(rp99).max(0.001)
+            ms(kp50),
+            ms(kp99),
+            ms(rp50),
+            ms(rp99),
+            ms(kp99) / ms(rp99).max(0.001)
         );
         assert_eq!(keel.len(), subscribers * 200, "every subscriber received every event");
     }
@@ -222,12 +288,23 @@ async fn main() {
     // Sustained throughput: 8 writers commit as fast as they can; one
     // subscriber must receive every event.
     let total = 4000u64;
-    let admin = Principal { user_id: Uuid::now_v7(), session_id: Uuid::now_v7(), role: Role::Admin };
+    let admin = Principal {
+        user_id: Uuid::now_v7(),
+        session_id: Uuid::now_v7(),
+        role: Role::Admin,
+    };
     let mut receiver = keel_bus::subscribe::start(
         db.clone(),
         events.hub(),
-        keel_bus::subscribe::Settings { heartbeat: Duration::from_secs(60), queue: 4096 },
-        Subscription { topics: vec![], after: events.latest_sequence(), principal: admin },
+        keel_bus::subscribe::Settings {
+            heartbeat: Duration::from_secs(60),
+            queue: 4096,
+        },
+        Subscription {
+            topics: vec![],
+            after: events.latest_sequence(),
+            principal: admin,
+        },
     )
     .await
     .expect("subscribe");
@@ -237,7 +314,9 @@ async fn main() {
             let bus = bus.clone();
             tokio::spawn(async move {
                 for index in 0..total / 8 {
-                    bus.execute(&RequestContext::system(), Emit(10_000_000 + writer * 100_000 + index)).await.expect("commit");
+                    bus.execute(&RequestContext::system(), Emit(10_000_000 + writer * 100_000 + index))
+                        .await
+                        .expect("commit");
                 }
             })
         })
@@ -247,7 +326,10 @@ async fn main() {
         match tokio::time::timeout(Duration::from_secs(60), receiver.recv()).await {
             Ok(Some(Ok(Item::Event(_)))) => got += 1,
             Ok(Some(Ok(Item::Heartbeat { .. }))) => {}
-            other => panic!("throughput run failed: {:?}", other.map(|item| item.map(|r| r.map(|_| ())))),
+            other => panic!(
+                "throughput run failed: {:?}",
+                other.map(|item| item.map(|r| r.map(|_| ())))
+            ),
         }
     }
     let keel_rate = total as f64 / started.elapsed().as_secs_f64();
@@ -274,7 +356,10 @@ async fn main() {
                 let channel = channel.clone();
                 tokio::spawn(async move {
                     for index in 0..total / 8 {
-                        let _: () = publisher.publish(channel.as_str(), index.to_string()).await.expect("publish");
+                        let _: () = publisher
+                            .publish(channel.as_str(), index.to_string())
+                            .await
+                            .expect("publish");
                     }
                 })
             })
@@ -293,7 +378,10 @@ async fn main() {
     println!("sustained throughput ({total} events, 8 concurrent writers, 1 subscriber)");
     println!("| path | events/s | ratio to redis |");
     println!("|---|---:|---:|");
-    println!("| keel: commit + outbox + relay + redis + hub + subscriber | {keel_rate:.0} | {:.2} |", keel_rate / redis_rate);
+    println!(
+        "| keel: commit + outbox + relay + redis + hub + subscriber | {keel_rate:.0} | {:.2} |",
+        keel_rate / redis_rate
+    );
     println!("| redis: PUBLISH -> SUBSCRIBE | {redis_rate:.0} | 1.00 |");
     events.stop();
     if backend == "postgres" {

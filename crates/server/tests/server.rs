@@ -339,3 +339,62 @@ mod bootstrap_admin {
         creates_the_admin_once(Backend::Postgres).await;
     }
 }
+
+#[tokio::test]
+async fn keel_edge_serves_rest_and_grpc_in_front_of_a_remote_keel() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let upstream_port = free_port();
+    let _upstream = serve(data_dir.path(), upstream_port).await;
+    let edge_port = free_port();
+    let edge_dir = tempfile::tempdir().unwrap();
+    let _edge = Running(
+        keel(edge_dir.path())
+            .env("KEEL_LISTEN", format!("127.0.0.1:{edge_port}"))
+            .args(["edge", "--upstream", &format!("http://127.0.0.1:{upstream_port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", edge_port)).is_err() {
+        assert!(Instant::now() < deadline, "keel edge did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // REST through the standalone edge reaches the remote tier.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let body = serde_json::json!({"email": "edge@example.com", "password": PASSWORD, "displayName": "Edge"});
+    let response = client
+        .request(
+            http::Request::post(format!("http://127.0.0.1:{edge_port}/v1/auth/register"))
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let ready = client
+        .request(
+            http::Request::get(format!("http://127.0.0.1:{edge_port}/readyz"))
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "readiness comes from the upstream's health");
+    // Native gRPC is passed through: the user exists upstream.
+    let mut commands = IdentityCommandServiceClient::connect(format!("http://127.0.0.1:{edge_port}"))
+        .await
+        .unwrap();
+    let login = commands
+        .login(pb::LoginRequest {
+            email: "edge@example.com".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(login.user.unwrap().email, "edge@example.com");
+}
