@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keel_kernel::Role;
 use keel_server::{Application, Config, State, telemetry};
 
+// Many small allocations per call (headers, JSON, protobuf): mimalloc keeps
+// them off glibc malloc's locks and consolidation passes.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Keel: typed gRPC, REST and grpc-web backend")]
 struct Cli {
