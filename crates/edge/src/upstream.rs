@@ -59,16 +59,62 @@ impl Upstream {
         tonic::client::Grpc::new(self.inner.clone())
     }
 
+    /// A unary call, framed and unframed here rather than by tonic's client
+    /// codec: one buffer in, one collected body out, no per-call client
+    /// state (this is the hot path of every REST call).
     pub fn unary(&self, path: &str, request: tonic::Request<Bytes>) -> BoxFuture<'static, Result<UnaryReply, Status>> {
-        let path = PathAndQuery::try_from(path).map_err(|_| Status::internal("bad method path"));
-        let mut grpc = self.grpc();
+        let service = self.inner.clone();
+        let path = path.to_owned();
         Box::pin(async move {
-            grpc.ready()
+            let (metadata, extensions, message) = request.into_parts();
+            let length = u32::try_from(message.len()).map_err(|_| Status::resource_exhausted("request too large"))?;
+            let mut frame = bytes::BytesMut::with_capacity(5 + message.len());
+            frame.put_u8(0);
+            frame.put_u32(length);
+            frame.put_slice(&message);
+            let mut call = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(frame.freeze())));
+            *call.method_mut() = http::Method::POST;
+            *call.uri_mut() = http::Uri::try_from(path).map_err(|_| Status::internal("bad method path"))?;
+            *call.version_mut() = http::Version::HTTP_2;
+            *call.headers_mut() = metadata.into_headers();
+            call.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            call.headers_mut()
+                .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            *call.extensions_mut() = extensions;
+
+            let response = service.oneshot(call).await?;
+            let (parts, body) = response.into_parts();
+            // Trailers-only: the status is in the headers.
+            if let Some(status) = Status::from_header_map(&parts.headers)
+                && status.code() != tonic::Code::Ok
+            {
+                return Err(status);
+            }
+            let collected = http_body_util::BodyExt::collect(body)
                 .await
-                .map_err(|error| Status::unavailable(format!("upstream unavailable: {error}")))?;
-            let response = grpc.unary(request, path?, RawCodec).await?;
-            let (metadata, message, _) = response.into_parts();
-            Ok(UnaryReply { metadata, message })
+                .map_err(|error| Status::from_error(error.into()))?;
+            if let Some(status) = collected.trailers().and_then(Status::from_header_map)
+                && status.code() != tonic::Code::Ok
+            {
+                return Err(status);
+            }
+            let data = collected.to_bytes();
+            if data.len() < 5 || data[0] != 0 {
+                return Err(Status::internal(
+                    "the upstream answered without an uncompressed message",
+                ));
+            }
+            let length = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+            if data.len() < 5 + length {
+                return Err(Status::internal("the upstream's message is truncated"));
+            }
+            Ok(UnaryReply {
+                metadata: MetadataMap::from_headers(parts.headers),
+                message: data.slice(5..5 + length),
+            })
         })
     }
 
