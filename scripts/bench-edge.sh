@@ -43,6 +43,8 @@ if [[ -n "${BENCH_OUT:-}" && "$BENCH_OUT" != /* ]]; then
   BENCH_OUT="$PWD/$BENCH_OUT"
 fi
 cd "$root"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 
 duration="${BENCH_DURATION:-10}"
 rounds="${BENCH_ROUNDS:-3}"
@@ -87,32 +89,13 @@ if [[ -n "${KEEL_BIN:-}" ]]; then
 else
   binary_label="built from $(git -C "$root" describe --always --dirty 2>/dev/null || echo 'this tree')"
   say "building keel (cargo build --release --bin keel)"
-  artifacts="$(cargo build --release --bin keel --message-format=json-render-diagnostics)" ||
-    fail "cargo build --release --bin keel failed"
-  KEEL_BIN="$(python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "keel" and msg.get("executable"):
-        exe = msg["executable"]
-print(exe)
-' <<<"$artifacts")"
+  KEEL_BIN="$(keel_binary --release)" || fail "cargo build --release --bin keel failed"
   [[ -n "$KEEL_BIN" ]] || fail "cargo build did not report a 'keel' executable"
 fi
 [[ -x "$KEEL_BIN" ]] || fail "KEEL_BIN=$KEEL_BIN is not an executable file"
 
 # --- server ------------------------------------------------------------------
-port="$(python3 -c '
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-')"
+port="$(free_port)"
 base="http://127.0.0.1:$port"
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/keel-bench.XXXXXX")"
 mkdir -p "$workdir/data"

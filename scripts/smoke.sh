@@ -18,6 +18,8 @@ if [[ -n "${KEEL_BIN:-}" && "$KEEL_BIN" != /* ]]; then
   KEEL_BIN="$PWD/$KEEL_BIN"
 fi
 cd "$root"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 
 ready_timeout="${KEEL_SMOKE_READY_TIMEOUT:-30}"
 
@@ -37,32 +39,13 @@ if [[ -z "${KEEL_BIN:-}" ]]; then
   # Ask cargo where it put the executable instead of guessing the target dir
   # (CARGO_TARGET_DIR, .cargo/config.toml, ...). Diagnostics and progress still
   # go to stderr; the JSON messages on stdout are only parsed.
-  artifacts="$(cargo build --release --bin keel --message-format=json-render-diagnostics)" ||
-    fail "cargo build --release --bin keel failed"
-  KEEL_BIN="$(python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "keel" and msg.get("executable"):
-        exe = msg["executable"]
-print(exe)
-' <<<"$artifacts")"
+  KEEL_BIN="$(keel_binary --release)" || fail "cargo build --release --bin keel failed"
   [[ -n "$KEEL_BIN" ]] || fail "cargo build did not report a 'keel' executable"
 fi
 [[ -x "$KEEL_BIN" ]] || fail "KEEL_BIN=$KEEL_BIN is not an executable file"
 
 # --- server ------------------------------------------------------------------
-port="$(python3 -c '
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-')"
+port="$(free_port)"
 addr="127.0.0.1:$port"
 
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/keel-smoke.XXXXXX")"

@@ -23,6 +23,8 @@ if [[ -n "${KEEL_BIN:-}" && "$KEEL_BIN" != /* ]]; then
   KEEL_BIN="$PWD/$KEEL_BIN"
 fi
 cd "$root"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 client="$root/clients/ts"
 
 ready_timeout="${KEEL_TS_READY_TIMEOUT:-30}"
@@ -55,32 +57,13 @@ log "type-checking the client (tsc --noEmit)"
 if [[ -z "${KEEL_BIN:-}" ]]; then
   log "building keel (cargo build --bin keel)"
   # Ask cargo where it put the executable instead of guessing the target dir.
-  artifacts="$(cargo build --bin keel --message-format=json-render-diagnostics)" ||
-    fail "cargo build --bin keel failed"
-  KEEL_BIN="$(python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        continue
-    if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "keel" and msg.get("executable"):
-        exe = msg["executable"]
-print(exe)
-' <<<"$artifacts")"
+  KEEL_BIN="$(keel_binary)" || fail "cargo build --bin keel failed"
   [[ -n "$KEEL_BIN" ]] || fail "cargo build did not report a 'keel' executable"
 fi
 [[ -x "$KEEL_BIN" ]] || fail "KEEL_BIN=$KEEL_BIN is not an executable file"
 
 # --- server ------------------------------------------------------------------
-port="$(python3 -c '
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("127.0.0.1", 0))
-print(s.getsockname()[1])
-s.close()
-')"
+port="$(free_port)"
 addr="127.0.0.1:$port"
 url="http://$addr"
 
