@@ -326,33 +326,6 @@ pub async fn checkpoint(db: &impl ConnectionTrait, handler: &str) -> Result<Opti
         .map(|row| row.sequence.max(0) as u64))
 }
 
-pub async fn save_checkpoint(
-    db: &impl ConnectionTrait,
-    handler: &str,
-    sequence: u64,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let updated = checkpoints::Entity::update_many()
-        .col_expr(checkpoints::Column::Sequence, Expr::value(sequence as i64))
-        .col_expr(checkpoints::Column::UpdatedAt, Expr::value(now))
-        .filter(checkpoints::Column::Handler.eq(handler))
-        .exec(db)
-        .await?;
-    if updated.rows_affected == 0 {
-        checkpoints::ActiveModel {
-            handler: Set(handler.to_owned()),
-            user_id: Set(None),
-            sequence: Set(sequence as i64),
-            leased_by: Set(None),
-            leased_until: Set(None),
-            updated_at: Set(now),
-        }
-        .insert(db)
-        .await?;
-    }
-    Ok(())
-}
-
 /// The lowest checkpoint of the given handlers: what retention may prune through.
 pub async fn lowest_checkpoint(db: &impl ConnectionTrait, handlers: &[&str]) -> Result<u64> {
     let mut lowest = u64::MAX;

@@ -2,8 +2,6 @@
 //! service that speaks gRPC: the in-process server (no socket) or a
 //! `tonic::transport::Channel` to a remote keel.
 
-use std::time::Duration;
-
 use bytes::{Buf, BufMut, Bytes};
 use futures::future::BoxFuture;
 use http::uri::PathAndQuery;
@@ -139,14 +137,6 @@ impl Upstream {
     pub fn service(&self) -> Inner {
         self.inner.clone()
     }
-}
-
-/// A request with `deadline` as its `grpc-timeout`.
-pub fn with_timeout(mut request: tonic::Request<Bytes>, timeout: Option<Duration>) -> tonic::Request<Bytes> {
-    if let Some(timeout) = timeout {
-        request.set_timeout(timeout);
-    }
-    request
 }
 
 /// Passes protobuf bytes through unchanged: the edge encodes and decodes
