@@ -53,7 +53,7 @@ bench-edge:
 
 # Commit-to-subscriber latency (1, 100, 1000 subscribers) and relay throughput beside raw Redis pub/sub
 bench-events:
-    cargo build --release -p keel-bus --example bench_events
+    cargo build --release -p keel-events --example bench_events
     KEEL_BENCH_DATABASE_URL="${KEEL_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" taskset -c 0,1 target/release/examples/bench_events
 
 # Build the debug binary and call it over grpc-web from the TypeScript client (clients/ts)

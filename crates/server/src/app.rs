@@ -26,7 +26,7 @@ pub struct State {
     pub db: Db,
     pub bus: Bus,
     pub identity: Identity,
-    pub events: keel_bus::Events,
+    pub events: keel_events::Events,
 }
 
 impl State {
@@ -62,28 +62,28 @@ impl State {
                 Arc::new(crate::mail::FileMailer::new(path))
             }
         };
-        let mut handlers = keel_bus::handlers::Registry::default();
+        let mut handlers = keel_events::handlers::Registry::default();
         handlers.add(Arc::new(keel_identity::events::WelcomeEmail::new(mailer)));
-        let event_settings = keel_bus::Settings {
+        let event_settings = keel_events::Settings {
             redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
-            subscriptions: keel_bus::subscribe::Settings {
+            subscriptions: keel_events::subscribe::Settings {
                 heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
                 queue: 256,
             },
             retention: Duration::from_secs(config.events_retention_hours.saturating_mul(3600)),
-            handlers: keel_bus::handlers::Settings {
+            handlers: keel_events::handlers::Settings {
                 max_attempts: config.event_handler_max_attempts,
                 base_backoff: Duration::from_millis(config.event_handler_backoff_ms),
-                ..keel_bus::handlers::Settings::default()
+                ..keel_events::handlers::Settings::default()
             },
-            ..keel_bus::Settings::default()
+            ..keel_events::Settings::default()
         };
-        let events = keel_bus::Events::start(db.clone(), event_settings, handlers).await?;
+        let events = keel_events::Events::start(db.clone(), event_settings, handlers).await?;
 
         let mut bus = BusBuilder::new(db.clone());
         bus.outbox(events.outbox());
         keel_identity::register(&mut bus, &identity);
-        keel_bus::register(&mut bus, &events);
+        keel_events::register(&mut bus, &events);
         let state = State {
             config: Arc::new(config),
             db,
@@ -202,7 +202,7 @@ impl State {
             };
         }
         let (command, query) = keel_identity::grpc::services(&self.bus);
-        let (event_command, event_query) = keel_bus::grpc::services(&self.bus);
+        let (event_command, event_query) = keel_events::grpc::services(&self.bus);
         let mut routes = Routes::new(health_service)
             .add_service(limited!(command))
             .add_service(limited!(query))

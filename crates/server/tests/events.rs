@@ -437,7 +437,7 @@ async fn a_cursor_in_the_pruned_past_is_told_to_resync() {
     let (_, admin) = app.admin("root@example.com").await;
     register_many(&app, "x", 3).await;
     app.state.events.flush().await.unwrap();
-    keel_bus::store::prune(
+    keel_events::store::prune(
         &app.state.db,
         keel_kernel::clock::now() + chrono::Duration::seconds(1),
         u64::MAX / 2,

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_bus::handlers::Registry;
-use keel_bus::subscribe::Item;
-use keel_bus::{Events, Settings, store};
+use keel_events::handlers::Registry;
+use keel_events::subscribe::Item;
+use keel_events::{Events, Settings, store};
 use keel_kernel::{
     BusBuilder, Code, Command, CommandContext, CommandHandler, DomainEvent, Envelope, Error, EventHandler, Principal,
     RequestContext, Result, Role,
@@ -129,14 +129,14 @@ async fn subscribe(
     topics: &[&str],
     after: u64,
 ) -> Result<mpsc::Receiver<Result<Item>>> {
-    keel_bus::subscribe::start(
+    keel_events::subscribe::start(
         rig.db.clone(),
         rig.events_hub(),
-        keel_bus::subscribe::Settings {
+        keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(30),
             queue: 64,
         },
-        keel_bus::subscribe::Subscription {
+        keel_events::subscribe::Subscription {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
             after,
             principal,
@@ -146,7 +146,7 @@ async fn subscribe(
 }
 
 impl Rig {
-    fn events_hub(&self) -> Arc<keel_bus::hub::Hub> {
+    fn events_hub(&self) -> Arc<keel_events::hub::Hub> {
         self.events.hub()
     }
 }
@@ -244,14 +244,14 @@ async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, t
     let Some(rig) = rig(backend, transport, settings, Registry::default()).await else {
         return;
     };
-    let mut slow = keel_bus::subscribe::start(
+    let mut slow = keel_events::subscribe::start(
         rig.db.clone(),
         rig.events_hub(),
-        keel_bus::subscribe::Settings {
+        keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(30),
             queue: 1,
         },
-        keel_bus::subscribe::Subscription {
+        keel_events::subscribe::Subscription {
             topics: Vec::new(),
             after: 0,
             principal: admin(),
@@ -353,7 +353,7 @@ async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, t
     let mut registry = Registry::default();
     registry.add(flaky.clone());
     let settings = Settings {
-        handlers: keel_bus::handlers::Settings {
+        handlers: keel_events::handlers::Settings {
             max_attempts: 3,
             base_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(100),
@@ -384,7 +384,7 @@ async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, t
     assert_ne!(letters[0].event_id, second);
     assert_eq!(flaky.attempts.load(Ordering::SeqCst), 5);
     // The admin replays it: now the handler succeeds.
-    keel_bus::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
+    keel_events::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
         .await
         .unwrap();
     assert_eq!(done.recv().await.unwrap(), letters[0].event_id);
@@ -396,7 +396,7 @@ async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, t
             .unwrap()
             .is_empty()
     );
-    let again = keel_bus::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
+    let again = keel_events::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition);
@@ -415,7 +415,7 @@ async fn concurrent_relays_never_number_an_event_twice(backend: Backend, transpo
     };
     let user = Uuid::now_v7();
     for index in 0..60 {
-        keel_bus::store::insert_pending(
+        keel_events::store::insert_pending(
             &rig.db,
             &[keel_kernel::PendingEvent::new(
                 &Noted(format!("{index}")),

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use keel_bus::subscribe::{Item, Subscription};
-use keel_bus::{Events, Settings};
+use keel_events::subscribe::{Item, Subscription};
+use keel_events::{Events, Settings};
 use keel_kernel::{BusBuilder, Command, CommandContext, CommandHandler, DomainEvent, Principal, RequestContext, Role};
 use uuid::Uuid;
 
@@ -79,10 +79,10 @@ async fn keel_latency(
     };
     let mut consumers = Vec::new();
     for _ in 0..subscribers {
-        let mut receiver = keel_bus::subscribe::start(
+        let mut receiver = keel_events::subscribe::start(
             db.clone(),
             events_module.hub(),
-            keel_bus::subscribe::Settings {
+            keel_events::subscribe::Settings {
                 heartbeat: Duration::from_secs(60),
                 queue: 1024,
             },
@@ -246,7 +246,7 @@ async fn main() {
             hub_buffer: 65_536,
             ..Settings::default()
         },
-        keel_bus::handlers::Registry::default(),
+        keel_events::handlers::Registry::default(),
     )
     .await
     .expect("events");
@@ -293,10 +293,10 @@ async fn main() {
         session_id: Uuid::now_v7(),
         role: Role::Admin,
     };
-    let mut receiver = keel_bus::subscribe::start(
+    let mut receiver = keel_events::subscribe::start(
         db.clone(),
         events.hub(),
-        keel_bus::subscribe::Settings {
+        keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(60),
             queue: 4096,
         },
