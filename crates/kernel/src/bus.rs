@@ -6,6 +6,11 @@
 //! (idempotency, metrics, ... as later modules add them), then, for
 //! commands, one database transaction around the handler, committed only when
 //! the handler succeeds.
+//!
+//! Results are typed ([`Reply`]): middleware sees each one as an [`Output`]
+//! that it can turn into bytes and back, so that an idempotency layer can
+//! store a response and replay it, and a cache can keep one, without
+//! knowing the command.
 
 use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
@@ -15,6 +20,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use sea_orm::{DatabaseBackend, DatabaseConnection, DatabaseTransaction, TransactionTrait};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard, OnceCell};
 use tracing::Instrument;
 
@@ -25,13 +32,81 @@ use crate::events::{DomainEvent, Outbox, PendingEvent};
 /// A request to change state. `NAME` names its span (`identity.register`).
 pub trait Command: Send + 'static {
     const NAME: &'static str;
-    type Output: Send + 'static;
+    type Output: Reply;
 }
 
 /// A request to read state.
 pub trait Query: Send + 'static {
     const NAME: &'static str;
-    type Output: Send + 'static;
+    type Output: Reply;
+}
+
+/// What a command or query returns, in a form that middleware can keep:
+/// every serde type is one (stored as JSON); a live stream is wrapped in
+/// [`Live`], which middleware must pass through.
+pub trait Reply: Send + Sized + 'static {
+    /// The reply as bytes to store, or `None` when it cannot be stored.
+    fn to_bytes(&self) -> Option<Result<Vec<u8>>>;
+    /// The reply that [`Reply::to_bytes`] stored.
+    fn from_bytes(bytes: &[u8]) -> Result<Self>;
+}
+
+impl<T: Serialize + DeserializeOwned + Send + 'static> Reply for T {
+    fn to_bytes(&self) -> Option<Result<Vec<u8>>> {
+        Some(serde_json::to_vec(self).map_err(Error::internal))
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(Error::internal)
+    }
+}
+
+/// A reply that lives on after the call (a subscription's channel): it
+/// cannot be stored, cached or replayed.
+#[derive(Debug)]
+pub struct Live<T>(pub T);
+
+impl<T: Send + 'static> Reply for Live<T> {
+    fn to_bytes(&self) -> Option<Result<Vec<u8>>> {
+        None
+    }
+
+    fn from_bytes(_bytes: &[u8]) -> Result<Self> {
+        Err(Error::internal("a live reply cannot be restored from bytes"))
+    }
+}
+
+/// A reply on its way through the middleware chain, its type erased.
+pub struct Output {
+    value: Box<dyn Any + Send>,
+    to_bytes: fn(&(dyn Any + Send)) -> Option<Result<Vec<u8>>>,
+}
+
+impl Output {
+    pub fn new<R: Reply>(reply: R) -> Self {
+        Self {
+            value: Box::new(reply),
+            to_bytes: |value| value.downcast_ref::<R>().and_then(R::to_bytes),
+        }
+    }
+
+    /// The reply as bytes to store (see [`Reply::to_bytes`]).
+    pub fn to_bytes(&self) -> Option<Result<Vec<u8>>> {
+        (self.to_bytes)(self.value.as_ref())
+    }
+
+    fn into_reply<R: Reply>(self, name: &str) -> Result<R> {
+        self.value
+            .downcast::<R>()
+            .map(|reply| *reply)
+            .map_err(|_| Error::internal(format!("middleware changed the output type of {name}")))
+    }
+}
+
+impl std::fmt::Debug for Output {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Output").finish_non_exhaustive()
+    }
 }
 
 /// What a command handler works with: the caller, a connection for reads
@@ -124,20 +199,39 @@ pub enum CallKind {
 }
 
 /// What middleware may know about a call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct CallInfo<'a> {
     pub name: &'static str,
     pub kind: CallKind,
     pub request: &'a RequestContext,
+    restore: fn(&[u8]) -> Result<Output>,
 }
 
-pub type Erased = Box<dyn Any + Send>;
+impl CallInfo<'_> {
+    /// This call's reply from bytes that [`Output::to_bytes`] produced for
+    /// the same command or query: how a middleware answers without the handler.
+    pub fn restore(&self, bytes: &[u8]) -> Result<Output> {
+        (self.restore)(bytes)
+    }
+}
+
+impl std::fmt::Debug for CallInfo<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallInfo")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("request", &self.request)
+            .finish()
+    }
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// One link of the chain around every handler. It receives the rest of the
-/// chain as a future and may observe it, time it, or answer without it.
+/// chain as a future and may observe it, time it, or answer without it
+/// (with [`CallInfo::restore`]).
 pub trait Middleware: Send + Sync + 'static {
-    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Erased>>) -> BoxFuture<'a, Result<Erased>>;
+    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Output>>) -> BoxFuture<'a, Result<Output>>;
 }
 
 type ErasedCommandHandler<C> = Arc<dyn CommandHandler<C>>;
@@ -238,7 +332,7 @@ impl Bus {
             .cloned()
             .ok_or_else(|| unregistered(C::NAME))?;
         let inner = &self.inner;
-        let terminal: BoxFuture<'_, Result<Erased>> = Box::pin(async move {
+        let terminal: BoxFuture<'_, Result<Output>> = Box::pin(async move {
             let command_ctx = CommandContext {
                 request: ctx,
                 db: &inner.db,
@@ -259,10 +353,12 @@ impl Bus {
             if wrote_events && let Some(outbox) = &inner.outbox {
                 outbox.committed();
             }
-            outcome.map(|output| Box::new(output) as Erased)
+            outcome.map(Output::new)
         });
-        let output = self.run(CallKind::Command, C::NAME, ctx, terminal).await?;
-        downcast::<C::Output>(output, C::NAME)
+        let output = self
+            .run(CallKind::Command, C::NAME, ctx, restore::<C::Output>, terminal)
+            .await?;
+        output.into_reply(C::NAME)
     }
 
     /// Runs `query` through the middleware chain, outside any transaction.
@@ -275,12 +371,14 @@ impl Bus {
             .cloned()
             .ok_or_else(|| unregistered(Q::NAME))?;
         let db = &self.inner.db;
-        let terminal: BoxFuture<'_, Result<Erased>> = Box::pin(async move {
+        let terminal: BoxFuture<'_, Result<Output>> = Box::pin(async move {
             let output = handler.handle(&QueryContext { request: ctx, db }, query).await?;
-            Ok(Box::new(output) as Erased)
+            Ok(Output::new(output))
         });
-        let output = self.run(CallKind::Query, Q::NAME, ctx, terminal).await?;
-        downcast::<Q::Output>(output, Q::NAME)
+        let output = self
+            .run(CallKind::Query, Q::NAME, ctx, restore::<Q::Output>, terminal)
+            .await?;
+        output.into_reply(Q::NAME)
     }
 
     async fn run<'a>(
@@ -288,12 +386,14 @@ impl Bus {
         kind: CallKind,
         name: &'static str,
         ctx: &'a RequestContext,
-        terminal: BoxFuture<'a, Result<Erased>>,
-    ) -> Result<Erased> {
+        restore: fn(&[u8]) -> Result<Output>,
+        terminal: BoxFuture<'a, Result<Output>>,
+    ) -> Result<Output> {
         let call = CallInfo {
             name,
             kind,
             request: ctx,
+            restore,
         };
         let chained = self
             .inner
@@ -356,9 +456,6 @@ fn unregistered(name: &str) -> Error {
     Error::internal(format!("no handler registered for {name}"))
 }
 
-fn downcast<T: 'static>(output: Erased, name: &str) -> Result<T> {
-    output
-        .downcast::<T>()
-        .map(|output| *output)
-        .map_err(|_| Error::internal(format!("middleware changed the output type of {name}")))
+fn restore<R: Reply>(bytes: &[u8]) -> Result<Output> {
+    R::from_bytes(bytes).map(Output::new)
 }

@@ -45,29 +45,32 @@ impl Code {
         Code::DataLoss,
     ];
 
-    /// The one table: (gRPC code, HTTP status, name).
-    const fn row(self) -> (tonic::Code, u16, &'static str) {
+    /// The one table: (gRPC code number, HTTP status, name). The gRPC
+    /// numbers are those of `google.rpc.Code`; `grpc.rs` turns them into
+    /// tonic's type, so that this file knows no transport.
+    const fn row(self) -> (i32, u16, &'static str) {
         match self {
-            Code::Cancelled => (tonic::Code::Cancelled, 499, "CANCELLED"),
-            Code::Unknown => (tonic::Code::Unknown, 500, "UNKNOWN"),
-            Code::InvalidArgument => (tonic::Code::InvalidArgument, 400, "INVALID_ARGUMENT"),
-            Code::DeadlineExceeded => (tonic::Code::DeadlineExceeded, 504, "DEADLINE_EXCEEDED"),
-            Code::NotFound => (tonic::Code::NotFound, 404, "NOT_FOUND"),
-            Code::AlreadyExists => (tonic::Code::AlreadyExists, 409, "ALREADY_EXISTS"),
-            Code::PermissionDenied => (tonic::Code::PermissionDenied, 403, "PERMISSION_DENIED"),
-            Code::Unauthenticated => (tonic::Code::Unauthenticated, 401, "UNAUTHENTICATED"),
-            Code::ResourceExhausted => (tonic::Code::ResourceExhausted, 429, "RESOURCE_EXHAUSTED"),
-            Code::FailedPrecondition => (tonic::Code::FailedPrecondition, 400, "FAILED_PRECONDITION"),
-            Code::Aborted => (tonic::Code::Aborted, 409, "ABORTED"),
-            Code::OutOfRange => (tonic::Code::OutOfRange, 400, "OUT_OF_RANGE"),
-            Code::Unimplemented => (tonic::Code::Unimplemented, 501, "UNIMPLEMENTED"),
-            Code::Internal => (tonic::Code::Internal, 500, "INTERNAL"),
-            Code::Unavailable => (tonic::Code::Unavailable, 503, "UNAVAILABLE"),
-            Code::DataLoss => (tonic::Code::DataLoss, 500, "DATA_LOSS"),
+            Code::Cancelled => (1, 499, "CANCELLED"),
+            Code::Unknown => (2, 500, "UNKNOWN"),
+            Code::InvalidArgument => (3, 400, "INVALID_ARGUMENT"),
+            Code::DeadlineExceeded => (4, 504, "DEADLINE_EXCEEDED"),
+            Code::NotFound => (5, 404, "NOT_FOUND"),
+            Code::AlreadyExists => (6, 409, "ALREADY_EXISTS"),
+            Code::PermissionDenied => (7, 403, "PERMISSION_DENIED"),
+            Code::Unauthenticated => (16, 401, "UNAUTHENTICATED"),
+            Code::ResourceExhausted => (8, 429, "RESOURCE_EXHAUSTED"),
+            Code::FailedPrecondition => (9, 400, "FAILED_PRECONDITION"),
+            Code::Aborted => (10, 409, "ABORTED"),
+            Code::OutOfRange => (11, 400, "OUT_OF_RANGE"),
+            Code::Unimplemented => (12, 501, "UNIMPLEMENTED"),
+            Code::Internal => (13, 500, "INTERNAL"),
+            Code::Unavailable => (14, 503, "UNAVAILABLE"),
+            Code::DataLoss => (15, 500, "DATA_LOSS"),
         }
     }
 
-    pub const fn grpc(self) -> tonic::Code {
+    /// The `google.rpc.Code` number.
+    pub const fn grpc_number(self) -> i32 {
         self.row().0
     }
 
@@ -80,10 +83,11 @@ impl Code {
         self.row().2
     }
 
-    pub fn from_grpc(code: tonic::Code) -> Code {
+    /// The code of a `google.rpc.Code` number; `Unknown` for OK and numbers outside the table.
+    pub fn from_grpc_number(number: i32) -> Code {
         Code::ALL
             .into_iter()
-            .find(|candidate| candidate.grpc() == code)
+            .find(|candidate| candidate.grpc_number() == number)
             .unwrap_or(Code::Unknown)
     }
 }
@@ -161,6 +165,11 @@ impl Error {
 
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
+    }
+
+    /// What went wrong inside, for the log; never for the client.
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.cause.as_deref()
     }
 
     pub fn not_found(what: impl Into<String>) -> Self {
@@ -262,58 +271,6 @@ impl<E: Into<Error> + std::error::Error> From<sea_orm::TransactionError<E>> for 
     }
 }
 
-impl From<Error> for tonic::Status {
-    fn from(error: Error) -> Self {
-        use tonic_types::{ErrorDetails, StatusExt};
-
-        if let Some(cause) = &error.cause {
-            // The span of the call carries the request id.
-            if matches!(
-                error.code,
-                Code::Internal | Code::Unknown | Code::DataLoss | Code::Unavailable
-            ) {
-                tracing::error!(code = %error.code, cause = %cause, "request failed");
-            } else {
-                tracing::debug!(code = %error.code, cause = %cause, "request refused");
-            }
-        }
-        let mut details = ErrorDetails::new();
-        if !error.violations.is_empty() {
-            details.set_bad_request(
-                error
-                    .violations
-                    .iter()
-                    .map(|violation| {
-                        tonic_types::FieldViolation::new(violation.field.clone(), violation.description.clone())
-                    })
-                    .collect::<Vec<_>>(),
-            );
-        }
-        if let Some(retry_after) = error.retry_after {
-            details.set_retry_info(Some(retry_after));
-        }
-        if let Some((reason, metadata)) = error.info.as_deref() {
-            details.set_error_info(
-                reason.clone(),
-                "keel",
-                metadata.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
-            );
-        }
-        let mut status = if error.violations.is_empty() && error.retry_after.is_none() && error.info.is_none() {
-            tonic::Status::new(error.code.grpc(), error.message)
-        } else {
-            tonic::Status::with_error_details(error.code.grpc(), error.message, details)
-        };
-        if let Some(retry_after) = error.retry_after {
-            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            if let Ok(value) = seconds.to_string().parse() {
-                status.metadata_mut().insert("retry-after", value);
-            }
-        }
-        status
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,25 +297,8 @@ mod tests {
         ];
         for (code, status) in expected {
             assert_eq!(code.http_status(), status, "{code}");
-            assert_eq!(Code::from_grpc(code.grpc()), code);
+            assert_eq!(Code::from_grpc_number(code.grpc_number()), code);
         }
-    }
-
-    #[test]
-    fn internal_causes_never_reach_the_client() {
-        let status: tonic::Status = Error::internal("password column missing").into();
-        assert_eq!(status.code(), tonic::Code::Internal);
-        assert_eq!(status.message(), "internal error");
-    }
-
-    #[test]
-    fn field_violations_travel_as_bad_request() {
-        use tonic_types::StatusExt;
-        let status: tonic::Status = Error::invalid_field("email", "is not an email address").into();
-        let details = status.get_error_details();
-        let bad_request = details.bad_request().expect("bad request details");
-        assert_eq!(bad_request.field_violations[0].field, "email");
-        assert_eq!(status.message(), "email: is not an email address");
     }
 }
 

@@ -70,7 +70,7 @@ pub trait Outbox: Send + Sync + 'static {
 }
 
 /// A committed event with its sequence: what subscribers and handlers see.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Envelope {
     pub event_id: Uuid,
     pub name: String,

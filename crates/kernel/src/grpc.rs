@@ -1,9 +1,77 @@
-//! What every module's `grpc.rs` shares: the request context that the
-//! server's layers put on each call, and time conversions.
+//! The kernel's one gRPC adapter: the error table as tonic codes and
+//! statuses (with `google.rpc` details), the request context that the
+//! server's layers put on each call, and time conversions. No other kernel
+//! file knows tonic; every module's `grpc.rs` uses this one.
 
 use chrono::{DateTime, Utc};
 
 use crate::context::RequestContext;
+use crate::error::{Code, Error};
+
+impl Code {
+    pub fn grpc(self) -> tonic::Code {
+        tonic::Code::from_i32(self.grpc_number())
+    }
+
+    pub fn from_grpc(code: tonic::Code) -> Code {
+        Code::from_grpc_number(code as i32)
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(error: Error) -> Self {
+        use tonic_types::{ErrorDetails, StatusExt};
+
+        let code = error.code();
+        if let Some(cause) = error.cause() {
+            // The span of the call carries the request id.
+            if matches!(
+                code,
+                Code::Internal | Code::Unknown | Code::DataLoss | Code::Unavailable
+            ) {
+                tracing::error!(code = %code, cause = %cause, "request failed");
+            } else {
+                tracing::debug!(code = %code, cause = %cause, "request refused");
+            }
+        }
+        let mut details = ErrorDetails::new();
+        if !error.violations().is_empty() {
+            details.set_bad_request(
+                error
+                    .violations()
+                    .iter()
+                    .map(|violation| {
+                        tonic_types::FieldViolation::new(violation.field.clone(), violation.description.clone())
+                    })
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if let Some(retry_after) = error.retry_after() {
+            details.set_retry_info(Some(retry_after));
+        }
+        if let Some((reason, metadata)) = error.info() {
+            details.set_error_info(
+                reason.to_owned(),
+                "keel",
+                metadata.iter().cloned().collect::<std::collections::HashMap<_, _>>(),
+            );
+        }
+        let plain = error.violations().is_empty() && error.retry_after().is_none() && error.info().is_none();
+        let message = error.message().to_owned();
+        let mut status = if plain {
+            tonic::Status::new(code.grpc(), message)
+        } else {
+            tonic::Status::with_error_details(code.grpc(), message, details)
+        };
+        if let Some(retry_after) = error.retry_after() {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(value) = seconds.to_string().parse() {
+                status.metadata_mut().insert("retry-after", value);
+            }
+        }
+        status
+    }
+}
 
 /// The context the server's layers attached to the call, or a bare one
 /// (no principal) when the service is called without them.
@@ -19,5 +87,37 @@ pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: time.timestamp(),
         nanos: time.timestamp_subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_maps_to_its_tonic_code_and_back() {
+        for code in Code::ALL {
+            assert_eq!(code.grpc() as i32, code.grpc_number(), "{code}");
+            assert_eq!(Code::from_grpc(code.grpc()), code);
+        }
+        assert_eq!(Code::NotFound.grpc(), tonic::Code::NotFound);
+        assert_eq!(Code::Unauthenticated.grpc(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn internal_causes_never_reach_the_client() {
+        let status: tonic::Status = Error::internal("password column missing").into();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn field_violations_travel_as_bad_request() {
+        use tonic_types::StatusExt;
+        let status: tonic::Status = Error::invalid_field("email", "is not an email address").into();
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().expect("bad request details");
+        assert_eq!(bad_request.field_violations[0].field, "email");
+        assert_eq!(status.message(), "email: is not an email address");
     }
 }

@@ -3,15 +3,21 @@
 //! # Layout
 //! - [`error`]: the one error type and the one table from codes to gRPC codes
 //!   and HTTP statuses;
-//! - [`bus`]: `Command` / `Query` traits, typed handlers, the middleware
-//!   chain, one transaction per command;
+//! - [`bus`]: `Command` / `Query` traits, typed handlers and typed replies
+//!   that middleware can store, the middleware chain, one transaction per command;
+//! - [`module`]: the `Module` trait every module implements, so the
+//!   composition root wires each with one line;
 //! - [`events`]: domain events and the outbox port;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
-//! - [`secret`]: a wrapper that keeps secrets out of logs.
+//! - [`secret`]: a wrapper that keeps secrets out of logs;
+//! - [`grpc`]: the one adapter that knows tonic: codes, statuses with
+//!   details, the request context of a call, timestamps.
 //!
-//! The kernel depends on no module.
+//! The kernel depends on no module. Its ports know neither tonic (only
+//! `grpc.rs` does) nor any SeaORM entity; the one SeaORM type they share is
+//! the connection and the command's transaction, which the bus owns.
 
 pub mod bus;
 pub mod clock;
@@ -22,11 +28,15 @@ pub mod grpc;
 pub mod id;
 pub mod limit;
 pub mod mail;
+pub mod module;
 pub mod page;
 pub mod secret;
 
-pub use bus::{Bus, BusBuilder, Command, CommandContext, CommandHandler, Query, QueryContext, QueryHandler};
+pub use bus::{
+    Bus, BusBuilder, Command, CommandContext, CommandHandler, Live, Output, Query, QueryContext, QueryHandler, Reply,
+};
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
+pub use module::{BackgroundTask, GrpcLimits, Module};
 pub use secret::Secret;

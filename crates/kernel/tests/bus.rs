@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_kernel::bus::{BoxFuture, CallInfo, Erased, Middleware};
+use keel_kernel::bus::{BoxFuture, CallInfo, CallKind, Middleware};
 use keel_kernel::{
-    BusBuilder, Code, Command, CommandContext, CommandHandler, Error, Query, QueryContext, QueryHandler,
+    BusBuilder, Code, Command, CommandContext, CommandHandler, Error, Live, Output, Query, QueryContext, QueryHandler,
     RequestContext, Result,
 };
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
@@ -69,7 +69,7 @@ struct Recorder {
 }
 
 impl Middleware for Recorder {
-    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Erased>>) -> BoxFuture<'a, Result<Erased>> {
+    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Output>>) -> BoxFuture<'a, Result<Output>> {
         Box::pin(async move {
             self.seen
                 .lock()
@@ -82,6 +82,77 @@ impl Middleware for Recorder {
                 .push(format!("{} after {} ok={}", self.label, call.name, outcome.is_ok()));
             outcome
         })
+    }
+}
+
+/// What an idempotency layer does, reduced to its core: the first call of a
+/// request id runs and its reply is kept as bytes; a repeat is answered from
+/// the bytes without running the handler. Replies that cannot be stored pass.
+#[derive(Default)]
+struct Replayer {
+    stored: Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+impl Middleware for Replayer {
+    fn around<'a>(&'a self, call: CallInfo<'a>, next: BoxFuture<'a, Result<Output>>) -> BoxFuture<'a, Result<Output>> {
+        Box::pin(async move {
+            let key = format!("{}:{}", call.name, call.request.request_id);
+            let kept = self.stored.lock().unwrap().get(&key).cloned();
+            if let Some(bytes) = kept {
+                return call.restore(&bytes);
+            }
+            let output = next.await?;
+            if call.kind == CallKind::Command
+                && let Some(bytes) = output.to_bytes()
+            {
+                self.stored.lock().unwrap().insert(key, bytes?);
+            }
+            Ok(output)
+        })
+    }
+}
+
+/// A reply with structure, stored and restored as it is.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Receipt {
+    value: i64,
+    note: String,
+}
+
+struct InsertWithReceipt(i64);
+
+impl Command for InsertWithReceipt {
+    const NAME: &'static str = "test.insert_with_receipt";
+    type Output = Receipt;
+}
+
+#[async_trait]
+impl CommandHandler<InsertWithReceipt> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: InsertWithReceipt) -> Result<Receipt> {
+        ctx.tx()
+            .await?
+            .execute_unprepared(&format!("INSERT INTO items (value) VALUES ({})", command.0))
+            .await?;
+        Ok(Receipt {
+            value: command.0,
+            note: format!("inserted {}", command.0),
+        })
+    }
+}
+
+struct Watch;
+
+impl Query for Watch {
+    const NAME: &'static str = "test.watch";
+    type Output = Live<tokio::sync::mpsc::Receiver<i64>>;
+}
+
+#[async_trait]
+impl QueryHandler<Watch> for Handlers {
+    async fn handle(&self, _ctx: &QueryContext<'_>, _query: Watch) -> Result<Live<tokio::sync::mpsc::Receiver<i64>>> {
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        sender.send(7).await.map_err(Error::internal)?;
+        Ok(Live(receiver))
     }
 }
 
@@ -180,4 +251,34 @@ async fn an_unregistered_command_is_an_internal_error() {
         .await
         .unwrap_err();
     assert_eq!(error.code(), Code::Internal);
+}
+
+#[tokio::test]
+async fn middleware_can_store_a_typed_reply_and_replay_it_without_the_handler() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = BusBuilder::new(database(&dir).await);
+    builder
+        .command::<InsertWithReceipt>(Handlers)
+        .query::<Count>(Handlers)
+        .query::<Watch>(Handlers)
+        .middleware(Replayer::default());
+    let bus = builder.build();
+    let first = RequestContext::new("first");
+
+    let receipt = bus.execute(&first, InsertWithReceipt(5)).await.unwrap();
+    let replayed = bus.execute(&first, InsertWithReceipt(5)).await.unwrap();
+    assert_eq!(replayed, receipt);
+    assert_eq!(
+        bus.ask(&first, Count).await.unwrap(),
+        1,
+        "the replay must not run the handler again"
+    );
+
+    let other = RequestContext::new("other");
+    assert_eq!(bus.execute(&other, InsertWithReceipt(6)).await.unwrap().value, 6);
+    assert_eq!(bus.ask(&other, Count).await.unwrap(), 2);
+
+    // A live reply passes through untouched.
+    let Live(mut receiver) = bus.ask(&first, Watch).await.unwrap();
+    assert_eq!(receiver.recv().await, Some(7));
 }

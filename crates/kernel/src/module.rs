@@ -1,0 +1,55 @@
+//! The shape of a Keel module, so that the composition root wires every
+//! module the same way: one line in its list of modules, and nothing else.
+//!
+//! A module brings its command and query handlers (registered on the bus),
+//! its durable event handlers, its gRPC services (built by the module's
+//! `grpc.rs`, handed over as routes so that this trait knows no transport),
+//! and the background tasks it needs (pruning, schedules). Its tables come
+//! from its migration files in `migrations/`, applied by the one Migrator;
+//! its contracts are in the one descriptor set of `keel-proto`, where the
+//! names of [`Module::services`] find them.
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseConnection;
+
+use crate::bus::{Bus, BusBuilder};
+use crate::events::EventHandler;
+
+/// Limits every gRPC service gets, from the server's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct GrpcLimits {
+    /// Largest message decoded or encoded, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// A task a module runs for as long as the server runs (the server aborts
+/// it at shutdown).
+pub type BackgroundTask = tokio::task::JoinHandle<()>;
+
+pub trait Module: Send + Sync + 'static {
+    /// Short and stable: `identity`, `events`. Names logs and tasks.
+    fn name(&self) -> &'static str;
+
+    /// The full names of the module's gRPC services
+    /// (`keel.identity.v1.IdentityQueryService`): health reports them,
+    /// reflection and the edge find them in the descriptor set.
+    fn services(&self) -> &'static [&'static str];
+
+    /// Registers every command and query handler of the module.
+    fn register(&self, bus: &mut BusBuilder);
+
+    /// Durable handlers of committed events (welcome emails, projections).
+    fn event_handlers(&self) -> Vec<Arc<dyn EventHandler>> {
+        Vec::new()
+    }
+
+    /// The module's gRPC services as routes, calling `bus`.
+    fn grpc_routes(&self, bus: &Bus, limits: GrpcLimits) -> axum::Router;
+
+    /// Starts the module's background work once the bus is built.
+    fn start_tasks(&self, db: &DatabaseConnection) -> Vec<BackgroundTask> {
+        let _ = db;
+        Vec::new()
+    }
+}
