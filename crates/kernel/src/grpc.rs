@@ -3,10 +3,57 @@
 //! server's layers put on each call, and time conversions. No other kernel
 //! file knows tonic; every module's `grpc.rs` uses this one.
 
+use std::convert::Infallible;
+
 use chrono::{DateTime, Utc};
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
 
 use crate::context::RequestContext;
 use crate::error::{Code, Error};
+use crate::module::GrpcLimits;
+
+/// The gRPC services of every module, collected by the composition root
+/// through [`crate::Module::grpc`]. Each module adds its generated servers
+/// with the [`GrpcRoutes::limits`] applied.
+pub struct GrpcRoutes {
+    builder: RoutesBuilder,
+    limits: GrpcLimits,
+}
+
+impl GrpcRoutes {
+    pub fn new(limits: GrpcLimits) -> Self {
+        Self {
+            builder: RoutesBuilder::default(),
+            limits,
+        }
+    }
+
+    /// The limits every service must set (message sizes).
+    pub fn limits(&self) -> GrpcLimits {
+        self.limits
+    }
+
+    pub fn add<S>(&mut self, service: S) -> &mut Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.builder.add_service(service);
+        self
+    }
+
+    /// The collected services, for the server's router.
+    pub fn into_routes(self) -> Routes {
+        self.builder.routes()
+    }
+}
 
 impl Code {
     pub fn grpc(self) -> tonic::Code {

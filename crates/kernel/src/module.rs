@@ -2,8 +2,8 @@
 //! module the same way: one line in its list of modules, and nothing else.
 //!
 //! A module brings its command and query handlers (registered on the bus),
-//! its durable event handlers, its gRPC services (built by the module's
-//! `grpc.rs`, handed over as routes so that this trait knows no transport),
+//! its durable event handlers, its gRPC services (added by the module's
+//! `grpc.rs` to [`GrpcRoutes`], the kernel's one tonic adapter),
 //! and the background tasks it needs (pruning, schedules). Its tables come
 //! from its migration files in `migrations/`, applied by the one Migrator;
 //! its contracts are in the one descriptor set of `keel-proto`, where the
@@ -15,6 +15,7 @@ use sea_orm::DatabaseConnection;
 
 use crate::bus::{Bus, BusBuilder};
 use crate::events::EventHandler;
+use crate::grpc::GrpcRoutes;
 
 /// Limits every gRPC service gets, from the server's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +45,8 @@ pub trait Module: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// The module's gRPC services as routes, calling `bus`.
-    fn grpc_routes(&self, bus: &Bus, limits: GrpcLimits) -> axum::Router;
+    /// Adds the module's gRPC services, calling `bus`, with `routes.limits()` applied.
+    fn grpc(&self, bus: &Bus, routes: &mut GrpcRoutes);
 
     /// Starts the module's background work once the bus is built.
     fn start_tasks(&self, db: &DatabaseConnection) -> Vec<BackgroundTask> {

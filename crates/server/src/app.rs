@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use keel_db::{Db, DbSettings};
 use keel_edge::{CorsSettings, Upstream};
 use keel_identity::tokens::{KeySet, TokenService};
-use keel_identity::{Identity, IdentitySettings};
+use keel_identity::{Identity, IdentityModule, IdentitySettings};
+use keel_kernel::grpc::GrpcRoutes;
 use keel_kernel::limit::InProcessRateLimiter;
-use keel_kernel::{Bus, BusBuilder, RequestContext};
+use keel_kernel::{BackgroundTask, Bus, BusBuilder, GrpcLimits, Module, RequestContext};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -25,32 +26,79 @@ pub struct State {
     pub config: Arc<Config>,
     pub db: Db,
     pub bus: Bus,
+    /// The authenticator of the server's auth layer.
     pub identity: Identity,
     pub events: keel_events::Events,
+    /// Every module, in the order of [`modules`], the events module last.
+    pub modules: Arc<[Arc<dyn Module>]>,
+    tasks: Arc<BackgroundTasks>,
+}
+
+/// What the composition root shares with modules: the adapters of the kernel's ports.
+struct Ports {
+    mailer: Arc<dyn keel_kernel::mail::Mailer>,
+    limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
+}
+
+fn identity_module(config: &Config, ports: &Ports) -> anyhow::Result<IdentityModule> {
+    let keys = match &config.auth_keys_file {
+        Some(path) => KeySet::load(path)?,
+        None => KeySet::load_or_generate(&config.data_dir.join("auth-keys.json"))?,
+    };
+    let tokens = TokenService::new(
+        keys,
+        config.auth_issuer.clone(),
+        config.auth_audience.clone(),
+        Duration::from_secs(config.access_token_ttl_seconds),
+    );
+    let settings = IdentitySettings {
+        refresh_grace: chrono::Duration::seconds(config.refresh_grace_seconds as i64),
+        register_per_address: keel_kernel::limit::Quota::new(config.register_burst, Duration::from_secs(30)),
+        ..IdentitySettings::default()
+    };
+    let identity = Identity::new(tokens, ports.limiter.clone(), settings);
+    Ok(IdentityModule::new(identity, ports.mailer.clone()))
+}
+
+fn event_settings(config: &Config) -> keel_events::Settings {
+    keel_events::Settings {
+        redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
+        subscriptions: keel_events::subscribe::Settings {
+            heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
+            queue: 256,
+        },
+        retention: Duration::from_secs(config.events_retention_hours.saturating_mul(3600)),
+        handlers: keel_events::handlers::Settings {
+            max_attempts: config.event_handler_max_attempts,
+            base_backoff: Duration::from_millis(config.event_handler_backoff_ms),
+            ..keel_events::handlers::Settings::default()
+        },
+        ..keel_events::Settings::default()
+    }
+}
+
+/// The modules' background tasks, aborted when the last `State` goes.
+struct BackgroundTasks(std::sync::Mutex<Vec<BackgroundTask>>);
+
+impl BackgroundTasks {
+    fn stop(&self) {
+        for task in self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl State {
-    /// Connects, migrates, loads keys and registers every module.
+    /// Connects, migrates, builds every module and registers it.
     pub async fn build(config: Config) -> anyhow::Result<State> {
         let db = connect(&config).await?;
         keel_db::migrate(&db).await.context("applying migrations")?;
-
-        let keys = match &config.auth_keys_file {
-            Some(path) => KeySet::load(path)?,
-            None => KeySet::load_or_generate(&config.data_dir.join("auth-keys.json"))?,
-        };
-        let tokens = TokenService::new(
-            keys,
-            config.auth_issuer.clone(),
-            config.auth_audience.clone(),
-            Duration::from_secs(config.access_token_ttl_seconds),
-        );
-        let settings = IdentitySettings {
-            refresh_grace: chrono::Duration::seconds(config.refresh_grace_seconds as i64),
-            register_per_address: keel_kernel::limit::Quota::new(config.register_burst, Duration::from_secs(30)),
-            ..IdentitySettings::default()
-        };
-        let identity = Identity::new(tokens, Arc::new(InProcessRateLimiter::new()), settings);
 
         let mailer: Arc<dyn keel_kernel::mail::Mailer> = match &config.smtp_url {
             Some(url) => Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?),
@@ -62,34 +110,39 @@ impl State {
                 Arc::new(crate::mail::FileMailer::new(path))
             }
         };
-        let mut handlers = keel_events::handlers::Registry::default();
-        handlers.add(Arc::new(keel_identity::events::WelcomeEmail::new(mailer)));
-        let event_settings = keel_events::Settings {
-            redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
-            subscriptions: keel_events::subscribe::Settings {
-                heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
-                queue: 256,
-            },
-            retention: Duration::from_secs(config.events_retention_hours.saturating_mul(3600)),
-            handlers: keel_events::handlers::Settings {
-                max_attempts: config.event_handler_max_attempts,
-                base_backoff: Duration::from_millis(config.event_handler_backoff_ms),
-                ..keel_events::handlers::Settings::default()
-            },
-            ..keel_events::Settings::default()
+        let ports = Ports {
+            mailer,
+            limiter: Arc::new(InProcessRateLimiter::new()),
         };
-        let events = keel_events::Events::start(db.clone(), event_settings, handlers).await?;
+        // The server's auth layer asks identity who is calling.
+        let identity = identity_module(&config, &ports)?;
+
+        // Every module of this keel. Adding one is its crate, one line here
+        // and its migration in `migrations/`. The events module is not in the
+        // list: it runs the others' event handlers, so it starts after them.
+        let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
+
+        let mut handlers = keel_events::handlers::Registry::default();
+        for handler in modules.iter().flat_map(|module| module.event_handlers()) {
+            handlers.add(handler);
+        }
+        let events = keel_events::Events::start(db.clone(), event_settings(&config), handlers).await?;
+        modules.push(Arc::new(events.clone()));
 
         let mut bus = BusBuilder::new(db.clone());
         bus.outbox(events.outbox());
-        keel_identity::register(&mut bus, &identity);
-        keel_events::register(&mut bus, &events);
+        for module in &modules {
+            module.register(&mut bus);
+        }
+        let tasks = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
         let state = State {
             config: Arc::new(config),
             db,
             bus: bus.build(),
-            identity,
+            identity: identity.identity().clone(),
             events,
+            modules: modules.into(),
+            tasks: Arc::new(BackgroundTasks(std::sync::Mutex::new(tasks))),
         };
         state.bootstrap_admin().await?;
         Ok(state)
@@ -164,7 +217,8 @@ impl Application {
         let Application { listener, state } = self;
         let config = state.config.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
-        let readiness = tokio::spawn(watch_database(state.db.clone(), health));
+        let services = state.modules.iter().flat_map(|module| module.services().iter().copied());
+        let readiness = tokio::spawn(watch_database(state.db.clone(), health, services.collect()));
 
         let service = state.listener_service(health_service)?;
         crate::listen::serve(
@@ -176,6 +230,7 @@ impl Application {
         .await;
 
         readiness.abort();
+        state.tasks.stop();
         state.events.stop();
         if let Err(error) = state.db.clone().close().await {
             tracing::warn!(error = %error, "closing the database pool");
@@ -192,22 +247,13 @@ impl State {
         &self,
         health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ) -> anyhow::Result<Upstream> {
-        let limit = self.config.max_message_bytes;
-        // Every service gets the same explicit message-size limits.
-        macro_rules! limited {
-            ($service:expr) => {
-                $service
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit)
-            };
+        let mut grpc = GrpcRoutes::new(GrpcLimits {
+            max_message_bytes: self.config.max_message_bytes,
+        });
+        for module in self.modules.iter() {
+            module.grpc(&self.bus, &mut grpc);
         }
-        let (command, query) = keel_identity::grpc::services(&self.bus);
-        let (event_command, event_query) = keel_events::grpc::services(&self.bus);
-        let mut routes = Routes::new(health_service)
-            .add_service(limited!(command))
-            .add_service(limited!(query))
-            .add_service(limited!(event_command))
-            .add_service(limited!(event_query));
+        let mut routes = grpc.into_routes().add_service(health_service);
         if self.config.reflection_enabled() {
             let reflection = || {
                 tonic_reflection::server::Builder::configure()
@@ -249,8 +295,9 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
     Ok(keel_edge::one_listener(&upstream, Arc::new(edge).router(), &cors))
 }
 
-/// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is unreachable.
-async fn watch_database(db: Db, health: tonic_health::server::HealthReporter) {
+/// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is
+/// unreachable, for the server ("") and for each module's services by name.
+async fn watch_database(db: Db, health: tonic_health::server::HealthReporter, services: Vec<&'static str>) {
     let mut last = None;
     loop {
         let status = if keel_db::ping(&db).await {
@@ -259,7 +306,9 @@ async fn watch_database(db: Db, health: tonic_health::server::HealthReporter) {
             ServingStatus::NotServing
         };
         if last != Some(status) {
-            health.set_service_status("", status).await;
+            for service in std::iter::once("").chain(services.iter().copied()) {
+                health.set_service_status(service, status).await;
+            }
             if status == ServingStatus::NotServing {
                 tracing::warn!("database unreachable: health is NOT_SERVING");
             }
