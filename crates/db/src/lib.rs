@@ -6,7 +6,8 @@
 //! - [`migrate`]: the one Migrator of every module (`keel migrate`, start-up);
 //! - [`sqlite_url`]: the embedded default, a file under the data directory.
 //!
-//! The outbox writer joins this crate with the events capability.
+//! Transactions are the command bus's (`keel_kernel::bus`); the outbox
+//! writer is the events module's (`keel_events::relay`).
 
 use std::path::Path;
 use std::time::Duration;

@@ -11,6 +11,7 @@
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
+//! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
 //! - [`secret`]: a wrapper that keeps secrets out of logs;
 //! - [`grpc`]: the one adapter that knows tonic: codes, statuses with
 //!   details, the request context of a call, timestamps.
@@ -19,6 +20,7 @@
 //! `grpc.rs` does) nor any SeaORM entity; the one SeaORM type they share is
 //! the connection and the command's transaction, which the bus owns.
 
+pub mod backoff;
 pub mod bus;
 pub mod clock;
 pub mod context;

@@ -217,7 +217,10 @@ impl Application {
         let Application { listener, state } = self;
         let config = state.config.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
-        let services = state.modules.iter().flat_map(|module| module.services().iter().copied());
+        let services = state
+            .modules
+            .iter()
+            .flat_map(|module| module.services().iter().copied());
         let readiness = tokio::spawn(watch_database(state.db.clone(), health, services.collect()));
 
         let service = state.listener_service(health_service)?;
