@@ -1,10 +1,12 @@
 //! The identity module: users, sessions, tokens.
 //!
 //! # Layout
-//! - `model.rs`: `Email`, `DisplayName`, `NewPassword`, parsed at the boundary;
+//! - `model.rs`: the domain types — `User`, `Session`, and the newtypes that
+//!   parse at the boundary (`Email`, `DisplayName`, `NewPassword`);
 //! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
 //! - `events.rs`: the events identity emits, and the welcome-email handler;
-//! - `store.rs`: the SeaORM entities and the module's only SQL;
+//! - `store.rs` (private): the SeaORM entities and the module's only SQL,
+//!   mapping rows to the domain types;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
@@ -19,7 +21,7 @@ pub mod grpc;
 pub mod model;
 pub mod password;
 pub mod queries;
-pub mod store;
+mod store;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -106,13 +108,13 @@ impl Identity {
         let (session, user) = store::find_session_with_user(db, session_id)
             .await?
             .ok_or_else(refused)?;
-        if session.user_id != user_id || session.revoked_at.is_some() || session.expires_at <= clock::now() {
+        if session.user_id != user_id || !session.is_active(clock::now()) {
             return Err(refused());
         }
         Ok(Principal {
             user_id,
             session_id,
-            role: commands::role_of(&user)?,
+            role: user.role,
         })
     }
 }
