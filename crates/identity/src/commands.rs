@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::Identity;
-use crate::events::{Deleted, LoggedIn, LoginFailed, PasswordChanged, Registered, RoleChanged, SessionRevoked};
+use crate::events::{
+    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+};
 use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
 use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
@@ -261,7 +263,7 @@ async fn keep_an_admin(ctx: &CommandContext<'_>, target: &User) -> Result<()> {
 
 fn record_registered(ctx: &CommandContext<'_>, user: &User) {
     ctx.record(
-        &Registered(pb::UserRegistered {
+        &UserRegistered(pb::UserRegistered {
             user_id: user.id.to_string(),
             email: user.email.as_str().to_owned(),
             display_name: user.display_name.as_str().to_owned(),
@@ -373,7 +375,7 @@ impl CommandHandler<Login> for Identity {
         store::insert_session(ctx.tx().await?, &session).await?;
         let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
         ctx.record(
-            &LoggedIn(pb::UserLoggedIn {
+            &UserLoggedIn(pb::UserLoggedIn {
                 user_id: user.id.to_string(),
                 session_id: session.id.to_string(),
                 ip_address: address,
@@ -541,7 +543,7 @@ impl CommandHandler<DeleteUser> for Identity {
         // so the user's access tokens stop working at once.
         store::delete_user(tx, user.id).await?;
         ctx.record(
-            &Deleted(pb::UserDeleted {
+            &UserDeleted(pb::UserDeleted {
                 user_id: user.id.to_string(),
                 deleted_by: actor(ctx),
             }),
