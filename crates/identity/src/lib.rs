@@ -7,6 +7,7 @@
 //! - `events.rs`: the events identity emits, and the welcome-email handler;
 //! - `store.rs` (private): the SeaORM entities and the module's only SQL,
 //!   mapping rows to the domain types;
+//! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
@@ -15,6 +16,7 @@
 //! [`register`] wires the handlers into the bus; [`Identity::authenticate`]
 //! turns a bearer token into a principal for the server's auth layer.
 
+pub mod admin;
 pub mod commands;
 pub mod events;
 pub mod grpc;
