@@ -7,6 +7,7 @@
 //! - `events.rs`: the events identity emits, and the welcome-email handler;
 //! - `store.rs` (private): the SeaORM entities and the module's only SQL,
 //!   mapping rows to the domain types;
+//! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool;
@@ -22,6 +23,7 @@ pub mod events;
 pub mod grpc;
 pub mod model;
 pub mod password;
+pub mod pruning;
 pub mod queries;
 mod store;
 pub mod tokens;
@@ -31,7 +33,7 @@ use std::time::Duration;
 
 use keel_kernel::limit::{Quota, RateLimiter};
 use keel_kernel::{BusBuilder, Error, Principal, Result, clock};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 
 use crate::password::PasswordHasher;
 use crate::tokens::TokenService;
@@ -46,6 +48,10 @@ pub struct IdentitySettings {
     pub login_per_account: Quota,
     pub login_per_address: Quota,
     pub register_per_address: Quota,
+    /// How long an expired or revoked session is kept before it is pruned.
+    pub session_retention: chrono::Duration,
+    /// How often pruning runs.
+    pub prune_every: Duration,
 }
 
 impl Default for IdentitySettings {
@@ -56,6 +62,8 @@ impl Default for IdentitySettings {
             login_per_account: Quota::new(10, Duration::from_secs(60)),
             login_per_address: Quota::new(30, Duration::from_secs(2)),
             register_per_address: Quota::new(10, Duration::from_secs(30)),
+            session_retention: chrono::Duration::days(30),
+            prune_every: Duration::from_secs(3600),
         }
     }
 }
@@ -118,6 +126,13 @@ impl Identity {
             session_id,
             role: user.role,
         })
+    }
+
+    /// Starts pruning expired refresh tokens and old sessions, every
+    /// `prune_every`; abort the handle to stop it.
+    pub fn spawn_pruning(&self, db: DatabaseConnection) -> tokio::task::JoinHandle<()> {
+        let settings = self.settings();
+        pruning::spawn_pruning(db, settings.session_retention, settings.prune_every)
     }
 }
 

@@ -6,11 +6,12 @@
 //! here.
 
 use chrono::{DateTime, Utc};
+use keel_kernel::bus::write_transaction;
 use keel_kernel::{Error, Result, Role};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, SqlErr, TransactionTrait,
 };
 use uuid::Uuid;
 
@@ -506,4 +507,58 @@ pub async fn claim_refresh_token(db: &impl ConnectionTrait, id: Uuid, now: DateT
         .exec(db)
         .await?;
     Ok(result.rows_affected > 0)
+}
+
+/// Deletes at most `batch` refresh tokens that expired at or before `now`,
+/// in one statement (served by `ix_refresh_tokens_expires_at`); returns how
+/// many.
+///
+/// A used token is kept until it expires, not pruned after the grace window:
+/// presenting it again must still find it, so that reuse revokes the session.
+pub async fn prune_refresh_tokens(db: &DatabaseConnection, now: DateTime<Utc>, batch: u64) -> Result<u64> {
+    let expired = Query::select()
+        .column(refresh_tokens::Column::Id)
+        .from(refresh_tokens::Entity)
+        .and_where(refresh_tokens::Column::ExpiresAt.lte(now))
+        .limit(batch)
+        .to_owned();
+    delete_in_write_transaction(
+        db,
+        refresh_tokens::Entity::delete_many().filter(refresh_tokens::Column::Id.in_subquery(expired)),
+    )
+    .await
+}
+
+/// Deletes at most `batch` sessions that expired, or were revoked, before
+/// `before`, in one statement (served by `ix_sessions_expires_at` and
+/// `ix_sessions_revoked_at`); their refresh tokens go with them (ON DELETE
+/// CASCADE). Returns how many sessions.
+pub async fn prune_sessions(db: &DatabaseConnection, before: DateTime<Utc>, batch: u64) -> Result<u64> {
+    let ended = Query::select()
+        .column(sessions::Column::Id)
+        .from(sessions::Entity)
+        .cond_where(
+            Condition::any()
+                .add(sessions::Column::ExpiresAt.lt(before))
+                .add(sessions::Column::RevokedAt.lt(before)),
+        )
+        .limit(batch)
+        .to_owned();
+    delete_in_write_transaction(
+        db,
+        sessions::Entity::delete_many().filter(sessions::Column::Id.in_subquery(ended)),
+    )
+    .await
+}
+
+/// One DELETE in its own write transaction: IMMEDIATE on SQLite, so that it
+/// queues behind other writers instead of failing on a stale snapshot.
+async fn delete_in_write_transaction<E: EntityTrait>(
+    db: &DatabaseConnection,
+    delete: sea_orm::DeleteMany<E>,
+) -> Result<u64> {
+    let tx = db.begin_with_options(write_transaction()).await?;
+    let deleted = delete.exec(&tx).await?.rows_affected;
+    tx.commit().await?;
+    Ok(deleted)
 }

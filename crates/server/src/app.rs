@@ -165,6 +165,8 @@ impl Application {
         let config = state.config.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         let readiness = tokio::spawn(watch_database(state.db.clone(), health));
+        // TODO(merge): a background task of the identity Module.
+        let pruning = state.identity.spawn_pruning(state.db.clone());
 
         let service = state.listener_service(health_service)?;
         crate::listen::serve(
@@ -176,6 +178,7 @@ impl Application {
         .await;
 
         readiness.abort();
+        pruning.abort();
         state.events.stop();
         if let Err(error) = state.db.clone().close().await {
             tracing::warn!(error = %error, "closing the database pool");
