@@ -8,18 +8,24 @@ use std::net::IpAddr;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_kernel::limit::Quota;
-use keel_kernel::{Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, clock, id};
+use keel_kernel::{Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, Violations, clock, id};
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::Identity;
-use crate::events::{Deleted, LoggedIn, LoginFailed, PasswordChanged, Registered, RoleChanged, SessionRevoked};
-use crate::model::{DisplayName, Email, NewPassword};
-use crate::store::{self, RefreshToken, Session, User};
+use crate::events::{
+    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+};
+use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
+use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
 use keel_proto::identity as pb;
 
 /// Tokens handed to a client at login or refresh.
-#[derive(Debug, Clone)]
+// TODO(merge): `Secret`'s Serialize writes "[redacted]", so a stored and
+// replayed IssuedTokens carries no usable token; an idempotency store needs
+// Secret to serialize its value (encrypted at rest) before it keeps these.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IssuedTokens {
     pub access_token: Secret<String>,
     pub access_token_expires_at: DateTime<Utc>,
@@ -34,6 +40,24 @@ pub struct Register {
     pub display_name: DisplayName,
 }
 
+impl Register {
+    /// Parses the three fields, naming every one that is invalid.
+    pub fn parse(email: &str, password: &str, display_name: &str) -> Result<Register> {
+        let mut violations = Violations::new();
+        let email = violations.take(Email::parse("email", email));
+        let password = violations.take(NewPassword::parse("password", password));
+        let display_name = violations.take(DisplayName::parse("display_name", display_name));
+        match (email, password, display_name) {
+            (Some(email), Some(password), Some(display_name)) => Ok(Register {
+                email,
+                password,
+                display_name,
+            }),
+            _ => Err(violations.into_error()),
+        }
+    }
+}
+
 impl Command for Register {
     const NAME: &'static str = "identity.register";
     type Output = User;
@@ -45,9 +69,9 @@ pub struct Login {
 }
 
 /// A failed login is an outcome, not an error, so that its audit event commits.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LoginOutcome {
-    SignedIn(Box<User>, IssuedTokens),
+    SignedIn { user: Box<User>, tokens: IssuedTokens },
     Refused,
 }
 
@@ -62,7 +86,7 @@ pub struct RefreshSession {
 
 /// A refresh either rotates the token or, on reuse, revokes the session.
 /// Reuse is an outcome, not an error, so that the revocation commits.
-#[derive(Debug)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum RefreshOutcome {
     Rotated(IssuedTokens),
     ReuseDetected,
@@ -95,6 +119,26 @@ pub struct CreateUser {
     pub password: NewPassword,
     pub display_name: DisplayName,
     pub role: Role,
+}
+
+impl CreateUser {
+    /// Parses the account fields like [`Register::parse`]; `role` was read
+    /// by the caller (a proto enum, a CLI flag) and its violation, if any,
+    /// is named after the others.
+    pub fn parse(email: &str, password: &str, display_name: &str, role: Result<Role>) -> Result<CreateUser> {
+        let mut violations = Violations::new();
+        let account = violations.take(Register::parse(email, password, display_name));
+        let role = violations.take(role);
+        match (account, role) {
+            (Some(account), Some(role)) => Ok(CreateUser {
+                email: account.email,
+                password: account.password,
+                display_name: account.display_name,
+                role,
+            }),
+            _ => Err(violations.into_error()),
+        }
+    }
 }
 
 impl Command for CreateUser {
@@ -157,28 +201,11 @@ impl Identity {
         }
     }
 
-    fn new_user(&self, email: &Email, display_name: &DisplayName, role: Role, password_hash: String) -> User {
-        let now = clock::now();
-        let id = id::new_id();
-        User {
-            id,
-            user_id: id,
-            email: email.as_str().to_owned(),
-            email_key: email.key().to_owned(),
-            display_name: display_name.as_str().to_owned(),
-            display_name_key: display_name.key(),
-            role: role.as_str().to_owned(),
-            password_hash,
-            version: 1,
-            created_at: now,
-            updated_at: now,
-        }
-    }
-
-    /// Writes one refresh token of `session_id` and signs an access token.
+    /// Writes one refresh token of `session_id`, in the command's
+    /// transaction, and signs an access token.
     async fn issue_tokens(
         &self,
-        db: &impl sea_orm::ConnectionTrait,
+        ctx: &CommandContext<'_>,
         user: &User,
         session_id: Uuid,
         now: DateTime<Utc>,
@@ -186,8 +213,8 @@ impl Identity {
         let refresh_token = new_refresh_token();
         let refresh_token_expires_at = now + self.settings().refresh_ttl;
         store::insert_refresh_token(
-            db,
-            RefreshToken {
+            ctx.tx().await?,
+            &RefreshToken {
                 id: id::new_id(),
                 user_id: user.id,
                 session_id,
@@ -199,7 +226,7 @@ impl Identity {
         )
         .await?;
         let (access_token, access_token_expires_at) =
-            self.tokens().issue_access(user.id, session_id, role_of(user)?, now)?;
+            self.tokens().issue_access(user.id, session_id, user.role, now)?;
         Ok(IssuedTokens {
             access_token: Secret::new(access_token),
             access_token_expires_at,
@@ -210,13 +237,22 @@ impl Identity {
     }
 }
 
-pub(crate) fn role_of(user: &User) -> Result<Role> {
-    Role::parse(&user.role).ok_or_else(|| Error::internal(format!("user {} has unknown role {:?}", user.id, user.role)))
+fn new_user(email: Email, display_name: DisplayName, role: Role) -> User {
+    let now = clock::now();
+    User {
+        id: id::new_id(),
+        email,
+        display_name,
+        role,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+    }
 }
 
 /// Refuses to leave the system without an admin.
-async fn keep_an_admin(db: &impl sea_orm::ConnectionTrait, target: &User) -> Result<()> {
-    if target.role == Role::Admin.as_str() && store::count_admins(db).await? <= 1 {
+async fn keep_an_admin(ctx: &CommandContext<'_>, target: &User) -> Result<()> {
+    if target.role == Role::Admin && store::count_admins(ctx.tx().await?).await? <= 1 {
         return Err(Error::new(
             Code::FailedPrecondition,
             "this is the last admin; make another admin first",
@@ -227,10 +263,10 @@ async fn keep_an_admin(db: &impl sea_orm::ConnectionTrait, target: &User) -> Res
 
 fn record_registered(ctx: &CommandContext<'_>, user: &User) {
     ctx.record(
-        &Registered(pb::UserRegistered {
+        &UserRegistered(pb::UserRegistered {
             user_id: user.id.to_string(),
-            email: user.email.clone(),
-            display_name: user.display_name.clone(),
+            email: user.email.as_str().to_owned(),
+            display_name: user.display_name.as_str().to_owned(),
         }),
         Some(user.id),
         user.id.to_string(),
@@ -268,8 +304,8 @@ impl CommandHandler<Register> for Identity {
         self.throttle_address("register:address", ctx.request.client_ip, settings.register_per_address)
             .await?;
         let hash = self.hasher().hash(command.password.secret()).await?;
-        let user = self.new_user(&command.email, &command.display_name, Role::User, hash);
-        let user = store::insert_user(ctx.tx().await?, user).await?;
+        let user = new_user(command.email, command.display_name, Role::User);
+        store::insert_user(ctx.tx().await?, &user, &hash).await?;
         record_registered(ctx, &user);
         tracing::info!(user_id = %user.id, "user registered");
         Ok(user)
@@ -281,8 +317,8 @@ impl CommandHandler<CreateUser> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: CreateUser) -> Result<User> {
         ctx.request.require_admin()?;
         let hash = self.hasher().hash(command.password.secret()).await?;
-        let user = self.new_user(&command.email, &command.display_name, command.role, hash);
-        let user = store::insert_user(ctx.tx().await?, user).await?;
+        let user = new_user(command.email, command.display_name, command.role);
+        store::insert_user(ctx.tx().await?, &user, &hash).await?;
         record_registered(ctx, &user);
         tracing::info!(user_id = %user.id, role = %command.role, "user created");
         Ok(user)
@@ -297,9 +333,9 @@ impl CommandHandler<Login> for Identity {
             .await?;
         self.throttle("login:account", command.email.key(), settings.login_per_account)
             .await?;
-        let user = store::find_user_by_email_key(ctx.db, command.email.key()).await?;
+        let credentials = store::find_credentials_by_email(ctx.db, &command.email).await?;
         let address = ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
-        let Some(user) = user else {
+        let Some(Credentials { user, password_hash }) = credentials else {
             // Same work, same answer as a wrong password: no enumeration.
             self.hasher().verify_dummy(&command.password).await?;
             ctx.record(
@@ -313,7 +349,7 @@ impl CommandHandler<Login> for Identity {
             );
             return Ok(LoginOutcome::Refused);
         };
-        if !self.hasher().verify(&command.password, &user.password_hash).await? {
+        if !self.hasher().verify(&command.password, &password_hash).await? {
             ctx.record(
                 &LoginFailed(pb::LoginFailed {
                     user_id: user.id.to_string(),
@@ -326,25 +362,20 @@ impl CommandHandler<Login> for Identity {
             return Ok(LoginOutcome::Refused);
         }
         let now = clock::now();
-        let tx = ctx.tx().await?;
-        let session = store::insert_session(
-            tx,
-            Session {
-                id: id::new_id(),
-                user_id: user.id,
-                created_at: now,
-                updated_at: now,
-                last_refreshed_at: now,
-                expires_at: now + settings.refresh_ttl,
-                revoked_at: None,
-                user_agent: ctx.request.user_agent.clone().unwrap_or_default(),
-                ip_address: ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
-            },
-        )
-        .await?;
-        let tokens = self.issue_tokens(tx, &user, session.id, now).await?;
+        let session = Session {
+            id: id::new_id(),
+            user_id: user.id,
+            created_at: now,
+            last_refreshed_at: now,
+            expires_at: now + settings.refresh_ttl,
+            revoked_at: None,
+            user_agent: ctx.request.user_agent.clone().unwrap_or_default(),
+            ip_address: address.clone(),
+        };
+        store::insert_session(ctx.tx().await?, &session).await?;
+        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
         ctx.record(
-            &LoggedIn(pb::UserLoggedIn {
+            &UserLoggedIn(pb::UserLoggedIn {
                 user_id: user.id.to_string(),
                 session_id: session.id.to_string(),
                 ip_address: address,
@@ -353,7 +384,10 @@ impl CommandHandler<Login> for Identity {
             user.id.to_string(),
         );
         tracing::info!(user_id = %user.id, session_id = %session.id, "logged in");
-        Ok(LoginOutcome::SignedIn(Box::new(user), tokens))
+        Ok(LoginOutcome::SignedIn {
+            user: Box::new(user),
+            tokens,
+        })
     }
 }
 
@@ -368,7 +402,7 @@ impl CommandHandler<RefreshSession> for Identity {
             .ok_or_else(invalid_refresh_token)?;
         let session = store::find_session(tx, token.session_id)
             .await?
-            .filter(|session| session.revoked_at.is_none() && session.expires_at > now)
+            .filter(|session| session.is_active(now))
             .ok_or_else(invalid_refresh_token)?;
         if token.expires_at <= now {
             return Err(invalid_refresh_token());
@@ -392,7 +426,7 @@ impl CommandHandler<RefreshSession> for Identity {
                 return Ok(RefreshOutcome::ReuseDetected);
             }
         }
-        let tokens = self.issue_tokens(tx, &user, session.id, now).await?;
+        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
         store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
         Ok(RefreshOutcome::Rotated(tokens))
     }
@@ -415,26 +449,21 @@ impl CommandHandler<ChangePassword> for Identity {
         let principal = ctx.request.principal()?.clone();
         self.throttle("login:account", principal.user_id, self.settings().login_per_account)
             .await?;
-        let user = store::find_user(ctx.db, principal.user_id)
+        let Credentials { user, password_hash } = store::find_credentials(ctx.db, principal.user_id)
             .await?
             .ok_or_else(not_found_user)?;
-        if !self
-            .hasher()
-            .verify(&command.current_password, &user.password_hash)
-            .await?
-        {
+        if !self.hasher().verify(&command.current_password, &password_hash).await? {
             return Err(Error::invalid_field("current_password", "is not correct"));
         }
-        let hash = self.hasher().hash(command.new_password.secret()).await?;
+        let new_hash: HashedPassword = self.hasher().hash(command.new_password.secret()).await?;
         let now = clock::now();
         let tx = ctx.tx().await?;
         let updated = User {
-            password_hash: hash,
             version: user.version + 1,
             updated_at: now,
             ..user
         };
-        store::update_user(tx, &updated).await?;
+        store::update_password(tx, &updated, &new_hash).await?;
         let revoked = store::revoke_other_sessions(tx, principal.user_id, Some(principal.session_id), now).await?;
         ctx.record(
             &PasswordChanged(pb::PasswordChanged {
@@ -467,20 +496,18 @@ impl CommandHandler<UpdateUser> for Identity {
         if let Some(role) = command.role
             && role != Role::Admin
         {
-            keep_an_admin(tx, &user).await?;
+            keep_an_admin(ctx, &user).await?;
         }
         let now = clock::now();
         let mut updated = user.clone();
-        if let Some(email) = &command.email {
-            updated.email = email.as_str().to_owned();
-            updated.email_key = email.key().to_owned();
+        if let Some(email) = command.email {
+            updated.email = email;
         }
-        if let Some(display_name) = &command.display_name {
-            updated.display_name = display_name.as_str().to_owned();
-            updated.display_name_key = display_name.key();
+        if let Some(display_name) = command.display_name {
+            updated.display_name = display_name;
         }
         if let Some(role) = command.role {
-            updated.role = role.as_str().to_owned();
+            updated.role = role;
         }
         if updated == user {
             return Ok(user);
@@ -492,8 +519,8 @@ impl CommandHandler<UpdateUser> for Identity {
             ctx.record(
                 &RoleChanged(pb::RoleChanged {
                     user_id: user.id.to_string(),
-                    from_role: user.role.clone(),
-                    to_role: updated.role.clone(),
+                    from_role: user.role.as_str().to_owned(),
+                    to_role: updated.role.as_str().to_owned(),
                     changed_by: actor(ctx),
                 }),
                 Some(user.id),
@@ -511,12 +538,12 @@ impl CommandHandler<DeleteUser> for Identity {
         ctx.request.require_admin()?;
         let tx = ctx.tx().await?;
         let user = store::find_user(tx, command.id).await?.ok_or_else(not_found_user)?;
-        keep_an_admin(tx, &user).await?;
+        keep_an_admin(ctx, &user).await?;
         // Sessions and refresh tokens go with the user (ON DELETE CASCADE),
         // so the user's access tokens stop working at once.
         store::delete_user(tx, user.id).await?;
         ctx.record(
-            &Deleted(pb::UserDeleted {
+            &UserDeleted(pb::UserDeleted {
                 user_id: user.id.to_string(),
                 deleted_by: actor(ctx),
             }),

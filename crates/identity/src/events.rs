@@ -10,13 +10,14 @@ use keel_kernel::{DomainEvent, Envelope, Error, EventHandler, Result};
 use keel_proto::identity as pb;
 use prost::Message;
 
-/// Declares a domain event: a newtype over its payload message, its name,
-/// and whether the audit log lists it.
+/// Declares a domain event: a newtype over its payload message, named after
+/// it (`UserDeleted` wraps `pb::UserDeleted`), its name, and whether the
+/// audit log lists it.
 macro_rules! domain_event {
-    ($name:ident, $payload:ident, $event_name:literal, audited = $audited:literal) => {
-        pub struct $name(pub pb::$payload);
+    ($payload:ident, $event_name:literal, audited = $audited:literal) => {
+        pub struct $payload(pub pb::$payload);
 
-        impl DomainEvent for $name {
+        impl DomainEvent for $payload {
             const NAME: &'static str = $event_name;
             const PAYLOAD_TYPE: &'static str = concat!("keel.identity.v1.", stringify!($payload));
             const AUDITED: bool = $audited;
@@ -28,23 +29,13 @@ macro_rules! domain_event {
     };
 }
 
-domain_event!(Registered, UserRegistered, "identity.user.registered", audited = false);
-domain_event!(LoggedIn, UserLoggedIn, "identity.user.logged_in", audited = false);
-domain_event!(LoginFailed, LoginFailed, "identity.login.failed", audited = true);
-domain_event!(
-    PasswordChanged,
-    PasswordChanged,
-    "identity.password.changed",
-    audited = true
-);
-domain_event!(RoleChanged, RoleChanged, "identity.user.role_changed", audited = true);
-domain_event!(
-    SessionRevoked,
-    SessionRevoked,
-    "identity.session.revoked",
-    audited = true
-);
-domain_event!(Deleted, UserDeleted, "identity.user.deleted", audited = true);
+domain_event!(UserRegistered, "identity.user.registered", audited = false);
+domain_event!(UserLoggedIn, "identity.user.logged_in", audited = false);
+domain_event!(LoginFailed, "identity.login.failed", audited = true);
+domain_event!(PasswordChanged, "identity.password.changed", audited = true);
+domain_event!(RoleChanged, "identity.user.role_changed", audited = true);
+domain_event!(SessionRevoked, "identity.session.revoked", audited = true);
+domain_event!(UserDeleted, "identity.user.deleted", audited = true);
 
 /// Sends the welcome email on `identity.user.registered`. The event id is
 /// the message id, so a redelivered event is the same message.
@@ -65,11 +56,11 @@ impl EventHandler for WelcomeEmail {
     }
 
     fn topics(&self) -> Vec<&'static str> {
-        vec![Registered::NAME]
+        vec![UserRegistered::NAME]
     }
 
     async fn handle(&self, event: &Envelope) -> Result<()> {
-        let registered: pb::UserRegistered = event.payload(Registered::PAYLOAD_TYPE).ok_or_else(|| {
+        let registered: pb::UserRegistered = event.payload(UserRegistered::PAYLOAD_TYPE).ok_or_else(|| {
             Error::internal(format!(
                 "event {} has no readable UserRegistered payload",
                 event.event_id

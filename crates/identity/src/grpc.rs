@@ -1,7 +1,9 @@
-//! Thin tonic adapters: proto request -> command or query -> bus -> proto.
+//! Thin tonic adapters: proto request -> command or query (`TryFrom`) -> bus
+//! -> proto (`From`). The field names and messages of every violation are
+//! part of the contract: clients and tests read them.
 
-use keel_kernel::grpc::{context, timestamp};
-use keel_kernel::{Bus, Error, Role, Secret, Violations, id::parse_id};
+use keel_kernel::grpc::{GrpcRoutes, context, timestamp};
+use keel_kernel::{Bus, Error, Result, Role, Secret, Violations, id::parse_id};
 use keel_proto::identity as pb;
 use keel_proto::identity::identity_command_service_server::{IdentityCommandService, IdentityCommandServiceServer};
 use keel_proto::identity::identity_query_service_server::{IdentityQueryService, IdentityQueryServiceServer};
@@ -12,8 +14,10 @@ use crate::commands::{
     Register, RevokeSession, UpdateUser,
 };
 use crate::model::{DisplayName, Email, NewPassword};
+use crate::model::{Session, User};
 use crate::queries::{GetCurrentUser, GetJwks, GetUser, ListSessions, ListUsers};
-use crate::store::{Session, User};
+use crate::tokens::PublicJwk;
+use uuid::Uuid;
 
 pub struct CommandApi {
     bus: Bus,
@@ -23,39 +27,32 @@ pub struct QueryApi {
     bus: Bus,
 }
 
-/// The two gRPC services of identity, ready to be added to a router.
-pub fn services(
-    bus: &Bus,
-) -> (
-    IdentityCommandServiceServer<CommandApi>,
-    IdentityQueryServiceServer<QueryApi>,
-) {
-    (
-        IdentityCommandServiceServer::new(CommandApi { bus: bus.clone() }),
-        IdentityQueryServiceServer::new(QueryApi { bus: bus.clone() }),
-    )
+/// The full names of identity's gRPC services.
+pub const SERVICES: &[&str] = &[
+    <IdentityCommandServiceServer<CommandApi> as tonic::server::NamedService>::NAME,
+    <IdentityQueryServiceServer<QueryApi> as tonic::server::NamedService>::NAME,
+];
+
+/// Adds identity's two gRPC services, with the server's limits.
+pub fn add_services(bus: &Bus, routes: &mut GrpcRoutes) {
+    let max = routes.limits().max_message_bytes;
+    routes
+        .add(
+            IdentityCommandServiceServer::new(CommandApi { bus: bus.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add(
+            IdentityQueryServiceServer::new(QueryApi { bus: bus.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        );
 }
 
-fn user_to_proto(user: &User) -> pb::User {
-    pb::User {
-        id: user.id.to_string(),
-        email: user.email.clone(),
-        display_name: user.display_name.clone(),
-        role: Role::parse(&user.role).map_or(pb::Role::Unspecified, role_to_proto) as i32,
-        created_at: Some(timestamp(user.created_at)),
-        updated_at: Some(timestamp(user.updated_at)),
-    }
-}
+// Proto -> domain. Each request parses into its command or query, naming
+// every invalid field at once (INVALID_ARGUMENT with field violations).
 
-fn role_to_proto(role: Role) -> pb::Role {
-    match role {
-        Role::User => pb::Role::User,
-        Role::Moderator => pb::Role::Moderator,
-        Role::Admin => pb::Role::Admin,
-    }
-}
-
-fn role_from_proto(field: &str, value: i32) -> keel_kernel::Result<Role> {
+fn role_from_proto(field: &str, value: i32) -> Result<Role> {
     match pb::Role::try_from(value) {
         Ok(pb::Role::User) => Ok(Role::User),
         Ok(pb::Role::Moderator) => Ok(Role::Moderator),
@@ -67,18 +64,226 @@ fn role_from_proto(field: &str, value: i32) -> keel_kernel::Result<Role> {
     }
 }
 
-fn tokens_to_proto(tokens: IssuedTokens) -> pb::AuthTokens {
-    pb::AuthTokens {
-        access_token: tokens.access_token.expose().clone(),
-        access_token_expires_at: Some(timestamp(tokens.access_token_expires_at)),
-        refresh_token: tokens.refresh_token.expose().clone(),
-        refresh_token_expires_at: Some(timestamp(tokens.refresh_token_expires_at)),
-        token_type: "Bearer".to_owned(),
-        session_id: tokens.session_id.to_string(),
+fn required_secret(field: &str, value: String) -> Result<Secret<String>> {
+    if value.is_empty() {
+        return Err(Error::invalid_field(field, "is required"));
+    }
+    Ok(Secret::new(value))
+}
+
+impl TryFrom<pb::RegisterRequest> for Register {
+    type Error = Error;
+
+    fn try_from(request: pb::RegisterRequest) -> Result<Register> {
+        Register::parse(&request.email, &request.password, &request.display_name)
     }
 }
 
-fn session_to_proto(session: &Session, current: uuid::Uuid) -> pb::Session {
+impl TryFrom<pb::LoginRequest> for Login {
+    type Error = Error;
+
+    fn try_from(request: pb::LoginRequest) -> Result<Login> {
+        let mut violations = Violations::new();
+        let email = violations.take(Email::parse("email", &request.email));
+        let password = violations.take(required_secret("password", request.password));
+        match (email, password) {
+            (Some(email), Some(password)) => Ok(Login { email, password }),
+            _ => Err(violations.into_error()),
+        }
+    }
+}
+
+impl TryFrom<pb::RefreshSessionRequest> for RefreshSession {
+    type Error = Error;
+
+    fn try_from(request: pb::RefreshSessionRequest) -> Result<RefreshSession> {
+        Ok(RefreshSession {
+            refresh_token: required_secret("refresh_token", request.refresh_token)?,
+        })
+    }
+}
+
+impl TryFrom<pb::ChangePasswordRequest> for ChangePassword {
+    type Error = Error;
+
+    fn try_from(request: pb::ChangePasswordRequest) -> Result<ChangePassword> {
+        let mut violations = Violations::new();
+        let current_password = violations.take(required_secret("current_password", request.current_password));
+        let new_password = violations.take(NewPassword::parse("new_password", &request.new_password));
+        match (current_password, new_password) {
+            (Some(current_password), Some(new_password)) => Ok(ChangePassword {
+                current_password,
+                new_password,
+            }),
+            _ => Err(violations.into_error()),
+        }
+    }
+}
+
+impl TryFrom<pb::CreateUserRequest> for CreateUser {
+    type Error = Error;
+
+    fn try_from(request: pb::CreateUserRequest) -> Result<CreateUser> {
+        let role = if request.role == pb::Role::Unspecified as i32 {
+            Ok(Role::User)
+        } else {
+            role_from_proto("role", request.role)
+        };
+        CreateUser::parse(&request.email, &request.password, &request.display_name, role)
+    }
+}
+
+impl TryFrom<pb::UpdateUserRequest> for UpdateUser {
+    type Error = Error;
+
+    /// AIP-134: the mask names the fields to write; without one, every
+    /// populated field is written. Output-only and unknown paths are refused.
+    fn try_from(request: pb::UpdateUserRequest) -> Result<UpdateUser> {
+        let user = request
+            .user
+            .ok_or_else(|| Error::invalid_field("user", "is required"))?;
+        let id = parse_id("user.id", &user.id)?;
+        let paths: Vec<String> = match request.update_mask {
+            Some(mask) if !mask.paths.is_empty() => mask.paths,
+            _ => [
+                (!user.email.is_empty()).then_some("email"),
+                (!user.display_name.is_empty()).then_some("display_name"),
+                (user.role != pb::Role::Unspecified as i32).then_some("role"),
+            ]
+            .into_iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect(),
+        };
+        if paths.is_empty() {
+            return Err(Error::invalid_field("update_mask", "names no field to update"));
+        }
+        let mut violations = Violations::new();
+        let mut command = UpdateUser {
+            id,
+            email: None,
+            display_name: None,
+            role: None,
+        };
+        let mut complete = true;
+        for path in &paths {
+            let parsed = match path.as_str() {
+                "email" => {
+                    command.email = violations.take(Email::parse("user.email", &user.email));
+                    command.email.is_some()
+                }
+                "display_name" => {
+                    command.display_name = violations.take(DisplayName::parse("user.display_name", &user.display_name));
+                    command.display_name.is_some()
+                }
+                "role" => {
+                    command.role = violations.take(role_from_proto("user.role", user.role));
+                    command.role.is_some()
+                }
+                "id" | "created_at" | "updated_at" => {
+                    violations.take::<()>(Err(Error::invalid_field(
+                        format!("update_mask.{path}"),
+                        "is output only",
+                    )));
+                    false
+                }
+                _ => {
+                    violations.take::<()>(Err(Error::invalid_field(
+                        format!("update_mask.{path}"),
+                        "is not a field of User that can be updated (email, display_name, role)",
+                    )));
+                    false
+                }
+            };
+            complete &= parsed;
+        }
+        if complete {
+            Ok(command)
+        } else {
+            Err(violations.into_error())
+        }
+    }
+}
+
+impl TryFrom<pb::DeleteUserRequest> for DeleteUser {
+    type Error = Error;
+
+    fn try_from(request: pb::DeleteUserRequest) -> Result<DeleteUser> {
+        Ok(DeleteUser {
+            id: parse_id("id", &request.id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::RevokeSessionRequest> for RevokeSession {
+    type Error = Error;
+
+    fn try_from(request: pb::RevokeSessionRequest) -> Result<RevokeSession> {
+        Ok(RevokeSession {
+            id: parse_id("id", &request.id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::GetUserRequest> for GetUser {
+    type Error = Error;
+
+    fn try_from(request: pb::GetUserRequest) -> Result<GetUser> {
+        Ok(GetUser {
+            id: parse_id("id", &request.id)?,
+        })
+    }
+}
+
+impl From<pb::ListUsersRequest> for ListUsers {
+    fn from(request: pb::ListUsersRequest) -> ListUsers {
+        ListUsers {
+            page_size: request.page_size,
+            page_token: request.page_token,
+            query: request.query,
+            order_by: request.order_by,
+        }
+    }
+}
+
+// Domain -> proto.
+
+fn role_to_proto(role: Role) -> pb::Role {
+    match role {
+        Role::User => pb::Role::User,
+        Role::Moderator => pb::Role::Moderator,
+        Role::Admin => pb::Role::Admin,
+    }
+}
+
+impl From<&User> for pb::User {
+    fn from(user: &User) -> pb::User {
+        pb::User {
+            id: user.id.to_string(),
+            email: user.email.as_str().to_owned(),
+            display_name: user.display_name.as_str().to_owned(),
+            role: role_to_proto(user.role) as i32,
+            created_at: Some(timestamp(user.created_at)),
+            updated_at: Some(timestamp(user.updated_at)),
+        }
+    }
+}
+
+impl From<IssuedTokens> for pb::AuthTokens {
+    fn from(tokens: IssuedTokens) -> pb::AuthTokens {
+        pb::AuthTokens {
+            access_token: tokens.access_token.expose().clone(),
+            access_token_expires_at: Some(timestamp(tokens.access_token_expires_at)),
+            refresh_token: tokens.refresh_token.expose().clone(),
+            refresh_token_expires_at: Some(timestamp(tokens.refresh_token_expires_at)),
+            token_type: "Bearer".to_owned(),
+            session_id: tokens.session_id.to_string(),
+        }
+    }
+}
+
+/// A session as its owner sees it: `current` marks the one making the call.
+fn session_to_proto(session: &Session, current: Option<Uuid>) -> pb::Session {
     pb::Session {
         id: session.id.to_string(),
         created_at: Some(timestamp(session.created_at)),
@@ -86,59 +291,41 @@ fn session_to_proto(session: &Session, current: uuid::Uuid) -> pb::Session {
         expires_at: Some(timestamp(session.expires_at)),
         user_agent: session.user_agent.clone(),
         ip_address: session.ip_address.clone(),
-        current: session.id == current,
+        current: Some(session.id) == current,
     }
 }
 
-fn required_secret(violations: &mut Violations, field: &str, value: String) -> Option<Secret<String>> {
-    if value.is_empty() {
-        violations.take::<()>(Err(Error::invalid_field(field, "is required")));
-        return None;
+impl From<PublicJwk> for pb::JsonWebKey {
+    fn from(key: PublicJwk) -> pb::JsonWebKey {
+        pb::JsonWebKey {
+            kty: "OKP".to_owned(),
+            crv: "Ed25519".to_owned(),
+            x: key.x,
+            kid: key.kid,
+            alg: "EdDSA".to_owned(),
+            r#use: "sig".to_owned(),
+        }
     }
-    Some(Secret::new(value))
 }
 
 #[tonic::async_trait]
 impl IdentityCommandService for CommandApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let email = violations.take(Email::parse("email", &request.email));
-        let password = violations.take(NewPassword::parse("password", &request.password));
-        let display_name = violations.take(DisplayName::parse("display_name", &request.display_name));
-        let (Some(email), Some(password), Some(display_name)) = (email, password, display_name) else {
-            return Err(violations.into_error().into());
-        };
-        let user = self
-            .bus
-            .execute(
-                &ctx,
-                Register {
-                    email,
-                    password,
-                    display_name,
-                },
-            )
-            .await?;
+        let command = Register::try_from(request.into_inner())?;
+        let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RegisterResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let email = violations.take(Email::parse("email", &request.email));
-        let password = required_secret(&mut violations, "password", request.password);
-        let (Some(email), Some(password)) = (email, password) else {
-            return Err(violations.into_error().into());
-        };
-        match self.bus.execute(&ctx, Login { email, password }).await? {
-            LoginOutcome::SignedIn(user, tokens) => Ok(Response::new(pb::LoginResponse {
-                tokens: Some(tokens_to_proto(tokens)),
-                user: Some(user_to_proto(&user)),
+        let command = Login::try_from(request.into_inner())?;
+        match self.bus.execute(&ctx, command).await? {
+            LoginOutcome::SignedIn { user, tokens } => Ok(Response::new(pb::LoginResponse {
+                tokens: Some(tokens.into()),
+                user: Some(user.as_ref().into()),
             })),
             LoginOutcome::Refused => Err(Error::unauthenticated("invalid email or password").into()),
         }
@@ -149,14 +336,10 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::RefreshSessionRequest>,
     ) -> Result<Response<pb::RefreshSessionResponse>, Status> {
         let ctx = context(&request);
-        let mut violations = Violations::new();
-        let Some(refresh_token) = required_secret(&mut violations, "refresh_token", request.into_inner().refresh_token)
-        else {
-            return Err(violations.into_error().into());
-        };
-        match self.bus.execute(&ctx, RefreshSession { refresh_token }).await? {
+        let command = RefreshSession::try_from(request.into_inner())?;
+        match self.bus.execute(&ctx, command).await? {
             RefreshOutcome::Rotated(tokens) => Ok(Response::new(pb::RefreshSessionResponse {
-                tokens: Some(tokens_to_proto(tokens)),
+                tokens: Some(tokens.into()),
             })),
             RefreshOutcome::ReuseDetected => {
                 Err(Error::unauthenticated("refresh token was already used; the session has been revoked").into())
@@ -175,22 +358,8 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let current_password = required_secret(&mut violations, "current_password", request.current_password);
-        let new_password = violations.take(NewPassword::parse("new_password", &request.new_password));
-        let (Some(current_password), Some(new_password)) = (current_password, new_password) else {
-            return Err(violations.into_error().into());
-        };
-        self.bus
-            .execute(
-                &ctx,
-                ChangePassword {
-                    current_password,
-                    new_password,
-                },
-            )
-            .await?;
+        let command = ChangePassword::try_from(request.into_inner())?;
+        self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::ChangePasswordResponse {}))
     }
 
@@ -199,34 +368,10 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let mut violations = Violations::new();
-        let email = violations.take(Email::parse("email", &request.email));
-        let password = violations.take(NewPassword::parse("password", &request.password));
-        let display_name = violations.take(DisplayName::parse("display_name", &request.display_name));
-        let role = if request.role == pb::Role::Unspecified as i32 {
-            Some(Role::User)
-        } else {
-            violations.take(role_from_proto("role", request.role))
-        };
-        let (Some(email), Some(password), Some(display_name), Some(role)) = (email, password, display_name, role)
-        else {
-            return Err(violations.into_error().into());
-        };
-        let user = self
-            .bus
-            .execute(
-                &ctx,
-                CreateUser {
-                    email,
-                    password,
-                    display_name,
-                    role,
-                },
-            )
-            .await?;
+        let command = CreateUser::try_from(request.into_inner())?;
+        let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::CreateUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
@@ -235,67 +380,10 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let user = request
-            .user
-            .ok_or_else(|| Error::invalid_field("user", "is required"))?;
-        let id = parse_id("user.id", &user.id)?;
-        // AIP-134: without a mask, every populated field is written.
-        let paths: Vec<String> = match request.update_mask {
-            Some(mask) if !mask.paths.is_empty() => mask.paths,
-            _ => [
-                (!user.email.is_empty()).then_some("email"),
-                (!user.display_name.is_empty()).then_some("display_name"),
-                (user.role != pb::Role::Unspecified as i32).then_some("role"),
-            ]
-            .into_iter()
-            .flatten()
-            .map(str::to_owned)
-            .collect(),
-        };
-        if paths.is_empty() {
-            return Err(Error::invalid_field("update_mask", "names no field to update").into());
-        }
-        let mut violations = Violations::new();
-        let mut command = UpdateUser {
-            id,
-            email: None,
-            display_name: None,
-            role: None,
-        };
-        for path in &paths {
-            match path.as_str() {
-                "email" => command.email = violations.take(Email::parse("user.email", &user.email)),
-                "display_name" => {
-                    command.display_name = violations.take(DisplayName::parse("user.display_name", &user.display_name))
-                }
-                "role" => command.role = violations.take(role_from_proto("user.role", user.role)),
-                "id" | "created_at" | "updated_at" => {
-                    violations.take::<()>(Err(Error::invalid_field(
-                        format!("update_mask.{path}"),
-                        "is output only",
-                    )));
-                }
-                _ => {
-                    violations.take::<()>(Err(Error::invalid_field(
-                        format!("update_mask.{path}"),
-                        "is not a field of User that can be updated (email, display_name, role)",
-                    )));
-                }
-            }
-        }
-        let invalid = paths.iter().any(|path| match path.as_str() {
-            "email" => command.email.is_none(),
-            "display_name" => command.display_name.is_none(),
-            "role" => command.role.is_none(),
-            _ => true,
-        });
-        if invalid {
-            return Err(violations.into_error().into());
-        }
+        let command = UpdateUser::try_from(request.into_inner())?;
         let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::UpdateUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
@@ -304,8 +392,8 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let ctx = context(&request);
-        let id = parse_id("id", &request.get_ref().id)?;
-        self.bus.execute(&ctx, DeleteUser { id }).await?;
+        let command = DeleteUser::try_from(request.into_inner())?;
+        self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
 
@@ -314,8 +402,8 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let ctx = context(&request);
-        let id = parse_id("id", &request.get_ref().id)?;
-        self.bus.execute(&ctx, RevokeSession { id }).await?;
+        let command = RevokeSession::try_from(request.into_inner())?;
+        self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RevokeSessionResponse {}))
     }
 }
@@ -329,16 +417,16 @@ impl IdentityQueryService for QueryApi {
         let ctx = context(&request);
         let user = self.bus.ask(&ctx, GetCurrentUser).await?;
         Ok(Response::new(pb::GetCurrentUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
         let ctx = context(&request);
-        let id = parse_id("id", &request.get_ref().id)?;
-        let user = self.bus.ask(&ctx, GetUser { id }).await?;
+        let query = GetUser::try_from(request.into_inner())?;
+        let user = self.bus.ask(&ctx, query).await?;
         Ok(Response::new(pb::GetUserResponse {
-            user: Some(user_to_proto(&user)),
+            user: Some((&user).into()),
         }))
     }
 
@@ -347,21 +435,9 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let ctx = context(&request);
-        let request = request.into_inner();
-        let page = self
-            .bus
-            .ask(
-                &ctx,
-                ListUsers {
-                    page_size: request.page_size,
-                    page_token: request.page_token,
-                    query: request.query,
-                    order_by: request.order_by,
-                },
-            )
-            .await?;
+        let page = self.bus.ask(&ctx, ListUsers::from(request.into_inner())).await?;
         Ok(Response::new(pb::ListUsersResponse {
-            users: page.users.iter().map(user_to_proto).collect(),
+            users: page.users.iter().map(pb::User::from).collect(),
             next_page_token: page.next_page_token,
         }))
     }
@@ -371,11 +447,7 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let ctx = context(&request);
-        let current = ctx
-            .principal
-            .as_ref()
-            .map(|principal| principal.session_id)
-            .unwrap_or_default();
+        let current = ctx.principal.as_ref().map(|principal| principal.session_id);
         let sessions = self.bus.ask(&ctx, ListSessions).await?;
         Ok(Response::new(pb::ListSessionsResponse {
             sessions: sessions
@@ -389,17 +461,7 @@ impl IdentityQueryService for QueryApi {
         let ctx = context(&request);
         let keys = self.bus.ask(&ctx, GetJwks).await?;
         Ok(Response::new(pb::GetJwksResponse {
-            keys: keys
-                .into_iter()
-                .map(|key| pb::JsonWebKey {
-                    kty: "OKP".to_owned(),
-                    crv: "Ed25519".to_owned(),
-                    x: key.x,
-                    kid: key.kid,
-                    alg: "EdDSA".to_owned(),
-                    r#use: "sig".to_owned(),
-                })
-                .collect(),
+            keys: keys.into_iter().map(pb::JsonWebKey::from).collect(),
         }))
     }
 }

@@ -1,25 +1,33 @@
 //! The identity module: users, sessions, tokens.
 //!
 //! # Layout
-//! - `model.rs`: `Email`, `DisplayName`, `NewPassword`, parsed at the boundary;
+//! - `model.rs`: the domain types — `User`, `Session`, and the newtypes that
+//!   parse at the boundary (`Email`, `DisplayName`, `NewPassword`);
 //! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
 //! - `events.rs`: the events identity emits, and the welcome-email handler;
-//! - `store.rs`: the SeaORM entities and the module's only SQL;
+//! - `store.rs` (private): the SeaORM entities and the module's only SQL,
+//!   mapping rows to the domain types;
+//! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
+//! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
-//!   `IdentityQueryService`.
+//!   `IdentityQueryService`;
+//! - `module.rs`: [`IdentityModule`], what the composition root wires.
 //!
 //! [`register`] wires the handlers into the bus; [`Identity::authenticate`]
 //! turns a bearer token into a principal for the server's auth layer.
 
+pub mod admin;
 pub mod commands;
 pub mod events;
 pub mod grpc;
 pub mod model;
+mod module;
 pub mod password;
+pub mod pruning;
 pub mod queries;
-pub mod store;
+mod store;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -27,8 +35,9 @@ use std::time::Duration;
 
 use keel_kernel::limit::{Quota, RateLimiter};
 use keel_kernel::{BusBuilder, Error, Principal, Result, clock};
-use sea_orm::ConnectionTrait;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
 
+pub use crate::module::IdentityModule;
 use crate::password::PasswordHasher;
 use crate::tokens::TokenService;
 
@@ -42,6 +51,10 @@ pub struct IdentitySettings {
     pub login_per_account: Quota,
     pub login_per_address: Quota,
     pub register_per_address: Quota,
+    /// How long an expired or revoked session is kept before it is pruned.
+    pub session_retention: chrono::Duration,
+    /// How often pruning runs.
+    pub prune_every: Duration,
 }
 
 impl Default for IdentitySettings {
@@ -52,6 +65,8 @@ impl Default for IdentitySettings {
             login_per_account: Quota::new(10, Duration::from_secs(60)),
             login_per_address: Quota::new(30, Duration::from_secs(2)),
             register_per_address: Quota::new(10, Duration::from_secs(30)),
+            session_retention: chrono::Duration::days(30),
+            prune_every: Duration::from_secs(3600),
         }
     }
 }
@@ -106,14 +121,21 @@ impl Identity {
         let (session, user) = store::find_session_with_user(db, session_id)
             .await?
             .ok_or_else(refused)?;
-        if session.user_id != user_id || session.revoked_at.is_some() || session.expires_at <= clock::now() {
+        if session.user_id != user_id || !session.is_active(clock::now()) {
             return Err(refused());
         }
         Ok(Principal {
             user_id,
             session_id,
-            role: commands::role_of(&user)?,
+            role: user.role,
         })
+    }
+
+    /// Starts pruning expired refresh tokens and old sessions, every
+    /// `prune_every`; abort the handle to stop it.
+    pub fn spawn_pruning(&self, db: DatabaseConnection) -> tokio::task::JoinHandle<()> {
+        let settings = self.settings();
+        pruning::spawn_pruning(db, settings.session_retention, settings.prune_every)
     }
 }
 

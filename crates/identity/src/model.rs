@@ -1,12 +1,22 @@
 //! Domain types of identity. Each parses at the boundary, so handlers only
-//! ever see valid values.
+//! ever see valid values; `store.rs` maps rows to them, so no SeaORM model
+//! leaves it.
+//!
+//! What commands and queries return ([`User`], [`Session`]) derives serde, so
+//! bus middleware can store and replay it. A password hash is in none of
+//! them: it travels apart, as a [`HashedPassword`] inside [`Credentials`],
+//! read only by login and change-password.
 
-use keel_kernel::{Error, Result, Secret};
+use chrono::{DateTime, Utc};
+use keel_kernel::{Error, Result, Role, Secret};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 const COMMON_PASSWORDS: &str = include_str!("common-passwords.txt");
 
 /// An email address as the user typed it, plus its case-insensitive key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Email {
     display: String,
     key: String,
@@ -52,8 +62,23 @@ impl Email {
     }
 }
 
+impl TryFrom<String> for Email {
+    type Error = Error;
+
+    fn try_from(value: String) -> Result<Email> {
+        Email::parse("email", &value)
+    }
+}
+
+impl From<Email> for String {
+    fn from(email: Email) -> String {
+        email.display
+    }
+}
+
 /// A display name: 1 to 100 characters, no control characters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct DisplayName(String);
 
 impl DisplayName {
@@ -77,6 +102,20 @@ impl DisplayName {
 
     pub fn key(&self) -> String {
         self.0.to_lowercase()
+    }
+}
+
+impl TryFrom<String> for DisplayName {
+    type Error = Error;
+
+    fn try_from(value: String) -> Result<DisplayName> {
+        DisplayName::parse("display_name", &value)
+    }
+}
+
+impl From<DisplayName> for String {
+    fn from(name: DisplayName) -> String {
+        name.0
     }
 }
 
@@ -109,6 +148,81 @@ impl NewPassword {
     }
 }
 
+/// An Argon2id hash as stored (PHC string). It never leaves the module in
+/// an output, has no serde, and prints as `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashedPassword(String);
+
+impl HashedPassword {
+    pub(crate) fn new(phc: String) -> Self {
+        Self(phc)
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for HashedPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// An account as the rest of Keel sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: Uuid,
+    pub email: Email,
+    pub display_name: DisplayName,
+    pub role: Role,
+    /// Bumped by every write; a write based on an older version is ABORTED.
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user with the hash of their password: what login and change-password
+/// read, and nothing else.
+#[derive(Debug, Clone)]
+pub(crate) struct Credentials {
+    pub user: User,
+    pub password_hash: HashedPassword,
+}
+
+/// A signed-in device: alive until it expires or is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub last_refreshed_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub user_agent: String,
+    pub ip_address: String,
+}
+
+impl Session {
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at > now
+    }
+}
+
+/// A refresh token as stored: its SHA-256, never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RefreshToken {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    pub token_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Set when the token is exchanged; a second exchange after the grace
+    /// window is reuse.
+    pub used_at: Option<DateTime<Utc>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +253,28 @@ mod tests {
         assert!(NewPassword::parse("password", "12345678").is_err());
         assert!(NewPassword::parse("password", "correct horse battery staple").is_ok());
         assert!(NewPassword::parse("password", "ünïcödé!").is_ok());
+    }
+
+    #[test]
+    fn users_round_trip_through_serde_without_a_password() {
+        let user = User {
+            id: Uuid::now_v7(),
+            email: Email::parse("email", "Ada@Example.com").expect("valid"),
+            display_name: DisplayName::parse("display_name", "Ada").expect("valid"),
+            role: Role::Moderator,
+            version: 3,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        };
+        let json = serde_json::to_value(&user).expect("serialize");
+        assert_eq!(json["email"], "Ada@Example.com");
+        assert_eq!(json["role"], "moderator");
+        let back: User = serde_json::from_value(json.clone()).expect("deserialize");
+        assert_eq!(back, user);
+        assert_eq!(back.email.key(), "ada@example.com");
+        let mut forged = json;
+        forged["role"] = "root".into();
+        assert!(serde_json::from_value::<User>(forged).is_err());
     }
 
     #[test]

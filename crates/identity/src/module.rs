@@ -49,7 +49,6 @@ impl Module for IdentityModule {
     }
 
     fn start_tasks(&self, db: &sea_orm::DatabaseConnection) -> Vec<BackgroundTask> {
-        let _ = db;
-        Vec::new()
+        vec![self.identity.spawn_pruning(db.clone())]
     }
 }

@@ -8,12 +8,14 @@ use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier 
 use argon2::{Algorithm, Argon2, Params, Version};
 use keel_kernel::{Error, Result, Secret};
 
+use crate::model::HashedPassword;
+
 #[derive(Clone)]
 pub struct PasswordHasher {
     params: Params,
     // Verified against when the account does not exist, so that an unknown
     // email costs the same time as a wrong password.
-    dummy: Arc<OnceLock<String>>,
+    dummy: Arc<OnceLock<HashedPassword>>,
 }
 
 impl Default for PasswordHasher {
@@ -36,14 +38,14 @@ impl PasswordHasher {
     }
 
     /// A PHC string (`$argon2id$v=19$m=19456,t=2,p=1$...`).
-    pub async fn hash(&self, password: &Secret<String>) -> Result<String> {
+    pub async fn hash(&self, password: &Secret<String>) -> Result<HashedPassword> {
         let params = self.params.clone();
         let password = password.clone();
         tokio::task::spawn_blocking(move || {
             let salt = SaltString::generate(&mut OsRng);
             Self::argon2(params)
                 .hash_password(password.expose().as_bytes(), &salt)
-                .map(|hash| hash.to_string())
+                .map(|hash| HashedPassword::new(hash.to_string()))
                 .map_err(|error| Error::internal(format!("hashing failed: {error}")))
         })
         .await
@@ -51,12 +53,12 @@ impl PasswordHasher {
     }
 
     /// True when `password` matches `stored`. Malformed hashes are internal errors.
-    pub async fn verify(&self, password: &Secret<String>, stored: &str) -> Result<bool> {
+    pub async fn verify(&self, password: &Secret<String>, stored: &HashedPassword) -> Result<bool> {
         let params = self.params.clone();
         let password = password.clone();
-        let stored = stored.to_owned();
+        let stored = stored.clone();
         tokio::task::spawn_blocking(move || {
-            let parsed = PasswordHash::new(&stored)
+            let parsed = PasswordHash::new(stored.as_str())
                 .map_err(|error| Error::internal(format!("stored hash unreadable: {error}")))?;
             Ok(Self::argon2(params)
                 .verify_password(password.expose().as_bytes(), &parsed)
@@ -88,7 +90,12 @@ mod tests {
         let hasher = PasswordHasher::new();
         let secret = Secret::new("correct horse battery staple".to_owned());
         let hash = hasher.hash(&secret).await.expect("hash");
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.as_str().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{}",
+            hash.as_str()
+        );
+        assert_eq!(format!("{hash:?}"), "[redacted]");
         assert!(hasher.verify(&secret, &hash).await.expect("verify"));
         assert!(
             !hasher

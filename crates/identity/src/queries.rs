@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::Identity;
-use crate::store::{self, Session, User, UserKey, UserOrder};
+use crate::model::{Session, User};
+use crate::store::{self, UserKey, UserOrder};
 use crate::tokens::PublicJwk;
 
 pub struct GetCurrentUser;
@@ -34,6 +35,7 @@ pub struct ListUsers {
     pub order_by: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UserPage {
     pub users: Vec<User>,
     pub next_page_token: String,
@@ -160,7 +162,7 @@ impl QueryHandler<ListUsers> for Identity {
                 query: prefix,
                 created_at: (order == UserOrder::CreatedAt).then_some(last.created_at),
                 id: (order == UserOrder::CreatedAt).then_some(last.id),
-                email: (order == UserOrder::Email).then(|| last.email_key.clone()),
+                email: (order == UserOrder::Email).then(|| last.email.key().to_owned()),
             })?
         } else {
             String::new()

@@ -1,13 +1,21 @@
 //! The identity tables and the only SQL of the module.
+//!
+//! Rows become domain types here ([`User`], [`Session`], ...), and only
+//! here: a SeaORM model never leaves this file. A row that no longer parses
+//! (an unknown role, a malformed email) is an internal error, raised once,
+//! here.
 
 use chrono::{DateTime, Utc};
-use keel_kernel::{Error, Result};
-use sea_orm::sea_query::Expr;
+use keel_kernel::bus::write_transaction;
+use keel_kernel::{Error, Result, Role};
+use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set, SqlErr, TransactionTrait,
 };
 use uuid::Uuid;
+
+use crate::model::{Credentials, DisplayName, Email, HashedPassword, RefreshToken, Session, User};
 
 pub mod users {
     use sea_orm::entity::prelude::*;
@@ -104,9 +112,58 @@ pub mod refresh_tokens {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub type User = users::Model;
-pub type Session = sessions::Model;
-pub type RefreshToken = refresh_tokens::Model;
+fn user_from_row(row: users::Model) -> Result<User> {
+    let role = Role::parse(&row.role)
+        .ok_or_else(|| Error::internal(format!("user {} has unknown role {:?}", row.id, row.role)))?;
+    // The stored values were parsed when written; failing now means the row
+    // was changed behind Keel's back. The value itself is not logged.
+    let email = Email::parse("email", &row.email)
+        .map_err(|_| Error::internal(format!("user {} has a malformed email", row.id)))?;
+    let display_name = DisplayName::parse("display_name", &row.display_name)
+        .map_err(|_| Error::internal(format!("user {} has a malformed display name", row.id)))?;
+    Ok(User {
+        id: row.id,
+        email,
+        display_name,
+        role,
+        version: row.version,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+fn credentials_from_row(mut row: users::Model) -> Result<Credentials> {
+    let password_hash = HashedPassword::new(std::mem::take(&mut row.password_hash));
+    Ok(Credentials {
+        user: user_from_row(row)?,
+        password_hash,
+    })
+}
+
+fn session_from_row(row: sessions::Model) -> Session {
+    Session {
+        id: row.id,
+        user_id: row.user_id,
+        created_at: row.created_at,
+        last_refreshed_at: row.last_refreshed_at,
+        expires_at: row.expires_at,
+        revoked_at: row.revoked_at,
+        user_agent: row.user_agent,
+        ip_address: row.ip_address,
+    }
+}
+
+fn refresh_token_from_row(row: refresh_tokens::Model) -> RefreshToken {
+    RefreshToken {
+        id: row.id,
+        user_id: row.user_id,
+        session_id: row.session_id,
+        token_hash: row.token_hash,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        used_at: row.used_at,
+    }
+}
 
 fn unique_violation(error: sea_orm::DbErr, message: &str) -> Error {
     match error.sql_err() {
@@ -117,49 +174,70 @@ fn unique_violation(error: sea_orm::DbErr, message: &str) -> Error {
 
 const EMAIL_TAKEN: &str = "an account with this email already exists";
 
-pub async fn insert_user(db: &impl ConnectionTrait, user: User) -> Result<User> {
+fn concurrently_changed() -> Error {
+    Error::new(
+        keel_kernel::Code::Aborted,
+        "the user was changed concurrently; read it again and retry",
+    )
+}
+
+pub async fn insert_user(db: &impl ConnectionTrait, user: &User, password_hash: &HashedPassword) -> Result<()> {
     users::ActiveModel {
         id: Set(user.id),
-        user_id: Set(user.user_id),
-        email: Set(user.email),
-        email_key: Set(user.email_key),
-        display_name: Set(user.display_name),
-        display_name_key: Set(user.display_name_key),
-        role: Set(user.role),
-        password_hash: Set(user.password_hash),
+        // The owner of a user row is the user.
+        user_id: Set(user.id),
+        email: Set(user.email.as_str().to_owned()),
+        email_key: Set(user.email.key().to_owned()),
+        display_name: Set(user.display_name.as_str().to_owned()),
+        display_name_key: Set(user.display_name.key()),
+        role: Set(user.role.as_str().to_owned()),
+        password_hash: Set(password_hash.as_str().to_owned()),
         version: Set(user.version),
         created_at: Set(user.created_at),
         updated_at: Set(user.updated_at),
     }
     .insert(db)
     .await
-    .map_err(|error| unique_violation(error, EMAIL_TAKEN))
+    .map_err(|error| unique_violation(error, EMAIL_TAKEN))?;
+    Ok(())
 }
 
 pub async fn find_user(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<User>> {
-    Ok(users::Entity::find_by_id(id).one(db).await?)
-}
-
-pub async fn find_user_by_email_key(db: &impl ConnectionTrait, email_key: &str) -> Result<Option<User>> {
-    Ok(users::Entity::find()
-        .filter(users::Column::EmailKey.eq(email_key))
+    users::Entity::find_by_id(id)
         .one(db)
-        .await?)
+        .await?
+        .map(user_from_row)
+        .transpose()
 }
 
-/// Writes every column of `user` whose version still is `user.version - 1`:
-/// a concurrent update in between is ABORTED, never silently overwritten.
+/// A user with their password hash: for login and change-password only.
+pub async fn find_credentials(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Credentials>> {
+    users::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(credentials_from_row)
+        .transpose()
+}
+
+pub async fn find_credentials_by_email(db: &impl ConnectionTrait, email: &Email) -> Result<Option<Credentials>> {
+    users::Entity::find()
+        .filter(users::Column::EmailKey.eq(email.key()))
+        .one(db)
+        .await?
+        .map(credentials_from_row)
+        .transpose()
+}
+
+/// Writes the profile and role of `user` if its row's version still is
+/// `user.version - 1`: a concurrent update in between is ABORTED, never
+/// silently overwritten.
 pub async fn update_user(db: &impl ConnectionTrait, user: &User) -> Result<()> {
     let result = users::Entity::update_many()
-        .col_expr(users::Column::Email, Expr::value(user.email.clone()))
-        .col_expr(users::Column::EmailKey, Expr::value(user.email_key.clone()))
-        .col_expr(users::Column::DisplayName, Expr::value(user.display_name.clone()))
-        .col_expr(
-            users::Column::DisplayNameKey,
-            Expr::value(user.display_name_key.clone()),
-        )
-        .col_expr(users::Column::Role, Expr::value(user.role.clone()))
-        .col_expr(users::Column::PasswordHash, Expr::value(user.password_hash.clone()))
+        .col_expr(users::Column::Email, Expr::value(user.email.as_str()))
+        .col_expr(users::Column::EmailKey, Expr::value(user.email.key()))
+        .col_expr(users::Column::DisplayName, Expr::value(user.display_name.as_str()))
+        .col_expr(users::Column::DisplayNameKey, Expr::value(user.display_name.key()))
+        .col_expr(users::Column::Role, Expr::value(user.role.as_str()))
         .col_expr(users::Column::Version, Expr::value(user.version))
         .col_expr(users::Column::UpdatedAt, Expr::value(user.updated_at))
         .filter(users::Column::Id.eq(user.id))
@@ -168,10 +246,24 @@ pub async fn update_user(db: &impl ConnectionTrait, user: &User) -> Result<()> {
         .await
         .map_err(|error| unique_violation(error, EMAIL_TAKEN))?;
     if result.rows_affected == 0 {
-        return Err(Error::new(
-            keel_kernel::Code::Aborted,
-            "the user was changed concurrently; read it again and retry",
-        ));
+        return Err(concurrently_changed());
+    }
+    Ok(())
+}
+
+/// Replaces the password hash of `user`, under the same version rule as
+/// [`update_user`].
+pub async fn update_password(db: &impl ConnectionTrait, user: &User, password_hash: &HashedPassword) -> Result<()> {
+    let result = users::Entity::update_many()
+        .col_expr(users::Column::PasswordHash, Expr::value(password_hash.as_str()))
+        .col_expr(users::Column::Version, Expr::value(user.version))
+        .col_expr(users::Column::UpdatedAt, Expr::value(user.updated_at))
+        .filter(users::Column::Id.eq(user.id))
+        .filter(users::Column::Version.eq(user.version - 1))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(concurrently_changed());
     }
     Ok(())
 }
@@ -181,9 +273,10 @@ pub async fn delete_user(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
     Ok(result.rows_affected > 0)
 }
 
+/// Served by `ix_users_role`.
 pub async fn count_admins(db: &impl ConnectionTrait) -> Result<u64> {
     Ok(users::Entity::find()
-        .filter(users::Column::Role.eq("admin"))
+        .filter(users::Column::Role.eq(Role::Admin.as_str()))
         .count(db)
         .await?)
 }
@@ -265,23 +358,30 @@ pub async fn list_users(
             .order_by(users::Column::Id, sort),
         UserOrder::Email => select.order_by(users::Column::EmailKey, sort),
     };
-    Ok(select.limit(limit).all(db).await?)
+    select
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(user_from_row)
+        .collect()
 }
 
-pub async fn insert_session(db: &impl ConnectionTrait, session: Session) -> Result<Session> {
-    Ok(sessions::ActiveModel {
+pub async fn insert_session(db: &impl ConnectionTrait, session: &Session) -> Result<()> {
+    sessions::ActiveModel {
         id: Set(session.id),
         user_id: Set(session.user_id),
         created_at: Set(session.created_at),
-        updated_at: Set(session.updated_at),
+        updated_at: Set(session.created_at),
         last_refreshed_at: Set(session.last_refreshed_at),
         expires_at: Set(session.expires_at),
         revoked_at: Set(session.revoked_at),
-        user_agent: Set(session.user_agent),
-        ip_address: Set(session.ip_address),
+        user_agent: Set(session.user_agent.clone()),
+        ip_address: Set(session.ip_address.clone()),
     }
     .insert(db)
-    .await?)
+    .await?;
+    Ok(())
 }
 
 /// A session and its user in one query (the authentication path).
@@ -290,11 +390,17 @@ pub async fn find_session_with_user(db: &impl ConnectionTrait, session_id: Uuid)
         .find_also_related(users::Entity)
         .one(db)
         .await?;
-    Ok(found.and_then(|(session, user)| user.map(|user| (session, user))))
+    match found {
+        Some((session, Some(user))) => Ok(Some((session_from_row(session), user_from_row(user)?))),
+        _ => Ok(None),
+    }
 }
 
 pub async fn find_session(db: &impl ConnectionTrait, session_id: Uuid) -> Result<Option<Session>> {
-    Ok(sessions::Entity::find_by_id(session_id).one(db).await?)
+    Ok(sessions::Entity::find_by_id(session_id)
+        .one(db)
+        .await?
+        .map(session_from_row))
 }
 
 /// Revokes one session if it is still active; true when this call revoked it.
@@ -355,15 +461,18 @@ pub async fn list_active_sessions(
         .order_by_desc(sessions::Column::CreatedAt)
         .limit(1000)
         .all(db)
-        .await?)
+        .await?
+        .into_iter()
+        .map(session_from_row)
+        .collect())
 }
 
-pub async fn insert_refresh_token(db: &impl ConnectionTrait, token: RefreshToken) -> Result<()> {
+pub async fn insert_refresh_token(db: &impl ConnectionTrait, token: &RefreshToken) -> Result<()> {
     refresh_tokens::ActiveModel {
         id: Set(token.id),
         user_id: Set(token.user_id),
         session_id: Set(token.session_id),
-        token_hash: Set(token.token_hash),
+        token_hash: Set(token.token_hash.clone()),
         created_at: Set(token.created_at),
         expires_at: Set(token.expires_at),
         used_at: Set(token.used_at),
@@ -377,11 +486,15 @@ pub async fn find_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> 
     Ok(refresh_tokens::Entity::find()
         .filter(refresh_tokens::Column::TokenHash.eq(token_hash))
         .one(db)
-        .await?)
+        .await?
+        .map(refresh_token_from_row))
 }
 
 pub async fn find_refresh_token_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<RefreshToken>> {
-    Ok(refresh_tokens::Entity::find_by_id(id).one(db).await?)
+    Ok(refresh_tokens::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(refresh_token_from_row))
 }
 
 /// Marks a token used if nobody has; true when this call did. Two concurrent
@@ -394,4 +507,58 @@ pub async fn claim_refresh_token(db: &impl ConnectionTrait, id: Uuid, now: DateT
         .exec(db)
         .await?;
     Ok(result.rows_affected > 0)
+}
+
+/// Deletes at most `batch` refresh tokens that expired at or before `now`,
+/// in one statement (served by `ix_refresh_tokens_expires_at`); returns how
+/// many.
+///
+/// A used token is kept until it expires, not pruned after the grace window:
+/// presenting it again must still find it, so that reuse revokes the session.
+pub async fn prune_refresh_tokens(db: &DatabaseConnection, now: DateTime<Utc>, batch: u64) -> Result<u64> {
+    let expired = Query::select()
+        .column(refresh_tokens::Column::Id)
+        .from(refresh_tokens::Entity)
+        .and_where(refresh_tokens::Column::ExpiresAt.lte(now))
+        .limit(batch)
+        .to_owned();
+    delete_in_write_transaction(
+        db,
+        refresh_tokens::Entity::delete_many().filter(refresh_tokens::Column::Id.in_subquery(expired)),
+    )
+    .await
+}
+
+/// Deletes at most `batch` sessions that expired, or were revoked, before
+/// `before`, in one statement (served by `ix_sessions_expires_at` and
+/// `ix_sessions_revoked_at`); their refresh tokens go with them (ON DELETE
+/// CASCADE). Returns how many sessions.
+pub async fn prune_sessions(db: &DatabaseConnection, before: DateTime<Utc>, batch: u64) -> Result<u64> {
+    let ended = Query::select()
+        .column(sessions::Column::Id)
+        .from(sessions::Entity)
+        .cond_where(
+            Condition::any()
+                .add(sessions::Column::ExpiresAt.lt(before))
+                .add(sessions::Column::RevokedAt.lt(before)),
+        )
+        .limit(batch)
+        .to_owned();
+    delete_in_write_transaction(
+        db,
+        sessions::Entity::delete_many().filter(sessions::Column::Id.in_subquery(ended)),
+    )
+    .await
+}
+
+/// One DELETE in its own write transaction: IMMEDIATE on SQLite, so that it
+/// queues behind other writers instead of failing on a stale snapshot.
+async fn delete_in_write_transaction<E: EntityTrait>(
+    db: &DatabaseConnection,
+    delete: sea_orm::DeleteMany<E>,
+) -> Result<u64> {
+    let tx = db.begin_with_options(write_transaction()).await?;
+    let deleted = delete.exec(&tx).await?.rows_affected;
+    tx.commit().await?;
+    Ok(deleted)
 }

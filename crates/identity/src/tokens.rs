@@ -26,7 +26,7 @@ use uuid::Uuid;
 const ACCESS_TYPE: &str = "access";
 
 /// One public key as RFC 8037 publishes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublicJwk {
     pub kid: String,
     pub x: String,

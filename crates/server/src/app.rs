@@ -12,7 +12,7 @@ use keel_identity::tokens::{KeySet, TokenService};
 use keel_identity::{Identity, IdentityModule, IdentitySettings};
 use keel_kernel::grpc::GrpcRoutes;
 use keel_kernel::limit::InProcessRateLimiter;
-use keel_kernel::{BackgroundTask, Bus, BusBuilder, GrpcLimits, Module, RequestContext};
+use keel_kernel::{BackgroundTask, Bus, BusBuilder, GrpcLimits, Module};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -155,7 +155,7 @@ impl State {
         ) else {
             return Ok(());
         };
-        match crate::users::create_admin_if_missing(&self.bus, email, password.expose()).await? {
+        match keel_identity::admin::create_admin_if_missing(&self.bus, email, password.expose()).await? {
             true => tracing::info!(email = %email, "bootstrap admin created"),
             false => tracing::info!(email = %email, "bootstrap admin already exists"),
         }
@@ -319,9 +319,4 @@ async fn watch_database(db: Db, health: tonic_health::server::HealthReporter, se
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-}
-
-/// A context for the CLI and start-up work: trusted, no principal.
-pub fn system_context() -> RequestContext {
-    RequestContext::system()
 }

@@ -127,8 +127,9 @@ async fn main() -> anyhow::Result<()> {
             let password = read_password()?;
             let state = State::build(config).await?;
             let id =
-                keel_server::users::create_user(&state.bus, &email, &password, display_name.as_deref(), role.into())
-                    .await?;
+                keel_identity::admin::create_user(&state.bus, &email, &password, display_name.as_deref(), role.into())
+                    .await?
+                    .id;
             println!("created user {id} ({email}, {})", Role::from(role));
             Ok(())
         }
