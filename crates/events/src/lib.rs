@@ -45,10 +45,14 @@ pub struct Settings {
     pub subscriptions: subscribe::Settings,
     /// Events a process buffers for its subscribers before a slow one is cut off.
     pub hub_buffer: usize,
-    /// How often each process reads the table for events it heard nothing of.
-    pub poll: Duration,
-    /// How often the relay looks for committed, unnumbered events.
-    pub relay_poll: Duration,
+    /// How often each process reads the table for events it heard nothing
+    /// of (the safety net under a lossy transport). `None`: never; only for
+    /// tests that must see the transport itself deliver, or fail.
+    pub poll: Option<Duration>,
+    /// How often the relay looks for committed, unnumbered events (rows a
+    /// crashed process committed but never numbered). `None`: only at start
+    /// and when this process commits events.
+    pub relay_poll: Option<Duration>,
     /// Numbered events older than this are pruned (once every handler passed them).
     pub retention: Duration,
     pub prune_every: Duration,
@@ -64,8 +68,8 @@ impl Default for Settings {
                 queue: 256,
             },
             hub_buffer: 8192,
-            poll: Duration::from_millis(500),
-            relay_poll: Duration::from_millis(500),
+            poll: Some(Duration::from_millis(500)),
+            relay_poll: Some(Duration::from_millis(500)),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_every: Duration::from_secs(60),
             handlers: handlers::Settings::default(),
@@ -80,12 +84,15 @@ pub struct Events {
     relay: Arc<Relay>,
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
-    _tasks: Arc<Tasks>,
+    tasks: Arc<BackgroundTasks>,
 }
 
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+/// The module's background loops (relay, hub poller, handler runners,
+/// retention): aborted together by [`Events::stop`], or when the last
+/// clone of [`Events`] is dropped.
+struct BackgroundTasks(Vec<tokio::task::JoinHandle<()>>);
 
-impl Drop for Tasks {
+impl Drop for BackgroundTasks {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();
@@ -106,7 +113,8 @@ impl Events {
             None => Arc::new(transport::InProcess),
         };
         let relay = Relay::new(db.clone(), transport, &hub);
-        let mut tasks = vec![relay.spawn(settings.relay_poll), hub.spawn_poller(settings.poll)];
+        let mut tasks = vec![relay.spawn(settings.relay_poll)];
+        tasks.extend(settings.poll.map(|every| hub.spawn_poller(every)));
         tasks.extend(registry.spawn(&db, &hub, settings.handlers));
         tasks.push(spawn_retention(
             db,
@@ -119,7 +127,7 @@ impl Events {
             relay,
             registry,
             settings,
-            _tasks: Arc::new(Tasks(tasks)),
+            tasks: Arc::new(BackgroundTasks(tasks)),
         })
     }
 
@@ -140,7 +148,7 @@ impl Events {
     /// Stops the relay, the poller, the handlers and retention (shutdown).
     /// Committed events not yet numbered are numbered by the next start.
     pub fn stop(&self) {
-        for task in &self._tasks.0 {
+        for task in &self.tasks.0 {
             task.abort();
         }
     }
