@@ -42,6 +42,10 @@ use crate::relay::{Relay, TableOutbox};
 pub struct Settings {
     /// Redis for a cluster of keel processes; `None`: in process.
     pub redis_url: Option<String>,
+    /// This deployment's name. Every Redis channel and key carries it and the
+    /// database's identity (see [`Events::namespace`]): deployments and test
+    /// schemas sharing one Redis never hear each other.
+    pub deployment: String,
     pub subscriptions: subscribe::Settings,
     /// Events a process buffers for its subscribers before a slow one is cut off.
     pub hub_buffer: usize,
@@ -63,6 +67,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             redis_url: None,
+            deployment: "keel".to_owned(),
             subscriptions: subscribe::Settings {
                 heartbeat: Duration::from_secs(15),
                 queue: 256,
@@ -84,6 +89,7 @@ pub struct Events {
     relay: Arc<Relay>,
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
+    namespace: String,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -104,9 +110,10 @@ impl Events {
     /// Starts the hub, the transport, the relay, the handlers and retention.
     pub async fn start(db: DatabaseConnection, settings: Settings, registry: Registry) -> Result<Events> {
         let hub = Hub::start(db.clone(), settings.hub_buffer).await?;
+        let namespace = format!("{}:{}", settings.deployment, store::database_identity(&db).await?);
         let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
             Some(url) => Arc::new(
-                transport::Redis::connect(url, &hub)
+                transport::Redis::connect(url, &transport::channel(&namespace), &hub)
                     .await
                     .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?,
             ),
@@ -127,6 +134,7 @@ impl Events {
             relay,
             registry,
             settings,
+            namespace,
             tasks: Arc::new(BackgroundTasks(tasks)),
         })
     }
@@ -139,6 +147,12 @@ impl Events {
     /// Numbers and publishes pending events now (tests, shutdown).
     pub async fn flush(&self) -> Result<usize> {
         self.relay.run_once().await
+    }
+
+    /// `<deployment>:<database identity>`: the prefix of every Redis channel
+    /// and key of this deployment.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     pub fn latest_sequence(&self) -> u64 {

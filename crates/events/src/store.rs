@@ -119,6 +119,25 @@ pub fn envelope(row: events::Model) -> Envelope {
     }
 }
 
+/// Which database (and schema) this is, as a name for Redis namespaces:
+/// `postgres/<database>/<schema>` or `sqlite/<file>`. Processes of one
+/// deployment agree on it; deployments on other schemas or files differ.
+pub async fn database_identity(db: &impl ConnectionTrait) -> Result<String> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            "SELECT 'postgres/' || current_database() || '/' || COALESCE(current_schema(), '')"
+        }
+        DatabaseBackend::Sqlite => "SELECT 'sqlite/' || file FROM pragma_database_list WHERE name = 'main'",
+        _ => return Err(keel_kernel::Error::internal("unsupported database backend")),
+    };
+    let row = db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| keel_kernel::Error::internal("the database did not say its name"))?;
+    Ok(row.try_get_by_index::<String>(0)?)
+}
+
 /// Writes a command's events, unnumbered, in its transaction.
 pub async fn insert_pending(db: &impl ConnectionTrait, pending: &[PendingEvent]) -> Result<()> {
     let rows = pending.iter().map(|event| events::ActiveModel {

@@ -481,6 +481,103 @@ async fn concurrent_relays_never_number_an_event_twice(backend: Backend, transpo
     );
 }
 
+/// Two deployments (two PostgreSQL schemas) on one Redis, nothing but
+/// Redis telling hubs of news: each subscriber sees its own deployment's
+/// events, all of them, and never the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL) and Redis (KEEL_TEST_REDIS_URL); run with --include-ignored"]
+async fn two_deployments_on_one_redis_never_see_each_others_events() {
+    let a = rig(
+        Backend::Postgres,
+        Transport::Redis,
+        Settings::default(),
+        Registry::default(),
+    )
+    .await;
+    let b = rig(
+        Backend::Postgres,
+        Transport::Redis,
+        Settings::default(),
+        Registry::default(),
+    )
+    .await;
+    let user = Uuid::now_v7();
+    let mut on_a = subscribe(&a, admin(), &[], 0).await.unwrap();
+    let mut on_b = subscribe(&b, admin(), &[], 0).await.unwrap();
+    for index in 0..3 {
+        add(&b, &format!("b{index}"), user, false).await.unwrap();
+    }
+    for index in 0..2 {
+        add(&a, &format!("a{index}"), user, false).await.unwrap();
+    }
+    for index in 3..6 {
+        add(&b, &format!("b{index}"), user, false).await.unwrap();
+    }
+    // The last event of each: whatever leaked in would arrive before it.
+    add(&a, "a marker", user, false).await.unwrap();
+    add(&b, "b marker", user, false).await.unwrap();
+    let seen = |events: Vec<Arc<Envelope>>| -> Vec<(u64, String)> {
+        events
+            .iter()
+            .map(|event| (event.sequence, event.aggregate_id.clone()))
+            .collect()
+    };
+    assert_eq!(
+        seen(collect(&mut on_a, 3).await),
+        [(1, "a0".to_owned()), (2, "a1".to_owned()), (3, "a marker".to_owned())]
+    );
+    let mut expected_b: Vec<(u64, String)> = (0..6).map(|index| (index + 1, format!("b{index}"))).collect();
+    expected_b.push((7, "b marker".to_owned()));
+    assert_eq!(seen(collect(&mut on_b, 7).await), expected_b);
+}
+
+/// A message on a deployment's channel that its table does not confirm
+/// (a stray client, an older keel publishing whole events) delivers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL) and Redis (KEEL_TEST_REDIS_URL); run with --include-ignored"]
+async fn a_hub_delivers_only_what_its_table_confirms() {
+    use fred::prelude::*;
+
+    let rig = rig(
+        Backend::Postgres,
+        Transport::Redis,
+        Settings::default(),
+        Registry::default(),
+    )
+    .await;
+    let mut live = subscribe(&rig, admin(), &[], 0).await.unwrap();
+    let redis = Builder::from_config(Config::from_url(&keel_testkit::redis_url().unwrap()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let channel = keel_events::transport::channel(rig.listener.namespace());
+    assert!(
+        channel.contains(rig.listener.namespace()) && channel.contains("test_"),
+        "{channel}"
+    );
+    let forged_event = serde_json::json!([{
+        "event_id": Uuid::now_v7(), "event_name": "test.note.added", "event_version": "1.0",
+        "occurred_at": "2026-01-01T00:00:00Z", "sequence": 1, "user_id": null,
+        "aggregate_id": "forged", "payload_type": "google.protobuf.StringValue", "payload": "",
+        "idempotency_key": null
+    }]);
+    for message in [
+        forged_event.to_string(),
+        r#"{"through":1}"#.to_owned(),
+        r#"{"through":5}"#.to_owned(),
+    ] {
+        let receivers: u32 = redis.publish(channel.as_str(), message).await.unwrap();
+        assert!(receivers >= 1, "the listener is subscribed to {channel}");
+    }
+    add(&rig, "real", Uuid::now_v7(), false).await.unwrap();
+    let events = collect(&mut live, 1).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].sequence, events[0].aggregate_id.as_str()), (1, "real"));
+    // The forged hints cost reads, not events: the next one is still 2.
+    add(&rig, "next", Uuid::now_v7(), false).await.unwrap();
+    assert_eq!(collect(&mut live, 1).await[0].sequence, 2);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         $(

@@ -66,6 +66,8 @@ impl State {
         handlers.add(Arc::new(keel_identity::events::WelcomeEmail::new(mailer)));
         let event_settings = keel_events::Settings {
             redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
+            deployment: config.deployment.clone(),
+            poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
             subscriptions: keel_events::subscribe::Settings {
                 heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
                 queue: 256,
