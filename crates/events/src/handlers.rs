@@ -117,35 +117,66 @@ impl Runner {
     }
 
     /// Handles one page of events; true when there may be more.
+    ///
+    /// The database work grows with the events the handler wants, not with
+    /// all events: the lease is taken once per round, the page is filtered
+    /// by topic in SQL, the checkpoint moves (renewing the lease in the same
+    /// statement) after each handled event and once at the end of the page
+    /// past the events the handler ignores.
     async fn round(&self) -> Result<bool> {
-        let now = clock::now();
-        let until = now + self.settings.lease;
+        const PAGE: u64 = 100;
         let name = self.handler.name();
-        if !store::lease(&self.db, name, &self.owner, now, until).await? {
+        let now = clock::now();
+        if !store::lease(&self.db, name, &self.owner, now, now + self.settings.lease).await? {
             return Ok(false);
         }
         let from = store::checkpoint(&self.db, name).await?.unwrap_or(0);
-        let batch = store::read_after(&self.db, from, 100).await?;
-        let more = batch.len() == 100;
+        // The hub delivered through `known`, so every event up to it is
+        // committed and visible (numbering commits in sequence order): a
+        // page that is not full covers everything through it.
+        let known = self.hub.latest();
+        if known <= from {
+            return Ok(false);
+        }
         let topics = self.handler.topics();
-        for event in batch {
-            if topics.iter().any(|topic| topic_matches(topic, &event.name)) {
-                self.deliver(&event).await?;
+        let batch = store::read_matching(&self.db, from, Some(known), None, &topics, PAGE).await?;
+        let full = batch.len() as u64 == PAGE;
+        let through = match batch.last() {
+            Some(last) if full => last.sequence,
+            _ => known,
+        };
+        let mut checkpoint = from;
+        for event in &batch {
+            // Already filtered in SQL; the kernel's rule stays the definition.
+            if !topics.iter().any(|topic| topic_matches(topic, &event.name)) {
+                continue;
             }
-            if !store::advance_checkpoint(&self.db, name, &self.owner, event.sequence, clock::now()).await? {
+            self.deliver(event).await?;
+            if !self.advance(event.sequence).await? {
                 // Lost the lease (a long retry): another process goes on.
                 return Ok(false);
             }
-            store::lease(
-                &self.db,
-                name,
-                &self.owner,
-                clock::now(),
-                clock::now() + self.settings.lease,
-            )
-            .await?;
+            checkpoint = event.sequence;
         }
-        Ok(more)
+        if through > checkpoint && !self.advance(through).await? {
+            return Ok(false);
+        }
+        Ok(full)
+    }
+
+    /// Moves the checkpoint to `sequence` and renews the lease; false when
+    /// the lease was lost.
+    async fn advance(&self, sequence: u64) -> Result<bool> {
+        let now = clock::now();
+        store::advance_checkpoint(
+            &self.db,
+            self.handler.name(),
+            &self.owner,
+            sequence,
+            now,
+            now + self.settings.lease,
+        )
+        .await
     }
 
     async fn deliver(&self, event: &Envelope) -> Result<()> {

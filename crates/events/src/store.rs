@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::{Envelope, PendingEvent, Result};
-use sea_orm::sea_query::{Expr, Func};
+use sea_orm::sea_query::{Expr, Func, LikeExpr};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, Set, Statement, TransactionTrait,
@@ -173,6 +173,7 @@ pub async fn assign_sequences(
     now: DateTime<Utc>,
 ) -> Result<Vec<Envelope>> {
     // SQLite: the write lock up front (BEGIN IMMEDIATE) plays the role of the advisory lock.
+    // Both are held until commit, so numbering and publishing follow commit order.
     let tx = db.begin_with_options(keel_kernel::bus::write_transaction()).await?;
     if tx.get_database_backend() == DatabaseBackend::Postgres {
         tx.execute_raw(Statement::from_sql_and_values(
@@ -182,31 +183,33 @@ pub async fn assign_sequences(
         ))
         .await?;
     }
-    let rows = events::Entity::find()
-        .filter(events::Column::Sequence.is_null())
-        .order_by_asc(events::Column::Position)
-        .limit(limit)
+    let latest = latest_sequence(&tx).await? as i64;
+    // One statement numbers the whole batch: the oldest `limit` unnumbered
+    // rows get latest+1, latest+2, ... in insertion order. The lock above
+    // makes relays take turns, so `latest` cannot move underneath it.
+    let mut numbered = events::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            tx.get_database_backend(),
+            r#"WITH pending AS (
+                   SELECT position FROM events WHERE sequence IS NULL ORDER BY position LIMIT $1
+               ), numbered AS (
+                   SELECT position AS numbered_position,
+                          $2 + row_number() OVER (ORDER BY position) AS next_sequence
+                   FROM pending
+               )
+               UPDATE events SET sequence = numbered.next_sequence, published_at = $3
+               FROM numbered
+               WHERE events.position = numbered.numbered_position
+               RETURNING position, event_id, sequence, event_name, event_version, occurred_at, user_id,
+                         aggregate_id, payload_type, payload, idempotency_key, audited, published_at"#,
+            [(limit as i64).into(), latest.into(), now.into()],
+        ))
         .all(&tx)
         .await?;
-    if rows.is_empty() {
-        tx.commit().await?;
-        return Ok(Vec::new());
-    }
-    let mut next = latest_sequence(&tx).await? as i64;
-    let mut numbered = Vec::with_capacity(rows.len());
-    for mut row in rows {
-        next += 1;
-        events::Entity::update_many()
-            .col_expr(events::Column::Sequence, Expr::value(Some(next)))
-            .col_expr(events::Column::PublishedAt, Expr::value(Some(now)))
-            .filter(events::Column::Position.eq(row.position))
-            .exec(&tx)
-            .await?;
-        row.sequence = Some(next);
-        numbered.push(envelope(row));
-    }
     tx.commit().await?;
-    Ok(numbered)
+    // RETURNING promises no order.
+    numbered.sort_by_key(|row| row.sequence);
+    Ok(numbered.into_iter().map(envelope).collect())
 }
 
 /// The newest assigned sequence (0 when none). Pruning keeps its
@@ -231,6 +234,59 @@ pub async fn read_after(db: &impl ConnectionTrait, after: u64, limit: u64) -> Re
         .all(db)
         .await?;
     Ok(rows.into_iter().map(envelope).collect())
+}
+
+/// Events numbered after `after` (and through `through`, when given), in
+/// order, filtered in SQL: of `user_id` only when given (the index
+/// `ix_events_user_id_sequence`), with a name matching one of `topics` when
+/// some are given.
+pub async fn read_matching(
+    db: &impl ConnectionTrait,
+    after: u64,
+    through: Option<u64>,
+    user_id: Option<Uuid>,
+    topics: &[&str],
+    limit: u64,
+) -> Result<Vec<Envelope>> {
+    let mut select = events::Entity::find().filter(events::Column::Sequence.gt(after as i64));
+    if let Some(through) = through {
+        select = select.filter(events::Column::Sequence.lte(through.min(i64::MAX as u64) as i64));
+    }
+    if let Some(user_id) = user_id {
+        select = select.filter(events::Column::UserId.eq(user_id));
+    }
+    if let Some(names) = names_condition(topics) {
+        select = select.filter(names);
+    }
+    let rows = select
+        .order_by_asc(events::Column::Sequence)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(envelope).collect())
+}
+
+/// Event names equal to one of `topics`, or starting with the prefix of a
+/// `prefix.*` topic (LIKE wildcards in the prefix escaped); `None` for no topics.
+fn names_condition(topics: &[&str]) -> Option<Condition> {
+    // Scoped: the trait's `max`/`min` would shadow the integers' elsewhere.
+    use sea_orm::sea_query::ExprTrait as _;
+
+    if topics.is_empty() {
+        return None;
+    }
+    let mut condition = Condition::any();
+    for topic in topics {
+        condition = match topic.strip_suffix('*') {
+            Some(prefix) => {
+                let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                condition
+                    .add(Expr::col(events::Column::EventName).like(LikeExpr::new(format!("{escaped}%")).escape('\\')))
+            }
+            None => condition.add(events::Column::EventName.eq(*topic)),
+        };
+    }
+    Some(condition)
 }
 
 pub async fn find_by_event_id(db: &impl ConnectionTrait, event_id: Uuid) -> Result<Option<Envelope>> {
@@ -305,18 +361,12 @@ pub async fn list_events(
     before_sequence: Option<u64>,
     limit: u64,
 ) -> Result<Vec<Envelope>> {
-    let mut names_condition = Condition::any();
-    for name in names {
-        names_condition = match name.strip_suffix('*') {
-            Some(prefix) => names_condition.add(events::Column::EventName.starts_with(prefix)),
-            None => names_condition.add(events::Column::EventName.eq(name.as_str())),
-        };
-    }
     let mut select = events::Entity::find()
         .filter(events::Column::Sequence.is_not_null())
         .filter(events::Column::Audited.eq(true));
-    if !names.is_empty() {
-        select = select.filter(names_condition);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    if let Some(names) = names_condition(&names) {
+        select = select.filter(names);
     }
     if let Some(user_id) = user_id {
         select = select.filter(events::Column::UserId.eq(user_id));
@@ -346,12 +396,22 @@ pub async fn checkpoint(db: &impl ConnectionTrait, handler: &str) -> Result<Opti
 }
 
 /// The lowest checkpoint of the given handlers: what retention may prune through.
+/// A handler that never ran counts as 0.
 pub async fn lowest_checkpoint(db: &impl ConnectionTrait, handlers: &[&str]) -> Result<u64> {
-    let mut lowest = u64::MAX;
-    for handler in handlers {
-        lowest = lowest.min(checkpoint(db, handler).await?.unwrap_or(0));
+    let sequences: Vec<i64> = checkpoints::Entity::find()
+        .select_only()
+        .column(checkpoints::Column::Sequence)
+        .filter(checkpoints::Column::Handler.is_in(handlers.iter().copied()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    if sequences.len() < handlers.len() {
+        return Ok(0);
     }
-    Ok(lowest)
+    Ok(sequences
+        .into_iter()
+        .min()
+        .map_or(u64::MAX, |lowest| lowest.max(0) as u64))
 }
 
 pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -> Result<()> {
@@ -470,18 +530,21 @@ pub async fn lease(
     Ok(taken.rows_affected == 1)
 }
 
-/// Moves the checkpoint if `owner` still holds the lease (fencing: a runner
-/// that lost its lease cannot move it back).
+/// Moves the checkpoint forward and renews the lease until `until`, if
+/// `owner` still holds it (fencing: a runner that lost its lease cannot move
+/// it back). One statement.
 pub async fn advance_checkpoint(
     db: &impl ConnectionTrait,
     handler: &str,
     owner: &str,
     sequence: u64,
     now: DateTime<Utc>,
+    until: DateTime<Utc>,
 ) -> Result<bool> {
     let updated = checkpoints::Entity::update_many()
         .col_expr(checkpoints::Column::Sequence, Expr::value(sequence as i64))
         .col_expr(checkpoints::Column::UpdatedAt, Expr::value(now))
+        .col_expr(checkpoints::Column::LeasedUntil, Expr::value(Some(until)))
         .filter(checkpoints::Column::Handler.eq(handler))
         .filter(checkpoints::Column::LeasedBy.eq(owner))
         .filter(checkpoints::Column::Sequence.lt(sequence as i64))
