@@ -160,14 +160,14 @@ impl EventQueryService for QueryApi {
             dead_letters: page
                 .dead_letters
                 .iter()
-                .map(|(letter, event)| pb::DeadLetter {
-                    id: letter.id.to_string(),
-                    handler: letter.handler.clone(),
-                    event: event.as_ref().map(event_to_proto),
-                    attempts: letter.attempts,
-                    last_error: letter.last_error.clone(),
-                    failed_at: Some(timestamp(letter.failed_at)),
-                    replayed_at: letter.replayed_at.map(timestamp),
+                .map(|listed| pb::DeadLetter {
+                    id: listed.letter.id.to_string(),
+                    handler: listed.letter.handler.clone(),
+                    event: listed.event.as_ref().map(event_to_proto),
+                    attempts: i32::try_from(listed.letter.attempts).unwrap_or(i32::MAX),
+                    last_error: listed.letter.last_error.clone(),
+                    failed_at: Some(timestamp(listed.letter.failed_at)),
+                    replayed_at: listed.letter.replayed_at.map(timestamp),
                 })
                 .collect(),
             next_page_token: page.next_page_token,

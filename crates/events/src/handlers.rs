@@ -13,7 +13,8 @@ use rand::Rng;
 use sea_orm::DatabaseConnection;
 
 use crate::hub::Hub;
-use crate::store::{self, DeadLetter};
+use crate::model::DeadLetter;
+use crate::store;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -193,9 +194,9 @@ impl Runner {
                             id: id::new_id(),
                             handler: self.handler.name().to_owned(),
                             event_id: event.event_id,
-                            sequence: event.sequence as i64,
+                            sequence: event.sequence,
                             user_id: event.user_id,
-                            attempts: attempt as i32,
+                            attempts: attempt,
                             last_error: error.to_string(),
                             failed_at: clock::now(),
                             replayed_at: None,

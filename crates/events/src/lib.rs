@@ -3,7 +3,9 @@
 //! the audit log and retention.
 //!
 //! # Layout
-//! - `store.rs`: the event tables and the module's only SQL;
+//! - `model.rs`: the domain types (dead letters; the envelope is the kernel's);
+//! - `store.rs`: the event tables and the module's only SQL, mapping rows to
+//!   domain types (no SeaORM model leaves it);
 //! - `relay.rs`: the outbox the command bus writes to, and the relay that
 //!   numbers committed events (one at a time across processes) and publishes them;
 //! - `transport.rs`: in process, or Redis pub/sub (fred);
@@ -22,6 +24,7 @@ pub mod commands;
 pub mod grpc;
 pub mod handlers;
 pub mod hub;
+pub mod model;
 pub mod queries;
 pub mod relay;
 pub mod store;

@@ -11,7 +11,9 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-pub mod events {
+use crate::model::{DeadLetter, ListedDeadLetter};
+
+mod events {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -39,7 +41,7 @@ pub mod events {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod checkpoints {
+mod checkpoints {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -60,7 +62,7 @@ pub mod checkpoints {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod dead_letters {
+mod dead_letters {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -84,7 +86,7 @@ pub mod dead_letters {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod retention {
+mod retention {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -102,9 +104,21 @@ pub mod retention {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub type DeadLetter = dead_letters::Model;
+fn dead_letter(row: dead_letters::Model) -> DeadLetter {
+    DeadLetter {
+        id: row.id,
+        handler: row.handler,
+        event_id: row.event_id,
+        sequence: row.sequence.max(0) as u64,
+        user_id: row.user_id,
+        attempts: row.attempts.max(0) as u32,
+        last_error: row.last_error,
+        failed_at: row.failed_at,
+        replayed_at: row.replayed_at,
+    }
+}
 
-pub fn envelope(row: events::Model) -> Envelope {
+fn envelope(row: events::Model) -> Envelope {
     Envelope {
         event_id: row.event_id,
         name: row.event_name,
@@ -415,6 +429,8 @@ pub async fn lowest_checkpoint(db: &impl ConnectionTrait, handlers: &[&str]) -> 
 }
 
 pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -> Result<()> {
+    // Attempts are few and sequences i64 by construction: the casts hold.
+    let attempts = i32::try_from(letter.attempts).unwrap_or(i32::MAX);
     let existing = dead_letters::Entity::find()
         .filter(dead_letters::Column::Handler.eq(letter.handler.as_str()))
         .filter(dead_letters::Column::EventId.eq(letter.event_id))
@@ -428,9 +444,9 @@ pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -
         id: Set(letter.id),
         handler: Set(letter.handler),
         event_id: Set(letter.event_id),
-        sequence: Set(letter.sequence),
+        sequence: Set(letter.sequence as i64),
         user_id: Set(letter.user_id),
-        attempts: Set(letter.attempts),
+        attempts: Set(attempts),
         last_error: Set(letter.last_error),
         failed_at: Set(letter.failed_at),
         replayed_at: Set(letter.replayed_at),
@@ -441,36 +457,44 @@ pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -
 }
 
 pub async fn find_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<DeadLetter>> {
-    Ok(dead_letters::Entity::find_by_id(id).one(db).await?)
+    Ok(dead_letters::Entity::find_by_id(id).one(db).await?.map(dead_letter))
 }
 
-pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: i32) -> Result<()> {
+pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: u32) -> Result<()> {
     dead_letters::Entity::update_many()
         .col_expr(dead_letters::Column::ReplayedAt, Expr::value(Some(now)))
-        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            dead_letters::Column::Attempts,
+            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
+        )
         .filter(dead_letters::Column::Id.eq(id))
         .exec(db)
         .await?;
     Ok(())
 }
 
-pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: i32) -> Result<()> {
+pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: u32) -> Result<()> {
     dead_letters::Entity::update_many()
         .col_expr(dead_letters::Column::LastError, Expr::value(error.to_owned()))
-        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            dead_letters::Column::Attempts,
+            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
+        )
         .filter(dead_letters::Column::Id.eq(id))
         .exec(db)
         .await?;
     Ok(())
 }
 
-/// One page of dead letters, newest first, before `(failed_at, id)`.
+/// One page of dead letters, newest first, before `(failed_at, id)`, each
+/// with its event while retained: two queries a page (the letters, then
+/// their events by `IN`), whatever its size.
 pub async fn list_dead_letters(
     db: &impl ConnectionTrait,
     include_replayed: bool,
     before: Option<(DateTime<Utc>, Uuid)>,
     limit: u64,
-) -> Result<Vec<DeadLetter>> {
+) -> Result<Vec<ListedDeadLetter>> {
     let mut select = dead_letters::Entity::find();
     if !include_replayed {
         select = select.filter(dead_letters::Column::ReplayedAt.is_null());
@@ -484,12 +508,32 @@ pub async fn list_dead_letters(
             ),
         );
     }
-    Ok(select
+    let letters = select
         .order_by_desc(dead_letters::Column::FailedAt)
         .order_by_desc(dead_letters::Column::Id)
         .limit(limit)
         .all(db)
-        .await?)
+        .await?;
+    if letters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut events: std::collections::HashMap<Uuid, Envelope> = events::Entity::find()
+        .filter(events::Column::EventId.is_in(letters.iter().map(|letter| letter.event_id)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| (row.event_id, envelope(row)))
+        .collect();
+    Ok(letters
+        .into_iter()
+        .map(|row| {
+            let event = events.remove(&row.event_id);
+            ListedDeadLetter {
+                letter: dead_letter(row),
+                event,
+            }
+        })
+        .collect())
 }
 
 /// Takes, renews or confirms the lease of `handler` for `owner` until

@@ -419,7 +419,18 @@ async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, t
         .await
         .unwrap()
         .unwrap();
-    let letters = store::list_dead_letters(&rig.db, false, None, 10).await.unwrap();
+    let letters: Vec<_> = store::list_dead_letters(&rig.db, false, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|listed| {
+            assert_eq!(
+                listed.event.as_ref().map(|event| event.event_id),
+                Some(listed.letter.event_id)
+            );
+            listed.letter
+        })
+        .collect();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].attempts, 3);
     assert!(
