@@ -3,8 +3,8 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use keel_kernel::grpc::{context, timestamp};
-use keel_kernel::{Bus, Envelope, Error, id::parse_id};
+use keel_kernel::grpc::{GrpcRoutes, context, timestamp};
+use keel_kernel::{Bus, Envelope, Error, Live, id::parse_id};
 use keel_proto::events as pb;
 use keel_proto::events::event_command_service_server::{EventCommandService, EventCommandServiceServer};
 use keel_proto::events::event_query_service_server::{EventQueryService, EventQueryServiceServer};
@@ -24,11 +24,26 @@ pub struct CommandApi {
     bus: Bus,
 }
 
-pub fn services(bus: &Bus) -> (EventCommandServiceServer<CommandApi>, EventQueryServiceServer<QueryApi>) {
-    (
-        EventCommandServiceServer::new(CommandApi { bus: bus.clone() }),
-        EventQueryServiceServer::new(QueryApi { bus: bus.clone() }),
-    )
+/// The full names of the events module's gRPC services.
+pub const SERVICES: &[&str] = &[
+    <EventCommandServiceServer<CommandApi> as tonic::server::NamedService>::NAME,
+    <EventQueryServiceServer<QueryApi> as tonic::server::NamedService>::NAME,
+];
+
+/// Adds the events module's two gRPC services, with the server's limits.
+pub fn add_services(bus: &Bus, routes: &mut GrpcRoutes) {
+    let max = routes.limits().max_message_bytes;
+    routes
+        .add(
+            EventCommandServiceServer::new(CommandApi { bus: bus.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add(
+            EventQueryServiceServer::new(QueryApi { bus: bus.clone() })
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        );
 }
 
 /// The protobuf form of an envelope; the payload is an `Any`.
@@ -81,7 +96,7 @@ impl EventQueryService for QueryApi {
             None => None,
         };
         let request = request.into_inner();
-        let receiver = self
+        let Live(receiver) = self
             .bus
             .ask(
                 &ctx,
@@ -160,14 +175,14 @@ impl EventQueryService for QueryApi {
             dead_letters: page
                 .dead_letters
                 .iter()
-                .map(|(letter, event)| pb::DeadLetter {
-                    id: letter.id.to_string(),
-                    handler: letter.handler.clone(),
-                    event: event.as_ref().map(event_to_proto),
-                    attempts: letter.attempts,
-                    last_error: letter.last_error.clone(),
-                    failed_at: Some(timestamp(letter.failed_at)),
-                    replayed_at: letter.replayed_at.map(timestamp),
+                .map(|listed| pb::DeadLetter {
+                    id: listed.letter.id.to_string(),
+                    handler: listed.letter.handler.clone(),
+                    event: listed.event.as_ref().map(event_to_proto),
+                    attempts: i32::try_from(listed.letter.attempts).unwrap_or(i32::MAX),
+                    last_error: listed.letter.last_error.clone(),
+                    failed_at: Some(timestamp(listed.letter.failed_at)),
+                    replayed_at: listed.letter.replayed_at.map(timestamp),
                 })
                 .collect(),
             next_page_token: page.next_page_token,

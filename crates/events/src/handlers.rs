@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_kernel::backoff::Backoff;
 use keel_kernel::{Code, Envelope, Error, EventHandler, Result, clock, id, topic_matches};
-use rand::Rng;
 use sea_orm::DatabaseConnection;
 
 use crate::hub::Hub;
-use crate::store::{self, DeadLetter};
+use crate::model::DeadLetter;
+use crate::store;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -79,16 +80,6 @@ impl Registry {
     }
 }
 
-/// The delay before retry `attempt` (1-based): exponential, capped, with
-/// full jitter between half and all of it.
-pub fn backoff(settings: &Settings, attempt: u32) -> Duration {
-    let exponential = settings
-        .base_backoff
-        .saturating_mul(1 << attempt.saturating_sub(1).min(16));
-    let capped = exponential.min(settings.max_backoff);
-    capped.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
-}
-
 struct Runner {
     db: DatabaseConnection,
     hub: Arc<Hub>,
@@ -117,35 +108,66 @@ impl Runner {
     }
 
     /// Handles one page of events; true when there may be more.
+    ///
+    /// The database work grows with the events the handler wants, not with
+    /// all events: the lease is taken once per round, the page is filtered
+    /// by topic in SQL, the checkpoint moves (renewing the lease in the same
+    /// statement) after each handled event and once at the end of the page
+    /// past the events the handler ignores.
     async fn round(&self) -> Result<bool> {
-        let now = clock::now();
-        let until = now + self.settings.lease;
+        const PAGE: u64 = 100;
         let name = self.handler.name();
-        if !store::lease(&self.db, name, &self.owner, now, until).await? {
+        let now = clock::now();
+        if !store::lease(&self.db, name, &self.owner, now, now + self.settings.lease).await? {
             return Ok(false);
         }
         let from = store::checkpoint(&self.db, name).await?.unwrap_or(0);
-        let batch = store::read_after(&self.db, from, 100).await?;
-        let more = batch.len() == 100;
+        // The hub delivered through `known`, so every event up to it is
+        // committed and visible (numbering commits in sequence order): a
+        // page that is not full covers everything through it.
+        let known = self.hub.latest();
+        if known <= from {
+            return Ok(false);
+        }
         let topics = self.handler.topics();
-        for event in batch {
-            if topics.iter().any(|topic| topic_matches(topic, &event.name)) {
-                self.deliver(&event).await?;
+        let batch = store::read_matching(&self.db, from, Some(known), None, &topics, PAGE).await?;
+        let full = batch.len() as u64 == PAGE;
+        let through = match batch.last() {
+            Some(last) if full => last.sequence,
+            _ => known,
+        };
+        let mut checkpoint = from;
+        for event in &batch {
+            // Already filtered in SQL; the kernel's rule stays the definition.
+            if !topics.iter().any(|topic| topic_matches(topic, &event.name)) {
+                continue;
             }
-            if !store::advance_checkpoint(&self.db, name, &self.owner, event.sequence, clock::now()).await? {
+            self.deliver(event).await?;
+            if !self.advance(event.sequence).await? {
                 // Lost the lease (a long retry): another process goes on.
                 return Ok(false);
             }
-            store::lease(
-                &self.db,
-                name,
-                &self.owner,
-                clock::now(),
-                clock::now() + self.settings.lease,
-            )
-            .await?;
+            checkpoint = event.sequence;
         }
-        Ok(more)
+        if through > checkpoint && !self.advance(through).await? {
+            return Ok(false);
+        }
+        Ok(full)
+    }
+
+    /// Moves the checkpoint to `sequence` and renews the lease; false when
+    /// the lease was lost.
+    async fn advance(&self, sequence: u64) -> Result<bool> {
+        let now = clock::now();
+        store::advance_checkpoint(
+            &self.db,
+            self.handler.name(),
+            &self.owner,
+            sequence,
+            now,
+            now + self.settings.lease,
+        )
+        .await
     }
 
     async fn deliver(&self, event: &Envelope) -> Result<()> {
@@ -162,9 +184,9 @@ impl Runner {
                             id: id::new_id(),
                             handler: self.handler.name().to_owned(),
                             event_id: event.event_id,
-                            sequence: event.sequence as i64,
+                            sequence: event.sequence,
                             user_id: event.user_id,
-                            attempts: attempt as i32,
+                            attempts: attempt,
                             last_error: error.to_string(),
                             failed_at: clock::now(),
                             replayed_at: None,
@@ -173,7 +195,7 @@ impl Runner {
                     .await;
                 }
                 Err(error) => {
-                    let delay = backoff(&self.settings, attempt);
+                    let delay = Backoff::new(self.settings.base_backoff, self.settings.max_backoff).delay(attempt);
                     tracing::warn!(handler = self.handler.name(), event_id = %event.event_id, attempt, retry_in_ms = delay.as_millis() as u64, error = %error, "event handler failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -215,33 +237,6 @@ pub async fn replay(db: &DatabaseConnection, registry: &Registry, id: uuid::Uuid
                 Code::FailedPrecondition,
                 format!("the handler failed again: {}", error.message()),
             ))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_exponentially_within_jitter_and_cap() {
-        let settings = Settings {
-            base_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-            ..Settings::default()
-        };
-        for _ in 0..50 {
-            let first = backoff(&settings, 1);
-            assert!(
-                first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
-                "{first:?}"
-            );
-            let third = backoff(&settings, 3);
-            assert!(
-                third >= Duration::from_millis(200) && third <= Duration::from_millis(400),
-                "{third:?}"
-            );
-            assert!(backoff(&settings, 30) <= Duration::from_secs(1));
         }
     }
 }

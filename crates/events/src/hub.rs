@@ -1,8 +1,9 @@
 //! The per-process fan-out: one reader of the event table per process, not
 //! one per subscriber. It delivers events to local subscribers strictly in
-//! sequence order without gaps: news from the transport is used when it is
-//! the next sequence, and the table fills any gap (and is polled, in case
-//! news never comes).
+//! sequence order without gaps. Events come from two places only: this
+//! process's relay (which just numbered them in its own transaction) and the
+//! table. News from the transport is a hint to read the table, never an event
+//! (see [`Hub::hint`]); the table is also polled, in case news never comes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +49,8 @@ impl Hub {
         self.delivered.load(Ordering::Acquire)
     }
 
-    /// News of numbered events (from the relay or the transport).
+    /// Events this process's relay just numbered: trusted as they are (they
+    /// come from our own table, in our own transaction).
     pub async fn offer(&self, mut batch: Vec<Envelope>) {
         batch.sort_by_key(|event| event.sequence);
         let mut position = self.position.lock().await;
@@ -62,6 +64,28 @@ impl Hub {
                 tracing::warn!(error = %error, "event hub could not read the event table");
                 return;
             }
+        }
+    }
+
+    /// News from the transport: events are numbered through `through`.
+    ///
+    /// Redis is shared infrastructure, so what it says is checked against
+    /// the table before anything is delivered. The cheapest sound check is
+    /// to deliver nothing from the message at all: when it claims events past
+    /// our position, read the table after the position (one indexed range
+    /// read, the same the poll does, and what verifying each event id would
+    /// cost anyway). A message about events we already have (our own relay's
+    /// publish, a duplicate) costs no query; a false one costs one empty read.
+    pub async fn hint(&self, through: u64) {
+        if through <= self.latest() {
+            return;
+        }
+        let mut position = self.position.lock().await;
+        if through <= *position {
+            return;
+        }
+        if let Err(error) = self.catch_up(&mut position).await {
+            tracing::warn!(error = %error, "event hub could not read the event table");
         }
     }
 

@@ -3,7 +3,9 @@
 //! the audit log and retention.
 //!
 //! # Layout
-//! - `store.rs`: the event tables and the module's only SQL;
+//! - `model.rs`: the domain types (dead letters; the envelope is the kernel's);
+//! - `store.rs`: the event tables and the module's only SQL, mapping rows to
+//!   domain types (no SeaORM model leaves it);
 //! - `relay.rs`: the outbox the command bus writes to, and the relay that
 //!   numbers committed events (one at a time across processes) and publishes them;
 //! - `transport.rs`: in process, or Redis pub/sub (fred);
@@ -22,6 +24,8 @@ pub mod commands;
 pub mod grpc;
 pub mod handlers;
 pub mod hub;
+pub mod model;
+mod module;
 pub mod queries;
 pub mod relay;
 pub mod store;
@@ -42,13 +46,21 @@ use crate::relay::{Relay, TableOutbox};
 pub struct Settings {
     /// Redis for a cluster of keel processes; `None`: in process.
     pub redis_url: Option<String>,
+    /// This deployment's name. Every Redis channel and key carries it and the
+    /// database's identity (see [`Events::namespace`]): deployments and test
+    /// schemas sharing one Redis never hear each other.
+    pub deployment: String,
     pub subscriptions: subscribe::Settings,
     /// Events a process buffers for its subscribers before a slow one is cut off.
     pub hub_buffer: usize,
-    /// How often each process reads the table for events it heard nothing of.
-    pub poll: Duration,
-    /// How often the relay looks for committed, unnumbered events.
-    pub relay_poll: Duration,
+    /// How often each process reads the table for events it heard nothing
+    /// of (the safety net under a lossy transport). `None`: never; only for
+    /// tests that must see the transport itself deliver, or fail.
+    pub poll: Option<Duration>,
+    /// How often the relay looks for committed, unnumbered events (rows a
+    /// crashed process committed but never numbered). `None`: only at start
+    /// and when this process commits events.
+    pub relay_poll: Option<Duration>,
     /// Numbered events older than this are pruned (once every handler passed them).
     pub retention: Duration,
     pub prune_every: Duration,
@@ -59,13 +71,14 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             redis_url: None,
+            deployment: "keel".to_owned(),
             subscriptions: subscribe::Settings {
                 heartbeat: Duration::from_secs(15),
                 queue: 256,
             },
             hub_buffer: 8192,
-            poll: Duration::from_millis(500),
-            relay_poll: Duration::from_millis(500),
+            poll: Some(Duration::from_millis(500)),
+            relay_poll: Some(Duration::from_millis(500)),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_every: Duration::from_secs(60),
             handlers: handlers::Settings::default(),
@@ -80,12 +93,16 @@ pub struct Events {
     relay: Arc<Relay>,
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
-    _tasks: Arc<Tasks>,
+    namespace: String,
+    tasks: Arc<BackgroundTasks>,
 }
 
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+/// The module's background loops (relay, hub poller, handler runners,
+/// retention): aborted together by [`Events::stop`], or when the last
+/// clone of [`Events`] is dropped.
+struct BackgroundTasks(Vec<tokio::task::JoinHandle<()>>);
 
-impl Drop for Tasks {
+impl Drop for BackgroundTasks {
     fn drop(&mut self) {
         for task in &self.0 {
             task.abort();
@@ -97,16 +114,18 @@ impl Events {
     /// Starts the hub, the transport, the relay, the handlers and retention.
     pub async fn start(db: DatabaseConnection, settings: Settings, registry: Registry) -> Result<Events> {
         let hub = Hub::start(db.clone(), settings.hub_buffer).await?;
+        let namespace = format!("{}:{}", settings.deployment, store::database_identity(&db).await?);
         let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
             Some(url) => Arc::new(
-                transport::Redis::connect(url, &hub)
+                transport::Redis::connect(url, &transport::channel(&namespace), &hub)
                     .await
                     .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?,
             ),
             None => Arc::new(transport::InProcess),
         };
         let relay = Relay::new(db.clone(), transport, &hub);
-        let mut tasks = vec![relay.spawn(settings.relay_poll), hub.spawn_poller(settings.poll)];
+        let mut tasks = vec![relay.spawn(settings.relay_poll)];
+        tasks.extend(settings.poll.map(|every| hub.spawn_poller(every)));
         tasks.extend(registry.spawn(&db, &hub, settings.handlers));
         tasks.push(spawn_retention(
             db,
@@ -119,7 +138,8 @@ impl Events {
             relay,
             registry,
             settings,
-            _tasks: Arc::new(Tasks(tasks)),
+            namespace,
+            tasks: Arc::new(BackgroundTasks(tasks)),
         })
     }
 
@@ -133,6 +153,12 @@ impl Events {
         self.relay.run_once().await
     }
 
+    /// `<deployment>:<database identity>`: the prefix of every Redis channel
+    /// and key of this deployment.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     pub fn latest_sequence(&self) -> u64 {
         self.hub.latest()
     }
@@ -140,7 +166,7 @@ impl Events {
     /// Stops the relay, the poller, the handlers and retention (shutdown).
     /// Committed events not yet numbered are numbered by the next start.
     pub fn stop(&self) {
-        for task in &self._tasks.0 {
+        for task in &self.tasks.0 {
             task.abort();
         }
     }

@@ -3,13 +3,14 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_kernel::page::{decode_token, encode_token, page_size_within};
-use keel_kernel::{Envelope, Error, Query, QueryContext, QueryHandler, Result};
+use keel_kernel::{Envelope, Error, Live, Query, QueryContext, QueryHandler, Result};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::Events;
-use crate::store::{self, DeadLetter};
+use crate::model::ListedDeadLetter;
+use crate::store;
 use crate::subscribe::{self, Item, Subscription};
 
 pub struct Subscribe {
@@ -19,7 +20,7 @@ pub struct Subscribe {
 
 impl Query for Subscribe {
     const NAME: &'static str = "events.subscribe";
-    type Output = mpsc::Receiver<Result<Item>>;
+    type Output = Live<mpsc::Receiver<Result<Item>>>;
 }
 
 pub struct ListAuditEvents {
@@ -31,6 +32,7 @@ pub struct ListAuditEvents {
     pub until: Option<DateTime<Utc>>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventPage {
     pub events: Vec<Envelope>,
     pub next_page_token: String,
@@ -47,8 +49,9 @@ pub struct ListDeadLetters {
     pub include_replayed: bool,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeadLetterPage {
-    pub dead_letters: Vec<(DeadLetter, Option<Envelope>)>,
+    pub dead_letters: Vec<ListedDeadLetter>,
     pub next_page_token: String,
 }
 
@@ -59,7 +62,7 @@ impl Query for ListDeadLetters {
 
 #[async_trait]
 impl QueryHandler<Subscribe> for Events {
-    async fn handle(&self, ctx: &QueryContext<'_>, query: Subscribe) -> Result<mpsc::Receiver<Result<Item>>> {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: Subscribe) -> Result<Live<mpsc::Receiver<Result<Item>>>> {
         let principal = ctx.request.principal()?.clone();
         subscribe::start(
             ctx.db.clone(),
@@ -72,6 +75,7 @@ impl QueryHandler<Subscribe> for Events {
             },
         )
         .await
+        .map(Live)
     }
 }
 
@@ -144,31 +148,26 @@ impl QueryHandler<ListDeadLetters> for Events {
                 "belongs to a list with other filters",
             ));
         }
-        let mut letters = store::list_dead_letters(
+        let mut dead_letters = store::list_dead_letters(
             ctx.db,
             query.include_replayed,
             cursor.map(|cursor| (cursor.failed_at, cursor.id)),
             limit + 1,
         )
         .await?;
-        let next_page_token = if letters.len() as u64 > limit {
-            letters.truncate(limit as usize);
-            match letters.last() {
+        let next_page_token = if dead_letters.len() as u64 > limit {
+            dead_letters.truncate(limit as usize);
+            match dead_letters.last() {
                 Some(last) => encode_token(&DeadLetterCursor {
                     include_replayed: query.include_replayed,
-                    failed_at: last.failed_at,
-                    id: last.id,
+                    failed_at: last.letter.failed_at,
+                    id: last.letter.id,
                 })?,
                 None => String::new(),
             }
         } else {
             String::new()
         };
-        let mut dead_letters = Vec::with_capacity(letters.len());
-        for letter in letters {
-            let event = store::find_by_event_id(ctx.db, letter.event_id).await?;
-            dead_letters.push((letter, event));
-        }
         Ok(DeadLetterPage {
             dead_letters,
             next_page_token,

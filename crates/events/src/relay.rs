@@ -49,19 +49,24 @@ impl Relay {
         }
     }
 
-    /// Runs on every commit with events, and every `every` for rows that a
-    /// crashed process committed but never numbered.
-    pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Runs at start (rows a crashed process committed but never numbered),
+    /// on every commit with events, and every `every` when given (rows
+    /// another process committed and then crashed before numbering).
+    pub fn spawn(self: &Arc<Self>, every: Option<Duration>) -> tokio::task::JoinHandle<()> {
         let relay = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    () = relay.wake.notified() => {}
-                    () = tokio::time::sleep(every) => {}
-                }
                 if let Err(error) = relay.run_once().await {
                     tracing::warn!(error = %error, "event relay failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                match every {
+                    Some(every) => tokio::select! {
+                        () = relay.wake.notified() => {}
+                        () = tokio::time::sleep(every) => {}
+                    },
+                    None => relay.wake.notified().await,
                 }
             }
         })

@@ -4,14 +4,16 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::{Envelope, PendingEvent, Result};
-use sea_orm::sea_query::{Expr, Func};
+use sea_orm::sea_query::{Expr, Func, LikeExpr};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
     QuerySelect, Set, Statement, TransactionTrait,
 };
 use uuid::Uuid;
 
-pub mod events {
+use crate::model::{DeadLetter, ListedDeadLetter};
+
+mod events {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -39,7 +41,7 @@ pub mod events {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod checkpoints {
+mod checkpoints {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -60,7 +62,7 @@ pub mod checkpoints {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod dead_letters {
+mod dead_letters {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -84,7 +86,7 @@ pub mod dead_letters {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod retention {
+mod retention {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
@@ -102,9 +104,21 @@ pub mod retention {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub type DeadLetter = dead_letters::Model;
+fn dead_letter(row: dead_letters::Model) -> DeadLetter {
+    DeadLetter {
+        id: row.id,
+        handler: row.handler,
+        event_id: row.event_id,
+        sequence: row.sequence.max(0) as u64,
+        user_id: row.user_id,
+        attempts: row.attempts.max(0) as u32,
+        last_error: row.last_error,
+        failed_at: row.failed_at,
+        replayed_at: row.replayed_at,
+    }
+}
 
-pub fn envelope(row: events::Model) -> Envelope {
+fn envelope(row: events::Model) -> Envelope {
     Envelope {
         event_id: row.event_id,
         name: row.event_name,
@@ -117,6 +131,25 @@ pub fn envelope(row: events::Model) -> Envelope {
         payload: row.payload,
         idempotency_key: row.idempotency_key,
     }
+}
+
+/// Which database (and schema) this is, as a name for Redis namespaces:
+/// `postgres/<database>/<schema>` or `sqlite/<file>`. Processes of one
+/// deployment agree on it; deployments on other schemas or files differ.
+pub async fn database_identity(db: &impl ConnectionTrait) -> Result<String> {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DatabaseBackend::Postgres => {
+            "SELECT 'postgres/' || current_database() || '/' || COALESCE(current_schema(), '')"
+        }
+        DatabaseBackend::Sqlite => "SELECT 'sqlite/' || file FROM pragma_database_list WHERE name = 'main'",
+        _ => return Err(keel_kernel::Error::internal("unsupported database backend")),
+    };
+    let row = db
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .ok_or_else(|| keel_kernel::Error::internal("the database did not say its name"))?;
+    Ok(row.try_get_by_index::<String>(0)?)
 }
 
 /// Writes a command's events, unnumbered, in its transaction.
@@ -154,6 +187,7 @@ pub async fn assign_sequences(
     now: DateTime<Utc>,
 ) -> Result<Vec<Envelope>> {
     // SQLite: the write lock up front (BEGIN IMMEDIATE) plays the role of the advisory lock.
+    // Both are held until commit, so numbering and publishing follow commit order.
     let tx = db.begin_with_options(keel_kernel::bus::write_transaction()).await?;
     if tx.get_database_backend() == DatabaseBackend::Postgres {
         tx.execute_raw(Statement::from_sql_and_values(
@@ -163,31 +197,33 @@ pub async fn assign_sequences(
         ))
         .await?;
     }
-    let rows = events::Entity::find()
-        .filter(events::Column::Sequence.is_null())
-        .order_by_asc(events::Column::Position)
-        .limit(limit)
+    let latest = latest_sequence(&tx).await? as i64;
+    // One statement numbers the whole batch: the oldest `limit` unnumbered
+    // rows get latest+1, latest+2, ... in insertion order. The lock above
+    // makes relays take turns, so `latest` cannot move underneath it.
+    let mut numbered = events::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            tx.get_database_backend(),
+            r#"WITH pending AS (
+                   SELECT position FROM events WHERE sequence IS NULL ORDER BY position LIMIT $1
+               ), numbered AS (
+                   SELECT position AS numbered_position,
+                          $2 + row_number() OVER (ORDER BY position) AS next_sequence
+                   FROM pending
+               )
+               UPDATE events SET sequence = numbered.next_sequence, published_at = $3
+               FROM numbered
+               WHERE events.position = numbered.numbered_position
+               RETURNING position, event_id, sequence, event_name, event_version, occurred_at, user_id,
+                         aggregate_id, payload_type, payload, idempotency_key, audited, published_at"#,
+            [(limit as i64).into(), latest.into(), now.into()],
+        ))
         .all(&tx)
         .await?;
-    if rows.is_empty() {
-        tx.commit().await?;
-        return Ok(Vec::new());
-    }
-    let mut next = latest_sequence(&tx).await? as i64;
-    let mut numbered = Vec::with_capacity(rows.len());
-    for mut row in rows {
-        next += 1;
-        events::Entity::update_many()
-            .col_expr(events::Column::Sequence, Expr::value(Some(next)))
-            .col_expr(events::Column::PublishedAt, Expr::value(Some(now)))
-            .filter(events::Column::Position.eq(row.position))
-            .exec(&tx)
-            .await?;
-        row.sequence = Some(next);
-        numbered.push(envelope(row));
-    }
     tx.commit().await?;
-    Ok(numbered)
+    // RETURNING promises no order.
+    numbered.sort_by_key(|row| row.sequence);
+    Ok(numbered.into_iter().map(envelope).collect())
 }
 
 /// The newest assigned sequence (0 when none). Pruning keeps its
@@ -212,6 +248,59 @@ pub async fn read_after(db: &impl ConnectionTrait, after: u64, limit: u64) -> Re
         .all(db)
         .await?;
     Ok(rows.into_iter().map(envelope).collect())
+}
+
+/// Events numbered after `after` (and through `through`, when given), in
+/// order, filtered in SQL: of `user_id` only when given (the index
+/// `ix_events_user_id_sequence`), with a name matching one of `topics` when
+/// some are given.
+pub async fn read_matching(
+    db: &impl ConnectionTrait,
+    after: u64,
+    through: Option<u64>,
+    user_id: Option<Uuid>,
+    topics: &[&str],
+    limit: u64,
+) -> Result<Vec<Envelope>> {
+    let mut select = events::Entity::find().filter(events::Column::Sequence.gt(after as i64));
+    if let Some(through) = through {
+        select = select.filter(events::Column::Sequence.lte(through.min(i64::MAX as u64) as i64));
+    }
+    if let Some(user_id) = user_id {
+        select = select.filter(events::Column::UserId.eq(user_id));
+    }
+    if let Some(names) = names_condition(topics) {
+        select = select.filter(names);
+    }
+    let rows = select
+        .order_by_asc(events::Column::Sequence)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(envelope).collect())
+}
+
+/// Event names equal to one of `topics`, or starting with the prefix of a
+/// `prefix.*` topic (LIKE wildcards in the prefix escaped); `None` for no topics.
+fn names_condition(topics: &[&str]) -> Option<Condition> {
+    // Scoped: the trait's `max`/`min` would shadow the integers' elsewhere.
+    use sea_orm::sea_query::ExprTrait as _;
+
+    if topics.is_empty() {
+        return None;
+    }
+    let mut condition = Condition::any();
+    for topic in topics {
+        condition = match topic.strip_suffix('*') {
+            Some(prefix) => {
+                let escaped = prefix.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+                condition
+                    .add(Expr::col(events::Column::EventName).like(LikeExpr::new(format!("{escaped}%")).escape('\\')))
+            }
+            None => condition.add(events::Column::EventName.eq(*topic)),
+        };
+    }
+    Some(condition)
 }
 
 pub async fn find_by_event_id(db: &impl ConnectionTrait, event_id: Uuid) -> Result<Option<Envelope>> {
@@ -286,18 +375,12 @@ pub async fn list_events(
     before_sequence: Option<u64>,
     limit: u64,
 ) -> Result<Vec<Envelope>> {
-    let mut names_condition = Condition::any();
-    for name in names {
-        names_condition = match name.strip_suffix('*') {
-            Some(prefix) => names_condition.add(events::Column::EventName.starts_with(prefix)),
-            None => names_condition.add(events::Column::EventName.eq(name.as_str())),
-        };
-    }
     let mut select = events::Entity::find()
         .filter(events::Column::Sequence.is_not_null())
         .filter(events::Column::Audited.eq(true));
-    if !names.is_empty() {
-        select = select.filter(names_condition);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    if let Some(names) = names_condition(&names) {
+        select = select.filter(names);
     }
     if let Some(user_id) = user_id {
         select = select.filter(events::Column::UserId.eq(user_id));
@@ -327,15 +410,27 @@ pub async fn checkpoint(db: &impl ConnectionTrait, handler: &str) -> Result<Opti
 }
 
 /// The lowest checkpoint of the given handlers: what retention may prune through.
+/// A handler that never ran counts as 0.
 pub async fn lowest_checkpoint(db: &impl ConnectionTrait, handlers: &[&str]) -> Result<u64> {
-    let mut lowest = u64::MAX;
-    for handler in handlers {
-        lowest = lowest.min(checkpoint(db, handler).await?.unwrap_or(0));
+    let sequences: Vec<i64> = checkpoints::Entity::find()
+        .select_only()
+        .column(checkpoints::Column::Sequence)
+        .filter(checkpoints::Column::Handler.is_in(handlers.iter().copied()))
+        .into_tuple()
+        .all(db)
+        .await?;
+    if sequences.len() < handlers.len() {
+        return Ok(0);
     }
-    Ok(lowest)
+    Ok(sequences
+        .into_iter()
+        .min()
+        .map_or(u64::MAX, |lowest| lowest.max(0) as u64))
 }
 
 pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -> Result<()> {
+    // Attempts are few and sequences i64 by construction: the casts hold.
+    let attempts = i32::try_from(letter.attempts).unwrap_or(i32::MAX);
     let existing = dead_letters::Entity::find()
         .filter(dead_letters::Column::Handler.eq(letter.handler.as_str()))
         .filter(dead_letters::Column::EventId.eq(letter.event_id))
@@ -349,9 +444,9 @@ pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -
         id: Set(letter.id),
         handler: Set(letter.handler),
         event_id: Set(letter.event_id),
-        sequence: Set(letter.sequence),
+        sequence: Set(letter.sequence as i64),
         user_id: Set(letter.user_id),
-        attempts: Set(letter.attempts),
+        attempts: Set(attempts),
         last_error: Set(letter.last_error),
         failed_at: Set(letter.failed_at),
         replayed_at: Set(letter.replayed_at),
@@ -362,36 +457,44 @@ pub async fn insert_dead_letter(db: &impl ConnectionTrait, letter: DeadLetter) -
 }
 
 pub async fn find_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<DeadLetter>> {
-    Ok(dead_letters::Entity::find_by_id(id).one(db).await?)
+    Ok(dead_letters::Entity::find_by_id(id).one(db).await?.map(dead_letter))
 }
 
-pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: i32) -> Result<()> {
+pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: u32) -> Result<()> {
     dead_letters::Entity::update_many()
         .col_expr(dead_letters::Column::ReplayedAt, Expr::value(Some(now)))
-        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            dead_letters::Column::Attempts,
+            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
+        )
         .filter(dead_letters::Column::Id.eq(id))
         .exec(db)
         .await?;
     Ok(())
 }
 
-pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: i32) -> Result<()> {
+pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: u32) -> Result<()> {
     dead_letters::Entity::update_many()
         .col_expr(dead_letters::Column::LastError, Expr::value(error.to_owned()))
-        .col_expr(dead_letters::Column::Attempts, Expr::value(attempts))
+        .col_expr(
+            dead_letters::Column::Attempts,
+            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
+        )
         .filter(dead_letters::Column::Id.eq(id))
         .exec(db)
         .await?;
     Ok(())
 }
 
-/// One page of dead letters, newest first, before `(failed_at, id)`.
+/// One page of dead letters, newest first, before `(failed_at, id)`, each
+/// with its event while retained: two queries a page (the letters, then
+/// their events by `IN`), whatever its size.
 pub async fn list_dead_letters(
     db: &impl ConnectionTrait,
     include_replayed: bool,
     before: Option<(DateTime<Utc>, Uuid)>,
     limit: u64,
-) -> Result<Vec<DeadLetter>> {
+) -> Result<Vec<ListedDeadLetter>> {
     let mut select = dead_letters::Entity::find();
     if !include_replayed {
         select = select.filter(dead_letters::Column::ReplayedAt.is_null());
@@ -405,12 +508,32 @@ pub async fn list_dead_letters(
             ),
         );
     }
-    Ok(select
+    let letters = select
         .order_by_desc(dead_letters::Column::FailedAt)
         .order_by_desc(dead_letters::Column::Id)
         .limit(limit)
         .all(db)
-        .await?)
+        .await?;
+    if letters.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut events: std::collections::HashMap<Uuid, Envelope> = events::Entity::find()
+        .filter(events::Column::EventId.is_in(letters.iter().map(|letter| letter.event_id)))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| (row.event_id, envelope(row)))
+        .collect();
+    Ok(letters
+        .into_iter()
+        .map(|row| {
+            let event = events.remove(&row.event_id);
+            ListedDeadLetter {
+                letter: dead_letter(row),
+                event,
+            }
+        })
+        .collect())
 }
 
 /// Takes, renews or confirms the lease of `handler` for `owner` until
@@ -451,18 +574,21 @@ pub async fn lease(
     Ok(taken.rows_affected == 1)
 }
 
-/// Moves the checkpoint if `owner` still holds the lease (fencing: a runner
-/// that lost its lease cannot move it back).
+/// Moves the checkpoint forward and renews the lease until `until`, if
+/// `owner` still holds it (fencing: a runner that lost its lease cannot move
+/// it back). One statement.
 pub async fn advance_checkpoint(
     db: &impl ConnectionTrait,
     handler: &str,
     owner: &str,
     sequence: u64,
     now: DateTime<Utc>,
+    until: DateTime<Utc>,
 ) -> Result<bool> {
     let updated = checkpoints::Entity::update_many()
         .col_expr(checkpoints::Column::Sequence, Expr::value(sequence as i64))
         .col_expr(checkpoints::Column::UpdatedAt, Expr::value(now))
+        .col_expr(checkpoints::Column::LeasedUntil, Expr::value(Some(until)))
         .filter(checkpoints::Column::Handler.eq(handler))
         .filter(checkpoints::Column::LeasedBy.eq(owner))
         .filter(checkpoints::Column::Sequence.lt(sequence as i64))

@@ -30,6 +30,46 @@ impl Subscription {
         let visible = self.principal.is_admin() || event.user_id == Some(self.principal.user_id);
         visible && (self.topics.is_empty() || self.topics.iter().any(|topic| topic_matches(topic, &event.name)))
     }
+
+    /// Whose events this subscription may see: `None` for all (admins).
+    fn owner(&self) -> Option<uuid::Uuid> {
+        (!self.principal.is_admin()).then_some(self.principal.user_id)
+    }
+
+    /// Sends the stored events it wants numbered after `after` through
+    /// `through`, filtered in SQL (by owner and topic), page by page. False
+    /// when the subscriber went away or the read failed (it was told).
+    async fn send_stored(
+        &self,
+        db: &DatabaseConnection,
+        after: u64,
+        through: u64,
+        sender: &mpsc::Sender<Result<Item>>,
+    ) -> bool {
+        const PAGE: u64 = 500;
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        let mut last = after;
+        loop {
+            let page = match store::read_matching(db, last, Some(through), self.owner(), &topics, PAGE).await {
+                Ok(page) => page,
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return false;
+                }
+            };
+            for event in &page {
+                last = event.sequence;
+            }
+            for event in page.iter().filter(|event| self.wants(event)) {
+                if sender.send(Ok(Item::Event(Arc::new(event.clone())))).await.is_err() {
+                    return false;
+                }
+            }
+            if (page.len() as u64) < PAGE {
+                return true;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +88,12 @@ pub async fn start(
     settings: Settings,
     subscription: Subscription,
 ) -> Result<mpsc::Receiver<Result<Item>>> {
+    if subscription.after > i64::MAX as u64 {
+        return Err(Error::invalid_field(
+            "after_sequence",
+            format!("must be at most {}", i64::MAX),
+        ));
+    }
     for topic in &subscription.topics {
         let wildcard_inside = topic.trim_end_matches('*').contains('*');
         if topic.is_empty() || wildcard_inside {
@@ -86,26 +132,20 @@ async fn run(
     mut live: broadcast::Receiver<Arc<Envelope>>,
     sender: mpsc::Sender<Result<Item>>,
 ) {
-    let mut last = subscription.after;
-    // Replay what the table has, page by page.
-    loop {
-        let batch = match store::read_after(&db, last, 500).await {
-            Ok(batch) => batch,
-            Err(error) => {
-                let _ = sender.send(Err(error)).await;
-                return;
-            }
-        };
-        if batch.is_empty() {
-            break;
+    // Everything numbered through `known` is committed and visible (numbering
+    // commits in sequence order), and the live feed, attached before this
+    // read, carries everything after it: replay through it, then go live.
+    let known = match store::latest_sequence(&db).await {
+        Ok(known) => known,
+        Err(error) => {
+            let _ = sender.send(Err(error)).await;
+            return;
         }
-        for event in batch {
-            last = event.sequence;
-            if subscription.wants(&event) && sender.send(Ok(Item::Event(Arc::new(event)))).await.is_err() {
-                return;
-            }
-        }
+    };
+    if known > subscription.after && !subscription.send_stored(&db, subscription.after, known, &sender).await {
+        return;
     }
+    let mut last = subscription.after.max(known);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + settings.heartbeat, settings.heartbeat);
     loop {
         tokio::select! {
@@ -114,22 +154,10 @@ async fn run(
                     if event.sequence <= last {
                         continue;
                     }
-                    if event.sequence > last + 1 {
-                        // Committed between the replay's last page and the
-                        // live feed's start: read the hole from the table.
-                        match store::read_after(&db, last, event.sequence - last - 1).await {
-                            Ok(hole) => {
-                                for missing in hole.into_iter().filter(|missing| missing.sequence < event.sequence) {
-                                    if subscription.wants(&missing) && sender.send(Ok(Item::Event(Arc::new(missing)))).await.is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            Err(error) => {
-                                let _ = sender.send(Err(error)).await;
-                                return;
-                            }
-                        }
+                    // A hole in the live feed (the hub skipped a gap): send
+                    // what the table has of it first.
+                    if event.sequence > last + 1 && !subscription.send_stored(&db, last, event.sequence - 1, &sender).await {
+                        return;
                     }
                     last = event.sequence;
                     if subscription.wants(&event) && sender.send(Ok(Item::Event(event))).await.is_err() {

@@ -1,13 +1,14 @@
 //! How committed events reach every keel process: in process (one keel), or
-//! Redis pub/sub through fred (several). The transport only carries news;
-//! the event table stays the truth, so a lost message (Redis down, a
-//! reconnect) costs latency, never an event: hubs also poll the table.
+//! Redis pub/sub through fred (several), on a channel namespaced by the
+//! deployment and its database. The transport only carries news ("numbered
+//! through N"); the event table stays the truth: a hub reads what it
+//! delivers from it, and a lost message (Redis down, a reconnect) costs
+//! latency, never an event: hubs also poll the table.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use keel_kernel::Envelope;
@@ -30,61 +31,24 @@ impl Transport for InProcess {
     async fn publish(&self, _events: &[Envelope]) {}
 }
 
-pub const CHANNEL: &str = "keel:events";
+/// The Redis channel of a deployment's events (`<namespace>:events`).
+pub fn channel(namespace: &str) -> String {
+    format!("{namespace}:events")
+}
 
-/// The JSON form of an event envelope, as it travels through Redis.
+/// What travels through Redis: only that events up to `through` are
+/// numbered. Never the events themselves: a hub reads them from its own
+/// table, so a message from anyone else on the channel (a misconfigured
+/// deployment, a stray client) cannot put an event before a subscriber.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct EnvelopeJson {
-    pub event_id: uuid::Uuid,
-    pub event_name: String,
-    pub event_version: String,
-    pub occurred_at: chrono::DateTime<chrono::Utc>,
-    pub sequence: u64,
-    pub user_id: Option<uuid::Uuid>,
-    pub aggregate_id: String,
-    pub payload_type: String,
-    /// The protobuf payload, base64.
-    pub payload: String,
-    pub idempotency_key: Option<String>,
-}
-
-impl From<&Envelope> for EnvelopeJson {
-    fn from(event: &Envelope) -> Self {
-        Self {
-            event_id: event.event_id,
-            event_name: event.name.clone(),
-            event_version: event.version.clone(),
-            occurred_at: event.occurred_at,
-            sequence: event.sequence,
-            user_id: event.user_id,
-            aggregate_id: event.aggregate_id.clone(),
-            payload_type: event.payload_type.clone(),
-            payload: base64::engine::general_purpose::STANDARD.encode(&event.payload),
-            idempotency_key: event.idempotency_key.clone(),
-        }
-    }
-}
-
-impl EnvelopeJson {
-    pub fn into_envelope(self) -> Option<Envelope> {
-        Some(Envelope {
-            event_id: self.event_id,
-            name: self.event_name,
-            version: self.event_version,
-            occurred_at: self.occurred_at,
-            sequence: self.sequence,
-            user_id: self.user_id,
-            aggregate_id: self.aggregate_id,
-            payload_type: self.payload_type,
-            payload: base64::engine::general_purpose::STANDARD.decode(self.payload).ok()?,
-            idempotency_key: self.idempotency_key,
-        })
-    }
+pub struct News {
+    pub through: u64,
 }
 
 /// Redis pub/sub: a publishing client and a subscriber that feeds the local
 /// hub. Both reconnect forever; the subscriber re-subscribes on reconnect.
 pub struct Redis {
+    channel: String,
     publisher: Client,
     _subscriber: SubscriberClient,
     tasks: Vec<tokio::task::AbortHandle>,
@@ -99,7 +63,7 @@ impl Drop for Redis {
 }
 
 impl Redis {
-    pub async fn connect(url: &str, hub: &Arc<Hub>) -> Result<Redis, Error> {
+    pub async fn connect(url: &str, channel: &str, hub: &Arc<Hub>) -> Result<Redis, Error> {
         let config = Config::from_url(url)?;
         let policy = ReconnectPolicy::new_exponential(0, 50, 1000, 2);
         let connection = |config: &mut ConnectionConfig| {
@@ -131,11 +95,8 @@ impl Redis {
                     let Ok(text) = message.value.convert::<String>() else {
                         continue;
                     };
-                    match serde_json::from_str::<Vec<EnvelopeJson>>(&text) {
-                        Ok(batch) => {
-                            hub.offer(batch.into_iter().filter_map(EnvelopeJson::into_envelope).collect())
-                                .await
-                        }
+                    match serde_json::from_str::<News>(&text) {
+                        Ok(news) => hub.hint(news.through).await,
                         Err(error) => tracing::warn!(error = %error, "unreadable event message from redis"),
                     }
                 }
@@ -143,12 +104,13 @@ impl Redis {
             .abort_handle(),
         );
         let subscribing = subscriber.clone();
+        let subscribed_channel = channel.to_owned();
         tasks.push(
             tokio::spawn(async move {
                 // Until Redis answers, subscribe keeps failing; the tracked
                 // channel is re-subscribed on every reconnect after that.
                 loop {
-                    match subscribing.subscribe(CHANNEL).await {
+                    match subscribing.subscribe(subscribed_channel.as_str()).await {
                         Ok(()) => break,
                         Err(error) => {
                             tracing::debug!(error = %error, "redis subscribe failed; retrying");
@@ -160,6 +122,7 @@ impl Redis {
             .abort_handle(),
         );
         Ok(Redis {
+            channel: channel.to_owned(),
             publisher,
             _subscriber: subscriber,
             tasks,
@@ -170,14 +133,16 @@ impl Redis {
 #[async_trait]
 impl Transport for Redis {
     async fn publish(&self, events: &[Envelope]) {
-        let batch: Vec<EnvelopeJson> = events.iter().map(EnvelopeJson::from).collect();
-        let Ok(text) = serde_json::to_string(&batch) else {
+        let Some(through) = events.iter().map(|event| event.sequence).max() else {
+            return;
+        };
+        let Ok(text) = serde_json::to_string(&News { through }) else {
             return;
         };
         // Bounded: while Redis is away the hubs' polling carries the events.
         let published = tokio::time::timeout(
             Duration::from_millis(500),
-            self.publisher.publish::<(), _, _>(CHANNEL, text),
+            self.publisher.publish::<(), _, _>(self.channel.as_str(), text),
         )
         .await;
         match published {

@@ -14,7 +14,6 @@ use keel_kernel::grpc::GrpcRoutes;
 use keel_kernel::limit::InProcessRateLimiter;
 use keel_kernel::{BackgroundTask, Bus, BusBuilder, GrpcLimits, Module};
 use tokio::net::TcpListener;
-use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
 use crate::config::Config;
@@ -63,6 +62,8 @@ fn identity_module(config: &Config, ports: &Ports) -> anyhow::Result<IdentityMod
 fn event_settings(config: &Config) -> keel_events::Settings {
     keel_events::Settings {
         redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
+        deployment: config.deployment.clone(),
+        poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
         subscriptions: keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
             queue: 256,

@@ -38,6 +38,10 @@ pub struct Config {
     pub database_max_connections: u32,
     /// `KEEL_REDIS_URL`: the cluster mode's bus, cache and limits (later issues).
     pub redis_url: Option<Secret<String>>,
+    /// `KEEL_DEPLOYMENT`: this deployment's name (`keel`). With the database's
+    /// identity it namespaces every Redis channel and key, so deployments
+    /// sharing a Redis never hear each other.
+    pub deployment: String,
     /// `KEEL_ENV`: `development` (default) or `production`.
     pub env: Environment,
     /// `KEEL_LOG`: a tracing filter (`info`, `keel=debug,info`).
@@ -77,6 +81,10 @@ pub struct Config {
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
     pub events_heartbeat_seconds: u64,
+    /// `KEEL_EVENTS_POLL_MS`: how often each process reads the event table for
+    /// events the transport did not announce; 0 turns the safety net off
+    /// (tests that must see Redis itself deliver).
+    pub events_poll_ms: u64,
     /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
     pub event_handler_max_attempts: u32,
     /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
@@ -95,6 +103,7 @@ impl Default for Config {
             database_schema: None,
             database_max_connections: 16,
             redis_url: None,
+            deployment: "keel".to_owned(),
             env: Environment::Development,
             log: "info".to_owned(),
             log_format: None,
@@ -115,6 +124,7 @@ impl Default for Config {
             mail_file: None,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
+            events_poll_ms: 500,
             event_handler_max_attempts: 5,
             event_handler_backoff_ms: 200,
         }
@@ -172,6 +182,16 @@ impl Config {
             && !url.expose().starts_with("rediss://")
         {
             return Err(invalid("KEEL_REDIS_URL", "must start with redis:// or rediss://"));
+        }
+        let deployment_is_a_name = self
+            .deployment
+            .chars()
+            .all(|char| char.is_ascii_alphanumeric() || matches!(char, '-' | '_' | '.'));
+        if self.deployment.is_empty() || self.deployment.len() > 64 || !deployment_is_a_name {
+            return Err(invalid(
+                "KEEL_DEPLOYMENT",
+                "must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
+            ));
         }
         if self.max_message_bytes < 1024 {
             return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));
