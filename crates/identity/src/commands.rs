@@ -21,10 +21,9 @@ use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
 use keel_proto::identity as pb;
 
-/// Tokens handed to a client at login or refresh.
-// TODO(merge): `Secret`'s Serialize writes "[redacted]", so a stored and
-// replayed IssuedTokens carries no usable token; an idempotency store needs
-// Secret to serialize its value (encrypted at rest) before it keeps these.
+/// Tokens handed to a client at login or refresh. They serialise with their
+/// values (`Secret` is transparent to serde), so that a replayed reply
+/// works; whatever stores replies must protect them at rest.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IssuedTokens {
     pub access_token: Secret<String>,

@@ -17,9 +17,5 @@ pub mod listen;
 pub mod mail;
 pub mod telemetry;
 
-/// Account creation moved to [`keel_identity::admin`]; this alias keeps the
-/// callers in testkit and the test suites compiling until they switch.
-pub use keel_identity::admin as users;
-
 pub use app::{Application, State};
 pub use config::Config;

@@ -99,7 +99,7 @@ async fn take_sse(
 
 async fn register_many(app: &TestApp, prefix: &str, count: usize) {
     for index in 0..count {
-        keel_server::users::create_user(
+        keel_identity::admin::create_user(
             &app.state.bus,
             &format!("{prefix}{index}@example.com"),
             PASSWORD,

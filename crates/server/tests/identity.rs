@@ -437,7 +437,7 @@ backend_tests! {
     async fn list_users_pages_stay_correct_while_rows_are_inserted(app: TestApp) {
         let (_, admin) = app.admin("pager@example.com").await;
         for index in 0..24 {
-            keel_server::users::create_user(&app.state.bus, &format!("user{index:02}@example.com"), PASSWORD, None, keel_kernel::Role::User)
+            keel_identity::admin::create_user(&app.state.bus, &format!("user{index:02}@example.com"), PASSWORD, None, keel_kernel::Role::User)
                 .await
                 .unwrap();
         }
@@ -458,7 +458,7 @@ backend_tests! {
                 pages += 1;
                 if pages == 1 {
                     // Inserted behind the cursor (or ahead, by email): never repeated, never shifting.
-                    keel_server::users::create_user(&app.state.bus, &format!("late-{}@example.com", order_by.replace(' ', "-")), PASSWORD, None, keel_kernel::Role::User)
+                    keel_identity::admin::create_user(&app.state.bus, &format!("late-{}@example.com", order_by.replace(' ', "-")), PASSWORD, None, keel_kernel::Role::User)
                         .await
                         .unwrap();
                 }

@@ -238,12 +238,12 @@ impl TestApp {
 
     /// Creates an admin through the CLI's code path and logs in.
     pub async fn admin(&self, email: &str) -> (pb::User, pb::AuthTokens) {
-        keel_server::users::create_user(
+        keel_identity::admin::create_user(
             &self.state.bus,
             email,
             PASSWORD,
             Some("Admin"),
-            keel_server::users::Role::Admin,
+            keel_kernel::Role::Admin,
         )
         .await
         .unwrap();
