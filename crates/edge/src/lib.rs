@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use prost_reflect::DescriptorPool;
 
-pub use listener::{CorsSettings, one_listener};
+pub use listener::{CorsSettings, listener_service};
 pub use upstream::Upstream;
 
 /// The REST edge: routes, descriptors and the gRPC peer they are served by.

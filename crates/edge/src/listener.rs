@@ -16,7 +16,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::Edge;
-use crate::upstream::Upstream;
+use crate::upstream::{GrpcService, Upstream};
 
 /// Which browser origins may call keel.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +30,7 @@ pub type ListenerService = BoxCloneSyncService<Request<Body>, Response<Body>, In
 
 /// The service for the one listener. `grpc` serves native gRPC (and, through
 /// tonic-web, grpc-web); `rest` everything else.
-pub fn one_listener(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) -> ListenerService {
+pub fn listener_service(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) -> ListenerService {
     let grpc_service = grpc.service();
     let grpc_web = BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
     let dispatch = Dispatch {
@@ -48,8 +48,6 @@ pub fn one_listener(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) ->
         None => BoxCloneSyncService::new(dispatch),
     }
 }
-
-type GrpcService = crate::upstream::Inner;
 
 #[derive(Clone)]
 struct Dispatch {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tonic::{Response, Status};
 use tower::ServiceExt;
 
-use crate::listener::{CorsSettings, ListenerService, one_listener};
+use crate::listener::{CorsSettings, ListenerService, listener_service};
 use crate::{Edge, Upstream};
 
 mod pb {
@@ -125,7 +125,7 @@ fn listener(max_body_bytes: usize) -> ListenerService {
     let routes = tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
     let upstream = Upstream::new(routes);
     let edge = Arc::new(Edge::new(DESCRIPTORS, upstream.clone(), max_body_bytes).unwrap());
-    one_listener(
+    listener_service(
         &upstream,
         edge.router(),
         &CorsSettings {

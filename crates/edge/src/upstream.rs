@@ -15,12 +15,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 // The error is a `Status`, not a boxed `dyn Error`: a `dyn` error type
 // trips the compiler's `Send` proof of tonic's client futures
 // (rust-lang/rust#102211).
-pub type Inner = BoxCloneSyncService<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>, Status>;
+/// A gRPC service as the edge calls it: in process (the server's routes) or
+/// a remote keel behind a channel.
+pub type GrpcService = BoxCloneSyncService<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>, Status>;
 
 /// A gRPC peer for the edge. Cheap to clone.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Inner,
+    inner: GrpcService,
 }
 
 /// What a unary call returned.
@@ -53,7 +55,7 @@ impl Upstream {
     }
 
     /// A tonic client over the upstream. tonic needs an owned service per call.
-    fn grpc(&self) -> tonic::client::Grpc<Inner> {
+    fn grpc(&self) -> tonic::client::Grpc<GrpcService> {
         tonic::client::Grpc::new(self.inner.clone())
     }
 
@@ -134,7 +136,7 @@ impl Upstream {
     }
 
     /// The raw service, for forwarding gRPC and grpc-web requests untouched.
-    pub fn service(&self) -> Inner {
+    pub fn service(&self) -> GrpcService {
         self.inner.clone()
     }
 }

@@ -296,7 +296,7 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
     let cors = CorsSettings {
         allowed_origins: config.cors_origins(),
     };
-    Ok(keel_edge::one_listener(&upstream, Arc::new(edge).router(), &cors))
+    Ok(keel_edge::listener_service(&upstream, Arc::new(edge).router(), &cors))
 }
 
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is
