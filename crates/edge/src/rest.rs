@@ -32,13 +32,7 @@ const FORWARDED: [&str; 7] = [
 ];
 
 pub async fn handle(edge: Arc<Edge>, request: Request<Body>) -> Response {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| keel_kernel::id::new_id().to_string());
+    let request_id = crate::request_id::of(request.headers());
     match transcode(&edge, request, &request_id).await {
         Ok(response) => response,
         Err(error) => error.with_request_id(&request_id).into_response(),

@@ -1,5 +1,8 @@
-//! The tower layer around every gRPC call: request id, trace span, client
-//! address, deadline, and authentication into a `RequestContext`.
+//! The tower layer around every gRPC call: trace span with the request id,
+//! client address, deadline, and authentication into a `RequestContext`.
+//!
+//! The request id itself is set and echoed by the listener
+//! (`keel_edge::request_id`); this layer only reads it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -14,8 +17,6 @@ use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument;
-
-pub const REQUEST_ID: &str = "x-request-id";
 
 #[derive(Clone)]
 pub struct ContextLayer {
@@ -74,7 +75,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let request_id = request_id(request.headers());
+        let request_id = keel_edge::request_id::of(request.headers());
         let span = tracing::info_span!("grpc", request_id = %request_id, path = %request.uri().path());
         Box::pin(
             async move {
@@ -102,18 +103,13 @@ where
                     };
                     match principal {
                         Ok(principal) => ctx.principal = Some(principal),
-                        Err(error) => {
-                            let mut response = tonic::Status::from(error).into_http::<Body>();
-                            set_request_id(response.headers_mut(), &request_id);
-                            return Ok(response);
-                        }
+                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }
                 }
                 request.extensions_mut().insert(ctx);
                 let response = inner.call(request).await.map_err(Into::into)?;
                 let mut response = response.map(Body::new);
                 resource_exhausted_for_oversized(response.headers_mut());
-                set_request_id(response.headers_mut(), &request_id);
                 tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
                 Ok(response)
             }
@@ -129,20 +125,6 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 fn bearer(authorization: &str) -> Option<&str> {
     let (scheme, token) = authorization.trim().split_once(' ')?;
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
-}
-
-/// The client's `x-request-id` when it is a sane token, else a new UUIDv7.
-fn request_id(headers: &HeaderMap) -> String {
-    header(headers, REQUEST_ID)
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| keel_kernel::id::new_id().to_string())
-}
-
-fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID, value);
-    }
 }
 
 /// tonic answers a message over the decoding limit with OUT_OF_RANGE; the
@@ -192,14 +174,5 @@ mod tests {
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("Bearer "), None);
-    }
-
-    #[test]
-    fn request_ids_are_kept_or_made() {
-        let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers), "abc-123");
-        headers.insert(REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&headers), "has space");
     }
 }
