@@ -18,13 +18,13 @@ default:
 run *args:
     cargo run --release --bin keel -- "$@"
 
-# Run every test of the workspace (embedded adapters)
+# Run the tests of the workspace on the embedded adapters; the ones that need PostgreSQL or Redis are listed as ignored
 test *args:
     cargo test --workspace "$@"
 
-# Run the tests with the cluster adapters too (local PostgreSQL and Redis)
+# Run every test, the ignored cluster ones too (local PostgreSQL and Redis); e.g. `just test-pg -p keel-server`
 test-pg *args:
-    KEEL_TEST_DATABASE_URL={{ quote(test_database_url) }} KEEL_TEST_REDIS_URL={{ quote(test_redis_url) }} cargo test --workspace "$@"
+    KEEL_TEST_DATABASE_URL={{ quote(test_database_url) }} KEEL_TEST_REDIS_URL={{ quote(test_redis_url) }} cargo test --workspace "$@" -- --include-ignored
 
 # Check formatting and clippy (warnings are errors)
 lint:

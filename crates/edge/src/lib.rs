@@ -10,7 +10,8 @@
 //!   process or over a channel;
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
-//! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS.
+//! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS;
+//! - [`request_id`]: `x-request-id`, kept or made (UUIDv7) and echoed.
 //!
 //! The edge knows descriptors, not modules: a new annotated RPC is served
 //! with no edge code.
@@ -18,6 +19,7 @@
 pub mod error;
 pub mod listener;
 pub mod openapi;
+pub mod request_id;
 pub mod rest;
 pub mod routes;
 pub mod template;

@@ -1,6 +1,6 @@
 //! One port for everything: `application/grpc-web*` to grpc-web (tonic-web),
-//! `application/grpc*` to gRPC, anything else to the REST router; CORS
-//! around it all, with the grpc-web headers exposed.
+//! `application/grpc*` to gRPC, anything else to the REST router; the
+//! request id and CORS around it all, with the grpc-web headers exposed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -38,15 +38,11 @@ pub fn listener_service(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings
         grpc_web,
         rest,
     };
-    match cors_layer(cors) {
-        Some(cors) => BoxCloneSyncService::new(
-            tower::ServiceBuilder::new()
-                .layer(cors)
-                .service(dispatch)
-                .map_err(|never| match never {}),
-        ),
-        None => BoxCloneSyncService::new(dispatch),
-    }
+    let service = tower::ServiceBuilder::new()
+        .layer(crate::request_id::layers())
+        .option_layer(cors_layer(cors))
+        .service(dispatch);
+    BoxCloneSyncService::new(service)
 }
 
 #[derive(Clone)]

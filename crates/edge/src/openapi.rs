@@ -126,7 +126,10 @@ fn operation(route: &Route, names: &[String], schemas: &mut Schemas) -> Value {
     for (variable, name) in route.template.variables.iter().zip(names) {
         let field = variable.field_path.join(".");
         path_fields.insert(field.clone());
-        let mut schema = leaf_schema(&resolve(&input, &variable.field_path), schemas);
+        // The route table refused templates naming unknown fields, so the
+        // field is always found; a plain string is the harmless fallback.
+        let mut schema = resolve(&input, &variable.field_path)
+            .map_or_else(|| json!({"type": "string"}), |field| leaf_schema(&field, schemas));
         if let Some(pattern) = route.template.variable_pattern(variable) {
             schema["description"] = json!(format!("matches {pattern}"));
         }
@@ -210,19 +213,18 @@ fn response_content(route: &Route, schemas: &mut Schemas) -> Value {
     }
 }
 
-fn resolve(message: &MessageDescriptor, path: &[String]) -> FieldDescriptor {
+/// The field a path variable (`user.id`) sets.
+fn resolve(message: &MessageDescriptor, path: &[String]) -> Option<FieldDescriptor> {
     let mut current = message.clone();
     let mut field = None;
     for part in path {
-        let found = current
-            .get_field_by_name(part)
-            .expect("route validated its path fields");
+        let found = current.get_field_by_name(part)?;
         if let Kind::Message(inner) = found.kind() {
             current = inner;
         }
         field = Some(found);
     }
-    field.expect("a path variable has at least one part")
+    field
 }
 
 /// Fields a query string can set: scalars, enums, well-known types and

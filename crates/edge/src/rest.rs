@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -31,13 +32,7 @@ const FORWARDED: [&str; 7] = [
 ];
 
 pub async fn handle(edge: Arc<Edge>, request: Request<Body>) -> Response {
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|value| value.to_str().ok())
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| keel_kernel::id::new_id().to_string());
+    let request_id = crate::request_id::of(request.headers());
     match transcode(&edge, request, &request_id).await {
         Ok(response) => response,
         Err(error) => error.with_request_id(&request_id).into_response(),
@@ -187,7 +182,7 @@ fn copy_metadata(metadata: &MetadataMap, headers: &mut HeaderMap) {
 
 /// A server stream as SSE (`text/event-stream`, each message an event whose
 /// `id:` is its cursor) or NDJSON. An error mid-stream ends it with a last
-/// event in the `{"error": ...}` shape.
+/// event in the `{"error": ...}` shape (SSE: `event: error`).
 async fn stream(
     edge: &Edge,
     route: &crate::routes::Route,
@@ -207,44 +202,77 @@ async fn stream(
     let cursor_field = ["cursor", "sequence"]
         .into_iter()
         .find_map(|name| output.get_field_by_name(name));
-    let events = messages.map(move |item| {
-        let chunk = match item {
-            Ok(bytes) => match DynamicMessage::decode(output.clone(), bytes) {
-                Ok(message) => {
-                    let data = message_json(&message, response_body.as_ref()).unwrap_or_else(|error| error.body());
-                    let cursor = cursor_field
-                        .as_ref()
-                        .and_then(|field| cursor_text(&message.get_field(field)));
-                    frame(sse, None, cursor.as_deref(), &json!({ "data": data }))
+    let items = messages.map(move |item| match item {
+        Ok(bytes) => match DynamicMessage::decode(output.clone(), bytes) {
+            Ok(message) => {
+                let data = message_json(&message, response_body.as_ref()).unwrap_or_else(|error| error.body());
+                let cursor = cursor_field
+                    .as_ref()
+                    .and_then(|field| cursor_text(&message.get_field(field)));
+                StreamItem::Message {
+                    cursor,
+                    body: json!({ "data": data }),
                 }
-                Err(error) => error_frame(
-                    sse,
-                    &EdgeError::internal(format!("undecodable stream message: {error}")),
-                    &request_id,
-                ),
-            },
-            Err(status) => error_frame(sse, &EdgeError::from_status(&status, &pool), &request_id),
-        };
-        Ok::<_, Infallible>(chunk)
+            }
+            Err(error) => StreamItem::Error(
+                EdgeError::internal(format!("undecodable stream message: {error}")).with_request_id(&request_id),
+            ),
+        },
+        Err(status) => StreamItem::Error(EdgeError::from_status(&status, &pool).with_request_id(&request_id)),
     });
-    let content_type = if sse {
-        "text/event-stream"
+    let mut response = if sse {
+        // No keep-alive comments: a stream that must stay open while idle
+        // (events) sends heartbeat messages of its own, which clients see.
+        Sse::new(items.map(|item| Ok::<_, Infallible>(item.into_sse_event()))).into_response()
     } else {
-        "application/x-ndjson"
+        let mut response = Response::new(Body::from_stream(
+            items.map(|item| Ok::<_, Infallible>(item.into_ndjson_line())),
+        ));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
     };
-    let mut response = Response::new(Body::from_stream(events));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tell proxies (nginx) not to buffer the stream.
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     copy_metadata(&metadata, response.headers_mut());
     Ok(response)
+}
+
+/// One item of a server stream, before it is framed as SSE or NDJSON.
+enum StreamItem {
+    Message { cursor: Option<String>, body: Value },
+    Error(EdgeError),
+}
+
+impl StreamItem {
+    fn into_sse_event(self) -> Event {
+        match self {
+            StreamItem::Message { cursor, body } => {
+                let event = Event::default();
+                // axum refuses (panics on) an id with a line break or NUL.
+                let event = match cursor.filter(|id| !id.contains(['\r', '\n', '\0'])) {
+                    Some(id) => event.id(id),
+                    None => event,
+                };
+                event.data(body.to_string())
+            }
+            StreamItem::Error(error) => Event::default().event("error").data(error.body().to_string()),
+        }
+    }
+
+    fn into_ndjson_line(self) -> Bytes {
+        let body = match self {
+            StreamItem::Message { body, .. } => body,
+            StreamItem::Error(error) => error.body(),
+        };
+        Bytes::from(format!("{body}\n"))
+    }
 }
 
 /// A message's cursor as an SSE id: a non-empty string or a non-zero number.
@@ -258,25 +286,4 @@ fn cursor_text(value: &prost_reflect::Value) -> Option<String> {
         Value::I32(number) if *number > 0 => Some(number.to_string()),
         _ => None,
     }
-}
-
-fn frame(sse: bool, event: Option<&str>, id: Option<&str>, value: &Value) -> Bytes {
-    let json = value.to_string();
-    if !sse {
-        return Bytes::from(format!("{json}\n"));
-    }
-    let mut out = String::new();
-    if let Some(event) = event {
-        out.push_str(&format!("event: {event}\n"));
-    }
-    if let Some(id) = id {
-        out.push_str(&format!("id: {id}\n"));
-    }
-    out.push_str(&format!("data: {json}\n\n"));
-    Bytes::from(out)
-}
-
-fn error_frame(sse: bool, error: &EdgeError, request_id: &str) -> Bytes {
-    let error = error.clone().with_request_id(request_id);
-    frame(sse, Some("error"), None, &error.body())
 }

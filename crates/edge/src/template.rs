@@ -287,27 +287,29 @@ fn is_ident(part: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Decodes `%XX`; with `all` false, `%2F` stays encoded (multi-segment values).
+/// Decodes `%XX` (percent-encoding); with `all` false, `%2F` stays encoded
+/// (multi-segment values). `None` for a malformed escape or non-UTF-8.
 fn percent_decode(input: &str, all: bool) -> Option<String> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let hex = input.get(index + 1..index + 3)?;
-            let byte = u8::from_str_radix(hex, 16).ok()?;
-            if !all && byte == b'/' {
-                out.extend_from_slice(&bytes[index..index + 3]);
-            } else {
-                out.push(byte);
-            }
-            index += 3;
-        } else {
-            out.push(bytes[index]);
-            index += 1;
-        }
+    if all {
+        return crate::transcode::strict_percent_decode(input);
     }
-    String::from_utf8(out).ok()
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(slash) = find_encoded_slash(rest) {
+        out.push_str(&crate::transcode::strict_percent_decode(&rest[..slash])?);
+        out.push_str(&rest[slash..slash + 3]);
+        rest = &rest[slash + 3..];
+    }
+    out.push_str(&crate::transcode::strict_percent_decode(rest)?);
+    Some(out)
+}
+
+/// Where `%2F` (or `%2f`) starts in `input`.
+fn find_encoded_slash(input: &str) -> Option<usize> {
+    input
+        .as_bytes()
+        .windows(3)
+        .position(|window| window[0] == b'%' && window[1] == b'2' && window[2].eq_ignore_ascii_case(&b'f'))
 }
 
 #[cfg(test)]
@@ -338,6 +340,11 @@ mod tests {
             pairs(&[("user.id", "a b")])
         );
         assert_eq!(bound("/v1/users/{id}", "/v1/users/a%2Fb"), pairs(&[("id", "a/b")]));
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/%C3%A9"), pairs(&[("id", "é")]));
+        // Malformed escapes and non-UTF-8 bytes match nothing.
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/a%2"), None);
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/a%zz"), None);
+        assert_eq!(bound("/v1/users/{id}", "/v1/users/%FF"), None);
     }
 
     #[test]
@@ -351,6 +358,11 @@ mod tests {
             bound("/v1/files/{path=**}", "/v1/files/a/b%2Fc/d"),
             pairs(&[("path", "a/b%2Fc/d")])
         );
+        assert_eq!(
+            bound("/v1/files/{path=**}", "/v1/files/a%20b/c%2fd%2F%25"),
+            pairs(&[("path", "a b/c%2fd%2F%")])
+        );
+        assert_eq!(bound("/v1/files/{path=**}", "/v1/files/a%2%2F"), None);
         assert_eq!(bound("/v1/files/{path=**}", "/v1/files"), pairs(&[("path", "")]));
         assert_eq!(bound("/v1/*/items", "/v1/x/items"), pairs(&[]));
         assert_eq!(bound("/v1/static/**", "/v1/static/a/b/c"), pairs(&[]));

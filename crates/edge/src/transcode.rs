@@ -107,6 +107,10 @@ fn parse_body(body: &[u8]) -> Result<Option<Value>, EdgeError> {
     })
 }
 
+/// The name-value pairs of an `application/x-www-form-urlencoded` query
+/// (`+` is a space). Stricter than `form_urlencoded::parse`, which passes a
+/// malformed escape through and replaces invalid UTF-8 with U+FFFD: either
+/// is a 400 here, as in grpc-gateway.
 fn form_urlencoded(query: &str) -> Result<Vec<(String, String)>, EdgeError> {
     query
         .split('&')
@@ -119,24 +123,38 @@ fn form_urlencoded(query: &str) -> Result<Vec<(String, String)>, EdgeError> {
 }
 
 fn decode_component(raw: &str) -> Result<String, EdgeError> {
-    let replaced = raw.replace('+', " ");
-    let bytes = replaced.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' {
-            let byte = replaced
-                .get(index + 1..index + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| EdgeError::bad_request(format!("bad percent-encoding in query string near {raw:?}")))?;
-            out.push(byte);
-            index += 3;
-        } else {
-            out.push(bytes[index]);
-            index += 1;
-        }
+    if !escapes_are_well_formed(raw) {
+        return Err(EdgeError::bad_request(format!(
+            "bad percent-encoding in query string near {raw:?}"
+        )));
     }
-    String::from_utf8(out).map_err(|_| EdgeError::bad_request("the query string is not UTF-8"))
+    percent_encoding::percent_decode_str(&raw.replace('+', " "))
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| EdgeError::bad_request("the query string is not UTF-8"))
+}
+
+/// Percent-decodes `input`; `None` when an escape is malformed (`%` not
+/// followed by two hex digits) or the bytes are not UTF-8.
+pub(crate) fn strict_percent_decode(input: &str) -> Option<String> {
+    if !escapes_are_well_formed(input) {
+        return None;
+    }
+    percent_encoding::percent_decode_str(input)
+        .decode_utf8()
+        .ok()
+        .map(std::borrow::Cow::into_owned)
+}
+
+/// Every `%` starts `%XX` with two hex digits. `percent-encoding` passes
+/// any other `%` through literally; the edge refuses it instead.
+fn escapes_are_well_formed(input: &str) -> bool {
+    let bytes = input.as_bytes();
+    bytes.iter().enumerate().all(|(index, byte)| {
+        *byte != b'%'
+            || (bytes.get(index + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(index + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
 }
 
 fn field_by_name(message: &MessageDescriptor, name: &str) -> Option<FieldDescriptor> {
@@ -282,5 +300,33 @@ pub fn message_json(message: &DynamicMessage, response_body: Option<&FieldDescri
             let whole = serialize(message)?;
             Ok(whole.get(field.json_name()).cloned().unwrap_or(Value::Null))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(query: &str) -> Result<Vec<(String, String)>, String> {
+        form_urlencoded(query).map_err(|error| error.message)
+    }
+
+    #[test]
+    fn query_strings_decode_plus_and_percent_escapes() {
+        let owned = |items: &[(&str, &str)]| -> Vec<(String, String)> {
+            items.iter().map(|(a, b)| ((*a).to_owned(), (*b).to_owned())).collect()
+        };
+        assert_eq!(
+            pairs("a=1&b=x+y&c=%C3%A9%2B&&flag&d="),
+            Ok(owned(&[("a", "1"), ("b", "x y"), ("c", "é+"), ("flag", ""), ("d", "")]))
+        );
+        assert_eq!(pairs("q=a%3Db%26c"), Ok(owned(&[("q", "a=b&c")])));
+    }
+
+    #[test]
+    fn malformed_query_strings_are_refused() {
+        assert!(pairs("a=%2").unwrap_err().contains("bad percent-encoding"));
+        assert!(pairs("a=%zz").unwrap_err().contains("bad percent-encoding"));
+        assert!(pairs("a=%FF").unwrap_err().contains("not UTF-8"));
     }
 }

@@ -1,11 +1,30 @@
-//! A wrapper that keeps secrets out of logs and `Debug` output.
+//! A wrapper that keeps secrets out of logs and `Debug` output, and wipes
+//! them from memory when dropped.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroize;
 
+/// A secret value (password, token, key, URL with credentials).
+///
+/// - `Debug` prints `[redacted]`, so a secret in a struct, an error or a
+///   `tracing` field never reaches a log. There is deliberately no
+///   `Display`: `format!("{secret}")` does not compile, so a secret cannot
+///   end up as the text `[redacted]` where its value was meant.
+/// - [`Secret::expose`] is the one way to read it: greppable, so every use
+///   is deliberate.
+/// - The value is zeroized on drop (the `zeroize` crate), clones included.
+///   Copies made before it was wrapped, or by code it was exposed to, are
+///   not.
+/// - `Serialize` and `Deserialize` are transparent: a `Secret<String>`
+///   (de)serializes as the string itself. Values that are serialized on
+///   purpose carry secrets a client must get back: a command's output with
+///   its tokens, stored by the idempotency middleware and replayed to a
+///   retry, must replay the real tokens, not `"[redacted]"`. Serializing is
+///   therefore never a way to log: logs go through `Debug`.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret<T>(T);
+pub struct Secret<T: Zeroize>(T);
 
-impl<T> Secret<T> {
+impl<T: Zeroize> Secret<T> {
     pub fn new(value: T) -> Self {
         Self(value)
     }
@@ -16,21 +35,27 @@ impl<T> Secret<T> {
     }
 }
 
-impl<T> std::fmt::Debug for Secret<T> {
+impl<T: Zeroize> Drop for Secret<T> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<T: Zeroize> std::fmt::Debug for Secret<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("[redacted]")
     }
 }
 
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
+impl<'de, T: Zeroize + Deserialize<'de>> Deserialize<'de> for Secret<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         T::deserialize(deserializer).map(Secret)
     }
 }
 
-impl<T> serde::Serialize for Secret<T> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str("[redacted]")
+impl<T: Zeroize + Serialize> Serialize for Secret<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
     }
 }
 
@@ -42,6 +67,36 @@ mod tests {
     fn debug_never_shows_the_value() {
         let secret = Secret::new("hunter2".to_owned());
         assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert_eq!(format!("{:?}", Some(&secret)), "Some([redacted])");
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn serde_is_transparent() {
+        let secret = Secret::new("hunter2".to_owned());
+        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"hunter2\"");
+        let back: Secret<String> = serde_json::from_str("\"hunter2\"").unwrap();
+        assert_eq!(back, secret);
+    }
+
+    #[test]
+    fn the_value_is_wiped_on_drop() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+
+        /// Records that it was zeroized.
+        #[derive(Default)]
+        struct Probe(Arc<AtomicBool>);
+        impl Zeroize for Probe {
+            fn zeroize(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+
+        let wiped = Arc::new(AtomicBool::new(false));
+        let secret = Secret::new(Probe(wiped.clone()));
+        assert!(!wiped.load(Ordering::SeqCst));
+        drop(secret);
+        assert!(wiped.load(Ordering::SeqCst));
     }
 }

@@ -269,7 +269,7 @@ impl State {
                 .add_service(reflection().build_v1alpha()?);
         }
         let layered = tower::ServiceBuilder::new()
-            .layer(ContextLayer::new(self.identity.clone(), self.db.clone()))
+            .layer(ContextLayer::new(self.identity.clone(), self.db.clone(), limit))
             .service(routes.prepare());
         Ok(Upstream::new(layered))
     }

@@ -71,7 +71,8 @@ pub struct Config {
     /// once; one more every 30 s after that.
     pub register_burst: u32,
     /// `KEEL_SMTP_URL`: send email through this SMTP relay
-    /// (`smtp://user:pass@host:587`); unset: write it to `KEEL_MAIL_FILE`.
+    /// (`smtp://user:pass@host:587`, user and password percent-encoded:
+    /// `%40` for `@`); unset: write it to `KEEL_MAIL_FILE`.
     pub smtp_url: Option<Secret<String>>,
     /// `KEEL_MAIL_FROM`: the sender of keel's email.
     pub mail_from: String,
@@ -205,10 +206,8 @@ impl Config {
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
         }
-        if let Some(url) = &self.smtp_url
-            && !url.expose().starts_with("smtp://")
-        {
-            return Err(invalid("KEEL_SMTP_URL", "must start with smtp://"));
+        if let Some(url) = &self.smtp_url {
+            crate::mail::SmtpSettings::parse(url.expose()).map_err(|reason| invalid("KEEL_SMTP_URL", reason))?;
         }
         if self.database_max_connections == 0 {
             return Err(invalid("KEEL_DATABASE_MAX_CONNECTIONS", "must be at least 1"));

@@ -1,12 +1,20 @@
-//! The tower layer around every gRPC call: request id, trace span, client
-//! address, deadline, and authentication into a `RequestContext`.
+//! The tower layer around every gRPC call: trace span with the request id,
+//! client address, deadline, authentication into a `RequestContext`, and
+//! oversized messages answered as RESOURCE_EXHAUSTED.
+//!
+//! The request id itself is set and echoed by the listener
+//! (`keel_edge::request_id`); this layer only reads it.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
 use keel_db::Db;
 use keel_identity::Identity;
 use keel_kernel::{Error, RequestContext};
@@ -14,8 +22,6 @@ use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument;
-
-pub const REQUEST_ID: &str = "x-request-id";
 
 #[derive(Clone)]
 pub struct ContextLayer {
@@ -25,12 +31,20 @@ pub struct ContextLayer {
 struct LayerState {
     identity: Identity,
     db: Db,
+    /// The services' `max_decoding_message_size`.
+    max_message_bytes: usize,
 }
 
 impl ContextLayer {
-    pub fn new(identity: Identity, db: Db) -> Self {
+    /// `max_message_bytes` is the decoding limit the services were given:
+    /// a request message above it is answered RESOURCE_EXHAUSTED.
+    pub fn new(identity: Identity, db: Db, max_message_bytes: usize) -> Self {
         Self {
-            state: Arc::new(LayerState { identity, db }),
+            state: Arc::new(LayerState {
+                identity,
+                db,
+                max_message_bytes,
+            }),
         }
     }
 }
@@ -54,7 +68,7 @@ pub struct ContextService<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ContextService<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<FrameWatch<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     ReqBody: Send + 'static,
@@ -69,12 +83,14 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         // The clone that was polled ready serves this call (tower's rule).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let state = self.state.clone();
-        let request_id = request_id(request.headers());
+        let request_id = keel_edge::request_id::of(request.headers());
+        let oversized = Arc::new(AtomicBool::new(false));
+        let mut request = request.map(|body| FrameWatch::new(body, state.max_message_bytes, oversized.clone()));
         let span = tracing::info_span!("grpc", request_id = %request_id, path = %request.uri().path());
         Box::pin(
             async move {
@@ -102,18 +118,15 @@ where
                     };
                     match principal {
                         Ok(principal) => ctx.principal = Some(principal),
-                        Err(error) => {
-                            let mut response = tonic::Status::from(error).into_http::<Body>();
-                            set_request_id(response.headers_mut(), &request_id);
-                            return Ok(response);
-                        }
+                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }
                 }
                 request.extensions_mut().insert(ctx);
                 let response = inner.call(request).await.map_err(Into::into)?;
                 let mut response = response.map(Body::new);
-                resource_exhausted_for_oversized(response.headers_mut());
-                set_request_id(response.headers_mut(), &request_id);
+                if oversized.load(Ordering::Relaxed) {
+                    resource_exhausted_for_oversized(response.headers_mut());
+                }
                 tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
                 Ok(response)
             }
@@ -131,28 +144,86 @@ fn bearer(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
-/// The client's `x-request-id` when it is a sane token, else a new UUIDv7.
-fn request_id(headers: &HeaderMap) -> String {
-    header(headers, REQUEST_ID)
-        .filter(|id| !id.is_empty() && id.len() <= 128 && id.bytes().all(|byte| byte.is_ascii_graphic()))
-        .map(str::to_owned)
-        .unwrap_or_else(|| keel_kernel::id::new_id().to_string())
-}
-
-fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID, value);
+/// tonic refuses a message over its decoding limit, before decoding it,
+/// with OUT_OF_RANGE (as a trailers-only response); the gRPC spec (and our
+/// error table) says RESOURCE_EXHAUSTED. Called only when [`FrameWatch`] saw
+/// such a message, so a handler's own OUT_OF_RANGE is left alone.
+fn resource_exhausted_for_oversized(headers: &mut HeaderMap) {
+    if header(headers, "grpc-status") == Some("11") {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
     }
 }
 
-/// tonic answers a message over the decoding limit with OUT_OF_RANGE; the
-/// gRPC spec (and our error table) says RESOURCE_EXHAUSTED.
-fn resource_exhausted_for_oversized(headers: &mut HeaderMap) {
-    let oversized = header(headers, "grpc-status") == Some("11")
-        // grpc-message is percent-encoded on the wire.
-        && header(headers, "grpc-message").is_some_and(|message| message.contains("length%20too%20large"));
-    if oversized {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
+pin_project_lite::pin_project! {
+    /// A request body that reads the 5-byte gRPC frame headers as they
+    /// pass (flag, then the message length, big-endian) and notes a message
+    /// longer than `limit`.
+    pub struct FrameWatch<B> {
+        #[pin]
+        inner: B,
+        limit: usize,
+        oversized: Arc<AtomicBool>,
+        // The frame header being read, and how much of it has arrived.
+        header: [u8; 5],
+        header_read: usize,
+        // Bytes of the current message still to pass.
+        message_left: usize,
+    }
+}
+
+impl<B> FrameWatch<B> {
+    fn new(inner: B, limit: usize, oversized: Arc<AtomicBool>) -> Self {
+        Self {
+            inner,
+            limit,
+            oversized,
+            header: [0; 5],
+            header_read: 0,
+            message_left: 0,
+        }
+    }
+}
+
+impl<B: http_body::Body<Data = Bytes>> http_body::Body for FrameWatch<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            let mut data = data.clone();
+            while data.has_remaining() {
+                if *this.message_left > 0 {
+                    let skip = (*this.message_left).min(data.remaining());
+                    data.advance(skip);
+                    *this.message_left -= skip;
+                    continue;
+                }
+                this.header[*this.header_read] = data.get_u8();
+                *this.header_read += 1;
+                if *this.header_read == this.header.len() {
+                    *this.header_read = 0;
+                    let [_, a, b, c, d] = *this.header;
+                    let length = u32::from_be_bytes([a, b, c, d]) as usize;
+                    if length > *this.limit {
+                        this.oversized.store(true, Ordering::Relaxed);
+                    }
+                    *this.message_left = length;
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -194,12 +265,32 @@ mod tests {
         assert_eq!(bearer("Bearer "), None);
     }
 
+    /// The frame headers of `chunks` as one body, read to the end: whether a
+    /// message above `limit` was seen.
+    fn oversized(chunks: &[&[u8]], limit: usize) -> bool {
+        use http_body_util::BodyExt;
+        let flag = Arc::new(AtomicBool::new(false));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|chunk| Ok(Frame::data(Bytes::copy_from_slice(chunk))))
+            .collect();
+        let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+        let watched = FrameWatch::new(body, limit, flag.clone());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(watched.collect()).unwrap();
+        flag.load(Ordering::Relaxed)
+    }
+
     #[test]
-    fn request_ids_are_kept_or_made() {
-        let mut headers = HeaderMap::new();
-        headers.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers), "abc-123");
-        headers.insert(REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(request_id(&headers), "has space");
+    fn frame_lengths_are_read_across_chunks() {
+        // Two messages of 3 and 4 bytes, split at awkward places.
+        let body = [0, 0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0, 4, 1, 2, 3, 4];
+        assert!(!oversized(&[&body], 4));
+        assert!(oversized(&[&body], 3));
+        assert!(oversized(&[&body[..2], &body[2..9], &body[9..11], &body[11..]], 3));
+        assert!(!oversized(&[&body[..2], &body[2..9], &body[9..11], &body[11..]], 4));
+        // A header announcing more than the limit is enough: the message
+        // itself never comes (tonic stops reading).
+        assert!(oversized(&[&[0, 0, 0x50, 0, 0]], 4 * 1024 * 1024));
     }
 }

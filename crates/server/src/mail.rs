@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use keel_kernel::mail::{Mailer, OutgoingEmail};
-use keel_kernel::{Error, Result};
+use keel_kernel::{Error, Result, Secret};
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::io::AsyncWriteExt;
@@ -66,29 +66,74 @@ pub struct SmtpMailer {
     from: Mailbox,
 }
 
+/// Where and as whom to send: `KEEL_SMTP_URL` read by the `url` crate, with
+/// the user and password percent-decoded (a `@` in a password is `%40`).
+#[derive(PartialEq, Eq)]
+pub(crate) struct SmtpSettings {
+    host: String,
+    port: u16,
+    credentials: Option<(String, Secret<String>)>,
+}
+
+impl std::fmt::Debug for SmtpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.credentials.as_ref().map(|(user, _)| user))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpSettings {
+    // lettre's own `AsyncSmtpTransport::from_url` does the same, but exists
+    // only with one of its TLS features, and keel is built without a TLS
+    // stack (see `SmtpMailer::new`).
+    /// The settings, or why `url` is not `smtp://[user:password@]host[:port]`
+    /// (never quoting the URL: it may hold a password).
+    pub(crate) fn parse(url: &str) -> Result<SmtpSettings, String> {
+        let invalid = |why: &str| format!("must look like smtp://[user:password@]host[:port]: {why}");
+        let parsed = url::Url::parse(url).map_err(|error| invalid(&error.to_string()))?;
+        if parsed.scheme() != "smtp" {
+            return Err(invalid("the scheme is not smtp (keel speaks plain SMTP to a relay)"));
+        }
+        if !parsed.path().trim_matches('/').is_empty() || parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(invalid("it has a path, query or fragment"));
+        }
+        let host = parsed
+            .host_str()
+            .filter(|host| !host.is_empty())
+            .ok_or_else(|| invalid("no host"))?
+            .to_owned();
+        let decode = |part: &str, what: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| invalid(&format!("the {what} is not UTF-8 once percent-decoded")))
+        };
+        let credentials = match (parsed.username(), parsed.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some((decode(user, "user")?, Secret::new(decode(password, "password")?))),
+            (_, None) => return Err(invalid("a user without a password")),
+        };
+        Ok(SmtpSettings {
+            host,
+            port: parsed.port().unwrap_or(25),
+            credentials,
+        })
+    }
+}
+
 impl SmtpMailer {
     pub fn new(url: &str, from: &str) -> anyhow::Result<Self> {
-        let invalid = || anyhow::anyhow!("KEEL_SMTP_URL must look like smtp://[user:password@]host[:port]");
-        let rest = url.strip_prefix("smtp://").ok_or_else(invalid)?;
-        let (credentials, address) = match rest.rsplit_once('@') {
-            Some((credentials, address)) => (Some(credentials), address),
-            None => (None, rest),
-        };
-        let (host, port) = match address.trim_end_matches('/').rsplit_once(':') {
-            Some((host, port)) => (host, port.parse::<u16>().map_err(|_| invalid())?),
-            None => (address.trim_end_matches('/'), 25),
-        };
-        if host.is_empty() {
-            return Err(invalid());
-        }
+        let settings = SmtpSettings::parse(url).map_err(|reason| anyhow::anyhow!("KEEL_SMTP_URL {reason}"))?;
         // Plain SMTP to a relay the operator runs (TLS is the relay's job):
         // keel is built without a TLS stack.
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port);
-        if let Some(credentials) = credentials {
-            let (user, password) = credentials.split_once(':').ok_or_else(invalid)?;
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(settings.host).port(settings.port);
+        if let Some((user, password)) = settings.credentials {
             builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
-                user.to_owned(),
-                password.to_owned(),
+                user,
+                password.expose().clone(),
             ));
         }
         let transport = builder.build();
@@ -118,5 +163,56 @@ impl Mailer for SmtpMailer {
             .await
             .map(|_| ())
             .map_err(|error| Error::unavailable(format!("smtp: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(host: &str, port: u16, credentials: Option<(&str, &str)>) -> SmtpSettings {
+        SmtpSettings {
+            host: host.to_owned(),
+            port,
+            credentials: credentials.map(|(user, password)| (user.to_owned(), Secret::new(password.to_owned()))),
+        }
+    }
+
+    #[test]
+    fn smtp_urls_are_read_with_percent_decoded_credentials() {
+        assert_eq!(
+            SmtpSettings::parse("smtp://mail.internal").unwrap(),
+            settings("mail.internal", 25, None)
+        );
+        assert_eq!(
+            SmtpSettings::parse("smtp://keel:p%40ss%3Aw0rd@mail.internal:2525/").unwrap(),
+            settings("mail.internal", 2525, Some(("keel", "p@ss:w0rd")))
+        );
+        assert_eq!(
+            SmtpSettings::parse("smtp://ops%40example.com:secret@127.0.0.1:587").unwrap(),
+            settings("127.0.0.1", 587, Some(("ops@example.com", "secret")))
+        );
+    }
+
+    #[test]
+    fn bad_smtp_urls_are_refused() {
+        for url in [
+            "mail.internal",
+            "smtps://mail.internal",
+            "smtp://",
+            "smtp://mail.internal:99999",
+            "smtp://keel@mail.internal",
+            "smtp://mail.internal/x",
+            "smtp://mail.internal?tls=required",
+            "smtp://u:%FF@mail.internal",
+        ] {
+            assert!(SmtpSettings::parse(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug() {
+        let settings = SmtpSettings::parse("smtp://keel:hunter2@mail.internal").unwrap();
+        assert!(!format!("{settings:?}").contains("hunter2"));
     }
 }

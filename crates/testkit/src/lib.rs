@@ -7,10 +7,14 @@
 //! - [`TestApp`]: the running server, its clients, and call helpers;
 //! - [`backend_tests!`]: writes each test once and runs it on every backend.
 //!
-//! In CI (`CI=true`) a PostgreSQL suite fails, never skips, when
-//! `KEEL_TEST_DATABASE_URL` is unset or the server is unreachable.
+//! A test that needs PostgreSQL or Redis never passes without it: it carries
+//! `#[ignore = "needs PostgreSQL ..."]` (so `cargo test` lists it as
+//! ignored), runs with `cargo test -- --include-ignored` (what CI does), and
+//! then panics when [`postgres_url`] or [`redis_url`] is unset or the service
+//! does not answer.
 
-#![allow(clippy::unwrap_used)]
+// Test support: a failed setup step is a failed test, so it panics.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 
@@ -31,27 +35,71 @@ pub enum Backend {
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
-/// The PostgreSQL URL for tests: `None` means skip, except in CI where a
-/// missing URL is an error.
+/// `KEEL_TEST_DATABASE_URL`. Called only by tests marked
+/// `#[ignore = "needs PostgreSQL ..."]`, which run when included; so an
+/// unset variable is a failure, never a skip. Always `Some`: the `Option`
+/// keeps callers' `?` and `let ... else` compiling.
 pub fn postgres_url() -> Option<String> {
     match std::env::var("KEEL_TEST_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("CI=true but KEEL_TEST_DATABASE_URL is not set: the PostgreSQL suites must run in CI")
-        }
-        _ => None,
+        _ => panic!(
+            "this test needs PostgreSQL: set KEEL_TEST_DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/test), \
+             or run `cargo test` without --include-ignored to skip it"
+        ),
     }
 }
 
-/// The Redis URL for tests: `None` means skip, except in CI where a missing
-/// URL is an error.
+/// `KEEL_TEST_REDIS_URL`, checked to answer (a Redis `PING`, once per test
+/// binary). Like [`postgres_url`]: an unset variable or an unreachable Redis
+/// is a failure, never a skip. Always `Some`.
 pub fn redis_url() -> Option<String> {
-    match std::env::var("KEEL_TEST_REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("CI=true but KEEL_TEST_REDIS_URL is not set: the Redis suites must run in CI")
-        }
-        _ => None,
+    let url = match std::env::var("KEEL_TEST_REDIS_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "this test needs Redis: set KEEL_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379), \
+             or run `cargo test` without --include-ignored to skip it"
+        ),
+    };
+    static REACHABLE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    if let Err(error) = REACHABLE.get_or_init(|| redis_answers(&url)) {
+        panic!("Redis at KEEL_TEST_REDIS_URL ({url}) is unreachable: {error}");
+    }
+    Some(url)
+}
+
+/// Sends `PING` and waits for any RESP reply (`+PONG`, or an error such as
+/// `-NOAUTH`: either way a Redis is there).
+fn redis_answers(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::time::Duration;
+
+    let parsed = url::Url::parse(url).map_err(|error| format!("not a URL: {error}"))?;
+    let host = parsed.host_str().ok_or("the URL names no host")?;
+    let port = parsed.port().unwrap_or(6379);
+    let address = (host, port)
+        .to_socket_addrs()
+        .map_err(|error| format!("{host}:{port}: {error}"))?
+        .next()
+        .ok_or_else(|| format!("{host}:{port} resolves to no address"))?;
+    let timeout = Duration::from_secs(3);
+    let mut stream = TcpStream::connect_timeout(&address, timeout).map_err(|error| format!("{address}: {error}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|error| error.to_string())?;
+    stream
+        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .map_err(|error| format!("{address}: {error}"))?;
+    let mut reply = [0_u8; 1];
+    stream
+        .read_exact(&mut reply)
+        .map_err(|error| format!("{address}: no answer to PING: {error}"))?;
+    match reply[0] {
+        b'+' | b'-' => Ok(()),
+        other => Err(format!(
+            "{address}: answered PING with {:?}, not RESP",
+            char::from(other)
+        )),
     }
 }
 
@@ -64,6 +112,7 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
+    /// Always `Some` (see [`postgres_url`]); the `Option` keeps callers' `?`.
     pub async fn new(backend: Backend) -> Option<TestDatabase> {
         let dir = tempfile::tempdir().unwrap();
         let (settings, schema) = match backend {
@@ -137,7 +186,8 @@ pub struct TestApp {
     schema: Option<(String, String)>,
 }
 
-/// Starts keel on `backend`; `None` when PostgreSQL is not configured (outside CI).
+/// Starts keel on `backend`. Always `Some`: PostgreSQL without
+/// `KEEL_TEST_DATABASE_URL` panics (see [`postgres_url`]).
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, |_| {}).await
 }
@@ -292,7 +342,8 @@ pub fn authed<T>(message: T, access_token: &str) -> tonic::Request<T> {
 }
 
 /// Writes each `async fn name(app: TestApp) { ... }` once and runs it as
-/// `sqlite::name` and `postgres::name`.
+/// `sqlite::name` and `postgres::name`; the PostgreSQL variant is
+/// `#[ignore]`d and runs with `--include-ignored`.
 #[macro_export]
 macro_rules! backend_tests {
     ($(async fn $name:ident($app:ident : TestApp) $body:block)*) => {
@@ -312,14 +363,25 @@ macro_rules! backend_tests {
             use super::*;
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
                 async fn $name() {
-                    let Some($app) = $crate::spawn_app($crate::Backend::Postgres).await else {
-                        eprintln!("KEEL_TEST_DATABASE_URL unset: PostgreSQL run of {} skipped", stringify!($name));
-                        return;
-                    };
+                    let $app = $crate::spawn_app($crate::Backend::Postgres)
+                        .await
+                        .expect("spawn_app on PostgreSQL");
                     $body
                 }
             )*
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unreachable_redis_is_an_error_not_a_skip() {
+        // Port 1 on loopback: nothing listens there.
+        let error = super::redis_answers("redis://127.0.0.1:1").unwrap_err();
+        assert!(error.contains("127.0.0.1:1"), "{error}");
+        assert!(super::redis_answers("not a url").is_err());
+    }
 }
