@@ -6,6 +6,9 @@
 //! file. Redis: `KEEL_BENCH_REDIS_URL` (default redis://127.0.0.1:6379); keel
 //! runs with the Redis transport, as a cluster would.
 
+// A benchmark: a setup that fails ends the run with its reason.
+#![allow(clippy::expect_used)]
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! One contract suite for the events machinery, run on every database
 //! (SQLite, PostgreSQL) and every transport (in process, Redis).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -269,7 +269,11 @@ impl State {
                 .add_service(reflection().build_v1alpha()?);
         }
         let layered = tower::ServiceBuilder::new()
-            .layer(ContextLayer::new(self.identity.clone(), self.db.clone(), limit))
+            .layer(ContextLayer::new(
+                self.identity.clone(),
+                self.db.clone(),
+                self.config.max_message_bytes,
+            ))
             .service(routes.prepare());
         Ok(Upstream::new(layered))
     }

@@ -2,7 +2,7 @@
 //! grpc-web and SSE, authorization on every protocol, the dead-letter
 //! replay of a failing handler, the audit log, and Redis going away.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
