@@ -7,6 +7,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261121_000001_identity;
 mod m20261121_000002_events;
 mod m20261201_000003_identity;
+mod m20261201_000004_events;
 
 pub struct Migrator;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_identity::Migration),
             Box::new(m20261121_000002_events::Migration),
             Box::new(m20261201_000003_identity::Migration),
+            Box::new(m20261201_000004_events::Migration),
         ]
     }
 }

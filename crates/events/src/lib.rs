@@ -35,7 +35,7 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_kernel::{BusBuilder, Outbox, Result, clock};
+use keel_kernel::{BackgroundTasks, BusBuilder, Outbox, Result, clock};
 use sea_orm::DatabaseConnection;
 
 use crate::handlers::Registry;
@@ -94,27 +94,16 @@ pub struct Events {
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
     namespace: String,
+    /// The relay, hub poller, handler runners and retention: stopped by
+    /// [`Events::stop`], or when the last clone of [`Events`] is dropped.
     tasks: Arc<BackgroundTasks>,
-}
-
-/// The module's background loops (relay, hub poller, handler runners,
-/// retention): aborted together by [`Events::stop`], or when the last
-/// clone of [`Events`] is dropped.
-struct BackgroundTasks(Vec<tokio::task::JoinHandle<()>>);
-
-impl Drop for BackgroundTasks {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
 }
 
 impl Events {
     /// Starts the hub, the transport, the relay, the handlers and retention.
     pub async fn start(db: DatabaseConnection, settings: Settings, registry: Registry) -> Result<Events> {
         let hub = Hub::start(db.clone(), settings.hub_buffer).await?;
-        let namespace = format!("{}:{}", settings.deployment, store::database_identity(&db).await?);
+        let namespace = format!("{}:{}", settings.deployment, store::instance_id(&db).await?.simple());
         let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
             Some(url) => Arc::new(
                 transport::Redis::connect(url, &transport::channel(&namespace), &hub)
@@ -139,7 +128,7 @@ impl Events {
             registry,
             settings,
             namespace,
-            tasks: Arc::new(BackgroundTasks(tasks)),
+            tasks: Arc::new(BackgroundTasks::new(tasks)),
         })
     }
 
@@ -153,8 +142,8 @@ impl Events {
         self.relay.run_once().await
     }
 
-    /// `<deployment>:<database identity>`: the prefix of every Redis channel
-    /// and key of this deployment.
+    /// `<deployment>:<instance id of the database>`: the prefix of every
+    /// Redis channel and key of this deployment.
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
@@ -166,9 +155,7 @@ impl Events {
     /// Stops the relay, the poller, the handlers and retention (shutdown).
     /// Committed events not yet numbered are numbered by the next start.
     pub fn stop(&self) {
-        for task in &self.tasks.0 {
-            task.abort();
-        }
+        self.tasks.stop();
     }
 
     pub fn hub(&self) -> Arc<Hub> {

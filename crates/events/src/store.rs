@@ -133,23 +133,32 @@ fn envelope(row: events::Model) -> Envelope {
     }
 }
 
-/// Which database (and schema) this is, as a name for Redis namespaces:
-/// `postgres/<database>/<schema>` or `sqlite/<file>`. Processes of one
-/// deployment agree on it; deployments on other schemas or files differ.
-pub async fn database_identity(db: &impl ConnectionTrait) -> Result<String> {
+/// This database's identity: a random id stored in it by the first keel to
+/// start (`event_instance`), so that two deployments never share a Redis
+/// channel even when their database names and schemas are the same.
+/// Concurrent first starts agree: the row is inserted once, then read.
+pub async fn instance_id(db: &impl ConnectionTrait) -> Result<Uuid> {
     let backend = db.get_database_backend();
-    let sql = match backend {
+    let insert = match backend {
         DatabaseBackend::Postgres => {
-            "SELECT 'postgres/' || current_database() || '/' || COALESCE(current_schema(), '')"
+            "INSERT INTO event_instance (id, instance_id) VALUES (1, $1) ON CONFLICT (id) DO NOTHING"
         }
-        DatabaseBackend::Sqlite => "SELECT 'sqlite/' || file FROM pragma_database_list WHERE name = 'main'",
-        _ => return Err(keel_kernel::Error::internal("unsupported database backend")),
+        _ => "INSERT INTO event_instance (id, instance_id) VALUES (1, ?) ON CONFLICT (id) DO NOTHING",
     };
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        insert,
+        [keel_kernel::id::new_id().into()],
+    ))
+    .await?;
     let row = db
-        .query_one_raw(Statement::from_string(backend, sql))
+        .query_one_raw(Statement::from_string(
+            backend,
+            "SELECT instance_id FROM event_instance WHERE id = 1",
+        ))
         .await?
-        .ok_or_else(|| keel_kernel::Error::internal("the database did not say its name"))?;
-    Ok(row.try_get_by_index::<String>(0)?)
+        .ok_or_else(|| keel_kernel::Error::internal("event_instance has no row"))?;
+    Ok(row.try_get_by_index::<Uuid>(0)?)
 }
 
 /// Writes a command's events, unnumbered, in its transaction.

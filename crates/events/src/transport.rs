@@ -62,6 +62,9 @@ impl Drop for Redis {
     }
 }
 
+/// How long start-up waits for the first SUBSCRIBE before going on without it.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
 impl Redis {
     pub async fn connect(url: &str, channel: &str, hub: &Arc<Hub>) -> Result<Redis, Error> {
         let config = Config::from_url(url)?;
@@ -103,8 +106,25 @@ impl Redis {
             })
             .abort_handle(),
         );
+        // News published while this process was not subscribed (before the
+        // first SUBSCRIBE, during a reconnect) is lost: after each
+        // (re)subscription the hub reads the table once, so nothing waits
+        // for the poll, which may be off.
+        let mut reconnects = subscriber.reconnect_rx();
+        let weak = Arc::downgrade(hub);
+        tasks.push(
+            tokio::spawn(async move {
+                while reconnects.recv().await.is_ok() {
+                    let Some(hub) = weak.upgrade() else { break };
+                    hub.poll().await;
+                }
+            })
+            .abort_handle(),
+        );
         let subscribing = subscriber.clone();
         let subscribed_channel = channel.to_owned();
+        let weak = Arc::downgrade(hub);
+        let (subscribed, first_subscription) = tokio::sync::oneshot::channel::<()>();
         tasks.push(
             tokio::spawn(async move {
                 // Until Redis answers, subscribe keeps failing; the tracked
@@ -118,9 +138,18 @@ impl Redis {
                         }
                     }
                 }
+                let _ = subscribed.send(());
+                if let Some(hub) = weak.upgrade() {
+                    hub.poll().await;
+                }
             })
             .abort_handle(),
         );
+        // With Redis up, start only once subscribed; with Redis down, start
+        // anyway (commits must not wait for Redis) and catch up on subscribing.
+        if tokio::time::timeout(SUBSCRIBE_WAIT, first_subscription).await.is_err() {
+            tracing::warn!("redis not subscribed yet; events from other processes arrive once it is");
+        }
         Ok(Redis {
             channel: channel.to_owned(),
             publisher,

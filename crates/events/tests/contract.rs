@@ -600,8 +600,13 @@ async fn a_hub_delivers_only_what_its_table_confirms() {
     redis.init().await.unwrap();
     let channel = keel_events::transport::channel(rig.listener.namespace());
     assert!(
-        channel.contains(rig.listener.namespace()) && channel.contains("test_"),
+        channel.starts_with("keel:") && channel.ends_with(":events"),
         "{channel}"
+    );
+    assert_eq!(
+        rig.listener.namespace(),
+        rig.events.namespace(),
+        "one database, one namespace"
     );
     let forged_event = serde_json::json!([{
         "event_id": Uuid::now_v7(), "event_name": "test.note.added", "event_version": "1.0",
@@ -615,7 +620,10 @@ async fn a_hub_delivers_only_what_its_table_confirms() {
         r#"{"through":5}"#.to_owned(),
     ] {
         let receivers: u32 = redis.publish(channel.as_str(), message).await.unwrap();
-        assert!(receivers >= 1, "the listener is subscribed to {channel}");
+        assert_eq!(
+            receivers, 2,
+            "the writer and the listener are both subscribed to {channel}"
+        );
     }
     add(&rig, "real", Uuid::now_v7(), false).await.unwrap();
     let events = collect(&mut live, 1).await;

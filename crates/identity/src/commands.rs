@@ -9,7 +9,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_kernel::limit::Quota;
 use keel_kernel::{Code, Command, CommandContext, CommandHandler, Error, Result, Role, Secret, Violations, clock, id};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::Identity;
@@ -21,10 +20,10 @@ use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
 use keel_proto::identity as pb;
 
-/// Tokens handed to a client at login or refresh. They serialise with their
-/// values (`Secret` is transparent to serde), so that a replayed reply
-/// works; whatever stores replies must protect them at rest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Tokens handed to a client at login or refresh. Replies that carry them
+/// are never stored by bus middleware (see [`LoginOutcome`]'s `Reply`): a
+/// refresh token exists in the database only as a hash.
+#[derive(Debug, Clone)]
 pub struct IssuedTokens {
     pub access_token: Secret<String>,
     pub access_token_expires_at: DateTime<Utc>,
@@ -68,7 +67,7 @@ pub struct Login {
 }
 
 /// A failed login is an outcome, not an error, so that its audit event commits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub enum LoginOutcome {
     SignedIn { user: Box<User>, tokens: IssuedTokens },
     Refused,
@@ -85,11 +84,29 @@ pub struct RefreshSession {
 
 /// A refresh either rotates the token or, on reuse, revokes the session.
 /// Reuse is an outcome, not an error, so that the revocation commits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub enum RefreshOutcome {
     Rotated(IssuedTokens),
     ReuseDetected,
 }
+
+/// Replies with fresh credentials are never stored, cached or replayed by
+/// bus middleware: a retry signs in (or refreshes) again instead.
+macro_rules! never_stored {
+    ($($reply:ty),*) => {$(
+        impl keel_kernel::Reply for $reply {
+            fn to_bytes(&self) -> Option<Result<Vec<u8>>> {
+                None
+            }
+
+            fn from_bytes(_bytes: &[u8]) -> Result<Self> {
+                Err(Error::internal(concat!(stringify!($reply), " carries credentials and is never stored")))
+            }
+        }
+    )*};
+}
+
+never_stored!(LoginOutcome, RefreshOutcome);
 
 impl Command for RefreshSession {
     const NAME: &'static str = "identity.refresh_session";
@@ -567,5 +584,26 @@ impl CommandHandler<RevokeSession> for Identity {
         record_session_revoked(ctx, session.user_id, session.id, "revoked");
         tracing::info!(user_id = %session.user_id, session_id = %session.id, "session revoked");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use keel_kernel::Reply;
+
+    use super::*;
+
+    #[test]
+    fn replies_with_credentials_are_never_stored() {
+        let tokens = IssuedTokens {
+            access_token: Secret::new("access".to_owned()),
+            access_token_expires_at: clock::now(),
+            refresh_token: Secret::new("refresh".to_owned()),
+            refresh_token_expires_at: clock::now(),
+            session_id: id::new_id(),
+        };
+        assert!(RefreshOutcome::Rotated(tokens).to_bytes().is_none());
+        assert!(LoginOutcome::Refused.to_bytes().is_none());
+        assert!(LoginOutcome::from_bytes(b"{}").is_err());
     }
 }

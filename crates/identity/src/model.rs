@@ -60,6 +60,13 @@ impl Email {
     pub fn key(&self) -> &str {
         &self.key
     }
+
+    /// An email as stored: parsed when it was written, so it is not parsed
+    /// again on every read (a rule tightened later must not lock existing
+    /// accounts out).
+    pub(crate) fn from_stored(display: String, key: String) -> Email {
+        Email { display, key }
+    }
 }
 
 impl TryFrom<String> for Email {
@@ -102,6 +109,11 @@ impl DisplayName {
 
     pub fn key(&self) -> String {
         self.0.to_lowercase()
+    }
+
+    /// A display name as stored (see [`Email::from_stored`]).
+    pub(crate) fn from_stored(value: String) -> DisplayName {
+        DisplayName(value)
     }
 }
 

@@ -40,5 +40,5 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
-pub use module::{BackgroundTask, GrpcLimits, Module};
+pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;

@@ -28,6 +28,33 @@ pub struct GrpcLimits {
 /// it at shutdown).
 pub type BackgroundTask = tokio::task::JoinHandle<()>;
 
+/// Background tasks that stop together: at [`BackgroundTasks::stop`], or
+/// when the set is dropped (so a dropped server or module leaves no loop
+/// running).
+#[derive(Default)]
+pub struct BackgroundTasks(std::sync::Mutex<Vec<BackgroundTask>>);
+
+impl BackgroundTasks {
+    pub fn new(tasks: Vec<BackgroundTask>) -> Self {
+        Self(std::sync::Mutex::new(tasks))
+    }
+
+    /// Aborts every task; idempotent.
+    pub fn stop(&self) {
+        // A std mutex: held only to take the handles, never across an await.
+        let tasks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for BackgroundTasks {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 pub trait Module: Send + Sync + 'static {
     /// Short and stable: `identity`, `events`. Names logs and tasks.
     fn name(&self) -> &'static str;

@@ -15,12 +15,10 @@ use zeroize::Zeroize;
 /// - The value is zeroized on drop (the `zeroize` crate), clones included.
 ///   Copies made before it was wrapped, or by code it was exposed to, are
 ///   not.
-/// - `Serialize` and `Deserialize` are transparent: a `Secret<String>`
-///   (de)serializes as the string itself. Values that are serialized on
-///   purpose carry secrets a client must get back: a command's output with
-///   its tokens, stored by the idempotency middleware and replayed to a
-///   retry, must replay the real tokens, not `"[redacted]"`. Serializing is
-///   therefore never a way to log: logs go through `Debug`.
+/// - `Deserialize` is transparent (configuration reads secrets); `Serialize`
+///   writes `"[redacted]"`, so that a configuration dump or a stored reply
+///   never holds the value. Replies that must hand credentials to a client
+///   are never stored by middleware at all (identity's `LoginOutcome`).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret<T: Zeroize>(T);
 
@@ -53,9 +51,9 @@ impl<'de, T: Zeroize + Deserialize<'de>> Deserialize<'de> for Secret<T> {
     }
 }
 
-impl<T: Zeroize + Serialize> Serialize for Secret<T> {
+impl<T: Zeroize> Serialize for Secret<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        serializer.serialize_str("[redacted]")
     }
 }
 
@@ -72,9 +70,9 @@ mod tests {
     }
 
     #[test]
-    fn serde_is_transparent() {
+    fn serialising_redacts_and_deserialising_reads_the_value() {
         let secret = Secret::new("hunter2".to_owned());
-        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"hunter2\"");
+        assert_eq!(serde_json::to_string(&secret).unwrap(), "\"[redacted]\"");
         let back: Secret<String> = serde_json::from_str("\"hunter2\"").unwrap();
         assert_eq!(back, secret);
     }

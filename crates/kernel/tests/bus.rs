@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_kernel::bus::{BoxFuture, CallInfo, CallKind, Middleware};
+use keel_kernel::bus::{BoxFuture, CallInfo, Middleware};
 use keel_kernel::{
     BusBuilder, Code, Command, CommandContext, CommandHandler, Error, Live, Output, Query, QueryContext, QueryHandler,
     RequestContext, Result,
@@ -85,9 +85,10 @@ impl Middleware for Recorder {
     }
 }
 
-/// What an idempotency layer does, reduced to its core: the first call of a
-/// request id runs and its reply is kept as bytes; a repeat is answered from
-/// the bytes without running the handler. Replies that cannot be stored pass.
+/// What an idempotency layer or a cache does, reduced to its core: the first
+/// call of a request id runs and its reply is kept as bytes; a repeat is
+/// answered from the bytes without running the handler. Replies that cannot
+/// be stored pass through, and their repeats run again.
 #[derive(Default)]
 struct Replayer {
     stored: Mutex<std::collections::HashMap<String, Vec<u8>>>,
@@ -102,9 +103,7 @@ impl Middleware for Replayer {
                 return call.restore(&bytes);
             }
             let output = next.await?;
-            if call.kind == CallKind::Command
-                && let Some(bytes) = output.to_bytes()
-            {
+            if let Some(bytes) = output.to_bytes() {
                 self.stored.lock().unwrap().insert(key, bytes?);
             }
             Ok(output)
@@ -278,7 +277,9 @@ async fn middleware_can_store_a_typed_reply_and_replay_it_without_the_handler() 
     assert_eq!(bus.execute(&other, InsertWithReceipt(6)).await.unwrap().value, 6);
     assert_eq!(bus.ask(&other, Count).await.unwrap(), 2);
 
-    // A live reply passes through untouched.
-    let Live(mut receiver) = bus.ask(&first, Watch).await.unwrap();
-    assert_eq!(receiver.recv().await, Some(7));
+    // A live reply is not stored: each ask gets a channel of its own.
+    for _ in 0..2 {
+        let Live(mut receiver) = bus.ask(&first, Watch).await.unwrap();
+        assert_eq!(receiver.recv().await, Some(7));
+    }
 }

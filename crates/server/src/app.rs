@@ -12,7 +12,7 @@ use keel_identity::tokens::{KeySet, TokenService};
 use keel_identity::{Identity, IdentityModule, IdentitySettings};
 use keel_kernel::grpc::GrpcRoutes;
 use keel_kernel::limit::InProcessRateLimiter;
-use keel_kernel::{BackgroundTask, Bus, BusBuilder, GrpcLimits, Module};
+use keel_kernel::{BackgroundTasks, Bus, BusBuilder, GrpcLimits, Module};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
@@ -78,23 +78,6 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     }
 }
 
-/// The modules' background tasks, aborted when the last `State` goes.
-struct BackgroundTasks(std::sync::Mutex<Vec<BackgroundTask>>);
-
-impl BackgroundTasks {
-    fn stop(&self) {
-        for task in self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).drain(..) {
-            task.abort();
-        }
-    }
-}
-
-impl Drop for BackgroundTasks {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 impl State {
     /// Connects, migrates, builds every module and registers it.
     pub async fn build(config: Config) -> anyhow::Result<State> {
@@ -143,7 +126,7 @@ impl State {
             identity: identity.identity().clone(),
             events,
             modules: modules.into(),
-            tasks: Arc::new(BackgroundTasks(std::sync::Mutex::new(tasks))),
+            tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
         Ok(state)
