@@ -666,7 +666,7 @@ h2load_run() {
   rm -f "$out.log"
   cpu_seconds_of "$out.cpu" timeout --kill-after=5 $((seconds + 30)) \
     "${load_pin[@]}" \
-    h2load -t1 -c"$h2_connections" -m"$h2_streams" -D"$seconds" -T 10 --log-file="$out.log" "$@" >"$out" 2>&1 ||
+    h2load -t1 -c"$h2_connections" -m"$h2_streams" -D"$seconds" --log-file="$out.log" "$@" >"$out" 2>&1 ||
     fail "h2load failed or timed out: $(tail -n 5 "$out")"
 }
 pgbench_run() {
@@ -1007,11 +1007,15 @@ print(f"NOTE: keel logged {sys.argv[2]} WARN/ERROR lines during the run: "
       + "; ".join(f"{n} x {what}" for what, n in counts.most_common(5)))
 EOF
 fi
+pin_label="not pinned"
+[[ -z "$keel_cpus" ]] || pin_label="on cores $keel_cpus"
+load_pin_label="not pinned"
+[[ -z "$load_cpus" ]] || load_pin_label="on cores $load_cpus"
 when="$(date -u +%Y-%m-%dT%H:%MZ)"
 busy_label=""
 grep -q '^WARNING: the machine was busy' "$notes" && busy_label=", machine busy with parallel builds"
 pg_version="$(sql -c 'SHOW server_version' | awk '{print $1}')"
-summary_line="$when$busy_label. keel $binary_label; PostgreSQL $pg_version (a fresh $db_mode), ${BENCH_REDIS_URL:+Redis, }concurrency $concurrency (wrk -t1 -c$concurrency HTTP/1.1; h2load -t1 $h2_connections x $h2_streams streams h2c; pgbench -M prepared -c$concurrency -j1), ${warmup} s warm-up + ${duration} s per row, idle ${idle_seconds} s; keel ${keel_cpus:+on cores $keel_cpus}${keel_cpus:-not pinned}, load tools ${load_cpus:+on cores $load_cpus}${load_cpus:-not pinned}; $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
+summary_line="$when$busy_label. keel $binary_label; PostgreSQL $pg_version (a fresh $db_mode), ${BENCH_REDIS_URL:+Redis, }concurrency $concurrency (wrk -t1 -c$concurrency HTTP/1.1; h2load -t1 $h2_connections x $h2_streams streams h2c; pgbench -M prepared -c$concurrency -j1), ${warmup} s warm-up + ${duration} s per row, idle ${idle_seconds} s; keel $pin_label, load tools $load_pin_label; $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '\n%s\n\n%s\n\n' "$summary_line" "$table"
 cat "$notes" >&2
 say "ratio: keel req/s / pgbench tps of the limit; reads against the two-statement read (mean of before and after)"
