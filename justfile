@@ -51,6 +51,10 @@ smoke:
 bench-edge:
     scripts/bench-edge.sh
 
+# The hot path on PostgreSQL: keel's calls beside pgbench of the same statements, CPU/call, RSS, idle transactions (scripts/bench-hotpath.sh)
+bench-hotpath:
+    scripts/bench-hotpath.sh
+
 # Commit-to-subscriber latency (1, 100, 1000 subscribers) and relay throughput beside raw Redis pub/sub
 bench-events:
     cargo build --release -p keel-events --example bench_events
