@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::Identity;
 use crate::events::{
-    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered,
+    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
 };
 use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
 use crate::store;
@@ -531,6 +531,26 @@ impl CommandHandler<UpdateUser> for Identity {
         updated.version = user.version + 1;
         updated.updated_at = now;
         store::update_user(tx, &updated).await?;
+        let changed_fields: Vec<String> = [
+            (updated.email != user.email).then_some("email"),
+            (updated.display_name != user.display_name).then_some("display_name"),
+        ]
+        .into_iter()
+        .flatten()
+        .map(str::to_owned)
+        .collect();
+        if !changed_fields.is_empty() {
+            ctx.record(
+                &UserUpdated(pb::UserUpdated {
+                    user_id: user.id.to_string(),
+                    changed_fields,
+                    changed_by: actor(ctx),
+                    version: updated.version,
+                }),
+                Some(user.id),
+                user.id.to_string(),
+            );
+        }
         if updated.role != user.role {
             ctx.record(
                 &RoleChanged(pb::RoleChanged {

@@ -34,6 +34,7 @@ domain_event!(UserLoggedIn, "identity.user.logged_in", audited = false);
 domain_event!(LoginFailed, "identity.login.failed", audited = true);
 domain_event!(PasswordChanged, "identity.password.changed", audited = true);
 domain_event!(RoleChanged, "identity.user.role_changed", audited = true);
+domain_event!(UserUpdated, "identity.user.updated", audited = false);
 domain_event!(SessionRevoked, "identity.session.revoked", audited = true);
 domain_event!(UserDeleted, "identity.user.deleted", audited = true);
 

@@ -37,6 +37,7 @@ use keel_kernel::limit::{Quota, RateLimiter};
 use keel_kernel::{BusBuilder, Error, Principal, Result, clock};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
+use crate::model::User;
 pub use crate::module::IdentityModule;
 use crate::password::PasswordHasher;
 use crate::tokens::TokenService;
@@ -116,6 +117,19 @@ impl Identity {
     /// role comes from the database, so revocation, deletion and demotion
     /// take effect at once rather than at the token's expiry.
     pub async fn authenticate(&self, db: &impl ConnectionTrait, access_token: &str) -> Result<Principal> {
+        self.authenticate_with_user(db, access_token)
+            .await
+            .map(|(principal, _)| principal)
+    }
+
+    /// [`Identity::authenticate`], and the user it read on the way (one
+    /// statement for both): the server keeps it in the request context, so
+    /// that `GetCurrentUser` needs no second read.
+    pub async fn authenticate_with_user(
+        &self,
+        db: &impl ConnectionTrait,
+        access_token: &str,
+    ) -> Result<(Principal, User)> {
         let (user_id, session_id) = self.tokens().verify_access(access_token)?;
         let refused = || Error::unauthenticated("invalid or expired access token");
         let (session, user) = store::find_session_with_user(db, session_id)
@@ -124,11 +138,12 @@ impl Identity {
         if session.user_id != user_id || !session.is_active(clock::now()) {
             return Err(refused());
         }
-        Ok(Principal {
+        let principal = Principal {
             user_id,
             session_id,
             role: user.role,
-        })
+        };
+        Ok((principal, user))
     }
 
     /// Starts pruning expired refresh tokens and old sessions, every

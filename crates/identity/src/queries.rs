@@ -64,6 +64,10 @@ impl Query for GetJwks {
 impl QueryHandler<GetCurrentUser> for Identity {
     async fn handle(&self, ctx: &QueryContext<'_>, _query: GetCurrentUser) -> Result<User> {
         let principal = ctx.request.principal()?;
+        // Authentication read the caller's row in this request already.
+        if let Some(user) = ctx.request.caller::<User>().filter(|user| user.id == principal.user_id) {
+            return Ok(user.clone());
+        }
         store::find_user(ctx.db, principal.user_id)
             .await?
             .ok_or_else(|| Error::not_found("user"))

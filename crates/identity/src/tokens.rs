@@ -214,12 +214,44 @@ pub struct AccessClaims {
 }
 
 /// Issues and verifies access tokens.
-#[derive(Debug)]
 pub struct TokenService {
     keys: KeySet,
     issuer: String,
     audience: String,
     access_ttl: Duration,
+    /// Tokens whose signature and claims were verified, with what they say:
+    /// an Ed25519 verification costs more than the rest of an authenticated
+    /// read, and a client sends the same token for its whole lifetime. Keyed
+    /// by the whole token, never by a short hash that could be made to
+    /// collide; the expiry is checked on every hit. Whether the session is
+    /// still active is not cached: the database answers that on every call.
+    verified: quick_cache::sync::Cache<String, VerifiedAccess>,
+}
+
+/// What a verified access token says.
+#[derive(Debug, Clone, Copy)]
+struct VerifiedAccess {
+    user_id: Uuid,
+    session_id: Uuid,
+    /// `exp`, in seconds since the epoch.
+    expires_at: i64,
+}
+
+/// Accepted clock skew on `exp`, in seconds.
+const LEEWAY_SECONDS: i64 = 5;
+
+/// Verified tokens kept (about 400 bytes each).
+const VERIFIED_CAPACITY: usize = 10_000;
+
+impl std::fmt::Debug for TokenService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenService")
+            .field("keys", &self.keys)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("access_ttl", &self.access_ttl)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenService {
@@ -229,6 +261,7 @@ impl TokenService {
             issuer,
             audience,
             access_ttl,
+            verified: quick_cache::sync::Cache::new(VERIFIED_CAPACITY),
         }
     }
 
@@ -265,6 +298,19 @@ impl TokenService {
     /// Checks signature (EdDSA only, by `kid`), `iss`, `aud`, `exp` and
     /// `typ`; returns the user and session ids.
     pub fn verify_access(&self, token: &str) -> Result<(Uuid, Uuid)> {
+        if let Some(verified) = self.verified.get(token) {
+            if Utc::now().timestamp() > verified.expires_at + LEEWAY_SECONDS {
+                self.verified.remove(token);
+                return Err(Error::unauthenticated("invalid or expired access token"));
+            }
+            return Ok((verified.user_id, verified.session_id));
+        }
+        let verified = self.verify_signed(token)?;
+        self.verified.insert(token.to_owned(), verified);
+        Ok((verified.user_id, verified.session_id))
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<VerifiedAccess> {
         let refuse = |why: &str| {
             tracing::debug!(reason = why, "access token refused");
             Error::unauthenticated("invalid or expired access token")
@@ -282,7 +328,7 @@ impl TokenService {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECONDS as u64;
         let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
             .map_err(|error| {
                 tracing::debug!(error = %error, "access token refused");
@@ -294,7 +340,11 @@ impl TokenService {
         }
         let user_id = Uuid::parse_str(&claims.sub).map_err(|_| refuse("bad sub"))?;
         let session_id = Uuid::parse_str(&claims.sid).map_err(|_| refuse("bad sid"))?;
-        Ok((user_id, session_id))
+        Ok(VerifiedAccess {
+            user_id,
+            session_id,
+            expires_at: claims.exp,
+        })
     }
 }
 
@@ -330,6 +380,36 @@ mod tests {
             .expect("issue");
         assert_eq!(service.verify_access(&token).ok(), Some((user, session)));
         assert!(self::service().verify_access(&token).is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let service = service();
+        let (user, session) = (Uuid::now_v7(), Uuid::now_v7());
+        let (token, _) = service
+            .issue_access(user, session, Role::User, Utc::now())
+            .expect("issue");
+        assert!(service.verify_access(&token).is_ok());
+        assert!(
+            service.verified.get(token.as_str()).is_some(),
+            "verified once, remembered"
+        );
+        // The same token, remembered as past its expiry (and the leeway).
+        service.verified.insert(
+            token.clone(),
+            VerifiedAccess {
+                user_id: user,
+                session_id: session,
+                expires_at: Utc::now().timestamp() - LEEWAY_SECONDS - 1,
+            },
+        );
+        assert!(service.verify_access(&token).is_err());
+        // An expired token is never remembered.
+        let (old, _) = service
+            .issue_access(user, session, Role::User, Utc::now() - chrono::Duration::hours(1))
+            .expect("issue");
+        assert!(service.verify_access(&old).is_err());
+        assert!(service.verified.get(old.as_str()).is_none());
     }
 
     #[test]

@@ -323,7 +323,33 @@ impl Bus {
     }
 
     /// Runs `command` in one transaction through the middleware chain.
+    ///
+    /// The command runs in a task of its own, to its end: a caller that goes
+    /// away (a client disconnecting) or whose deadline passes stops waiting,
+    /// but never cancels the command between two statements of its
+    /// transaction. A cancelled transaction future can hand its connection
+    /// back to the pool still inside the transaction, whose half-done writes
+    /// the next user of the connection would commit. Past the deadline the
+    /// command rolls back instead of committing, and the caller gets
+    /// DEADLINE_EXCEEDED at the deadline.
     pub async fn execute<C: Command>(&self, ctx: &RequestContext, command: C) -> Result<C::Output> {
+        let bus = self.clone();
+        let task_ctx = ctx.clone();
+        // The task carries the caller's span, so its logs keep the request id.
+        let task = tokio::spawn(
+            async move { bus.execute_to_the_end(&task_ctx, command).await }.instrument(tracing::Span::current()),
+        );
+        let joined = match ctx.deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, task).await {
+                Ok(joined) => joined,
+                Err(_) => return Err(deadline_exceeded()),
+            },
+            None => task.await,
+        };
+        joined.map_err(|error| Error::internal(format!("command {} failed: {error}", C::NAME)))?
+    }
+
+    async fn execute_to_the_end<C: Command>(&self, ctx: &RequestContext, command: C) -> Result<C::Output> {
         let handler = self
             .inner
             .commands
@@ -340,7 +366,15 @@ impl Bus {
                 open: OnceCell::new(),
                 events: std::sync::Mutex::new(Vec::new()),
             };
-            let outcome = handler.handle(&command_ctx, command).await;
+            let mut outcome = handler.handle(&command_ctx, command).await;
+            if outcome.is_ok()
+                && ctx
+                    .deadline
+                    .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
+            {
+                // The caller was told DEADLINE_EXCEEDED: nothing commits.
+                outcome = Err(deadline_exceeded());
+            }
             let events = command_ctx.take_events();
             let wrote_events = match (&outcome, &inner.outbox) {
                 (Ok(_), Some(outbox)) if !events.is_empty() => {
@@ -419,12 +453,13 @@ impl Bus {
         };
         let started = std::time::Instant::now();
         let outcome = async {
-            // Dropping the chain on timeout drops the open transaction, which rolls it back.
+            // A query holds no transaction: past its deadline it is dropped.
+            // A command is never dropped (see `execute`).
             match ctx.deadline {
-                Some(deadline) => tokio::time::timeout_at(deadline, chained)
+                Some(deadline) if kind == CallKind::Query => tokio::time::timeout_at(deadline, chained)
                     .await
-                    .unwrap_or_else(|_| Err(Error::new(Code::DeadlineExceeded, "deadline exceeded"))),
-                None => chained.await,
+                    .unwrap_or_else(|_| Err(deadline_exceeded())),
+                _ => chained.await,
             }
         }
         .instrument(span.clone())
@@ -450,6 +485,10 @@ pub fn write_transaction() -> sea_orm::TransactionOptions {
         sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
         ..sea_orm::TransactionOptions::default()
     }
+}
+
+fn deadline_exceeded() -> Error {
+    Error::new(Code::DeadlineExceeded, "deadline exceeded")
 }
 
 fn unregistered(name: &str) -> Error {

@@ -1,6 +1,8 @@
 //! Who is calling, under which request id, until when.
 
+use std::any::Any;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -70,6 +72,20 @@ pub struct RequestContext {
     /// Set only by in-process callers (the CLI, start-up bootstrap), never
     /// from a network request: such a caller may do what an admin may.
     trusted: bool,
+    /// What authentication read about the caller (identity's `User`), so a
+    /// handler that needs exactly that reads it here instead of from the
+    /// database a second time. It is as fresh as the authentication, which
+    /// ran at the start of this same request.
+    caller: Option<CallerSnapshot>,
+}
+
+#[derive(Clone)]
+struct CallerSnapshot(Arc<dyn Any + Send + Sync>);
+
+impl std::fmt::Debug for CallerSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallerSnapshot")
+    }
 }
 
 impl RequestContext {
@@ -82,6 +98,7 @@ impl RequestContext {
             user_agent: None,
             idempotency_key: None,
             trusted: false,
+            caller: None,
         }
     }
 
@@ -100,6 +117,16 @@ impl RequestContext {
     pub fn with_principal(mut self, principal: Principal) -> Self {
         self.principal = Some(principal);
         self
+    }
+
+    /// Keeps what authentication read about the caller (see [`Self::caller`]).
+    pub fn set_caller<T: Any + Send + Sync>(&mut self, snapshot: T) {
+        self.caller = Some(CallerSnapshot(Arc::new(snapshot)));
+    }
+
+    /// What authentication read about the caller, when it was a `T`.
+    pub fn caller<T: Any>(&self) -> Option<&T> {
+        self.caller.as_ref().and_then(|snapshot| snapshot.0.downcast_ref::<T>())
     }
 
     /// The caller, or UNAUTHENTICATED.

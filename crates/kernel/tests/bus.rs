@@ -18,6 +18,8 @@ struct Insert {
     value: i64,
     fail_after_insert: bool,
     sleep: Duration,
+    /// Told once the row is inserted, before the sleep and the commit.
+    inserted: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Command for Insert {
@@ -40,6 +42,9 @@ impl CommandHandler<Insert> for Handlers {
         let tx = ctx.tx().await?;
         tx.execute_unprepared(&format!("INSERT INTO items (value) VALUES ({})", command.value))
             .await?;
+        if let Some(inserted) = &command.inserted {
+            inserted.notify_one();
+        }
         tokio::time::sleep(command.sleep).await;
         if command.fail_after_insert {
             return Err(Error::invalid_field("value", "refused after the write"));
@@ -169,6 +174,7 @@ fn insert(value: i64, fail_after_insert: bool, sleep: Duration) -> Insert {
         value,
         fail_after_insert,
         sleep,
+        inserted: None,
     }
 }
 
@@ -282,4 +288,40 @@ async fn middleware_can_store_a_typed_reply_and_replay_it_without_the_handler() 
         let Live(mut receiver) = bus.ask(&first, Watch).await.unwrap();
         assert_eq!(receiver.recv().await, Some(7));
     }
+}
+
+#[tokio::test]
+async fn a_command_whose_caller_goes_away_still_runs_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = BusBuilder::new(database(&dir).await);
+    builder.command::<Insert>(Handlers).query::<Count>(Handlers);
+    let bus = builder.build();
+    let ctx = RequestContext::new("test");
+
+    // The caller (a request whose client disconnected) is dropped while the
+    // command sits between its INSERT and its COMMIT.
+    let inserted = Arc::new(tokio::sync::Notify::new());
+    let command = Insert {
+        inserted: Some(inserted.clone()),
+        ..insert(1, false, Duration::from_millis(300))
+    };
+    let caller = {
+        let (bus, ctx) = (bus.clone(), ctx.clone());
+        tokio::spawn(async move { bus.execute(&ctx, command).await })
+    };
+    inserted.notified().await;
+    caller.abort();
+    assert!(caller.await.unwrap_err().is_cancelled());
+
+    // The command commits on its own; nothing is left half-done.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bus.ask(&ctx, Count).await.unwrap() != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned command never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(bus.execute(&ctx, insert(2, false, Duration::ZERO)).await.unwrap(), 2);
+    assert_eq!(bus.ask(&ctx, Count).await.unwrap(), 2);
 }

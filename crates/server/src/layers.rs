@@ -112,12 +112,15 @@ where
                 let public = request.uri().path().starts_with("/grpc.health.")
                     || request.uri().path().starts_with("/grpc.reflection.");
                 if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
-                    let principal = match bearer(authorization) {
-                        Some(token) => state.identity.authenticate(&state.db, token).await,
+                    let authenticated = match bearer(authorization) {
+                        Some(token) => state.identity.authenticate_with_user(&state.db, token).await,
                         None => Err(Error::unauthenticated("authorization must be `Bearer <access token>`")),
                     };
-                    match principal {
-                        Ok(principal) => ctx.principal = Some(principal),
+                    match authenticated {
+                        Ok((principal, user)) => {
+                            ctx.principal = Some(principal);
+                            ctx.set_caller(user);
+                        }
                         Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }
                 }
