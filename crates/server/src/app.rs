@@ -28,7 +28,7 @@ pub struct State {
     /// The authenticator of the server's auth layer.
     pub identity: Identity,
     pub events: keel_events::Events,
-    /// Every module, in the order of [`modules`], the events module last.
+    /// Every module, as `State::build` lists them, the events module last.
     pub modules: Arc<[Arc<dyn Module>]>,
     tasks: Arc<BackgroundTasks>,
 }
