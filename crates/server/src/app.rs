@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_db::{Db, DbSettings};
-use keel_edge::{CorsSettings, Upstream};
+use keel_edge::Upstream;
 use keel_identity::tokens::{KeySet, TokenService};
 use keel_identity::{Identity, IdentityModule, IdentitySettings};
 use keel_kernel::grpc::GrpcRoutes;
@@ -280,10 +280,11 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
         config.max_message_bytes,
     )
     .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?;
-    let cors = CorsSettings {
-        allowed_origins: config.cors_origins(),
-    };
-    Ok(keel_edge::listener_service(&upstream, Arc::new(edge).router(), &cors))
+    Ok(keel_edge::listener_service(
+        &upstream,
+        Arc::new(edge).router(),
+        &config.cors_settings(),
+    ))
 }
 
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is

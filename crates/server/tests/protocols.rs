@@ -449,3 +449,84 @@ async fn sqlite() {
 async fn postgres() {
     three_protocols_agree(Backend::Postgres).await;
 }
+
+// --- what browsers see: CORS and the security headers ------------------------
+
+/// One plain HTTP/1.1 request to the app: status and headers (the body is
+/// read and dropped).
+async fn raw(app: &TestApp, request: http::Request<Full<Bytes>>) -> (http::StatusCode, http::HeaderMap) {
+    let (mut parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    parts.uri = format!("{}{path}", app.endpoint()).parse().unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(http::Request::from_parts(parts, body)).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let _ = body.collect().await.unwrap();
+    (parts.status, parts.headers)
+}
+
+fn get_with_origin(path: &str, origin: Option<&str>) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::get(path);
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    request.body(Full::new(Bytes::new())).unwrap()
+}
+
+fn cors_of(headers: &http::HeaderMap) -> (Option<&str>, Option<&str>) {
+    (
+        headers
+            .get("access-control-allow-origin")
+            .map(|value| value.to_str().unwrap()),
+        headers
+            .get("access-control-allow-credentials")
+            .map(|value| value.to_str().unwrap()),
+    )
+}
+
+#[tokio::test]
+async fn development_cors_answers_loopback_origins_only() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    for origin in ["http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080"] {
+        let (status, headers) = raw(&app, get_with_origin("/healthz", Some(origin))).await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(cors_of(&headers), (Some(origin), Some("true")), "{origin}");
+    }
+    for origin in ["null", "https://evil.example", "http://localhost.evil.example"] {
+        let (_, headers) = raw(&app, get_with_origin("/healthz", Some(origin))).await;
+        assert_eq!(cors_of(&headers), (None, None), "{origin}");
+    }
+    let (_, headers) = raw(&app, get_with_origin("/healthz", None)).await;
+    assert!(
+        !headers.keys().any(|name| name.as_str().starts_with("access-control-")),
+        "{headers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_configured_wildcard_never_allows_credentials() {
+    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| {
+        config.env = keel_server::config::Environment::Production;
+        let keys = config.data_dir.join("keys.json");
+        std::fs::write(&keys, keel_identity::tokens::KeySet::generate_file()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        config.auth_keys_file = Some(keys);
+        config.cors_allowed_origins = Some("https://app.example, *".to_owned());
+    })
+    .await
+    .unwrap();
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://app.example"))).await;
+    assert_eq!(cors_of(&headers), (Some("https://app.example"), Some("true")));
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://other.example"))).await;
+    assert_eq!(cors_of(&headers), (Some("https://other.example"), None));
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("null"))).await;
+    assert_eq!(cors_of(&headers), (None, None));
+}
