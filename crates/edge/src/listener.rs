@@ -1,6 +1,7 @@
 //! One port for everything: `application/grpc-web*` to grpc-web (tonic-web),
 //! `application/grpc*` to gRPC, anything else to the REST router; the
-//! request id and CORS around it all, with the grpc-web headers exposed.
+//! request id, the security headers and CORS around it all, with the
+//! grpc-web headers exposed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Edge;
+use crate::headers::SecuritySettings;
 use crate::upstream::{GrpcService, Upstream};
 
 /// Which browser origins may call keel.
@@ -94,7 +96,12 @@ pub type ListenerService = BoxCloneSyncService<Request<Body>, Response<Body>, In
 
 /// The service for the one listener. `grpc` serves native gRPC (and, through
 /// tonic-web, grpc-web); `rest` everything else.
-pub fn listener_service(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) -> ListenerService {
+pub fn listener_service(
+    grpc: &Upstream,
+    rest: axum::Router,
+    cors: &CorsSettings,
+    security: &SecuritySettings,
+) -> ListenerService {
     let grpc_service = grpc.service();
     let grpc_web = BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
     let dispatch = ListenerService::new(Dispatch {
@@ -104,7 +111,7 @@ pub fn listener_service(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings
     });
     let service = tower::ServiceBuilder::new()
         .layer(crate::request_id::layers())
-        .service(with_cors(dispatch, cors));
+        .service(crate::headers::wrap(with_cors(dispatch, cors), security));
     BoxCloneSyncService::new(service)
 }
 

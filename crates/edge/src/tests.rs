@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tonic::{Response, Status};
 use tower::ServiceExt;
 
+use crate::headers::SecuritySettings;
 use crate::listener::{CorsSettings, ListenerService, listener_service};
 use crate::{Edge, Upstream};
 
@@ -132,10 +133,14 @@ fn listener(max_body_bytes: usize) -> ListenerService {
 }
 
 fn listener_with_cors(max_body_bytes: usize, cors: &CorsSettings) -> ListenerService {
+    listener_with(max_body_bytes, cors, &SecuritySettings::default())
+}
+
+fn listener_with(max_body_bytes: usize, cors: &CorsSettings, security: &SecuritySettings) -> ListenerService {
     let routes = tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
     let upstream = Upstream::new(routes);
     let edge = Arc::new(Edge::new(DESCRIPTORS, upstream.clone(), max_body_bytes).unwrap());
-    listener_service(&upstream, edge.router(), cors)
+    listener_service(&upstream, edge.router(), cors, security)
 }
 
 struct Reply {
@@ -815,6 +820,121 @@ async fn requests_without_an_origin_get_no_cors_headers() {
         .await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(cors_headers(&reply), Vec::<String>::new());
+    }
+}
+
+const BROWSER_HEADERS: [(&str, &str); 6] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("content-security-policy", crate::headers::API_CONTENT_SECURITY_POLICY),
+];
+
+fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).map(|value| value.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn every_browser_facing_answer_carries_the_security_headers() {
+    let grpc_web = || {
+        Request::post("/keel.testing.v1.TranscodeTestService/Watch")
+            .header("content-type", "application/grpc-web+proto")
+            .body(Body::from(grpc_frame(&pb::WatchRequest {
+                count: 1,
+                fail_after: 0,
+            })))
+            .unwrap()
+    };
+    let answers = [
+        ("rest", Request::get("/v1/echo/x").body(Body::empty()).unwrap()),
+        (
+            "rest error",
+            Request::get("/v1/fail/NOT_FOUND").body(Body::empty()).unwrap(),
+        ),
+        ("not found", Request::get("/nowhere").body(Body::empty()).unwrap()),
+        ("healthz", Request::get("/healthz").body(Body::empty()).unwrap()),
+        ("openapi", Request::get("/openapi.json").body(Body::empty()).unwrap()),
+        ("grpc-web", grpc_web()),
+        (
+            "preflight",
+            Request::options("/v1/echo/x")
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "GET")
+                .body(Body::empty())
+                .unwrap(),
+        ),
+        (
+            "cross-origin",
+            Request::get("/v1/echo/x")
+                .header("origin", "https://app.example")
+                .body(Body::empty())
+                .unwrap(),
+        ),
+    ];
+    for (what, request) in answers {
+        let reply = send(request).await;
+        for (name, value) in BROWSER_HEADERS {
+            assert_eq!(header(&reply, name), Some(value), "{what}: {name}");
+        }
+        assert_eq!(header(&reply, "cache-control"), Some("no-store"), "{what}");
+        assert_eq!(header(&reply, "strict-transport-security"), None, "{what}");
+    }
+
+    // `/docs` loads Scalar: its own policy, still no framing.
+    let docs = get("/docs").await;
+    let policy = header(&docs, "content-security-policy").unwrap();
+    assert_eq!(policy, crate::openapi::DOCS_CONTENT_SECURITY_POLICY);
+    assert!(policy.contains("script-src https://cdn.jsdelivr.net;"), "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert_eq!(header(&docs, "x-frame-options"), Some("DENY"));
+
+    // A server stream keeps its own cache directive.
+    let sse = send(
+        Request::get("/v1/watch?count=1")
+            .header("accept", "text/event-stream")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header(&sse, "cache-control"), Some("no-cache"));
+    assert_eq!(header(&sse, "x-content-type-options"), Some("nosniff"));
+
+    // HSTS when the operator says keel is reached over HTTPS only.
+    let hsts = send_to(
+        listener_with(1024, &CorsSettings::default(), &SecuritySettings { hsts: true }),
+        grpc_web(),
+    )
+    .await;
+    assert_eq!(
+        header(&hsts, "strict-transport-security"),
+        Some(crate::headers::STRICT_TRANSPORT_SECURITY)
+    );
+}
+
+#[tokio::test]
+async fn native_grpc_answers_carry_no_browser_headers() {
+    let reply = send_to(
+        listener_with(1024, &CorsSettings::default(), &SecuritySettings { hsts: true }),
+        Request::post("/keel.testing.v1.TranscodeTestService/Watch")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::from(grpc_frame(&pb::WatchRequest {
+                count: 1,
+                fail_after: 0,
+            })))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(header(&reply, "content-type"), Some("application/grpc"));
+    for name in BROWSER_HEADERS
+        .map(|(name, _)| name)
+        .into_iter()
+        .chain(["cache-control", "strict-transport-security"])
+    {
+        assert_eq!(header(&reply, name), None, "{name}");
     }
 }
 

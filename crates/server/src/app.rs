@@ -284,6 +284,7 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
         &upstream,
         Arc::new(edge).router(),
         &config.cors_settings(),
+        &config.security_settings(),
     ))
 }
 

@@ -96,6 +96,9 @@ pub struct Config {
     /// loopback origins (`http://localhost:*`, `127.0.0.1`, `[::1]`) in
     /// development, none in production.
     pub cors_allowed_origins: Option<String>,
+    /// `KEEL_HSTS`: send `Strict-Transport-Security` (one year). Set it when
+    /// browsers reach keel only over HTTPS, through a TLS-terminating proxy.
+    pub hsts: bool,
 }
 
 impl Default for Config {
@@ -122,6 +125,7 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
             cors_allowed_origins: None,
+            hsts: false,
             register_burst: 10,
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
@@ -268,6 +272,10 @@ impl Config {
                 allow_loopback: self.env == Environment::Development,
             },
         }
+    }
+
+    pub fn security_settings(&self) -> keel_edge::SecuritySettings {
+        keel_edge::SecuritySettings { hsts: self.hsts }
     }
 
     pub fn reflection_enabled(&self) -> bool {

@@ -530,3 +530,83 @@ async fn a_configured_wildcard_never_allows_credentials() {
     let (_, headers) = raw(&app, get_with_origin("/healthz", Some("null"))).await;
     assert_eq!(cors_of(&headers), (None, None));
 }
+
+fn grpc_web_frame(message: &impl Message) -> Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&body);
+    Bytes::from(frame)
+}
+
+/// Login and RefreshSession hand out tokens: no cache may keep them
+/// (RFC 6749 §5.1), over REST and grpc-web alike; and they carry the rest
+/// of the browser headers, HSTS when configured.
+#[tokio::test]
+async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc_web() {
+    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| config.hsts = true)
+        .await
+        .unwrap();
+    let tokens = {
+        app.register("ada@example.com").await;
+        app.login("ada@example.com").await
+    };
+    let login = json!({"email": "ada@example.com", "password": PASSWORD}).to_string();
+    let refresh = json!({"refreshToken": tokens.refresh_token}).to_string();
+    let rest = |path: &str, body: String| {
+        http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let grpc_web = |path: &str, body: Bytes| {
+        http::Request::post(path)
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(Full::new(body))
+            .unwrap()
+    };
+    let answers = [
+        ("rest login", rest("/v1/auth/login", login)),
+        (
+            "grpc-web login",
+            grpc_web(
+                "/keel.identity.v1.IdentityCommandService/Login",
+                grpc_web_frame(&keel_proto::identity::LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: PASSWORD.into(),
+                }),
+            ),
+        ),
+        ("rest refresh", rest("/v1/auth/refresh", refresh)),
+        (
+            "grpc-web refresh with a bad token",
+            grpc_web(
+                "/keel.identity.v1.IdentityCommandService/RefreshSession",
+                grpc_web_frame(&keel_proto::identity::RefreshSessionRequest {
+                    refresh_token: "not a token".into(),
+                }),
+            ),
+        ),
+        ("docs", get_with_origin("/docs", None)),
+    ];
+    for (what, request) in answers {
+        let (status, headers) = raw(&app, request).await;
+        assert!(status.is_success(), "{what}: {status}");
+        let header = |name: &str| headers.get(name).map(|value| value.to_str().unwrap().to_owned());
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{what}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{what}");
+        assert_eq!(header("x-frame-options").as_deref(), Some("DENY"), "{what}");
+        assert!(header("content-security-policy").is_some(), "{what}");
+        assert_eq!(
+            header("strict-transport-security").as_deref(),
+            Some("max-age=31536000"),
+            "{what}"
+        );
+    }
+    // Without KEEL_HSTS no Strict-Transport-Security.
+    let plain = spawn_app(Backend::Sqlite).await.unwrap();
+    let (_, headers) = raw(&plain, get_with_origin("/healthz", None)).await;
+    assert!(headers.get("strict-transport-security").is_none());
+    assert_eq!(headers.get("cache-control").unwrap(), "no-store");
+}
