@@ -610,3 +610,38 @@ async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc
     assert!(headers.get("strict-transport-security").is_none());
     assert_eq!(headers.get("cache-control").unwrap(), "no-store");
 }
+
+// --- lookalike emails ----------------------------------------------------------
+
+/// A fullwidth `ａda@example.com` is Ada's account; a Cyrillic `а` in the
+/// domain or in a Latin local part is no address at all. Over REST, what a
+/// browser sends; gRPC parses with the same `Email`.
+#[tokio::test]
+async fn lookalike_emails_reach_the_same_account_or_are_refused() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let client = Client3::new(&app, Protocol::Rest).await;
+    let register = |email: &str| Call {
+        rpc: "IdentityCommandService/Register",
+        rest: ("POST", "/v1/auth/register".into()),
+        request: json!({"email": email, "password": PASSWORD, "displayName": "Ada"}),
+        token: None,
+    };
+    client.call(register("ada@example.com")).await.unwrap();
+    let login = client
+        .call(Call {
+            rpc: "IdentityCommandService/Login",
+            rest: ("POST", "/v1/auth/login".into()),
+            request: json!({"email": "\u{FF41}da@example.com", "password": PASSWORD}),
+            token: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(login["user"]["email"], "ada@example.com");
+    for lookalike in ["ada@ex\u{0430}mple.com", "\u{0430}da@example.com"] {
+        assert_eq!(
+            client.call(register(lookalike)).await.unwrap_err(),
+            ("INVALID_ARGUMENT".to_owned(), vec!["email".to_owned()]),
+            "{lookalike}"
+        );
+    }
+}
