@@ -303,13 +303,26 @@ fn production_refuses_a_key_file_that_others_can_read() {
     let keys = data_dir.path().join("keys.json");
     std::fs::write(&keys, keel_identity::tokens::KeySet::generate_file()).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let output = keel(data_dir.path())
+    let mut child = keel(data_dir.path())
         .env("KEEL_ENV", "production")
         .env("KEEL_AUTH_KEYS_FILE", &keys)
         .env("KEEL_LISTEN", "127.0.0.1:0")
         .arg("serve")
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    // A keel that accepts the file serves on: stop it rather than hang.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keel started with a key file others can read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&keys.display().to_string()), "{stderr}");
