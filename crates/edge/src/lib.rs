@@ -11,12 +11,14 @@
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
 //! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS;
+//! - [`headers`]: the security headers of every browser-facing answer;
 //! - [`request_id`]: `x-request-id`, kept or made (UUIDv7) and echoed.
 //!
 //! The edge knows descriptors, not modules: a new annotated RPC is served
 //! with no edge code.
 
 pub mod error;
+pub mod headers;
 pub mod listener;
 pub mod openapi;
 pub mod request_id;
@@ -30,6 +32,7 @@ use std::sync::Arc;
 
 use prost_reflect::DescriptorPool;
 
+pub use headers::SecuritySettings;
 pub use listener::{CorsSettings, listener_service};
 pub use upstream::Upstream;
 
@@ -81,7 +84,18 @@ impl Edge {
                     async move { axum::Json(document) }
                 }),
             )
-            .route("/docs", get(|| async { axum::response::Html(openapi::DOCS_PAGE) }))
+            .route(
+                "/docs",
+                get(|| async {
+                    (
+                        [(
+                            http::header::CONTENT_SECURITY_POLICY,
+                            openapi::DOCS_CONTENT_SECURITY_POLICY,
+                        )],
+                        axum::response::Html(openapi::DOCS_PAGE),
+                    )
+                }),
+            )
             .fallback(move |request: http::Request<axum::body::Body>| rest::handle(fallback.clone(), request))
     }
 }

@@ -1,6 +1,7 @@
 //! One port for everything: `application/grpc-web*` to grpc-web (tonic-web),
 //! `application/grpc*` to gRPC, anything else to the REST router; the
-//! request id and CORS around it all, with the grpc-web headers exposed.
+//! request id, the security headers and CORS around it all, with the
+//! grpc-web headers exposed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -13,36 +14,128 @@ use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
-use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Edge;
+use crate::headers::SecuritySettings;
 use crate::upstream::{GrpcService, Upstream};
 
 /// Which browser origins may call keel.
+///
+/// An allowed origin is echoed in `access-control-allow-origin`; only exact
+/// origins (and, in development, loopback ones) also get
+/// `access-control-allow-credentials` (cookies, HTTP auth). A bearer token in
+/// `authorization` needs no credentials mode, so `*` still serves browser
+/// apps that sign in with tokens. `Origin: null` (sandboxed frames, `file:`
+/// pages, some redirects) is never allowed: any page can produce it.
 #[derive(Debug, Clone, Default)]
 pub struct CorsSettings {
-    /// Exact origins (`https://app.example.com`), or `*` for any origin.
-    /// Empty: no cross-origin calls.
+    /// Exact origins (`https://app.example.com`), allowed with credentials;
+    /// `*` allows every other origin too, without credentials. Empty (and no
+    /// loopback): no cross-origin calls.
     pub allowed_origins: Vec<String>,
+    /// Also allow, with credentials, `http(s)://localhost`, `127.0.0.1` and
+    /// `[::1]` on any port: the development default.
+    pub allow_loopback: bool,
+}
+
+/// What the CORS settings make of one request's `Origin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OriginPolicy {
+    Refused,
+    Allowed,
+    AllowedWithCredentials,
+}
+
+impl CorsSettings {
+    fn is_empty(&self) -> bool {
+        self.allowed_origins.is_empty() && !self.allow_loopback
+    }
+
+    fn policy(&self, origin: &HeaderValue) -> OriginPolicy {
+        let Ok(origin) = origin.to_str() else {
+            return OriginPolicy::Refused;
+        };
+        if origin.eq_ignore_ascii_case("null") {
+            return OriginPolicy::Refused;
+        }
+        let listed = self.allowed_origins.iter().any(|allowed| allowed == origin);
+        if listed || (self.allow_loopback && is_loopback_origin(origin)) {
+            OriginPolicy::AllowedWithCredentials
+        } else if self.allowed_origins.iter().any(|allowed| allowed == "*") {
+            OriginPolicy::Allowed
+        } else {
+            OriginPolicy::Refused
+        }
+    }
+}
+
+/// `http(s)://localhost`, `127.0.0.1` or `[::1]`, with an optional port and
+/// nothing else (so neither `localhost.evil.example` nor `localhost@evil.example`).
+fn is_loopback_origin(origin: &str) -> bool {
+    let Some(authority) = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let Some(port) = ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .find_map(|host| authority.strip_prefix(host))
+    else {
+        return false;
+    };
+    match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some(digits) => (1..=5).contains(&digits.len()) && digits.bytes().all(|byte| byte.is_ascii_digit()),
+    }
 }
 
 pub type ListenerService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
 /// The service for the one listener. `grpc` serves native gRPC (and, through
 /// tonic-web, grpc-web); `rest` everything else.
-pub fn listener_service(grpc: &Upstream, rest: axum::Router, cors: &CorsSettings) -> ListenerService {
+pub fn listener_service(
+    grpc: &Upstream,
+    rest: axum::Router,
+    cors: &CorsSettings,
+    security: &SecuritySettings,
+) -> ListenerService {
     let grpc_service = grpc.service();
     let grpc_web = BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
-    let dispatch = Dispatch {
+    let dispatch = ListenerService::new(Dispatch {
         grpc: grpc_service,
         grpc_web,
         rest,
-    };
+    });
     let service = tower::ServiceBuilder::new()
         .layer(crate::request_id::layers())
-        .option_layer(cors_layer(cors))
-        .service(dispatch);
+        .service(crate::headers::wrap(with_cors(dispatch, cors), security));
     BoxCloneSyncService::new(service)
+}
+
+/// CORS around `dispatch`, for requests that carry an `Origin` only: a
+/// request without one is not a browser's cross-origin call, and its
+/// response carries no `access-control-*` header.
+fn with_cors(dispatch: ListenerService, settings: &CorsSettings) -> ListenerService {
+    let Some(cors) = cors_layer(settings) else {
+        return dispatch;
+    };
+    let cross_origin = ListenerService::new(cors.layer(dispatch.clone()));
+    // The answer depends on `Origin` even when there is none: caches must
+    // not hand this one to a cross-origin caller.
+    let same_origin = ListenerService::new(
+        SetResponseHeaderLayer::appending(header::VARY, HeaderValue::from_static("origin")).layer(dispatch),
+    );
+    ListenerService::new(tower::service_fn(move |request: Request<Body>| {
+        let service = if request.headers().contains_key(header::ORIGIN) {
+            cross_origin.clone()
+        } else {
+            same_origin.clone()
+        };
+        service.oneshot(request)
+    }))
 }
 
 #[derive(Clone)]
@@ -94,21 +187,17 @@ impl Service<Request<Body>> for Dispatch {
 }
 
 fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
-    if settings.allowed_origins.is_empty() {
+    if settings.is_empty() {
         return None;
     }
-    let origin = if settings.allowed_origins.iter().any(|origin| origin == "*") {
-        // Any origin, with credentials: echo the caller's origin (a literal
-        // `*` is not allowed together with credentials).
-        AllowOrigin::mirror_request()
-    } else {
-        AllowOrigin::list(
-            settings
-                .allowed_origins
-                .iter()
-                .filter_map(|origin| HeaderValue::from_str(origin).ok()),
-        )
-    };
+    let for_origin = settings.clone();
+    let for_credentials = settings.clone();
+    // Both by predicate: the echoed origin and the credentials flag are
+    // decided per origin, never `*` together with credentials.
+    let origin = AllowOrigin::predicate(move |origin, _| for_origin.policy(origin) != OriginPolicy::Refused);
+    let credentials = AllowCredentials::predicate(move |origin, _| {
+        for_credentials.policy(origin) == OriginPolicy::AllowedWithCredentials
+    });
     let headers = |names: &[&'static str]| {
         names
             .iter()
@@ -118,7 +207,7 @@ fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(origin)
-            .allow_credentials(true)
+            .allow_credentials(credentials)
             .allow_methods([
                 Method::GET,
                 Method::POST,

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tonic::{Response, Status};
 use tower::ServiceExt;
 
+use crate::headers::SecuritySettings;
 use crate::listener::{CorsSettings, ListenerService, listener_service};
 use crate::{Edge, Upstream};
 
@@ -122,16 +123,24 @@ impl TranscodeTestService for TestService {
 }
 
 fn listener(max_body_bytes: usize) -> ListenerService {
+    listener_with_cors(
+        max_body_bytes,
+        &CorsSettings {
+            allowed_origins: vec!["https://app.example".into()],
+            allow_loopback: false,
+        },
+    )
+}
+
+fn listener_with_cors(max_body_bytes: usize, cors: &CorsSettings) -> ListenerService {
+    listener_with(max_body_bytes, cors, &SecuritySettings::default())
+}
+
+fn listener_with(max_body_bytes: usize, cors: &CorsSettings, security: &SecuritySettings) -> ListenerService {
     let routes = tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
     let upstream = Upstream::new(routes);
     let edge = Arc::new(Edge::new(DESCRIPTORS, upstream.clone(), max_body_bytes).unwrap());
-    listener_service(
-        &upstream,
-        edge.router(),
-        &CorsSettings {
-            allowed_origins: vec!["https://app.example".into()],
-        },
-    )
+    listener_service(&upstream, edge.router(), cors, security)
 }
 
 struct Reply {
@@ -163,7 +172,11 @@ impl Reply {
 }
 
 async fn send(request: Request<Body>) -> Reply {
-    let response = listener(64 * 1024).oneshot(request).await.unwrap();
+    send_to(listener(64 * 1024), request).await
+}
+
+async fn send_to(service: ListenerService, request: Request<Body>) -> Reply {
+    let response = service.oneshot(request).await.unwrap();
     let (parts, body) = response.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
     Reply {
@@ -649,6 +662,286 @@ async fn cors_preflight_and_exposed_grpc_web_headers() {
     )
     .await;
     assert!(reply.headers.get("access-control-allow-origin").is_none());
+}
+
+fn cors_headers(reply: &Reply) -> Vec<String> {
+    reply
+        .headers
+        .keys()
+        .map(|name| name.as_str().to_owned())
+        .filter(|name| name.starts_with("access-control-"))
+        .collect()
+}
+
+/// A simple GET and a preflight from `origin`: the allowed origin and
+/// whether credentials were allowed, for each.
+async fn cors_answer(cors: &CorsSettings, origin: &str) -> [(Option<String>, bool); 2] {
+    let simple = send_to(
+        listener_with_cors(1024, cors),
+        Request::get("/v1/echo/x")
+            .header("origin", origin)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    let preflight = send_to(
+        listener_with_cors(1024, cors),
+        Request::options("/keel.testing.v1.TranscodeTestService/Echo")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,authorization")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    [simple, preflight].map(|reply| {
+        let allowed = reply
+            .headers
+            .get("access-control-allow-origin")
+            .map(|value| value.to_str().unwrap().to_owned());
+        let credentials = reply.headers.get("access-control-allow-credentials").is_some();
+        (allowed, credentials)
+    })
+}
+
+#[tokio::test]
+async fn development_cors_allows_loopback_origins_only() {
+    let development = CorsSettings {
+        allowed_origins: Vec::new(),
+        allow_loopback: true,
+    };
+    for origin in [
+        "http://localhost:5173",
+        "http://localhost",
+        "http://127.0.0.1:3000",
+        "http://[::1]:8080",
+        "https://localhost:8443",
+    ] {
+        assert_eq!(
+            cors_answer(&development, origin).await,
+            [(Some(origin.to_owned()), true), (Some(origin.to_owned()), true)],
+            "{origin}"
+        );
+    }
+    for origin in [
+        "null",
+        "https://evil.example",
+        "http://localhost.evil.example",
+        "http://localhost@evil.example",
+        "http://127.0.0.1.nip.io",
+        "http://localhost:8080/path",
+        "http://localhost:123456",
+        "file://",
+    ] {
+        assert_eq!(
+            cors_answer(&development, origin).await,
+            [(None, false), (None, false)],
+            "{origin}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_wildcard_allows_any_origin_but_never_credentials_nor_null() {
+    let wildcard = CorsSettings {
+        allowed_origins: vec!["*".into()],
+        allow_loopback: false,
+    };
+    assert_eq!(
+        cors_answer(&wildcard, "https://any.example").await,
+        [
+            (Some("https://any.example".to_owned()), false),
+            (Some("https://any.example".to_owned()), false)
+        ]
+    );
+    assert_eq!(cors_answer(&wildcard, "null").await, [(None, false), (None, false)]);
+
+    // Listed origins keep their credentials beside a wildcard.
+    let both = CorsSettings {
+        allowed_origins: vec!["https://app.example".into(), "*".into()],
+        allow_loopback: false,
+    };
+    assert_eq!(
+        cors_answer(&both, "https://app.example").await,
+        [
+            (Some("https://app.example".to_owned()), true),
+            (Some("https://app.example".to_owned()), true)
+        ]
+    );
+    assert_eq!(
+        cors_answer(&both, "https://other.example").await,
+        [
+            (Some("https://other.example".to_owned()), false),
+            (Some("https://other.example".to_owned()), false)
+        ]
+    );
+    // A refused origin gets no credentials flag either.
+    let listed = CorsSettings {
+        allowed_origins: vec!["https://app.example".into()],
+        allow_loopback: false,
+    };
+    assert_eq!(
+        cors_answer(&listed, "https://evil.example").await,
+        [(None, false), (None, false)]
+    );
+}
+
+#[tokio::test]
+async fn requests_without_an_origin_get_no_cors_headers() {
+    for cors in [
+        CorsSettings {
+            allowed_origins: vec!["*".into()],
+            allow_loopback: true,
+        },
+        CorsSettings {
+            allowed_origins: vec!["https://app.example".into()],
+            allow_loopback: false,
+        },
+    ] {
+        let reply = send_to(
+            listener_with_cors(1024, &cors),
+            Request::get("/v1/echo/x").body(Body::empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(cors_headers(&reply), Vec::<String>::new());
+        assert_eq!(reply.headers.get("vary").unwrap(), "origin");
+
+        let reply = send_to(
+            listener_with_cors(1024, &cors),
+            Request::post("/keel.testing.v1.TranscodeTestService/Watch")
+                .header("content-type", "application/grpc-web+proto")
+                .body(Body::from(grpc_frame(&pb::WatchRequest {
+                    count: 1,
+                    fail_after: 0,
+                })))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(cors_headers(&reply), Vec::<String>::new());
+    }
+}
+
+const BROWSER_HEADERS: [(&str, &str); 6] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("content-security-policy", crate::headers::API_CONTENT_SECURITY_POLICY),
+];
+
+fn header<'a>(reply: &'a Reply, name: &str) -> Option<&'a str> {
+    reply.headers.get(name).map(|value| value.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn every_browser_facing_answer_carries_the_security_headers() {
+    let grpc_web = || {
+        Request::post("/keel.testing.v1.TranscodeTestService/Watch")
+            .header("content-type", "application/grpc-web+proto")
+            .body(Body::from(grpc_frame(&pb::WatchRequest {
+                count: 1,
+                fail_after: 0,
+            })))
+            .unwrap()
+    };
+    let answers = [
+        ("rest", Request::get("/v1/echo/x").body(Body::empty()).unwrap()),
+        (
+            "rest error",
+            Request::get("/v1/fail/NOT_FOUND").body(Body::empty()).unwrap(),
+        ),
+        ("not found", Request::get("/nowhere").body(Body::empty()).unwrap()),
+        ("healthz", Request::get("/healthz").body(Body::empty()).unwrap()),
+        ("openapi", Request::get("/openapi.json").body(Body::empty()).unwrap()),
+        ("grpc-web", grpc_web()),
+        (
+            "preflight",
+            Request::options("/v1/echo/x")
+                .header("origin", "https://app.example")
+                .header("access-control-request-method", "GET")
+                .body(Body::empty())
+                .unwrap(),
+        ),
+        (
+            "cross-origin",
+            Request::get("/v1/echo/x")
+                .header("origin", "https://app.example")
+                .body(Body::empty())
+                .unwrap(),
+        ),
+    ];
+    for (what, request) in answers {
+        let reply = send(request).await;
+        for (name, value) in BROWSER_HEADERS {
+            assert_eq!(header(&reply, name), Some(value), "{what}: {name}");
+        }
+        assert_eq!(header(&reply, "cache-control"), Some("no-store"), "{what}");
+        assert_eq!(header(&reply, "strict-transport-security"), None, "{what}");
+    }
+
+    // `/docs` loads Scalar: its own policy, still no framing.
+    let docs = get("/docs").await;
+    let policy = header(&docs, "content-security-policy").unwrap();
+    assert_eq!(policy, crate::openapi::DOCS_CONTENT_SECURITY_POLICY);
+    let scripts = policy
+        .split(';')
+        .map(str::trim)
+        .find(|directive| directive.starts_with("script-src "))
+        .unwrap();
+    assert!(scripts.contains("https://cdn.jsdelivr.net"), "{policy}");
+    assert!(!scripts.contains("'unsafe-inline'"), "no inline scripts: {policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert_eq!(header(&docs, "x-frame-options"), Some("DENY"));
+
+    // A server stream keeps its own cache directive.
+    let sse = send(
+        Request::get("/v1/watch?count=1")
+            .header("accept", "text/event-stream")
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(header(&sse, "cache-control"), Some("no-cache"));
+    assert_eq!(header(&sse, "x-content-type-options"), Some("nosniff"));
+
+    // HSTS when the operator says keel is reached over HTTPS only.
+    let hsts = send_to(
+        listener_with(1024, &CorsSettings::default(), &SecuritySettings { hsts: true }),
+        grpc_web(),
+    )
+    .await;
+    assert_eq!(
+        header(&hsts, "strict-transport-security"),
+        Some(crate::headers::STRICT_TRANSPORT_SECURITY)
+    );
+}
+
+#[tokio::test]
+async fn native_grpc_answers_carry_no_browser_headers() {
+    let reply = send_to(
+        listener_with(1024, &CorsSettings::default(), &SecuritySettings { hsts: true }),
+        Request::post("/keel.testing.v1.TranscodeTestService/Watch")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Body::from(grpc_frame(&pb::WatchRequest {
+                count: 1,
+                fail_after: 0,
+            })))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(header(&reply, "content-type"), Some("application/grpc"));
+    for name in BROWSER_HEADERS
+        .map(|(name, _)| name)
+        .into_iter()
+        .chain(["cache-control", "strict-transport-security"])
+    {
+        assert_eq!(header(&reply, name), None, "{name}");
+    }
 }
 
 /// A concrete URL for an OpenAPI path: each `{param}` replaced by a value

@@ -10,11 +10,18 @@
 use chrono::{DateTime, Utc};
 use keel_kernel::{Error, Result, Role, Secret};
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
 use uuid::Uuid;
 
 const COMMON_PASSWORDS: &str = include_str!("common-passwords.txt");
 
-/// An email address as the user typed it, plus its case-insensitive key.
+/// An email address, NFKC-normalised, plus its case-insensitive key.
+///
+/// NFKC first, so what looks the same is the same account: a fullwidth
+/// `ａda@example.com` is `ada@example.com`. Lookalikes NFKC leaves apart
+/// are refused rather than mapped: a domain must be ASCII (an
+/// internationalised one in its `xn--` form), and a local part must not mix
+/// Latin, Greek and Cyrillic letters (a Cyrillic `а` in `аda`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Email {
@@ -24,7 +31,8 @@ pub struct Email {
 
 impl Email {
     pub fn parse(field: &str, raw: &str) -> Result<Email> {
-        let value = raw.trim();
+        let normalised: String = raw.nfkc().collect();
+        let value = normalised.trim();
         let invalid = |why: &str| Err(Error::invalid_field(field, why));
         if value.is_empty() {
             return invalid("is required");
@@ -45,6 +53,12 @@ impl Email {
             && !local.contains('@');
         if !well_formed {
             return invalid("is not an email address");
+        }
+        if !domain.is_ascii() {
+            return invalid("is not an email address: write an internationalised domain in its xn-- form");
+        }
+        if mixes_scripts(local) {
+            return invalid("is not an email address: it mixes Latin, Greek and Cyrillic letters");
         }
         Ok(Email {
             display: value.to_owned(),
@@ -67,6 +81,32 @@ impl Email {
     pub(crate) fn from_stored(display: String, key: String) -> Email {
         Email { display, key }
     }
+}
+
+/// Whether `text` holds letters of more than one of the scripts whose
+/// letters pass for each other (Latin `a`, Cyrillic `а`, Greek `α`).
+fn mixes_scripts(text: &str) -> bool {
+    let script = |c: char| match c {
+        'a'..='z' | 'A'..='Z' => Some(0),
+        '\u{00C0}'..='\u{024F}' if c != '\u{00D7}' && c != '\u{00F7}' => Some(0),
+        '\u{1E00}'..='\u{1EFF}' | '\u{2C60}'..='\u{2C7F}' | '\u{A720}'..='\u{A7FF}' | '\u{AB30}'..='\u{AB6F}' => {
+            Some(0)
+        }
+        '\u{0370}'..='\u{03FF}' | '\u{1F00}'..='\u{1FFF}' => Some(1),
+        '\u{0400}'..='\u{052F}' | '\u{1C80}'..='\u{1C8F}' | '\u{2DE0}'..='\u{2DFF}' | '\u{A640}'..='\u{A69F}' => {
+            Some(2)
+        }
+        _ => None,
+    };
+    let mut seen = None;
+    for found in text.chars().filter_map(script) {
+        match seen {
+            None => seen = Some(found),
+            Some(first) if first != found => return true,
+            Some(_) => {}
+        }
+    }
+    false
 }
 
 impl TryFrom<String> for Email {
@@ -255,6 +295,46 @@ mod tests {
         ] {
             assert!(Email::parse("email", bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn lookalike_emails_share_a_key_or_are_refused() {
+        // Fullwidth letters and at sign: NFKC makes them the ASCII they look like.
+        let fullwidth = Email::parse("email", "\u{FF41}da\u{FF20}example.com").expect("valid");
+        assert_eq!(fullwidth.key(), "ada@example.com");
+        assert_eq!(fullwidth.as_str(), "ada@example.com");
+        assert_eq!(
+            Email::parse("email", "\u{FF21}DA@EXAMPLE.COM").expect("valid").key(),
+            Email::parse("email", "ada@example.com").expect("valid").key()
+        );
+        // A ligature is its letters.
+        assert_eq!(
+            Email::parse("email", "o\u{FB03}ce@example.com").expect("valid").key(),
+            "office@example.com"
+        );
+
+        // A Cyrillic `а` in the domain, or in a Latin local part: refused.
+        for lookalike in [
+            "ada@ex\u{0430}mple.com",
+            "\u{0430}da@example.com",
+            "ad\u{03B1}@example.com",
+            "ada@\u{0435}xample.com",
+        ] {
+            let error = Email::parse("email", lookalike).expect_err(lookalike);
+            assert!(error.to_string().contains("is not an email address"), "{error}");
+        }
+        // One script alone is a real address; IDNs in their ASCII form are fine.
+        assert!(Email::parse("email", "\u{0430}\u{0434}\u{0430}@example.com").is_ok());
+        assert!(Email::parse("email", "zo\u{00EB}@example.com").is_ok());
+        assert!(Email::parse("email", "ada@xn--80ak6aa92e.com").is_ok());
+        assert!(Email::parse("email", "ada@b\u{00FC}cher.de").is_err());
+    }
+
+    #[test]
+    fn stored_emails_are_not_parsed_again() {
+        // Written before normalisation: read back as stored, never refused.
+        let stored = Email::from_stored("ada@ex\u{0430}mple.com".into(), "ada@ex\u{0430}mple.com".into());
+        assert_eq!(stored.key(), "ada@ex\u{0430}mple.com");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use keel_db::{Db, DbSettings};
-use keel_edge::{CorsSettings, Upstream};
+use keel_edge::Upstream;
 use keel_identity::tokens::{KeySet, TokenService};
 use keel_identity::{Identity, IdentityModule, IdentitySettings};
 use keel_kernel::grpc::GrpcRoutes;
@@ -16,7 +16,7 @@ use keel_kernel::{BackgroundTasks, Bus, BusBuilder, GrpcLimits, Module};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-use crate::config::Config;
+use crate::config::{Config, Environment};
 use crate::layers::ContextLayer;
 
 /// Everything a running keel holds.
@@ -41,8 +41,18 @@ struct Ports {
 
 fn identity_module(config: &Config, ports: &Ports) -> anyhow::Result<IdentityModule> {
     let keys = match &config.auth_keys_file {
-        Some(path) => KeySet::load(path)?,
-        None => KeySet::load_or_generate(&config.data_dir.join("auth-keys.json"))?,
+        Some(path) => {
+            if config.env == Environment::Production {
+                crate::files::check_key_file(path)?;
+            }
+            KeySet::load(path)?
+        }
+        None => {
+            // Generated 0600; one from an older keel may be wider.
+            let path = config.data_dir.join("auth-keys.json");
+            crate::files::tighten_if_exists(&path)?;
+            KeySet::load_or_generate(&path)?
+        }
     };
     let tokens = TokenService::new(
         keys,
@@ -81,6 +91,9 @@ fn event_settings(config: &Config) -> keel_events::Settings {
 impl State {
     /// Connects, migrates, builds every module and registers it.
     pub async fn build(config: Config) -> anyhow::Result<State> {
+        if uses_data_dir(&config) {
+            crate::files::prepare_data_dir(&config.data_dir)?;
+        }
         let db = connect(&config).await?;
         keel_db::migrate(&db).await.context("applying migrations")?;
 
@@ -91,6 +104,7 @@ impl State {
                     .mail_file
                     .clone()
                     .unwrap_or_else(|| config.data_dir.join("mail.jsonl"));
+                crate::files::tighten_if_exists(&path)?;
                 Arc::new(crate::mail::FileMailer::new(path))
             }
         };
@@ -147,13 +161,29 @@ impl State {
     }
 }
 
+/// Whether keel writes to the data directory: the SQLite database, the
+/// generated signing key or the mail file live there by default.
+fn uses_data_dir(config: &Config) -> bool {
+    config.database_url.is_none()
+        || config.auth_keys_file.is_none()
+        || (config.smtp_url.is_none() && config.mail_file.is_none())
+}
+
 /// Opens the configured database; SQLite in the data directory by default.
 pub async fn connect(config: &Config) -> anyhow::Result<Db> {
     let url = match &config.database_url {
         Some(url) => url.expose().clone(),
         None => {
-            std::fs::create_dir_all(&config.data_dir)
-                .with_context(|| format!("creating KEEL_DATA_DIR {}", config.data_dir.display()))?;
+            crate::files::prepare_data_dir(&config.data_dir)?;
+            // SQLite creates its `-wal` and `-shm` with the database's mode:
+            // a 0600 database makes them 0600 too.
+            let database = config.data_dir.join("keel.db");
+            crate::files::prepare_private_file(&database)?;
+            for suffix in ["-wal", "-shm"] {
+                let mut companion = database.clone().into_os_string();
+                companion.push(suffix);
+                crate::files::tighten_if_exists(std::path::Path::new(&companion))?;
+            }
             keel_db::sqlite_url(&config.data_dir)
         }
     };
@@ -280,10 +310,12 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
         config.max_message_bytes,
     )
     .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?;
-    let cors = CorsSettings {
-        allowed_origins: config.cors_origins(),
-    };
-    Ok(keel_edge::listener_service(&upstream, Arc::new(edge).router(), &cors))
+    Ok(keel_edge::listener_service(
+        &upstream,
+        Arc::new(edge).router(),
+        &config.cors_settings(),
+        &config.security_settings(),
+    ))
 }
 
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is

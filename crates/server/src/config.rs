@@ -91,8 +91,14 @@ pub struct Config {
     /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
     pub event_handler_backoff_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
-    /// call from, or `*`. Unset: any origin in development, none in production.
+    /// call from with credentials (`https://app.example.com`), and/or `*`: any
+    /// other origin, without credentials. `null` is never allowed. Unset:
+    /// loopback origins (`http://localhost:*`, `127.0.0.1`, `[::1]`) in
+    /// development, none in production.
     pub cors_allowed_origins: Option<String>,
+    /// `KEEL_HSTS`: send `Strict-Transport-Security` (one year). Set it when
+    /// browsers reach keel only over HTTPS, through a TLS-terminating proxy.
+    pub hsts: bool,
 }
 
 impl Default for Config {
@@ -119,6 +125,7 @@ impl Default for Config {
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
             cors_allowed_origins: None,
+            hsts: false,
             register_burst: 10,
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
@@ -221,6 +228,24 @@ impl Config {
                 "set both KEEL_BOOTSTRAP_ADMIN_EMAIL and KEEL_BOOTSTRAP_ADMIN_PASSWORD, or neither",
             ));
         }
+        for origin in self.cors_settings().allowed_origins {
+            // An origin as browsers send it: scheme, host and port, nothing
+            // else, so an exact comparison is the right one.
+            let canonical = url::Url::parse(&origin)
+                .ok()
+                .map(|url| url.origin())
+                .filter(url::Origin::is_tuple)
+                .map(|parsed| parsed.ascii_serialization());
+            if origin != "*" && canonical.as_deref() != Some(origin.as_str()) {
+                return Err(invalid(
+                    "KEEL_CORS_ALLOWED_ORIGINS",
+                    format!(
+                        "{origin:?} is not an origin: write scheme://host[:port] in lower case without a path \
+                         (https://app.example.com), or *; null is never allowed"
+                    ),
+                ));
+            }
+        }
         if self.env == Environment::Production && self.auth_keys_file.is_none() {
             return Err(invalid(
                 "KEEL_AUTH_KEYS_FILE",
@@ -230,17 +255,27 @@ impl Config {
         Ok(())
     }
 
-    pub fn cors_origins(&self) -> Vec<String> {
+    /// Which browser origins may call keel (see `KEEL_CORS_ALLOWED_ORIGINS`).
+    pub fn cors_settings(&self) -> keel_edge::CorsSettings {
         match &self.cors_allowed_origins {
-            Some(origins) => origins
-                .split(',')
-                .map(str::trim)
-                .filter(|origin| !origin.is_empty())
-                .map(str::to_owned)
-                .collect(),
-            None if self.env == Environment::Production => Vec::new(),
-            None => vec!["*".to_owned()],
+            Some(origins) => keel_edge::CorsSettings {
+                allowed_origins: origins
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|origin| !origin.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                allow_loopback: false,
+            },
+            None => keel_edge::CorsSettings {
+                allowed_origins: Vec::new(),
+                allow_loopback: self.env == Environment::Development,
+            },
         }
+    }
+
+    pub fn security_settings(&self) -> keel_edge::SecuritySettings {
+        keel_edge::SecuritySettings { hsts: self.hsts }
     }
 
     pub fn reflection_enabled(&self) -> bool {
@@ -273,6 +308,45 @@ mod tests {
         let error = config.validate().expect_err("refused").to_string();
         assert!(error.contains("KEEL_AUTH_KEYS_FILE"), "{error}");
         assert!(!config.reflection_enabled());
+    }
+
+    #[test]
+    fn cors_defaults_to_loopback_in_development_and_nothing_in_production() {
+        let development = Config::default().cors_settings();
+        assert!(development.allow_loopback && development.allowed_origins.is_empty());
+        let production = Config {
+            env: Environment::Production,
+            ..Config::default()
+        }
+        .cors_settings();
+        assert!(!production.allow_loopback && production.allowed_origins.is_empty());
+        let configured = Config {
+            cors_allowed_origins: Some("https://app.example.com, *".to_owned()),
+            ..Config::default()
+        };
+        configured.validate().expect("valid origins");
+        let settings = configured.cors_settings();
+        assert!(!settings.allow_loopback);
+        assert_eq!(settings.allowed_origins, ["https://app.example.com", "*"]);
+    }
+
+    #[test]
+    fn cors_origins_that_are_not_origins_are_refused() {
+        for origins in [
+            "null",
+            "https://app.example.com/",
+            "https://App.example.com",
+            "app.example.com",
+            "https://app.example.com/path",
+            "file:///tmp/x",
+        ] {
+            let config = Config {
+                cors_allowed_origins: Some(origins.to_owned()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(origins).to_string();
+            assert!(error.contains("KEEL_CORS_ALLOWED_ORIGINS"), "{error}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`config`]: layered settings (defaults, `keel.toml`, `KEEL_*`), validated;
 //! - [`app`]: `State::build` wires the modules; `Application::build` binds
 //!   (port 0 in tests) and `run_until_stopped` serves until a shutdown future;
+//! - [`files`]: the data directory 0700 and keel's files in it 0600;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
@@ -12,6 +13,7 @@
 
 pub mod app;
 pub mod config;
+pub mod files;
 pub mod layers;
 pub mod listen;
 pub mod mail;

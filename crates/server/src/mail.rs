@@ -49,12 +49,12 @@ impl Mailer for FileMailer {
             "text": email.text,
             "sent_at": keel_kernel::clock::now(),
         });
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .await
-            .map_err(failed)?;
+        let mut options = tokio::fs::OpenOptions::new();
+        options.create(true).append(true);
+        // Sign-in and reset links: the keel user's alone.
+        #[cfg(unix)]
+        options.mode(0o600);
+        let mut file = options.open(&self.path).await.map_err(failed)?;
         file.write_all(format!("{line}\n").as_bytes()).await.map_err(failed)?;
         file.flush().await.map_err(failed)
     }

@@ -449,3 +449,199 @@ async fn sqlite() {
 async fn postgres() {
     three_protocols_agree(Backend::Postgres).await;
 }
+
+// --- what browsers see: CORS and the security headers ------------------------
+
+/// One plain HTTP/1.1 request to the app: status and headers (the body is
+/// read and dropped).
+async fn raw(app: &TestApp, request: http::Request<Full<Bytes>>) -> (http::StatusCode, http::HeaderMap) {
+    let (mut parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    parts.uri = format!("{}{path}", app.endpoint()).parse().unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client.request(http::Request::from_parts(parts, body)).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let _ = body.collect().await.unwrap();
+    (parts.status, parts.headers)
+}
+
+fn get_with_origin(path: &str, origin: Option<&str>) -> http::Request<Full<Bytes>> {
+    let mut request = http::Request::get(path);
+    if let Some(origin) = origin {
+        request = request.header("origin", origin);
+    }
+    request.body(Full::new(Bytes::new())).unwrap()
+}
+
+fn cors_of(headers: &http::HeaderMap) -> (Option<&str>, Option<&str>) {
+    (
+        headers
+            .get("access-control-allow-origin")
+            .map(|value| value.to_str().unwrap()),
+        headers
+            .get("access-control-allow-credentials")
+            .map(|value| value.to_str().unwrap()),
+    )
+}
+
+#[tokio::test]
+async fn development_cors_answers_loopback_origins_only() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    for origin in ["http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080"] {
+        let (status, headers) = raw(&app, get_with_origin("/healthz", Some(origin))).await;
+        assert_eq!(status, http::StatusCode::OK);
+        assert_eq!(cors_of(&headers), (Some(origin), Some("true")), "{origin}");
+    }
+    for origin in ["null", "https://evil.example", "http://localhost.evil.example"] {
+        let (_, headers) = raw(&app, get_with_origin("/healthz", Some(origin))).await;
+        assert_eq!(cors_of(&headers), (None, None), "{origin}");
+    }
+    let (_, headers) = raw(&app, get_with_origin("/healthz", None)).await;
+    assert!(
+        !headers.keys().any(|name| name.as_str().starts_with("access-control-")),
+        "{headers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_configured_wildcard_never_allows_credentials() {
+    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| {
+        config.env = keel_server::config::Environment::Production;
+        let keys = config.data_dir.join("keys.json");
+        std::fs::write(&keys, keel_identity::tokens::KeySet::generate_file()).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        config.auth_keys_file = Some(keys);
+        config.cors_allowed_origins = Some("https://app.example, *".to_owned());
+    })
+    .await
+    .unwrap();
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://app.example"))).await;
+    assert_eq!(cors_of(&headers), (Some("https://app.example"), Some("true")));
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://other.example"))).await;
+    assert_eq!(cors_of(&headers), (Some("https://other.example"), None));
+    let (_, headers) = raw(&app, get_with_origin("/healthz", Some("null"))).await;
+    assert_eq!(cors_of(&headers), (None, None));
+}
+
+fn grpc_web_frame(message: &impl Message) -> Bytes {
+    let body = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&body);
+    Bytes::from(frame)
+}
+
+/// Login and RefreshSession hand out tokens: no cache may keep them
+/// (RFC 6749 §5.1), over REST and grpc-web alike; and they carry the rest
+/// of the browser headers, HSTS when configured.
+#[tokio::test]
+async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc_web() {
+    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| config.hsts = true)
+        .await
+        .unwrap();
+    let tokens = {
+        app.register("ada@example.com").await;
+        app.login("ada@example.com").await
+    };
+    let login = json!({"email": "ada@example.com", "password": PASSWORD}).to_string();
+    let refresh = json!({"refreshToken": tokens.refresh_token}).to_string();
+    let rest = |path: &str, body: String| {
+        http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let grpc_web = |path: &str, body: Bytes| {
+        http::Request::post(path)
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(Full::new(body))
+            .unwrap()
+    };
+    let answers = [
+        ("rest login", rest("/v1/auth/login", login)),
+        (
+            "grpc-web login",
+            grpc_web(
+                "/keel.identity.v1.IdentityCommandService/Login",
+                grpc_web_frame(&keel_proto::identity::LoginRequest {
+                    email: "ada@example.com".into(),
+                    password: PASSWORD.into(),
+                }),
+            ),
+        ),
+        ("rest refresh", rest("/v1/auth/refresh", refresh)),
+        (
+            "grpc-web refresh with a bad token",
+            grpc_web(
+                "/keel.identity.v1.IdentityCommandService/RefreshSession",
+                grpc_web_frame(&keel_proto::identity::RefreshSessionRequest {
+                    refresh_token: "not a token".into(),
+                }),
+            ),
+        ),
+        ("docs", get_with_origin("/docs", None)),
+    ];
+    for (what, request) in answers {
+        let (status, headers) = raw(&app, request).await;
+        assert!(status.is_success(), "{what}: {status}");
+        let header = |name: &str| headers.get(name).map(|value| value.to_str().unwrap().to_owned());
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{what}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{what}");
+        assert_eq!(header("x-frame-options").as_deref(), Some("DENY"), "{what}");
+        assert!(header("content-security-policy").is_some(), "{what}");
+        assert_eq!(
+            header("strict-transport-security").as_deref(),
+            Some("max-age=31536000"),
+            "{what}"
+        );
+    }
+    // Without KEEL_HSTS no Strict-Transport-Security.
+    let plain = spawn_app(Backend::Sqlite).await.unwrap();
+    let (_, headers) = raw(&plain, get_with_origin("/healthz", None)).await;
+    assert!(headers.get("strict-transport-security").is_none());
+    assert_eq!(headers.get("cache-control").unwrap(), "no-store");
+}
+
+// --- lookalike emails ----------------------------------------------------------
+
+/// A fullwidth `ａda@example.com` is Ada's account; a Cyrillic `а` in the
+/// domain or in a Latin local part is no address at all. Over REST, what a
+/// browser sends; gRPC parses with the same `Email`.
+#[tokio::test]
+async fn lookalike_emails_reach_the_same_account_or_are_refused() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let client = Client3::new(&app, Protocol::Rest).await;
+    let register = |email: &str| Call {
+        rpc: "IdentityCommandService/Register",
+        rest: ("POST", "/v1/auth/register".into()),
+        request: json!({"email": email, "password": PASSWORD, "displayName": "Ada"}),
+        token: None,
+    };
+    client.call(register("ada@example.com")).await.unwrap();
+    let login = client
+        .call(Call {
+            rpc: "IdentityCommandService/Login",
+            rest: ("POST", "/v1/auth/login".into()),
+            request: json!({"email": "\u{FF41}da@example.com", "password": PASSWORD}),
+            token: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(login["user"]["email"], "ada@example.com");
+    for lookalike in ["ada@ex\u{0430}mple.com", "\u{0430}da@example.com"] {
+        assert_eq!(
+            client.call(register(lookalike)).await.unwrap_err(),
+            ("INVALID_ARGUMENT".to_owned(), vec!["email".to_owned()]),
+            "{lookalike}"
+        );
+    }
+}

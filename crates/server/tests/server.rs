@@ -215,6 +215,120 @@ async fn the_generated_signing_key_is_private_and_kept_across_restarts() {
     assert_eq!(std::fs::read_to_string(&key_file).unwrap(), before);
 }
 
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// `keel serve` under `umask 000`, which would make every file 0666.
+async fn serve_with_open_umask(data_dir: &std::path::Path, port: u16) -> Running {
+    let child = Command::new("sh")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("KEEL_DATA_DIR", data_dir)
+        .env("KEEL_LOG", "info")
+        .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
+        .args(["-c", "umask 000 && exec \"$0\" serve", env!("CARGO_BIN_EXE_keel")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "keel did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running
+}
+
+#[tokio::test]
+async fn the_data_dir_and_its_files_are_private_whatever_the_umask() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("keel-data");
+    let port = free_port();
+    let server = serve_with_open_umask(&data_dir, port).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    IdentityCommandServiceClient::new(channel)
+        .register(pb::RegisterRequest {
+            email: "ada@example.com".into(),
+            password: PASSWORD.into(),
+            display_name: "Ada".into(),
+        })
+        .await
+        .unwrap();
+    // The welcome email is written by an event handler, soon after.
+    let mail = data_dir.join("mail.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !mail.exists() {
+        assert!(Instant::now() < deadline, "no welcome email");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(mode(&data_dir), 0o700);
+    for file in ["keel.db", "keel.db-wal", "keel.db-shm", "mail.jsonl", "auth-keys.json"] {
+        assert_eq!(mode(&data_dir.join(file)), 0o600, "{file}");
+    }
+    drop(server);
+
+    // Left open by an older keel or by hand: tightened at start.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    for file in ["keel.db", "mail.jsonl", "auth-keys.json"] {
+        std::fs::set_permissions(data_dir.join(file), std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    let _server = serve(&data_dir, port).await;
+    assert_eq!(mode(&data_dir), 0o700);
+    for file in ["keel.db", "mail.jsonl", "auth-keys.json"] {
+        assert_eq!(mode(&data_dir.join(file)), 0o600, "{file}");
+    }
+}
+
+#[test]
+fn production_refuses_a_key_file_that_others_can_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let data_dir = tempfile::tempdir().unwrap();
+    let keys = data_dir.path().join("keys.json");
+    std::fs::write(&keys, keel_identity::tokens::KeySet::generate_file()).unwrap();
+    std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = keel(data_dir.path())
+        .env("KEEL_ENV", "production")
+        .env("KEEL_AUTH_KEYS_FILE", &keys)
+        .env("KEEL_LISTEN", "127.0.0.1:0")
+        .arg("serve")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A keel that accepts the file serves on: stop it rather than hang.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keel started with a key file others can read");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&keys.display().to_string()), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+}
+
 #[tokio::test]
 async fn sigterm_lets_the_call_in_flight_finish_then_exits() {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
