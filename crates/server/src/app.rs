@@ -63,7 +63,9 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     keel_events::Settings {
         redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
         deployment: config.deployment.clone(),
+        listen: config.events_listen,
         poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
+        relay_poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
         subscriptions: keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
             queue: 256,

@@ -82,13 +82,19 @@ pub struct Config {
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
     pub events_heartbeat_seconds: u64,
-    /// `KEEL_EVENTS_POLL_MS`: how often each process reads the event table for
-    /// events the transport did not announce; 0 turns the safety net off
-    /// (tests that must see Redis itself deliver).
+    /// `KEEL_EVENTS_POLL_MS`: the safety net under notifications (events
+    /// are announced at commit): how often each process reads the event
+    /// table for events nobody announced, and looks for committed rows a
+    /// crashed process never numbered; 0 turns it off (tests that must see
+    /// a transport itself deliver).
     pub events_poll_ms: u64,
     /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
     pub event_handler_max_attempts: u32,
     /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
+    /// `KEEL_EVENTS_LISTEN`: PostgreSQL only, hear of other processes'
+    /// events through LISTEN/NOTIFY (on by default; off only for tests that
+    /// must see Redis itself deliver).
+    pub events_listen: bool,
     pub event_handler_backoff_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from, or `*`. Unset: any origin in development, none in production.
@@ -125,7 +131,8 @@ impl Default for Config {
             mail_file: None,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
-            events_poll_ms: 500,
+            events_poll_ms: 30_000,
+            events_listen: true,
             event_handler_max_attempts: 5,
             event_handler_backoff_ms: 200,
         }
