@@ -59,6 +59,9 @@ pub struct Config {
     pub access_token_ttl_seconds: u64,
     /// `KEEL_REFRESH_GRACE_SECONDS`: how long a rotated refresh token still rotates.
     pub refresh_grace_seconds: u64,
+    /// `KEEL_PASSWORD_HASH_CONCURRENCY`: at most this many Argon2id hashes
+    /// (19 MiB each) at once; more logins wait for one. Unset: one per core.
+    pub password_hash_concurrency: Option<usize>,
     /// `KEEL_BOOTSTRAP_ADMIN_EMAIL` / `KEEL_BOOTSTRAP_ADMIN_PASSWORD`: an admin
     /// created at start when no account has that email (for containers).
     pub bootstrap_admin_email: Option<String>,
@@ -88,13 +91,13 @@ pub struct Config {
     /// crashed process never numbered; 0 turns it off (tests that must see
     /// a transport itself deliver).
     pub events_poll_ms: u64,
-    /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
-    pub event_handler_max_attempts: u32,
-    /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
     /// `KEEL_EVENTS_LISTEN`: PostgreSQL only, hear of other processes'
     /// events through LISTEN/NOTIFY (on by default; off only for tests that
     /// must see Redis itself deliver).
     pub events_listen: bool,
+    /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
+    pub event_handler_max_attempts: u32,
+    /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
     pub event_handler_backoff_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from, or `*`. Unset: any origin in development, none in production.
@@ -120,6 +123,7 @@ impl Default for Config {
             auth_audience: "keel".to_owned(),
             access_token_ttl_seconds: 900,
             refresh_grace_seconds: 10,
+            password_hash_concurrency: None,
             bootstrap_admin_email: None,
             bootstrap_admin_password: None,
             max_message_bytes: 4 * 1024 * 1024,
@@ -206,6 +210,9 @@ impl Config {
         }
         if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 24 * 3600 {
             return Err(invalid("KEEL_ACCESS_TOKEN_TTL_SECONDS", "must be between 1 and 86400"));
+        }
+        if self.password_hash_concurrency == Some(0) {
+            return Err(invalid("KEEL_PASSWORD_HASH_CONCURRENCY", "must be at least 1"));
         }
         if self.events_heartbeat_seconds == 0 {
             return Err(invalid("KEEL_EVENTS_HEARTBEAT_SECONDS", "must be at least 1"));
