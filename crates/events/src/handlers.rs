@@ -11,6 +11,7 @@ use std::time::Duration;
 use keel_kernel::backoff::Backoff;
 use keel_kernel::{Code, Envelope, Error, EventHandler, Result, clock, id, topic_matches};
 use sea_orm::DatabaseConnection;
+use tokio::sync::broadcast;
 
 use crate::hub::Hub;
 use crate::model::DeadLetter;
@@ -88,46 +89,92 @@ struct Runner {
     owner: String,
 }
 
+/// How a round ended.
+enum Round {
+    /// A full page was handled: there may be more.
+    More,
+    /// Caught up through everything the hub delivered.
+    Idle,
+    /// Another process holds the lease, until about then.
+    Elsewhere(chrono::DateTime<chrono::Utc>),
+}
+
 impl Runner {
+    /// Rounds run when news of a matching event arrives, and every `lease`
+    /// (to move the checkpoint past events the handler ignores). Idle, a
+    /// runner costs the database nothing: it knows its checkpoint while it
+    /// holds the lease, and renews the lease only when there is work (an
+    /// expired lease is taken again then, or by another process). A runner
+    /// that finds the lease held elsewhere sleeps until it expires, so a
+    /// crashed holder is replaced within one lease.
     async fn run(self) {
         let (mut news, _) = self.hub.subscribe();
+        let topics = self.handler.topics();
+        // The checkpoint, known while this runner holds the lease.
+        let mut checkpoint = None;
+        let mut due = true;
+        // Not reset by news: ignored events alone still move the checkpoint.
+        let mut sweep = tokio::time::interval(self.settings.lease);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            match self.round().await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(handler = self.handler.name(), error = %error, "event handler round failed")
+            if due {
+                match self.round(&mut checkpoint).await {
+                    Ok(Round::More) => continue,
+                    Ok(Round::Idle) => {}
+                    Ok(Round::Elsewhere(until)) => {
+                        checkpoint = None;
+                        let left = (until - clock::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(left.clamp(Duration::from_millis(100), self.settings.lease)).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        checkpoint = None;
+                        tracing::warn!(handler = self.handler.name(), error = %error, "event handler round failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
                 }
             }
-            // Wait for news, or poll: a lease may have expired elsewhere.
-            tokio::select! {
-                _ = news.recv() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
+            due = tokio::select! {
+                received = news.recv() => match received {
+                    Ok(event) => topics.iter().any(|topic| topic_matches(topic, &event.name)),
+                    // Missed some: perhaps matching ones.
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = sweep.tick() => true,
+            };
         }
     }
 
-    /// Handles one page of events; true when there may be more.
+    /// Handles one page of events.
     ///
     /// The database work grows with the events the handler wants, not with
-    /// all events: the lease is taken once per round, the page is filtered
-    /// by topic in SQL, the checkpoint moves (renewing the lease in the same
-    /// statement) after each handled event and once at the end of the page
-    /// past the events the handler ignores.
-    async fn round(&self) -> Result<bool> {
+    /// all events, and is nothing when there is nothing new: the lease is
+    /// taken once per round, only when the hub has delivered past the
+    /// checkpoint, the page is filtered by topic in SQL, the checkpoint
+    /// moves (renewing the lease in the same statement) after each handled
+    /// event and once at the end of the page past the events it ignores.
+    async fn round(&self, checkpoint: &mut Option<u64>) -> Result<Round> {
         const PAGE: u64 = 100;
-        let name = self.handler.name();
-        let now = clock::now();
-        if !store::lease(&self.db, name, &self.owner, now, now + self.settings.lease).await? {
-            return Ok(false);
-        }
-        let from = store::checkpoint(&self.db, name).await?.unwrap_or(0);
         // The hub delivered through `known`, so every event up to it is
         // committed and visible (numbering commits in sequence order): a
         // page that is not full covers everything through it.
         let known = self.hub.latest();
+        if checkpoint.is_some_and(|checkpoint| known <= checkpoint) {
+            return Ok(Round::Idle);
+        }
+        let name = self.handler.name();
+        let now = clock::now();
+        if let store::Lease::HeldUntil(until) =
+            store::lease(&self.db, name, &self.owner, now, now + self.settings.lease).await?
+        {
+            return Ok(Round::Elsewhere(until));
+        }
+        let from = store::checkpoint(&self.db, name).await?.unwrap_or(0);
+        *checkpoint = Some(from);
         if known <= from {
-            return Ok(false);
+            return Ok(Round::Idle);
         }
         let topics = self.handler.topics();
         let batch = store::read_matching(&self.db, from, Some(known), None, &topics, PAGE).await?;
@@ -136,7 +183,6 @@ impl Runner {
             Some(last) if full => last.sequence,
             _ => known,
         };
-        let mut checkpoint = from;
         for event in &batch {
             // Already filtered in SQL; the kernel's rule stays the definition.
             if !topics.iter().any(|topic| topic_matches(topic, &event.name)) {
@@ -145,14 +191,17 @@ impl Runner {
             self.deliver(event).await?;
             if !self.advance(event.sequence).await? {
                 // Lost the lease (a long retry): another process goes on.
-                return Ok(false);
+                return Ok(Round::Elsewhere(clock::now() + self.settings.lease));
             }
-            checkpoint = event.sequence;
+            *checkpoint = Some(event.sequence);
         }
-        if through > checkpoint && !self.advance(through).await? {
-            return Ok(false);
+        if through > checkpoint.unwrap_or(from) {
+            if !self.advance(through).await? {
+                return Ok(Round::Elsewhere(clock::now() + self.settings.lease));
+            }
+            *checkpoint = Some(through);
         }
-        Ok(full)
+        Ok(if full { Round::More } else { Round::Idle })
     }
 
     /// Moves the checkpoint to `sequence` and renews the lease; false when

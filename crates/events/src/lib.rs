@@ -8,7 +8,7 @@
 //!   domain types (no SeaORM model leaves it);
 //! - `relay.rs`: the outbox the command bus writes to, and the relay that
 //!   numbers committed events (one at a time across processes) and publishes them;
-//! - `transport.rs`: in process, or Redis pub/sub (fred);
+//! - `transport.rs`: in process, PostgreSQL LISTEN/NOTIFY, Redis pub/sub (fred);
 //! - `hub.rs`: one reader of the table per process, fanning out in order;
 //! - `subscribe.rs`: replay after a cursor, then live, heartbeats, slow
 //!   subscribers, the resync rule;
@@ -19,6 +19,11 @@
 //! committed, and a subscriber that comes back with its cursor misses
 //! nothing and sees nothing twice. The table is the truth; the transport
 //! only makes it fast.
+//!
+//! Idle, the module waits for commits rather than polling: this process's
+//! commits wake its relay in process, numbering wakes every hub (the local
+//! one directly, the others by NOTIFY and Redis), and news wakes the
+//! handlers. Polls remain as a slow safety net ([`SAFETY_POLL`]).
 
 pub mod commands;
 pub mod grpc;
@@ -36,11 +41,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_kernel::{BackgroundTasks, BusBuilder, Outbox, Result, clock};
-use sea_orm::DatabaseConnection;
+use sea_orm::{DatabaseBackend, DatabaseConnection};
 
 use crate::handlers::Registry;
 use crate::hub::Hub;
 use crate::relay::{Relay, TableOutbox};
+
+/// The default safety poll: events are announced at commit, so polling
+/// only bounds how late a lost notification (or a crashed process's
+/// unnumbered row) is noticed; an idle keel costs the database almost nothing.
+pub const SAFETY_POLL: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -53,9 +63,14 @@ pub struct Settings {
     pub subscriptions: subscribe::Settings,
     /// Events a process buffers for its subscribers before a slow one is cut off.
     pub hub_buffer: usize,
+    /// PostgreSQL: hear of events other processes numbered through
+    /// LISTEN/NOTIFY (relays always notify). Off only for tests that must
+    /// see Redis itself deliver, or fail. Ignored on SQLite (one process).
+    pub listen: bool,
     /// How often each process reads the table for events it heard nothing
-    /// of (the safety net under a lossy transport). `None`: never; only for
-    /// tests that must see the transport itself deliver, or fail.
+    /// of: the slow safety net under notifications, which wake the hub at
+    /// every commit. `None`: never; only for tests that must see a
+    /// transport itself deliver, or fail.
     pub poll: Option<Duration>,
     /// How often the relay looks for committed, unnumbered events (rows a
     /// crashed process committed but never numbered). `None`: only at start
@@ -77,8 +92,9 @@ impl Default for Settings {
                 queue: 256,
             },
             hub_buffer: 8192,
-            poll: Some(Duration::from_millis(500)),
-            relay_poll: Some(Duration::from_millis(500)),
+            listen: true,
+            poll: Some(SAFETY_POLL),
+            relay_poll: Some(SAFETY_POLL),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_every: Duration::from_secs(60),
             handlers: handlers::Settings::default(),
@@ -100,10 +116,20 @@ pub struct Events {
 }
 
 impl Events {
-    /// Starts the hub, the transport, the relay, the handlers and retention.
+    /// Starts the hub, the transports, the relay, the handlers and retention.
     pub async fn start(db: DatabaseConnection, settings: Settings, registry: Registry) -> Result<Events> {
         let hub = Hub::start(db.clone(), settings.hub_buffer).await?;
-        let namespace = format!("{}:{}", settings.deployment, store::instance_id(&db).await?.simple());
+        let instance = store::instance_id(&db).await?;
+        let namespace = format!("{}:{}", settings.deployment, instance.simple());
+        let postgres = db.get_database_backend() == DatabaseBackend::Postgres;
+        let notify = postgres.then(|| transport::postgres_channel(instance));
+        let mut tasks = Vec::new();
+        if let Some(channel) = notify.as_deref().filter(|_| settings.listen) {
+            let listening = transport::listen_postgres(db.get_postgres_connection_pool(), channel, &hub)
+                .await
+                .map_err(|error| keel_kernel::Error::unavailable(format!("listening for events: {error}")))?;
+            tasks.push(listening);
+        }
         let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
             Some(url) => Arc::new(
                 transport::Redis::connect(url, &transport::channel(&namespace), &hub)
@@ -112,8 +138,11 @@ impl Events {
             ),
             None => Arc::new(transport::InProcess),
         };
-        let relay = Relay::new(db.clone(), transport, &hub);
-        let mut tasks = vec![relay.spawn(settings.relay_poll)];
+        let relay = Relay::new(db.clone(), transport, &hub, notify);
+        // Rows a crashed process committed but never numbered: before
+        // anything new.
+        relay.run_once().await?;
+        tasks.push(relay.spawn(settings.relay_poll));
         tasks.extend(settings.poll.map(|every| hub.spawn_poller(every)));
         tasks.extend(registry.spawn(&db, &hub, settings.handlers));
         tasks.push(spawn_retention(

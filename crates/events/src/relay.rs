@@ -20,15 +20,24 @@ pub struct Relay {
     // This process's subscribers hear of an event without the transport's
     // round trip; other processes through it.
     local: Weak<Hub>,
+    /// PostgreSQL: the channel numbering notifies in its transaction (see
+    /// [`store::assign_sequences`]), which every process's hub listens to.
+    notify: Option<String>,
     wake: Notify,
 }
 
 impl Relay {
-    pub fn new(db: DatabaseConnection, transport: Arc<dyn Transport>, local: &Arc<Hub>) -> Arc<Relay> {
+    pub fn new(
+        db: DatabaseConnection,
+        transport: Arc<dyn Transport>,
+        local: &Arc<Hub>,
+        notify: Option<String>,
+    ) -> Arc<Relay> {
         Arc::new(Relay {
             db,
             transport,
             local: Arc::downgrade(local),
+            notify,
             wake: Notify::new(),
         })
     }
@@ -37,7 +46,7 @@ impl Relay {
     pub async fn run_once(&self) -> Result<usize> {
         let mut total = 0;
         loop {
-            let batch = store::assign_sequences(&self.db, 500, clock::now()).await?;
+            let batch = store::assign_sequences(&self.db, 500, clock::now(), self.notify.as_deref()).await?;
             if batch.is_empty() {
                 return Ok(total);
             }
@@ -49,24 +58,26 @@ impl Relay {
         }
     }
 
-    /// Runs at start (rows a crashed process committed but never numbered),
-    /// on every commit with events, and every `every` when given (rows
-    /// another process committed and then crashed before numbering).
+    /// Runs on every commit with events in this process, and every `every`
+    /// when given (rows another process committed and then crashed before
+    /// numbering; the next commit anywhere numbers them too). Other
+    /// processes' commits do not wake it: their own relay numbers them.
+    /// What was pending at start, [`crate::Events::start`] numbered before
+    /// spawning it.
     pub fn spawn(self: &Arc<Self>, every: Option<Duration>) -> tokio::task::JoinHandle<()> {
         let relay = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Err(error) = relay.run_once().await {
-                    tracing::warn!(error = %error, "event relay failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
                 match every {
                     Some(every) => tokio::select! {
                         () = relay.wake.notified() => {}
                         () = tokio::time::sleep(every) => {}
                     },
                     None => relay.wake.notified().await,
+                }
+                while let Err(error) = relay.run_once().await {
+                    tracing::warn!(error = %error, "event relay failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         })

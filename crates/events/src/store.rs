@@ -190,10 +190,18 @@ const RELAY_LOCK: i64 = 0x6b65_656c_7265_6c61; // "keelrela"
 /// (several keel processes) may call this at once: a transaction-scoped
 /// advisory lock lets one number at a time, so no event gets two numbers and
 /// numbers follow commit order of the relays.
+///
+/// On PostgreSQL with a `notify` channel, the same transaction sends
+/// `NOTIFY <channel>, '<last sequence>'`: every process listening hears of
+/// the batch when, and only if, it commits. NOTIFY serialises the commits
+/// of the transactions that send it; numbering is serialised by the lock
+/// already, so here that costs nothing (in each command's transaction it
+/// would serialise every write of the database).
 pub async fn assign_sequences(
     db: &sea_orm::DatabaseConnection,
     limit: u64,
     now: DateTime<Utc>,
+    notify: Option<&str>,
 ) -> Result<Vec<Envelope>> {
     // SQLite: the write lock up front (BEGIN IMMEDIATE) plays the role of the advisory lock.
     // Both are held until commit, so numbering and publishing follow commit order.
@@ -229,9 +237,20 @@ pub async fn assign_sequences(
         ))
         .all(&tx)
         .await?;
-    tx.commit().await?;
     // RETURNING promises no order.
     numbered.sort_by_key(|row| row.sequence);
+    if let (Some(channel), Some(last)) = (notify, numbered.last())
+        && tx.get_database_backend() == DatabaseBackend::Postgres
+    {
+        let through = last.sequence.unwrap_or_default().to_string();
+        tx.execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [channel.into(), through.into()],
+        ))
+        .await?;
+    }
+    tx.commit().await?;
     Ok(numbered.into_iter().map(envelope).collect())
 }
 
@@ -545,16 +564,26 @@ pub async fn list_dead_letters(
         .collect())
 }
 
+/// What [`lease`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    /// Taken, renewed or confirmed: this owner holds it.
+    Taken,
+    /// Another process holds it, until about then (it may renew it).
+    HeldUntil(DateTime<Utc>),
+}
+
 /// Takes, renews or confirms the lease of `handler` for `owner` until
-/// `until`; false when another process holds it.
+/// `until`, unless another process holds it.
 pub async fn lease(
     db: &impl ConnectionTrait,
     handler: &str,
     owner: &str,
     now: DateTime<Utc>,
     until: DateTime<Utc>,
-) -> Result<bool> {
-    if checkpoint(db, handler).await?.is_none() {
+) -> Result<Lease> {
+    let existing = checkpoints::Entity::find_by_id(handler.to_owned()).one(db).await?;
+    if existing.is_none() {
         // First run anywhere: start from the beginning of the log. A
         // concurrent first insert loses on the primary key and is harmless.
         let _ = checkpoints::ActiveModel {
@@ -580,7 +609,13 @@ pub async fn lease(
         )
         .exec(db)
         .await?;
-    Ok(taken.rows_affected == 1)
+    if taken.rows_affected == 1 {
+        return Ok(Lease::Taken);
+    }
+    // Read before the update, so perhaps renewed since: the caller looks
+    // again then, and finds the later time.
+    let held_until = existing.and_then(|row| row.leased_until).unwrap_or(now);
+    Ok(Lease::HeldUntil(held_until))
 }
 
 /// Moves the checkpoint forward and renews the lease until `until`, if

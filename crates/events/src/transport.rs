@@ -1,9 +1,11 @@
-//! How committed events reach every keel process: in process (one keel), or
-//! Redis pub/sub through fred (several), on a channel namespaced by the
-//! deployment and its database. The transport only carries news ("numbered
-//! through N"); the event table stays the truth: a hub reads what it
-//! delivers from it, and a lost message (Redis down, a reconnect) costs
-//! latency, never an event: hubs also poll the table.
+//! How committed events reach every keel process: in process (one keel),
+//! PostgreSQL LISTEN/NOTIFY (every process sharing the database), and Redis
+//! pub/sub through fred (the cluster bus), on channels namespaced by the
+//! deployment and its database. They only carry news ("numbered through
+//! N"); the event table stays the truth: a hub reads what it delivers from
+//! it, and a lost message (a reconnect, Redis down) costs latency, never an
+//! event: after a reconnect the hub reads the table once, and it also reads
+//! it on a slow safety poll.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,9 @@ use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use keel_kernel::Envelope;
+use sea_orm::sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 use crate::hub::Hub;
 
@@ -180,4 +184,79 @@ impl Transport for Redis {
             Err(_) => tracing::debug!("redis publish timed out; subscribers will poll"),
         }
     }
+}
+
+/// The PostgreSQL channel of a database's events: `keel_events_<instance>`,
+/// the id [`crate::store::instance_id`] keeps in the event tables' schema.
+/// Test schemas in one database never wake each other; processes sharing
+/// the event table share the channel, as they share the events. (A channel
+/// is an identifier of at most 63 bytes: the deployment name does not fit
+/// beside the id, and adds nothing to the table's own identity.)
+pub fn postgres_channel(instance: Uuid) -> String {
+    format!("keel_events_{}", instance.simple())
+}
+
+/// Listens to `channel` on a connection of its own (not one of the pool's:
+/// a listening connection never serves a query) and hints the hub at every
+/// notification: the relays send one when their numbering commits.
+/// Returns once listening, so nothing committed after start goes unheard.
+/// Reconnects forever; after each reconnect the hub reads the table once
+/// (notifications sent meanwhile are lost).
+pub async fn listen_postgres(
+    pool: &PgPool,
+    channel: &str,
+    hub: &Arc<Hub>,
+) -> Result<tokio::task::JoinHandle<()>, sea_orm::sqlx::Error> {
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let mut listener = listen(&own, channel).await?;
+    let channel = channel.to_owned();
+    let weak = Arc::downgrade(hub);
+    Ok(tokio::spawn(async move {
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => {
+                    let Some(hub) = weak.upgrade() else { break };
+                    match notification.payload().parse::<u64>() {
+                        Ok(through) => hub.hint(through).await,
+                        Err(_) => {
+                            tracing::warn!(payload = notification.payload(), "unreadable event notification");
+                            hub.poll().await;
+                        }
+                    }
+                }
+                // Lost and re-established (sqlx listens again before it
+                // returns): what was sent in between is in the table.
+                Ok(None) => {
+                    let Some(hub) = weak.upgrade() else { break };
+                    hub.poll().await;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "postgres event listener lost; reconnecting");
+                    drop(listener);
+                    listener = loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        match listen(&own, &channel).await {
+                            Ok(listener) => break listener,
+                            Err(error) => tracing::debug!(error = %error, "postgres listen failed; retrying"),
+                        }
+                    };
+                    let Some(hub) = weak.upgrade() else { break };
+                    hub.poll().await;
+                }
+            }
+        }
+    }))
+}
+
+async fn listen(pool: &PgPool, channel: &str) -> Result<PgListener, sea_orm::sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    // The listener belongs to no pool that closes: keep listening.
+    listener.ignore_pool_close_event(true);
+    listener.listen(channel).await?;
+    Ok(listener)
 }

@@ -1,5 +1,6 @@
 //! One contract suite for the events machinery, run on every database
-//! (SQLite, PostgreSQL) and every transport (in process, Redis).
+//! (SQLite, PostgreSQL) and every transport (in process, PostgreSQL
+//! LISTEN/NOTIFY, Redis).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,9 +56,11 @@ impl CommandHandler<AddNote> for Notes {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Transport {
     InProcess,
+    /// PostgreSQL's LISTEN/NOTIFY between two processes (no Redis).
+    Notify,
     Redis,
 }
 
@@ -67,18 +70,21 @@ struct Rig {
     /// The process that commits: the bus writes to its outbox, its relay numbers.
     events: Events,
     /// The process subscribers listen on. In process: the same one (its
-    /// relay hands events to its hub). Redis: a second instance on the same
-    /// database whose hub hears of events only through Redis.
+    /// relay hands events to its hub). Notify and Redis: a second instance
+    /// on the same database whose hub hears of events only through
+    /// PostgreSQL's notifications, or only through Redis.
     listener: Events,
     bus: keel_kernel::Bus,
 }
 
-/// Nothing but the transport tells a hub of news: no table poll, no relay
-/// poll. A transport that delivers nothing fails the test.
-fn without_polling(settings: Settings) -> Settings {
+/// Nothing but the transport under test tells a hub of news: no table
+/// poll, no relay poll, and LISTEN only when it is the transport. A
+/// transport that delivers nothing fails the test.
+fn without_polling(settings: Settings, transport: Transport) -> Settings {
     Settings {
         poll: None,
         relay_poll: None,
+        listen: transport == Transport::Notify,
         ..settings
     }
 }
@@ -88,18 +94,21 @@ async fn rig(backend: Backend, transport: Transport, settings: Settings, registr
         .await
         .expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
     let redis_url = match transport {
-        Transport::InProcess => None,
+        Transport::InProcess | Transport::Notify => None,
         Transport::Redis => {
             Some(keel_testkit::redis_url().expect("Redis (KEEL_TEST_REDIS_URL) is required by this test"))
         }
     };
-    let settings = without_polling(Settings { redis_url, ..settings });
-    let events = Events::start(database.db.clone(), settings.clone(), registry)
-        .await
-        .unwrap();
+    let settings = without_polling(Settings { redis_url, ..settings }, transport);
+    // The writer's own hub hears of its events from its relay.
+    let writer = Settings {
+        listen: false,
+        ..settings.clone()
+    };
+    let events = Events::start(database.db.clone(), writer, registry).await.unwrap();
     let listener = match transport {
         Transport::InProcess => events.clone(),
-        Transport::Redis => Events::start(database.db.clone(), settings, Registry::default())
+        Transport::Notify | Transport::Redis => Events::start(database.db.clone(), settings, Registry::default())
             .await
             .unwrap(),
     };
@@ -489,7 +498,7 @@ async fn concurrent_relays_never_number_an_event_twice(backend: Backend, transpo
             tokio::spawn(async move {
                 let mut numbered = Vec::new();
                 for _ in 0..20 {
-                    let batch = store::assign_sequences(&db, 7, keel_kernel::clock::now())
+                    let batch = store::assign_sequences(&db, 7, keel_kernel::clock::now(), None)
                         .await
                         .expect("a relay failed");
                     let sequences: Vec<u64> = batch.iter().map(|event| event.sequence).collect();
@@ -507,7 +516,7 @@ async fn concurrent_relays_never_number_an_event_twice(backend: Backend, transpo
     for relay in relays {
         all.extend(relay.await.unwrap());
     }
-    while !store::assign_sequences(&rig.db, 100, keel_kernel::clock::now())
+    while !store::assign_sequences(&rig.db, 100, keel_kernel::clock::now(), None)
         .await
         .unwrap()
         .is_empty()
@@ -634,6 +643,74 @@ async fn a_hub_delivers_only_what_its_table_confirms() {
     assert_eq!(collect(&mut live, 1).await[0].sequence, 2);
 }
 
+/// Notifications sent while a listener was disconnected are lost: after
+/// reconnecting it reads the table once. Here the events are numbered
+/// without a notification, so with polling off only that read can deliver
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn a_listener_that_reconnects_reads_what_it_missed() {
+    use sea_orm::ConnectionTrait;
+
+    let rig = rig(
+        Backend::Postgres,
+        Transport::Notify,
+        Settings::default(),
+        Registry::default(),
+    )
+    .await;
+    // From here on only this test numbers events: no relay races it.
+    rig.events.stop();
+    let channel = keel_events::transport::postgres_channel(store::instance_id(&rig.db).await.unwrap());
+    let mut live = subscribe(&rig, admin(), &[], 0).await.unwrap();
+    let number = |notify: Option<String>| {
+        let db = rig.db.clone();
+        async move {
+            store::assign_sequences(&db, 100, keel_kernel::clock::now(), notify.as_deref())
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    add(&rig, "heard", Uuid::now_v7(), false).await.unwrap();
+    assert_eq!(number(Some(channel.clone())).await, 1);
+    assert_eq!(collect(&mut live, 1).await.len(), 1, "the notification arrives");
+    // Unannounced: numbered without a notification, once the hub has
+    // finished reading after "heard" (it reads until the table has no more).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for index in 0..3 {
+        store::insert_pending(
+            &rig.db,
+            &[keel_kernel::PendingEvent::new(
+                &Noted(format!("missed {index}")),
+                Some(Uuid::now_v7()),
+                format!("missed {index}"),
+            )],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(number(None).await, 3);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rig.listener.latest_sequence(), 1, "nothing told the listener");
+    let terminated = rig
+        .db
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            // Chosen first, ended after: never anyone else's connection.
+            "WITH chosen AS MATERIALIZED (SELECT pid FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN %' AND query LIKE $1) \
+             SELECT pg_terminate_backend(pid) FROM chosen",
+            [format!("%{channel}%").into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(terminated.len(), 1, "the listener's connection");
+    let events = collect(&mut live, 3).await;
+    let texts: Vec<&str> = events.iter().map(|event| event.aggregate_id.as_str()).collect();
+    assert_eq!(texts, ["missed 0", "missed 1", "missed 2"]);
+}
+
 macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         $(
@@ -649,6 +726,12 @@ macro_rules! contract {
                 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
                 async fn postgres_in_process() {
                     super::$name(Backend::Postgres, Transport::InProcess).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+                async fn postgres_notify() {
+                    super::$name(Backend::Postgres, Transport::Notify).await;
                 }
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

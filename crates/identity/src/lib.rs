@@ -10,7 +10,7 @@
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
-//! - `password.rs`: Argon2id hashing on the blocking pool;
+//! - `password.rs`: Argon2id hashing on the blocking pool, a bounded number at once;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
 //!   `IdentityQueryService`;
 //! - `module.rs`: [`IdentityModule`], what the composition root wires.
@@ -56,6 +56,9 @@ pub struct IdentitySettings {
     pub session_retention: chrono::Duration,
     /// How often pruning runs.
     pub prune_every: Duration,
+    /// At most this many password hashes (or verifications) at once; more
+    /// callers wait. The number of cores by default.
+    pub password_hash_concurrency: usize,
 }
 
 impl Default for IdentitySettings {
@@ -68,6 +71,7 @@ impl Default for IdentitySettings {
             register_per_address: Quota::new(10, Duration::from_secs(30)),
             session_retention: chrono::Duration::days(30),
             prune_every: Duration::from_secs(3600),
+            password_hash_concurrency: crate::password::default_concurrency(),
         }
     }
 }
@@ -90,7 +94,7 @@ impl Identity {
         Self {
             inner: Arc::new(Inner {
                 tokens,
-                hasher: PasswordHasher::new(),
+                hasher: PasswordHasher::with_concurrency(settings.password_hash_concurrency),
                 limiter,
                 settings,
             }),

@@ -60,10 +60,14 @@ fn identity_module(config: &Config, ports: &Ports) -> anyhow::Result<IdentityMod
         config.auth_audience.clone(),
         Duration::from_secs(config.access_token_ttl_seconds),
     );
+    let defaults = IdentitySettings::default();
     let settings = IdentitySettings {
         refresh_grace: chrono::Duration::seconds(config.refresh_grace_seconds as i64),
         register_per_address: keel_kernel::limit::Quota::new(config.register_burst, Duration::from_secs(30)),
-        ..IdentitySettings::default()
+        password_hash_concurrency: config
+            .password_hash_concurrency
+            .unwrap_or(defaults.password_hash_concurrency),
+        ..defaults
     };
     let identity = Identity::new(tokens, ports.limiter.clone(), settings);
     Ok(IdentityModule::new(identity, ports.mailer.clone()))
@@ -73,7 +77,9 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     keel_events::Settings {
         redis_url: config.redis_url.as_ref().map(|url| url.expose().clone()),
         deployment: config.deployment.clone(),
+        listen: config.events_listen,
         poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
+        relay_poll: (config.events_poll_ms > 0).then(|| Duration::from_millis(config.events_poll_ms)),
         subscriptions: keel_events::subscribe::Settings {
             heartbeat: Duration::from_secs(config.events_heartbeat_seconds),
             queue: 256,

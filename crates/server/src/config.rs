@@ -59,6 +59,9 @@ pub struct Config {
     pub access_token_ttl_seconds: u64,
     /// `KEEL_REFRESH_GRACE_SECONDS`: how long a rotated refresh token still rotates.
     pub refresh_grace_seconds: u64,
+    /// `KEEL_PASSWORD_HASH_CONCURRENCY`: at most this many Argon2id hashes
+    /// (19 MiB each) at once; more logins wait for one. Unset: one per core.
+    pub password_hash_concurrency: Option<usize>,
     /// `KEEL_BOOTSTRAP_ADMIN_EMAIL` / `KEEL_BOOTSTRAP_ADMIN_PASSWORD`: an admin
     /// created at start when no account has that email (for containers).
     pub bootstrap_admin_email: Option<String>,
@@ -82,10 +85,16 @@ pub struct Config {
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
     pub events_heartbeat_seconds: u64,
-    /// `KEEL_EVENTS_POLL_MS`: how often each process reads the event table for
-    /// events the transport did not announce; 0 turns the safety net off
-    /// (tests that must see Redis itself deliver).
+    /// `KEEL_EVENTS_POLL_MS`: the safety net under notifications (events
+    /// are announced at commit): how often each process reads the event
+    /// table for events nobody announced, and looks for committed rows a
+    /// crashed process never numbered; 0 turns it off (tests that must see
+    /// a transport itself deliver).
     pub events_poll_ms: u64,
+    /// `KEEL_EVENTS_LISTEN`: PostgreSQL only, hear of other processes'
+    /// events through LISTEN/NOTIFY (on by default; off only for tests that
+    /// must see Redis itself deliver).
+    pub events_listen: bool,
     /// `KEEL_EVENT_HANDLER_MAX_ATTEMPTS`: attempts before an event is dead-lettered.
     pub event_handler_max_attempts: u32,
     /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
@@ -120,6 +129,7 @@ impl Default for Config {
             auth_audience: "keel".to_owned(),
             access_token_ttl_seconds: 900,
             refresh_grace_seconds: 10,
+            password_hash_concurrency: None,
             bootstrap_admin_email: None,
             bootstrap_admin_password: None,
             max_message_bytes: 4 * 1024 * 1024,
@@ -132,7 +142,8 @@ impl Default for Config {
             mail_file: None,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
-            events_poll_ms: 500,
+            events_poll_ms: 30_000,
+            events_listen: true,
             event_handler_max_attempts: 5,
             event_handler_backoff_ms: 200,
         }
@@ -206,6 +217,9 @@ impl Config {
         }
         if self.access_token_ttl_seconds == 0 || self.access_token_ttl_seconds > 24 * 3600 {
             return Err(invalid("KEEL_ACCESS_TOKEN_TTL_SECONDS", "must be between 1 and 86400"));
+        }
+        if self.password_hash_concurrency == Some(0) {
+            return Err(invalid("KEEL_PASSWORD_HASH_CONCURRENCY", "must be at least 1"));
         }
         if self.events_heartbeat_seconds == 0 {
             return Err(invalid("KEEL_EVENTS_HEARTBEAT_SECONDS", "must be at least 1"));

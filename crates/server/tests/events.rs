@@ -461,3 +461,147 @@ async fn a_cursor_in_the_pruned_past_is_told_to_resync() {
         "RESYNC_REQUIRED"
     );
 }
+
+/// Transactions PostgreSQL counted in `database` so far (committed and
+/// rolled back), read through `admin`, a connection to another database:
+/// the reading itself is not counted.
+async fn transactions_in(admin: &sea_orm::DatabaseConnection, database: &str) -> i64 {
+    use sea_orm::ConnectionTrait;
+
+    let row = admin
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = $1",
+            [database.into()],
+        ))
+        .await
+        .unwrap()
+        .expect("the database has statistics");
+    row.try_get_by_index::<i64>(0).unwrap()
+}
+
+/// Ends the connections to `database` (all, or all but the one listening
+/// for events) and waits until they are gone. A backend reports its counts
+/// to the statistics at its next statement or when it ends, not while it
+/// idles: ending them is what makes the counts complete.
+async fn end_connections(admin: &sea_orm::DatabaseConnection, database: &str, but_listening: bool) {
+    use sea_orm::ConnectionTrait;
+
+    let filter = if but_listening {
+        " AND query NOT LIKE 'LISTEN %'"
+    } else {
+        ""
+    };
+    let ended = admin
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DatabaseBackend::Postgres,
+            // Chosen first, ended after: a condition beside the filter
+            // could be evaluated before it, on everyone's connections.
+            format!(
+                "WITH chosen AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = $1{filter}) \
+                 SELECT pid, pg_terminate_backend(pid) FROM chosen"
+            ),
+            [database.into()],
+        ))
+        .await
+        .unwrap();
+    let pids: Vec<i32> = ended.iter().map(|row| row.try_get_by_index(0).unwrap()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = admin
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1)",
+                [pids.clone().into()],
+            ))
+            .await
+            .unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "connections did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A backend leaves the activity view before it reports its last counts
+    // (under load, long before): when PostgreSQL runs on this machine, wait
+    // for its process to end; then until the counts stop moving.
+    while pids
+        .iter()
+        .any(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(tokio::time::Instant::now() < deadline, "backends did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut last = transactions_in(admin, database).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = transactions_in(admin, database).await;
+        if now == last {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the counts did not settle");
+        last = now;
+    }
+}
+
+/// With nothing to do, keel wakes from commits, not from a clock: at most
+/// one database transaction a second, counted by PostgreSQL in a database
+/// of the test's own (other tests' work does not count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn an_idle_keel_runs_at_most_one_transaction_a_second() {
+    use sea_orm::ConnectionTrait;
+
+    let url = keel_testkit::postgres_url().unwrap();
+    let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone())).await.unwrap();
+    let database = format!("idle_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{database}\""))
+        .await
+        .unwrap();
+    let mut own = url::Url::parse(&url).unwrap();
+    own.set_path(&database);
+    let own = own.to_string();
+    let app = spawn_app_with(Backend::Postgres, move |config| {
+        config.database_url = Some(keel_server::config::Secret::new(own));
+        config.database_schema = None;
+        // One pooled connection: ended below, it is replaced once, at the
+        // next health check, then reused (a larger pool replaces its ended
+        // connections one health check at a time: more starts in the window).
+        config.database_max_connections = 1;
+    })
+    .await
+    .unwrap();
+    // Some work first (events, the welcome handler), then nothing.
+    let (_, admin_tokens) = app.admin("root@example.com").await;
+    let mut stream = subscribe(&app, &admin_tokens.access_token, &[], 0).await;
+    assert!(!take(&mut stream, 1).await.is_empty());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // What start-up did is counted before the window. Counted in it besides
+    // idle work: the pool's one new connection (a transaction to start it)
+    // and the listener's start and LISTEN (ended at the end, not now: it
+    // would listen again, and read the table once, in the window).
+    end_connections(&admin, &database, true).await;
+    let before = transactions_in(&admin, &database).await;
+    // Measuring costs a few transactions of its own (the pool's new
+    // connection, the listener's start, LISTEN and UNLISTEN: about 6-10);
+    // 20 s keeps them from deciding the result.
+    let idle = Duration::from_secs(20);
+    tokio::time::sleep(idle).await;
+    // Stopped, keel reconnects nothing: ending its connections completes
+    // the counts.
+    drop(stream);
+    app.stop().await;
+    end_connections(&admin, &database, false).await;
+    let after = transactions_in(&admin, &database).await;
+    let per_second = (after - before) as f64 / idle.as_secs_f64();
+    println!(
+        "idle keel: {} transactions in {idle:?} ({per_second:.2}/s)",
+        after - before
+    );
+    admin
+        .execute_unprepared(&format!("DROP DATABASE \"{database}\" WITH (FORCE)"))
+        .await
+        .unwrap();
+    assert!(per_second <= 1.0, "{} transactions in {idle:?}", after - before);
+}

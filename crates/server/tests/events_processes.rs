@@ -284,6 +284,7 @@ async fn an_event_committed_through_one_process_reaches_a_subscriber_of_another(
             ("KEEL_AUTH_KEYS_FILE", keys.path().display().to_string()),
             // Only Redis tells B of A's events: if it delivers nothing, the test fails.
             ("KEEL_EVENTS_POLL_MS", "0".to_owned()),
+            ("KEEL_EVENTS_LISTEN", "false".to_owned()),
         ]
     };
     let a = start(free_port(), &shared(&data_a)).await;
