@@ -244,13 +244,7 @@ impl Application {
         let readiness = tokio::spawn(watch_database(state.db.clone(), health, services.collect()));
 
         let service = state.listener_service(health_service)?;
-        crate::listen::serve(
-            listener,
-            service,
-            shutdown,
-            Duration::from_secs(config.shutdown_grace_seconds),
-        )
-        .await;
+        crate::listen::serve(listener, service, shutdown, crate::listen::Limits::from_config(&config)).await;
 
         readiness.abort();
         state.tasks.stop();

@@ -70,6 +70,12 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// `KEEL_SHUTDOWN_GRACE_SECONDS`: how long in-flight calls may finish after SIGTERM.
     pub shutdown_grace_seconds: u64,
+    /// `KEEL_MAX_CONNECTIONS`: open client connections at most; one more is
+    /// closed at once, so idle sockets cannot use up file descriptors.
+    pub max_connections: usize,
+    /// `KEEL_FIRST_BYTE_TIMEOUT_SECONDS`: a connection that sends nothing
+    /// (or no complete HTTP/1.1 request head) for this long is closed.
+    pub first_byte_timeout_seconds: u64,
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
@@ -134,6 +140,8 @@ impl Default for Config {
             bootstrap_admin_password: None,
             max_message_bytes: 4 * 1024 * 1024,
             shutdown_grace_seconds: 10,
+            max_connections: 4096,
+            first_byte_timeout_seconds: 10,
             cors_allowed_origins: None,
             hsts: false,
             register_burst: 10,
@@ -211,6 +219,12 @@ impl Config {
                 "KEEL_DEPLOYMENT",
                 "must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
             ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("KEEL_MAX_CONNECTIONS", "must be at least 1"));
+        }
+        if self.first_byte_timeout_seconds == 0 {
+            return Err(invalid("KEEL_FIRST_BYTE_TIMEOUT_SECONDS", "must be at least 1"));
         }
         if self.max_message_bytes < 1024 {
             return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));

@@ -164,7 +164,7 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
         listener,
         service,
         shutdown_signal(),
-        std::time::Duration::from_secs(config.shutdown_grace_seconds),
+        keel_server::listen::Limits::from_config(&config),
     )
     .await;
     Ok(())

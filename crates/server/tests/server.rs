@@ -531,3 +531,99 @@ async fn keel_edge_serves_rest_and_grpc_in_front_of_a_remote_keel() {
         .into_inner();
     assert_eq!(login.user.unwrap().email, "edge@example.com");
 }
+
+/// Reads until the peer closes the connection (EOF or reset), up to `within`;
+/// what it sent on the way.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(received),
+            Ok(Ok(read)) => received.extend_from_slice(&buffer[..read]),
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that has been answered once.
+async fn answered_connection(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: keel\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer))
+        .await
+        .expect("an answer within 10 s")
+        .unwrap();
+    assert!(
+        buffer[..read].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buffer[..read])
+    );
+    stream
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let app = spawn_app_with(Backend::Sqlite, |config| config.first_byte_timeout_seconds = 1)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let received = read_until_closed(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a silent connection is closed, not kept");
+    assert!(received.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed before its timeout"
+    );
+    // A slow request head (slowloris) is cut off the same way.
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /healthz HTTP/1.1\r\nhost: ke")
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut slow, Duration::from_secs(10)).await.is_some());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let app = spawn_app_with(Backend::Sqlite, |config| config.max_connections = 2)
+        .await
+        .unwrap();
+    let first = answered_connection(app.addr).await;
+    let _second = answered_connection(app.addr).await;
+
+    let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut third, b"GET /healthz HTTP/1.1\r\nhost: keel\r\n\r\n").await;
+    let received = read_until_closed(&mut third, Duration::from_secs(10))
+        .await
+        .expect("the connection over the limit is closed");
+    assert!(received.is_empty(), "{:?}", String::from_utf8_lossy(&received));
+
+    // A slot frees when a connection ends.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut next = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let _ = next.write_all(b"GET /healthz HTTP/1.1\r\nhost: keel\r\n\r\n").await;
+        let mut buffer = [0u8; 64];
+        if let Ok(Ok(read)) = tokio::time::timeout(Duration::from_secs(5), next.read(&mut buffer)).await
+            && buffer[..read].starts_with(b"HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed slot was never given to a new connection"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
