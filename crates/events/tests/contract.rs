@@ -90,14 +90,10 @@ fn without_polling(settings: Settings, transport: Transport) -> Settings {
 }
 
 async fn rig(backend: Backend, transport: Transport, settings: Settings, registry: Registry) -> Rig {
-    let database = TestDatabase::new(backend)
-        .await
-        .expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
+    let database = TestDatabase::new(backend).await;
     let redis_url = match transport {
         Transport::InProcess | Transport::Notify => None,
-        Transport::Redis => {
-            Some(keel_testkit::redis_url().expect("Redis (KEEL_TEST_REDIS_URL) is required by this test"))
-        }
+        Transport::Redis => Some(keel_testkit::redis_url()),
     };
     let settings = without_polling(Settings { redis_url, ..settings }, transport);
     // The writer's own hub hears of its events from its relay.
@@ -603,7 +599,7 @@ async fn a_hub_delivers_only_what_its_table_confirms() {
     )
     .await;
     let mut live = subscribe(&rig, admin(), &[], 0).await.unwrap();
-    let redis = Builder::from_config(Config::from_url(&keel_testkit::redis_url().unwrap()).unwrap())
+    let redis = Builder::from_config(Config::from_url(&keel_testkit::redis_url()).unwrap())
         .build()
         .unwrap();
     redis.init().await.unwrap();

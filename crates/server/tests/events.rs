@@ -267,8 +267,7 @@ async fn a_failing_handler_is_dead_lettered_and_replayed(backend: Backend) {
         config.event_handler_max_attempts = 3;
         config.event_handler_backoff_ms = 10;
     })
-    .await
-    .expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
+    .await;
     let (_, admin) = app.admin("root@example.com").await;
     let mut client = EventQueryServiceClient::new(app.channel().await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -393,8 +392,7 @@ async fn redis_going_away_loses_nothing(backend: Backend) {
     let app = spawn_app_with(backend, move |config| {
         config.redis_url = Some(keel_server::config::Secret::new(url));
     })
-    .await
-    .expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
+    .await;
     let (_, admin) = app.admin("root@example.com").await;
     let mut stream = subscribe(&app, &admin.access_token, &["identity.user.registered"], 0).await;
     assert_eq!(take(&mut stream, 1).await.len(), 1);
@@ -433,7 +431,7 @@ async fn redis_restart_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_in_the_pruned_past_is_told_to_resync() {
-    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let app = spawn_app(Backend::Sqlite).await;
     let (_, admin) = app.admin("root@example.com").await;
     register_many(&app, "x", 3).await;
     app.state.events.flush().await.unwrap();
@@ -552,7 +550,7 @@ async fn end_connections(admin: &sea_orm::DatabaseConnection, database: &str, bu
 async fn an_idle_keel_runs_at_most_one_transaction_a_second() {
     use sea_orm::ConnectionTrait;
 
-    let url = keel_testkit::postgres_url().unwrap();
+    let url = keel_testkit::postgres_url();
     let admin = keel_db::connect(&keel_db::DbSettings::new(url.clone())).await.unwrap();
     let database = format!("idle_{}", uuid::Uuid::now_v7().simple());
     admin
@@ -570,8 +568,7 @@ async fn an_idle_keel_runs_at_most_one_transaction_a_second() {
         // connections one health check at a time: more starts in the window).
         config.database_max_connections = 1;
     })
-    .await
-    .unwrap();
+    .await;
     // Some work first (events, the welcome handler), then nothing.
     let (_, admin_tokens) = app.admin("root@example.com").await;
     let mut stream = subscribe(&app, &admin_tokens.access_token, &[], 0).await;

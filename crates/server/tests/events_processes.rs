@@ -254,7 +254,7 @@ async fn sigkill_during_publishing_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
 async fn sigkill_during_publishing_postgres() {
-    let url = keel_testkit::postgres_url().expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
+    let url = keel_testkit::postgres_url();
     let schema = keel_testkit::create_schema(&url).await;
     let data = tempfile::tempdir().unwrap();
     survives_sigkill_while_publishing(vec![
@@ -269,8 +269,8 @@ async fn sigkill_during_publishing_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL) and Redis (KEEL_TEST_REDIS_URL); run with --include-ignored"]
 async fn an_event_committed_through_one_process_reaches_a_subscriber_of_another() {
-    let url = keel_testkit::postgres_url().expect("PostgreSQL (KEEL_TEST_DATABASE_URL) is required by this test");
-    let redis = keel_testkit::redis_url().expect("Redis (KEEL_TEST_REDIS_URL) is required by this test");
+    let url = keel_testkit::postgres_url();
+    let redis = keel_testkit::redis_url();
     let schema = keel_testkit::create_schema(&url).await;
     let keys = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(keys.path(), keel_identity::tokens::KeySet::generate_file()).unwrap();

@@ -588,8 +588,7 @@ mod refresh_reuse {
     async fn sqlite() {
         let app =
             keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
-                .await
-                .unwrap();
+                .await;
         reuse_revokes_the_session(app).await;
     }
 
@@ -599,8 +598,7 @@ mod refresh_reuse {
         let app = keel_testkit::spawn_app_with(keel_testkit::Backend::Postgres, |config| {
             config.refresh_grace_seconds = 1
         })
-        .await
-        .unwrap();
+        .await;
         reuse_revokes_the_session(app).await;
     }
 }

@@ -396,7 +396,7 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
 async fn three_protocols_agree(backend: Backend) {
     let mut results = Vec::new();
     for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Rest] {
-        let app = spawn_app(backend).await.unwrap();
+        let app = spawn_app(backend).await;
         results.push((protocol, scenario(&app, protocol).await));
     }
     let (_, expected) = &results[0];
@@ -490,7 +490,7 @@ fn cors_of(headers: &http::HeaderMap) -> (Option<&str>, Option<&str>) {
 
 #[tokio::test]
 async fn development_cors_answers_loopback_origins_only() {
-    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let app = spawn_app(Backend::Sqlite).await;
     for origin in ["http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8080"] {
         let (status, headers) = raw(&app, get_with_origin("/healthz", Some(origin))).await;
         assert_eq!(status, http::StatusCode::OK);
@@ -521,8 +521,7 @@ async fn a_configured_wildcard_never_allows_credentials() {
         config.auth_keys_file = Some(keys);
         config.cors_allowed_origins = Some("https://app.example, *".to_owned());
     })
-    .await
-    .unwrap();
+    .await;
     let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://app.example"))).await;
     assert_eq!(cors_of(&headers), (Some("https://app.example"), Some("true")));
     let (_, headers) = raw(&app, get_with_origin("/healthz", Some("https://other.example"))).await;
@@ -544,9 +543,7 @@ fn grpc_web_frame(message: &impl Message) -> Bytes {
 /// of the browser headers, HSTS when configured.
 #[tokio::test]
 async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc_web() {
-    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| config.hsts = true)
-        .await
-        .unwrap();
+    let app = keel_testkit::spawn_app_with(Backend::Sqlite, |config| config.hsts = true).await;
     let tokens = {
         app.register("ada@example.com").await;
         app.login("ada@example.com").await
@@ -605,7 +602,7 @@ async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc
         );
     }
     // Without KEEL_HSTS no Strict-Transport-Security.
-    let plain = spawn_app(Backend::Sqlite).await.unwrap();
+    let plain = spawn_app(Backend::Sqlite).await;
     let (_, headers) = raw(&plain, get_with_origin("/healthz", None)).await;
     assert!(headers.get("strict-transport-security").is_none());
     assert_eq!(headers.get("cache-control").unwrap(), "no-store");
@@ -618,7 +615,7 @@ async fn token_answers_are_no_store_with_the_security_headers_over_rest_and_grpc
 /// browser sends; gRPC parses with the same `Email`.
 #[tokio::test]
 async fn lookalike_emails_reach_the_same_account_or_are_refused() {
-    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let app = spawn_app(Backend::Sqlite).await;
     let client = Client3::new(&app, Protocol::Rest).await;
     let register = |email: &str| Call {
         rpc: "IdentityCommandService/Register",

@@ -119,10 +119,9 @@ async fn second_process(first: &TestApp) -> TestApp {
     spawn_app_with(Backend::Postgres, move |config| {
         config.database_schema = schema;
         config.auth_keys_file = Some(keys);
-        config.redis_url = redis.map(keel_server::config::Secret::new);
+        config.redis_url = Some(keel_server::config::Secret::new(redis));
     })
     .await
-    .expect("PostgreSQL")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,10 +129,9 @@ async fn second_process(first: &TestApp) -> TestApp {
 async fn access_ended_on_one_process_ends_on_another_at_once() {
     let redis = keel_testkit::redis_url();
     let first = spawn_app_with(Backend::Postgres, move |config| {
-        config.redis_url = redis.map(keel_server::config::Secret::new);
+        config.redis_url = Some(keel_server::config::Secret::new(redis));
     })
-    .await
-    .expect("PostgreSQL");
+    .await;
     let second = second_process(&first).await;
     let (_, admin) = first.admin("root@example.com").await;
 

@@ -415,11 +415,9 @@ async fn reflection_answers(app: &keel_testkit::TestApp) -> bool {
 
 #[tokio::test]
 async fn reflection_can_be_turned_off() {
-    let on = spawn_app_with(Backend::Sqlite, |_| {}).await.unwrap();
+    let on = spawn_app_with(Backend::Sqlite, |_| {}).await;
     assert!(reflection_answers(&on).await);
-    let off = spawn_app_with(Backend::Sqlite, |config| config.reflection = Some(false))
-        .await
-        .unwrap();
+    let off = spawn_app_with(Backend::Sqlite, |config| config.reflection = Some(false)).await;
     assert!(!reflection_answers(&off).await);
 }
 
@@ -431,7 +429,7 @@ mod bootstrap_admin {
             config.bootstrap_admin_email = Some("root@example.com".into());
             config.bootstrap_admin_password = Some(keel_server::config::Secret::new(PASSWORD.into()));
         };
-        let app = spawn_app_with(backend, configure).await.unwrap();
+        let app = spawn_app_with(backend, configure).await;
         let tokens = app.login("root@example.com").await;
         let me = app
             .queries()
@@ -571,9 +569,7 @@ async fn answered_connection(addr: std::net::SocketAddr) -> tokio::net::TcpStrea
 
 #[tokio::test]
 async fn a_connection_that_sends_nothing_is_closed() {
-    let app = spawn_app_with(Backend::Sqlite, |config| config.first_byte_timeout_seconds = 1)
-        .await
-        .unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |config| config.first_byte_timeout_seconds = 1).await;
     let started = Instant::now();
     let mut silent = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let received = read_until_closed(&mut silent, Duration::from_secs(10))
@@ -594,9 +590,7 @@ async fn a_connection_that_sends_nothing_is_closed() {
 
 #[tokio::test]
 async fn connections_beyond_the_limit_are_closed_at_once() {
-    let app = spawn_app_with(Backend::Sqlite, |config| config.max_connections = 2)
-        .await
-        .unwrap();
+    let app = spawn_app_with(Backend::Sqlite, |config| config.max_connections = 2).await;
     let first = answered_connection(app.addr).await;
     let _second = answered_connection(app.addr).await;
 

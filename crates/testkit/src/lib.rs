@@ -37,11 +37,10 @@ pub const PASSWORD: &str = "correct horse battery staple";
 
 /// `KEEL_TEST_DATABASE_URL`. Called only by tests marked
 /// `#[ignore = "needs PostgreSQL ..."]`, which run when included; so an
-/// unset variable is a failure, never a skip. Always `Some`: the `Option`
-/// keeps callers' `?` and `let ... else` compiling.
-pub fn postgres_url() -> Option<String> {
+/// unset variable is a failure, never a skip.
+pub fn postgres_url() -> String {
     match std::env::var("KEEL_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
+        Ok(url) if !url.is_empty() => url,
         _ => panic!(
             "this test needs PostgreSQL: set KEEL_TEST_DATABASE_URL (e.g. postgres://postgres@127.0.0.1:5432/test), \
              or run `cargo test` without --include-ignored to skip it"
@@ -51,8 +50,8 @@ pub fn postgres_url() -> Option<String> {
 
 /// `KEEL_TEST_REDIS_URL`, checked to answer (a Redis `PING`, once per test
 /// binary). Like [`postgres_url`]: an unset variable or an unreachable Redis
-/// is a failure, never a skip. Always `Some`.
-pub fn redis_url() -> Option<String> {
+/// is a failure, never a skip.
+pub fn redis_url() -> String {
     let url = match std::env::var("KEEL_TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => url,
         _ => panic!(
@@ -64,7 +63,7 @@ pub fn redis_url() -> Option<String> {
     if let Err(error) = REACHABLE.get_or_init(|| redis_answers(&url)) {
         panic!("Redis at KEEL_TEST_REDIS_URL ({url}) is unreachable: {error}");
     }
-    Some(url)
+    url
 }
 
 /// Sends `PING` and waits for any RESP reply (`+PONG`, or an error such as
@@ -112,13 +111,13 @@ pub struct TestDatabase {
 }
 
 impl TestDatabase {
-    /// Always `Some` (see [`postgres_url`]); the `Option` keeps callers' `?`.
-    pub async fn new(backend: Backend) -> Option<TestDatabase> {
+    /// PostgreSQL without `KEEL_TEST_DATABASE_URL` panics (see [`postgres_url`]).
+    pub async fn new(backend: Backend) -> TestDatabase {
         let dir = tempfile::tempdir().unwrap();
         let (settings, schema) = match backend {
             Backend::Sqlite => (keel_db::DbSettings::new(keel_db::sqlite_url(dir.path())), None),
             Backend::Postgres => {
-                let url = postgres_url()?;
+                let url = postgres_url();
                 let name = create_schema(&url).await;
                 let settings = keel_db::DbSettings {
                     schema: Some(name.clone()),
@@ -130,7 +129,7 @@ impl TestDatabase {
         };
         let db = keel_db::connect(&settings).await.unwrap();
         keel_db::migrate(&db).await.unwrap();
-        Some(TestDatabase { db, _dir: dir, schema })
+        TestDatabase { db, _dir: dir, schema }
     }
 }
 
@@ -186,14 +185,14 @@ pub struct TestApp {
     schema: Option<(String, String)>,
 }
 
-/// Starts keel on `backend`. Always `Some`: PostgreSQL without
-/// `KEEL_TEST_DATABASE_URL` panics (see [`postgres_url`]).
-pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+/// Starts keel on `backend`. PostgreSQL without `KEEL_TEST_DATABASE_URL`
+/// panics (see [`postgres_url`]).
+pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await
 }
 
 /// Like [`spawn_app`], with a chance to change the configuration first.
-pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> Option<TestApp> {
+pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -205,7 +204,7 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
     };
     let mut schema = None;
     if backend == Backend::Postgres {
-        let url = postgres_url()?;
+        let url = postgres_url();
         let name = create_schema(&url).await;
         config.database_url = Some(keel_server::config::Secret::new(url.clone()));
         config.database_schema = Some(name.clone());
@@ -221,7 +220,7 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
     let server = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    Some(TestApp {
+    TestApp {
         addr,
         state,
         backend,
@@ -229,7 +228,7 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
         shutdown: Some(shutdown),
         server: Some(server),
         schema,
-    })
+    }
 }
 
 impl TestApp {
@@ -353,7 +352,7 @@ macro_rules! backend_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let $app = $crate::spawn_app($crate::Backend::Sqlite).await.unwrap();
+                    let $app = $crate::spawn_app($crate::Backend::Sqlite).await;
                     $body
                 }
             )*
@@ -365,9 +364,7 @@ macro_rules! backend_tests {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
                 async fn $name() {
-                    let $app = $crate::spawn_app($crate::Backend::Postgres)
-                        .await
-                        .expect("spawn_app on PostgreSQL");
+                    let $app = $crate::spawn_app($crate::Backend::Postgres).await;
                     $body
                 }
             )*
