@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::hub::Hub;
 use crate::model::DeadLetter;
-use crate::store;
+use crate::store::{self, ReplayOutcome};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
@@ -276,12 +276,25 @@ pub async fn replay(db: &DatabaseConnection, registry: &Registry, id: uuid::Uuid
         .ok_or_else(|| Error::new(Code::FailedPrecondition, "the event is no longer retained"))?;
     match handler.handle(&event).await {
         Ok(()) => {
-            store::mark_replayed(db, id, clock::now(), letter.attempts + 1).await?;
+            store::record_replay(
+                db,
+                id,
+                letter.attempts + 1,
+                ReplayOutcome::Succeeded { at: clock::now() },
+            )
+            .await?;
             tracing::info!(handler = letter.handler, event_id = %letter.event_id, "dead letter replayed");
             Ok(())
         }
         Err(error) => {
-            store::record_replay_failure(db, id, &error.to_string(), letter.attempts + 1).await?;
+            let error_text = error.to_string();
+            store::record_replay(
+                db,
+                id,
+                letter.attempts + 1,
+                ReplayOutcome::Failed { error: &error_text },
+            )
+            .await?;
             Err(Error::new(
                 Code::FailedPrecondition,
                 format!("the handler failed again: {}", error.message()),

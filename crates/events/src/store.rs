@@ -488,29 +488,31 @@ pub async fn find_dead_letter(db: &impl ConnectionTrait, id: Uuid) -> Result<Opt
     Ok(dead_letters::Entity::find_by_id(id).one(db).await?.map(dead_letter))
 }
 
-pub async fn mark_replayed(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>, attempts: u32) -> Result<()> {
-    dead_letters::Entity::update_many()
-        .col_expr(dead_letters::Column::ReplayedAt, Expr::value(Some(now)))
-        .col_expr(
-            dead_letters::Column::Attempts,
-            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
-        )
-        .filter(dead_letters::Column::Id.eq(id))
-        .exec(db)
-        .await?;
-    Ok(())
+/// How an admin's replay of a dead letter ended.
+pub enum ReplayOutcome<'a> {
+    Succeeded { at: DateTime<Utc> },
+    Failed { error: &'a str },
 }
 
-pub async fn record_replay_failure(db: &impl ConnectionTrait, id: Uuid, error: &str, attempts: u32) -> Result<()> {
-    dead_letters::Entity::update_many()
-        .col_expr(dead_letters::Column::LastError, Expr::value(error.to_owned()))
-        .col_expr(
-            dead_letters::Column::Attempts,
-            Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
-        )
-        .filter(dead_letters::Column::Id.eq(id))
-        .exec(db)
-        .await?;
+/// Records a replay: its attempt, and either when it succeeded (the letter
+/// is done) or its new error (the letter stays).
+pub async fn record_replay(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    attempts: u32,
+    outcome: ReplayOutcome<'_>,
+) -> Result<()> {
+    let update = dead_letters::Entity::update_many().col_expr(
+        dead_letters::Column::Attempts,
+        Expr::value(i32::try_from(attempts).unwrap_or(i32::MAX)),
+    );
+    let update = match outcome {
+        ReplayOutcome::Succeeded { at } => update.col_expr(dead_letters::Column::ReplayedAt, Expr::value(Some(at))),
+        ReplayOutcome::Failed { error } => {
+            update.col_expr(dead_letters::Column::LastError, Expr::value(error.to_owned()))
+        }
+    };
+    update.filter(dead_letters::Column::Id.eq(id)).exec(db).await?;
     Ok(())
 }
 
