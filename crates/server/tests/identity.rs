@@ -14,14 +14,6 @@ fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
     result.expect_err("the call should fail").code()
 }
 
-async fn current_user(app: &TestApp, token: &str) -> Result<pb::User, tonic::Status> {
-    app.queries()
-        .await
-        .get_current_user(authed(pb::GetCurrentUserRequest {}, token))
-        .await
-        .map(|response| response.into_inner().user.unwrap())
-}
-
 async fn login_with(app: &TestApp, email: &str, password: &str) -> Result<pb::LoginResponse, tonic::Status> {
     app.commands()
         .await
@@ -127,7 +119,7 @@ backend_tests! {
             .tokens()
             .issue_access(user_id, session_id, keel_kernel::Role::User, two_hours_ago)
             .unwrap();
-        assert_eq!(code(current_user(&app, &expired).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&expired).await), Code::Unauthenticated);
         // The same claims, fresh, pass: the expiry is what was refused.
         let (fresh, _) = app
             .state
@@ -135,7 +127,7 @@ backend_tests! {
             .tokens()
             .issue_access(user_id, session_id, keel_kernel::Role::User, chrono::Utc::now())
             .unwrap();
-        assert!(current_user(&app, &fresh).await.is_ok());
+        assert!(app.current_user(&fresh).await.is_ok());
     }
 
     async fn a_token_for_another_audience_is_refused(app: TestApp) {
@@ -145,11 +137,11 @@ backend_tests! {
         let (other, _) = token_service(&app, "another-service")
             .issue_access(user_id, session_id, keel_kernel::Role::User, now)
             .unwrap();
-        assert_eq!(code(current_user(&app, &other).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&other).await), Code::Unauthenticated);
         let (same, _) = token_service(&app, "keel")
             .issue_access(user_id, session_id, keel_kernel::Role::User, now)
             .unwrap();
-        assert!(current_user(&app, &same).await.is_ok());
+        assert!(app.current_user(&same).await.is_ok());
     }
 
     async fn an_unsigned_alg_none_token_is_refused(app: TestApp) {
@@ -166,7 +158,7 @@ backend_tests! {
             .clone();
         let header = engine.encode(serde_json::json!({"alg": "none", "typ": "JWT", "kid": kid}).to_string());
         for forged in [format!("{header}.{signed_claims}."), format!("{header}.{signed_claims}")] {
-            assert_eq!(code(current_user(&app, &forged).await), Code::Unauthenticated);
+            assert_eq!(code(app.current_user(&forged).await), Code::Unauthenticated);
         }
     }
 
@@ -189,13 +181,13 @@ backend_tests! {
         let (forged, _) = forger
             .issue_access(user_id, session_id, keel_kernel::Role::Admin, chrono::Utc::now())
             .unwrap();
-        assert_eq!(code(current_user(&app, &forged).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&forged).await), Code::Unauthenticated);
     }
 
     async fn a_refresh_token_is_not_an_access_token(app: TestApp) {
         let (_, tokens) = app.signed_in("refresh-as-access@example.com").await;
-        assert_eq!(code(current_user(&app, &tokens.refresh_token).await), Code::Unauthenticated);
-        assert!(current_user(&app, &tokens.access_token).await.is_ok());
+        assert_eq!(code(app.current_user(&tokens.refresh_token).await), Code::Unauthenticated);
+        assert!(app.current_user(&tokens.access_token).await.is_ok());
     }
 
     async fn refresh_rotates_and_two_tabs_within_the_grace_window_both_succeed(app: TestApp) {
@@ -207,20 +199,20 @@ backend_tests! {
         assert_ne!(tab_one.refresh_token, first.refresh_token);
         assert_eq!(tab_one.session_id, first.session_id);
         for tokens in [&tab_one, &tab_two] {
-            assert!(current_user(&app, &tokens.access_token).await.is_ok());
+            assert!(app.current_user(&tokens.access_token).await.is_ok());
             assert!(refresh(&app, &tokens.refresh_token).await.is_ok());
         }
     }
 
     async fn logout_revokes_access_at_once(app: TestApp) {
         let (_, tokens) = app.signed_in("logout@example.com").await;
-        assert!(current_user(&app, &tokens.access_token).await.is_ok());
+        assert!(app.current_user(&tokens.access_token).await.is_ok());
         app.commands()
             .await
             .logout(authed(pb::LogoutRequest {}, &tokens.access_token))
             .await
             .unwrap();
-        assert_eq!(code(current_user(&app, &tokens.access_token).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&tokens.access_token).await), Code::Unauthenticated);
         assert_eq!(code(refresh(&app, &tokens.refresh_token).await), Code::Unauthenticated);
     }
 
@@ -357,8 +349,8 @@ backend_tests! {
             ))
             .await
             .unwrap();
-        assert!(current_user(&app, &here.access_token).await.is_ok());
-        assert_eq!(code(current_user(&app, &elsewhere.access_token).await), Code::Unauthenticated);
+        assert!(app.current_user(&here.access_token).await.is_ok());
+        assert_eq!(code(app.current_user(&elsewhere.access_token).await), Code::Unauthenticated);
         assert_eq!(code(login_with(&app, "mover@example.com", PASSWORD).await), Code::Unauthenticated);
         assert!(login_with(&app, "mover@example.com", "a brand new passphrase").await.is_ok());
         let wrong_current = app
@@ -394,15 +386,15 @@ backend_tests! {
             .revoke_session(authed(pb::RevokeSessionRequest { id: laptop.session_id.clone() }, &stranger.access_token))
             .await;
         assert_eq!(code(foreign), Code::NotFound);
-        assert!(current_user(&app, &laptop.access_token).await.is_ok());
+        assert!(app.current_user(&laptop.access_token).await.is_ok());
 
         app.commands()
             .await
             .revoke_session(authed(pb::RevokeSessionRequest { id: laptop.session_id.clone() }, &phone.access_token))
             .await
             .unwrap();
-        assert_eq!(code(current_user(&app, &laptop.access_token).await), Code::Unauthenticated);
-        assert!(current_user(&app, &phone.access_token).await.is_ok());
+        assert_eq!(code(app.current_user(&laptop.access_token).await), Code::Unauthenticated);
+        assert!(app.current_user(&phone.access_token).await.is_ok());
     }
 
     async fn admins_create_list_and_delete_users(app: TestApp) {
@@ -430,7 +422,7 @@ backend_tests! {
         let delete = |token: &str, id: &str| authed(pb::DeleteUserRequest { id: id.into() }, token);
         assert_eq!(code(app.commands().await.delete_user(delete(&user.access_token, &created.id)).await), Code::PermissionDenied);
         app.commands().await.delete_user(delete(&admin.access_token, &created.id)).await.unwrap();
-        assert_eq!(code(current_user(&app, &victim_tokens.access_token).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&victim_tokens.access_token).await), Code::Unauthenticated);
         assert_eq!(code(app.commands().await.delete_user(delete(&admin.access_token, &created.id)).await), Code::NotFound);
     }
 
@@ -575,13 +567,10 @@ mod refresh_reuse {
         assert!(replay.message().contains("revoked"), "{}", replay.message());
         assert_eq!(code(refresh(&app, &rotated.refresh_token).await), Code::Unauthenticated);
         assert_eq!(
-            code(current_user(&app, &rotated.access_token).await),
+            code(app.current_user(&rotated.access_token).await),
             Code::Unauthenticated
         );
-        assert_eq!(
-            code(current_user(&app, &first.access_token).await),
-            Code::Unauthenticated
-        );
+        assert_eq!(code(app.current_user(&first.access_token).await), Code::Unauthenticated);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

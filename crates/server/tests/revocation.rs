@@ -10,14 +10,6 @@ use keel_proto::identity as pb;
 use keel_testkit::{Backend, PASSWORD, TestApp, authed, backend_tests, spawn_app_with};
 use tonic::Code;
 
-async fn current_user(app: &TestApp, token: &str) -> Result<pb::User, tonic::Status> {
-    app.queries()
-        .await
-        .get_current_user(authed(pb::GetCurrentUserRequest {}, token))
-        .await
-        .map(|response| response.into_inner().user.unwrap())
-}
-
 fn refused(result: Result<pb::User, tonic::Status>) -> bool {
     result.is_err_and(|status| status.code() == Code::Unauthenticated)
 }
@@ -36,30 +28,30 @@ backend_tests! {
 
         // Logout.
         let (_, tokens) = app.signed_in("logout@example.com").await;
-        current_user(&app, &tokens.access_token).await.unwrap();
+        app.current_user(&tokens.access_token).await.unwrap();
         app.commands()
             .await
             .logout(authed(pb::LogoutRequest {}, &tokens.access_token))
             .await
             .unwrap();
-        assert!(refused(current_user(&app, &tokens.access_token).await), "after logout");
+        assert!(refused(app.current_user(&tokens.access_token).await), "after logout");
 
         // A session revoked from another session of the same user.
         let (_, laptop) = app.signed_in("laptop@example.com").await;
         let phone = app.login("laptop@example.com").await;
-        current_user(&app, &laptop.access_token).await.unwrap();
+        app.current_user(&laptop.access_token).await.unwrap();
         app.commands()
             .await
             .revoke_session(authed(pb::RevokeSessionRequest { id: laptop.session_id.clone() }, &phone.access_token))
             .await
             .unwrap();
-        assert!(refused(current_user(&app, &laptop.access_token).await), "after RevokeSession");
-        current_user(&app, &phone.access_token).await.unwrap();
+        assert!(refused(app.current_user(&laptop.access_token).await), "after RevokeSession");
+        app.current_user(&phone.access_token).await.unwrap();
 
         // A password change ends the other sessions.
         let (_, old) = app.signed_in("change@example.com").await;
         let current = app.login("change@example.com").await;
-        current_user(&app, &old.access_token).await.unwrap();
+        app.current_user(&old.access_token).await.unwrap();
         app.commands()
             .await
             .change_password(authed(
@@ -71,8 +63,8 @@ backend_tests! {
             ))
             .await
             .unwrap();
-        assert!(refused(current_user(&app, &old.access_token).await), "after ChangePassword");
-        current_user(&app, &current.access_token).await.unwrap();
+        assert!(refused(app.current_user(&old.access_token).await), "after ChangePassword");
+        app.current_user(&current.access_token).await.unwrap();
 
         // A demotion: the same token keeps working, without the admin's rights.
         let (deputy, deputy_tokens) = app.signed_in("deputy@example.com").await;
@@ -100,13 +92,13 @@ backend_tests! {
 
         // A deleted account.
         let (gone, gone_tokens) = app.signed_in("gone@example.com").await;
-        current_user(&app, &gone_tokens.access_token).await.unwrap();
+        app.current_user(&gone_tokens.access_token).await.unwrap();
         app.commands()
             .await
             .delete_user(authed(pb::DeleteUserRequest { id: gone.id.clone() }, &admin.access_token))
             .await
             .unwrap();
-        assert!(refused(current_user(&app, &gone_tokens.access_token).await), "after DeleteUser");
+        assert!(refused(app.current_user(&gone_tokens.access_token).await), "after DeleteUser");
     }
 }
 
@@ -137,7 +129,7 @@ async fn access_ended_on_one_process_ends_on_another_at_once() {
 
     // Logout on the first process; the second had verified the token.
     let (_, tokens) = first.signed_in("ada@example.com").await;
-    current_user(&second, &tokens.access_token).await.unwrap();
+    second.current_user(&tokens.access_token).await.unwrap();
     first
         .commands()
         .await
@@ -145,13 +137,13 @@ async fn access_ended_on_one_process_ends_on_another_at_once() {
         .await
         .unwrap();
     assert!(
-        refused(current_user(&second, &tokens.access_token).await),
+        refused(second.current_user(&tokens.access_token).await),
         "logout elsewhere"
     );
 
     // An account deleted through the second process, used on the first.
     let (gone, gone_tokens) = first.signed_in("gone@example.com").await;
-    current_user(&first, &gone_tokens.access_token).await.unwrap();
+    first.current_user(&gone_tokens.access_token).await.unwrap();
     second
         .commands()
         .await
@@ -162,7 +154,7 @@ async fn access_ended_on_one_process_ends_on_another_at_once() {
         .await
         .unwrap();
     assert!(
-        refused(current_user(&first, &gone_tokens.access_token).await),
+        refused(first.current_user(&gone_tokens.access_token).await),
         "deleted elsewhere"
     );
 }

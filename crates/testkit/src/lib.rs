@@ -279,6 +279,15 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `GetCurrentUser` with `access_token`: the caller, or the status.
+    pub async fn current_user(&self, access_token: &str) -> Result<pb::User, tonic::Status> {
+        self.queries()
+            .await
+            .get_current_user(authed(pb::GetCurrentUserRequest {}, access_token))
+            .await
+            .map(|response| response.into_inner().user.unwrap())
+    }
+
     /// Registers and logs in: the user and an access token.
     pub async fn signed_in(&self, email: &str) -> (pb::User, pb::AuthTokens) {
         let user = self.register(email).await;
