@@ -79,6 +79,7 @@ async fn keel_latency(
         user_id: Uuid::now_v7(),
         session_id: Uuid::now_v7(),
         role: Role::Admin,
+        access_expires_at: None,
     };
     let mut consumers = Vec::new();
     for _ in 0..subscribers {
@@ -94,6 +95,7 @@ async fn keel_latency(
                 after: events_module.latest_sequence(),
                 principal: admin.clone(),
             },
+            keel_kernel::access::never(),
         )
         .await
         .expect("subscribe");
@@ -295,6 +297,7 @@ async fn main() {
         user_id: Uuid::now_v7(),
         session_id: Uuid::now_v7(),
         role: Role::Admin,
+        access_expires_at: None,
     };
     let mut receiver = keel_events::subscribe::start(
         db.clone(),
@@ -308,6 +311,7 @@ async fn main() {
             after: events.latest_sequence(),
             principal: admin,
         },
+        keel_kernel::access::never(),
     )
     .await
     .expect("subscribe");

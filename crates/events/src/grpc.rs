@@ -111,11 +111,11 @@ impl EventQueryService for QueryApi {
                 sequence: event.sequence,
                 kind: Some(pb::subscribe_response::Kind::Event(event_to_proto(&event))),
             }),
-            Ok(Item::Heartbeat { latest }) => Ok(pb::SubscribeResponse {
+            Ok(Item::Heartbeat { cursor }) => Ok(pb::SubscribeResponse {
                 sequence: 0,
                 kind: Some(pb::subscribe_response::Kind::Heartbeat(pb::Heartbeat {
                     at: Some(timestamp(keel_kernel::clock::now())),
-                    latest_sequence: latest,
+                    latest_sequence: cursor,
                 })),
             }),
             Err(error) => Err(Status::from(error)),

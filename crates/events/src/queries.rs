@@ -73,6 +73,7 @@ impl QueryHandler<Subscribe> for Events {
                 after: query.after_sequence,
                 principal,
             },
+            ctx.request.access_ended(),
         )
         .await
         .map(Live)

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_kernel::access::AccessEnd;
 use keel_kernel::{Code, Envelope, Error, Principal, Result, topic_matches};
 use sea_orm::DatabaseConnection;
 use tokio::sync::{broadcast, mpsc};
@@ -15,7 +16,10 @@ use crate::store;
 #[derive(Debug, Clone)]
 pub enum Item {
     Event(Arc<Envelope>),
-    Heartbeat { latest: u64 },
+    /// The subscriber's own cursor: resuming after it misses nothing.
+    Heartbeat {
+        cursor: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -82,11 +86,14 @@ pub struct Settings {
 /// Starts a subscription; its items arrive on the returned channel. An error
 /// item ends it. Fails at once with FAILED_PRECONDITION (reason
 /// `RESYNC_REQUIRED`) when the cursor is older than the retention window.
+/// When `access_ended` resolves (the token expired, the session ended) the
+/// subscription ends with UNAUTHENTICATED and the cursor to resume after.
 pub async fn start(
     db: DatabaseConnection,
     hub: Arc<Hub>,
     settings: Settings,
     subscription: Subscription,
+    access_ended: AccessEnd,
 ) -> Result<mpsc::Receiver<Result<Item>>> {
     if subscription.after > i64::MAX as u64 {
         return Err(Error::invalid_field(
@@ -120,17 +127,17 @@ pub async fn start(
     // between is missed; duplicates are dropped by sequence.
     let (live, _) = hub.subscribe();
     let (sender, receiver) = mpsc::channel(settings.queue.max(1));
-    tokio::spawn(run(db, hub, settings, subscription, live, sender));
+    tokio::spawn(run(db, settings, subscription, live, sender, access_ended));
     Ok(receiver)
 }
 
 async fn run(
     db: DatabaseConnection,
-    hub: Arc<Hub>,
     settings: Settings,
     subscription: Subscription,
     mut live: broadcast::Receiver<Arc<Envelope>>,
     sender: mpsc::Sender<Result<Item>>,
+    mut access_ended: AccessEnd,
 ) {
     // Everything numbered through `known` is committed and visible (numbering
     // commits in sequence order), and the live feed, attached before this
@@ -176,9 +183,13 @@ async fn run(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = heartbeat.tick() => {
-                if sender.send(Ok(Item::Heartbeat { latest: hub.latest() })).await.is_err() {
+                if sender.send(Ok(Item::Heartbeat { cursor: last })).await.is_err() {
                     return;
                 }
+            }
+            ended = &mut access_ended => {
+                let _ = sender.send(Err(ended.into_error(&[("resume_after_sequence", last.to_string())]))).await;
+                return;
             }
             () = sender.closed() => return,
         }

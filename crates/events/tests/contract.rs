@@ -124,6 +124,7 @@ fn admin() -> Principal {
         user_id: Uuid::now_v7(),
         session_id: Uuid::now_v7(),
         role: Role::Admin,
+        access_expires_at: None,
     }
 }
 
@@ -173,6 +174,7 @@ async fn subscribe(
             after,
             principal,
         },
+        keel_kernel::access::never(),
     )
     .await
 }
@@ -249,6 +251,7 @@ async fn users_see_only_their_own_events(backend: Backend, transport: Transport)
         user_id,
         session_id: Uuid::now_v7(),
         role: Role::User,
+        access_expires_at: None,
     };
     let mut bobs = subscribe(&rig, as_user(bob), &[], 0).await.unwrap();
     for index in 0..5 {
@@ -284,6 +287,52 @@ async fn a_cursor_beyond_what_a_sequence_can_be_is_refused(backend: Backend, tra
     assert!(subscribe(&rig, admin(), &[], i64::MAX as u64).await.is_ok());
 }
 
+async fn a_subscription_ends_when_its_access_ends_saying_where_to_resume(backend: Backend, transport: Transport) {
+    let rig = rig(backend, transport, Settings::default(), Registry::default()).await;
+    let user = Uuid::now_v7();
+    let (end, ended) = tokio::sync::oneshot::channel::<()>();
+    let mut receiver = keel_events::subscribe::start(
+        rig.db.clone(),
+        rig.events_hub(),
+        keel_events::subscribe::Settings {
+            heartbeat: Duration::from_secs(30),
+            queue: 64,
+        },
+        keel_events::subscribe::Subscription {
+            topics: Vec::new(),
+            after: 0,
+            principal: admin(),
+        },
+        Box::pin(async move {
+            let _ = ended.await;
+            keel_kernel::AccessEnded::Revoked
+        }),
+    )
+    .await
+    .unwrap();
+    for index in 0..3 {
+        add(&rig, &format!("n{index}"), user, false).await.unwrap();
+    }
+    assert_eq!(collect(&mut receiver, 3).await.len(), 3);
+    end.send(()).unwrap();
+    let error = loop {
+        match tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Item::Heartbeat { .. })) => {}
+            Some(Ok(Item::Event(event))) => panic!("an event after access ended: {}", event.sequence),
+            Some(Err(error)) => break error,
+            None => panic!("ended without saying why"),
+        }
+    };
+    assert_eq!(error.code(), Code::Unauthenticated);
+    let (reason, metadata) = error.info().expect("an ErrorInfo");
+    assert_eq!(reason, "SESSION_ENDED");
+    assert_eq!(metadata, [("resume_after_sequence".to_owned(), "3".to_owned())]);
+    assert!(receiver.recv().await.is_none(), "nothing after the error");
+}
+
 async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, transport: Transport) {
     let settings = Settings {
         hub_buffer: 16,
@@ -302,6 +351,7 @@ async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, t
             after: 0,
             principal: admin(),
         },
+        keel_kernel::access::never(),
     )
     .await
     .unwrap();
@@ -746,6 +796,7 @@ contract!(
     users_see_only_their_own_events,
     a_cursor_beyond_what_a_sequence_can_be_is_refused,
     a_subscriber_too_slow_is_ended_with_where_to_resume,
+    a_subscription_ends_when_its_access_ends_saying_where_to_resume,
     a_cursor_older_than_retention_must_resync,
     failing_handlers_retry_then_dead_letter_then_replay,
     concurrent_relays_never_number_an_event_twice,

@@ -8,6 +8,7 @@
 //! - `store.rs` (private): the SeaORM entities and the module's only SQL,
 //!   mapping rows to the domain types;
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
+//! - `access.rs`: [`access::SessionWatch`], which ends streams whose session ended;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `password.rs`: Argon2id hashing on the blocking pool, a bounded number at once;
@@ -18,6 +19,7 @@
 //! [`register`] wires the handlers into the bus; [`Identity::authenticate`]
 //! turns a bearer token into a principal for the server's auth layer.
 
+pub mod access;
 pub mod admin;
 pub mod commands;
 pub mod events;
@@ -134,7 +136,8 @@ impl Identity {
         db: &impl ConnectionTrait,
         access_token: &str,
     ) -> Result<(Principal, User)> {
-        let (user_id, session_id) = self.tokens().verify_access(access_token)?;
+        let verified = self.tokens().verify_access(access_token)?;
+        let (user_id, session_id) = (verified.user_id, verified.session_id);
         let refused = || Error::unauthenticated("invalid or expired access token");
         let (session, user) = store::find_session_with_user(db, session_id)
             .await?
@@ -146,6 +149,7 @@ impl Identity {
             user_id,
             session_id,
             role: user.role,
+            access_expires_at: verified.expires_at(),
         };
         Ok((principal, user))
     }

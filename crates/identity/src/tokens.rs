@@ -229,15 +229,22 @@ pub struct TokenService {
 }
 
 /// What a verified access token says.
-#[derive(Debug, Clone, Copy)]
-struct VerifiedAccess {
-    user_id: Uuid,
-    session_id: Uuid,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifiedAccess {
+    pub user_id: Uuid,
+    pub session_id: Uuid,
     /// `exp`, in seconds since the epoch.
-    expires_at: i64,
+    pub expires_at: i64,
 }
 
-/// Accepted clock skew on `exp`, in seconds.
+impl VerifiedAccess {
+    /// `exp` as a time.
+    pub fn expires_at(&self) -> Option<DateTime<Utc>> {
+        DateTime::from_timestamp(self.expires_at, 0)
+    }
+}
+
+/// Accepted clock skew on `exp`, `nbf` and `iat`, in seconds.
 const LEEWAY_SECONDS: i64 = 5;
 
 /// Verified tokens kept (about 400 bytes each).
@@ -295,19 +302,19 @@ impl TokenService {
         Ok((token, expires_at))
     }
 
-    /// Checks signature (EdDSA only, by `kid`), `iss`, `aud`, `exp` and
-    /// `typ`; returns the user and session ids.
-    pub fn verify_access(&self, token: &str) -> Result<(Uuid, Uuid)> {
+    /// Checks signature (EdDSA only, by `kid`), `iss`, `aud`, `exp`, `nbf`,
+    /// `iat` and `typ`; returns what the token grants.
+    pub fn verify_access(&self, token: &str) -> Result<VerifiedAccess> {
         if let Some(verified) = self.verified.get(token) {
             if Utc::now().timestamp() > verified.expires_at + LEEWAY_SECONDS {
                 self.verified.remove(token);
                 return Err(Error::unauthenticated("invalid or expired access token"));
             }
-            return Ok((verified.user_id, verified.session_id));
+            return Ok(verified);
         }
         let verified = self.verify_signed(token)?;
         self.verified.insert(token.to_owned(), verified);
-        Ok((verified.user_id, verified.session_id))
+        Ok(verified)
     }
 
     fn verify_signed(&self, token: &str) -> Result<VerifiedAccess> {
@@ -328,6 +335,7 @@ impl TokenService {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = LEEWAY_SECONDS as u64;
         let claims = jsonwebtoken::decode::<AccessClaims>(token, key, &validation)
             .map_err(|error| {
@@ -337,6 +345,10 @@ impl TokenService {
             .claims;
         if claims.typ != ACCESS_TYPE {
             return Err(refuse("not an access token"));
+        }
+        // Issued in the future, or after it expires: not a token keel made.
+        if claims.iat > Utc::now().timestamp() + LEEWAY_SECONDS || claims.iat > claims.exp {
+            return Err(refuse("iat is in the future"));
         }
         let user_id = Uuid::parse_str(&claims.sub).map_err(|_| refuse("bad sub"))?;
         let session_id = Uuid::parse_str(&claims.sid).map_err(|_| refuse("bad sid"))?;
@@ -378,7 +390,8 @@ mod tests {
         let (token, _) = service
             .issue_access(user, session, Role::User, Utc::now())
             .expect("issue");
-        assert_eq!(service.verify_access(&token).ok(), Some((user, session)));
+        let verified = service.verify_access(&token).expect("verifies");
+        assert_eq!((verified.user_id, verified.session_id), (user, session));
         assert!(self::service().verify_access(&token).is_err());
     }
 
@@ -410,6 +423,50 @@ mod tests {
             .expect("issue");
         assert!(service.verify_access(&old).is_err());
         assert!(service.verified.get(old.as_str()).is_none());
+    }
+
+    /// A token keel's own key signed, with these claims over valid ones.
+    fn signed(service: &TokenService, overrides: serde_json::Value) -> String {
+        let now = Utc::now().timestamp();
+        let mut claims = serde_json::json!({
+            "iss": "keel", "aud": "keel", "sub": Uuid::now_v7().to_string(), "sid": Uuid::now_v7().to_string(),
+            "role": "user", "typ": "access", "iat": now, "exp": now + 900,
+        });
+        for (key, value) in overrides.as_object().expect("an object") {
+            claims[key] = value.clone();
+        }
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(service.keys.active_kid.clone());
+        jsonwebtoken::encode(&header, &claims, &service.keys.signing).expect("sign")
+    }
+
+    #[test]
+    fn tokens_not_yet_valid_or_issued_in_the_future_are_refused() {
+        let service = service();
+        let now = Utc::now().timestamp();
+        assert!(service.verify_access(&signed(&service, serde_json::json!({}))).is_ok());
+        assert!(
+            service
+                .verify_access(&signed(&service, serde_json::json!({"nbf": now - 60})))
+                .is_ok()
+        );
+        // Within the leeway is skew, beyond it a token from the future.
+        assert!(
+            service
+                .verify_access(&signed(&service, serde_json::json!({"iat": now + 2})))
+                .is_ok()
+        );
+        for refused in [
+            serde_json::json!({"nbf": now + 120}),
+            serde_json::json!({"iat": now + 120}),
+            serde_json::json!({"iat": now + 2000}),
+            serde_json::json!({"iat": "yesterday"}),
+        ] {
+            assert!(
+                service.verify_access(&signed(&service, refused.clone())).is_err(),
+                "{refused} was accepted"
+            );
+        }
     }
 
     #[test]

@@ -4,9 +4,11 @@ use std::any::Any;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::access::{AccessEnd, AccessEnded, AccessWatch};
 use crate::error::{Error, Result};
 
 /// The roles of Keel, from least to most powerful.
@@ -51,6 +53,10 @@ pub struct Principal {
     /// Read from the database at authentication, not from the token, so a
     /// demotion takes effect at once.
     pub role: Role,
+    /// When the access token it came with expires: streams end then (see
+    /// [`RequestContext::access_ended`]). `None` for a principal that no
+    /// token carried (tests, in-process callers).
+    pub access_expires_at: Option<DateTime<Utc>>,
 }
 
 impl Principal {
@@ -77,6 +83,18 @@ pub struct RequestContext {
     /// database a second time. It is as fresh as the authentication, which
     /// ran at the start of this same request.
     caller: Option<CallerSnapshot>,
+    /// Tells streams when the principal's session ends (set by the server's
+    /// auth layer with the principal).
+    access_watch: Option<AccessWatchHandle>,
+}
+
+#[derive(Clone)]
+struct AccessWatchHandle(Arc<dyn AccessWatch>);
+
+impl std::fmt::Debug for AccessWatchHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessWatch")
+    }
 }
 
 #[derive(Clone)]
@@ -99,6 +117,7 @@ impl RequestContext {
             idempotency_key: None,
             trusted: false,
             caller: None,
+            access_watch: None,
         }
     }
 
@@ -127,6 +146,45 @@ impl RequestContext {
     /// What authentication read about the caller, when it was a `T`.
     pub fn caller<T: Any>(&self) -> Option<&T> {
         self.caller.as_ref().and_then(|snapshot| snapshot.0.downcast_ref::<T>())
+    }
+
+    /// Where streams of this call hear that the principal's session ended.
+    pub fn set_access_watch(&mut self, watch: Arc<dyn AccessWatch>) {
+        self.access_watch = Some(AccessWatchHandle(watch));
+    }
+
+    /// Resolves when the caller's access ends: at its access token's expiry,
+    /// or when the access watch hears that its session ended. Never for a
+    /// call without a principal. A long-lived call selects on it and ends
+    /// with [`AccessEnded::into_error`].
+    pub fn access_ended(&self) -> AccessEnd {
+        let Some(principal) = &self.principal else {
+            return crate::access::never();
+        };
+        let revoked = self.access_watch.as_ref().map(|watch| watch.0.revoked(principal));
+        let expires_at = principal.access_expires_at;
+        Box::pin(async move {
+            let expiry = async {
+                match expires_at {
+                    Some(at) => {
+                        let left = (at - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::sleep(left).await;
+                        AccessEnded::Expired
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let revoked = async {
+                match revoked {
+                    Some(revoked) => revoked.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ended = expiry => ended,
+                ended = revoked => ended,
+            }
+        })
     }
 
     /// The caller, or UNAUTHENTICATED.

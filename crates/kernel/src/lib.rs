@@ -9,6 +9,7 @@
 //!   composition root wires each with one line;
 //! - [`events`]: domain events and the outbox port;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
+//! - [`access`]: when a caller's access ends, so that streams end with it;
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
 //! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
@@ -20,6 +21,7 @@
 //! `grpc.rs` does) nor any SeaORM entity; the one SeaORM type they share is
 //! the connection and the command's transaction, which the bus owns.
 
+pub mod access;
 pub mod backoff;
 pub mod bus;
 pub mod clock;
@@ -34,6 +36,7 @@ pub mod module;
 pub mod page;
 pub mod secret;
 
+pub use access::{AccessEnded, AccessWatch};
 pub use bus::{
     Bus, BusBuilder, Command, CommandContext, CommandHandler, Live, Output, Query, QueryContext, QueryHandler, Reply,
 };

@@ -27,6 +27,8 @@ pub struct State {
     pub bus: Bus,
     /// The authenticator of the server's auth layer.
     pub identity: Identity,
+    /// Ends streams whose session ended (fed by every committed event).
+    pub sessions: keel_identity::access::SessionWatch,
     pub events: keel_events::Events,
     /// Every module, as `State::build` lists them, the events module last.
     pub modules: Arc<[Arc<dyn Module>]>,
@@ -138,12 +140,15 @@ impl State {
         for module in &modules {
             module.register(&mut bus);
         }
-        let tasks = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
+        let mut tasks: Vec<_> = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
+        let sessions = keel_identity::access::SessionWatch::new(db.clone());
+        tasks.push(watch_sessions(&events, sessions.clone()));
         let state = State {
             config: Arc::new(config),
             db,
             bus: bus.build(),
             identity: identity.identity().clone(),
+            sessions,
             events,
             modules: modules.into(),
             tasks: Arc::new(BackgroundTasks::new(tasks)),
@@ -165,6 +170,31 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Hands every committed event, in order, to the session watch: the events
+/// module's hub hears of every process's commits, so a session revoked on
+/// another keel ends this one's streams too.
+fn watch_sessions(
+    events: &keel_events::Events,
+    sessions: keel_identity::access::SessionWatch,
+) -> tokio::task::JoinHandle<()> {
+    let (mut live, _) = events.hub().subscribe();
+    tokio::spawn(async move {
+        loop {
+            match live.recv().await {
+                Ok(event) => sessions.observe(&event),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "the session watch fell behind the events; every stream checks its session"
+                    );
+                    sessions.observe_unknown();
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    })
 }
 
 /// Whether keel writes to the data directory: the SQLite database, the
@@ -284,6 +314,7 @@ impl State {
         let layered = tower::ServiceBuilder::new()
             .layer(ContextLayer::new(
                 self.identity.clone(),
+                Arc::new(self.sessions.clone()),
                 self.db.clone(),
                 self.config.max_message_bytes,
             ))

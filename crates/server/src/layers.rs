@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use keel_db::Db;
 use keel_identity::Identity;
-use keel_kernel::{Error, RequestContext};
+use keel_kernel::{AccessWatch, Error, RequestContext};
 use tonic::body::Body;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
@@ -30,6 +30,8 @@ pub struct ContextLayer {
 
 struct LayerState {
     identity: Identity,
+    /// Given to every authenticated call, so its streams end with its session.
+    sessions: Arc<dyn AccessWatch>,
     db: Db,
     /// The services' `max_decoding_message_size`.
     max_message_bytes: usize,
@@ -38,10 +40,11 @@ struct LayerState {
 impl ContextLayer {
     /// `max_message_bytes` is the decoding limit the services were given:
     /// a request message above it is answered RESOURCE_EXHAUSTED.
-    pub fn new(identity: Identity, db: Db, max_message_bytes: usize) -> Self {
+    pub fn new(identity: Identity, sessions: Arc<dyn AccessWatch>, db: Db, max_message_bytes: usize) -> Self {
         Self {
             state: Arc::new(LayerState {
                 identity,
+                sessions,
                 db,
                 max_message_bytes,
             }),
@@ -120,6 +123,7 @@ where
                         Ok((principal, user)) => {
                             ctx.principal = Some(principal);
                             ctx.set_caller(user);
+                            ctx.set_access_watch(state.sessions.clone());
                         }
                         Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }

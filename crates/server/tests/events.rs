@@ -148,19 +148,7 @@ keel_testkit::backend_tests! {
         let token = bob_tokens.access_token.clone();
         let mut grpc = subscribe(&app, &token, &[], 0).await;
         // grpc-web over HTTP/1.1.
-        let web = {
-            let base = app.endpoint();
-            let http = Client::builder(TokioExecutor::new()).build_http::<tonic_web::GrpcWebCall<tonic::body::Body>>();
-            let service = tower::ServiceBuilder::new()
-                .map_request(move |mut request: http::Request<tonic::body::Body>| {
-                    let path = request.uri().path().to_owned();
-                    *request.uri_mut() = format!("{base}{path}").parse().unwrap();
-                    request
-                })
-                .layer(tonic_web::GrpcWebClientLayer::new())
-                .service(http);
-            EventQueryServiceClient::new(service)
-        };
+        let web = EventQueryServiceClient::new(app.grpc_web());
         let mut grpc_web = web
             .clone()
             .subscribe(authed(ev::SubscribeRequest { topics: vec![], after_sequence: 0 }, &token))

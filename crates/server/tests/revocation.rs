@@ -102,20 +102,6 @@ backend_tests! {
     }
 }
 
-/// A second keel process on the same PostgreSQL and Redis, with the same
-/// signing keys.
-async fn second_process(first: &TestApp) -> TestApp {
-    let schema = first.state.config.database_schema.clone();
-    let keys = first.data_dir.path().join("auth-keys.json");
-    let redis = keel_testkit::redis_url();
-    spawn_app_with(Backend::Postgres, move |config| {
-        config.database_schema = schema;
-        config.auth_keys_file = Some(keys);
-        config.redis_url = Some(keel_server::config::Secret::new(redis));
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL) and Redis (KEEL_TEST_REDIS_URL); run with --include-ignored"]
 async fn access_ended_on_one_process_ends_on_another_at_once() {
@@ -124,7 +110,7 @@ async fn access_ended_on_one_process_ends_on_another_at_once() {
         config.redis_url = Some(keel_server::config::Secret::new(redis));
     })
     .await;
-    let second = second_process(&first).await;
+    let second = keel_testkit::second_process(&first).await;
     let (_, admin) = first.admin("root@example.com").await;
 
     // Logout on the first process; the second had verified the token.

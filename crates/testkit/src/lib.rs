@@ -27,6 +27,13 @@ use tonic::transport::Channel;
 
 pub use keel_proto;
 
+/// A grpc-web transport for generated clients (see [`TestApp::grpc_web`]).
+pub type GrpcWeb = tower::util::BoxCloneService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic_web::GrpcWebCall<hyper::body::Incoming>>,
+    hyper_util::client::legacy::Error,
+>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -231,9 +238,44 @@ pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config
     }
 }
 
+/// A second keel process beside `first`, on its PostgreSQL schema and its
+/// Redis, with the same signing keys: what a cluster of two looks like.
+pub async fn second_process(first: &TestApp) -> TestApp {
+    let schema = first.state.config.database_schema.clone();
+    let redis = first.state.config.redis_url.clone();
+    let keys = first.data_dir.path().join("auth-keys.json");
+    spawn_app_with(Backend::Postgres, move |config| {
+        config.database_schema = schema;
+        config.auth_keys_file = Some(keys);
+        config.redis_url = redis;
+    })
+    .await
+}
+
 impl TestApp {
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// grpc-web over HTTP/1.1 (tonic-web's client layer), the way a
+    /// browser calls: hand it to any generated client.
+    pub fn grpc_web(&self) -> GrpcWeb {
+        let base = self.endpoint();
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<tonic_web::GrpcWebCall<tonic::body::Body>>();
+        let service = tower::ServiceBuilder::new()
+            .map_request(move |mut request: http::Request<tonic::body::Body>| {
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map(|path| path.as_str().to_owned())
+                    .unwrap_or_default();
+                *request.uri_mut() = format!("{base}{path}").parse().unwrap();
+                request
+            })
+            .layer(tonic_web::GrpcWebClientLayer::new())
+            .service(http);
+        tower::util::BoxCloneService::new(service)
     }
 
     pub async fn channel(&self) -> Channel {
