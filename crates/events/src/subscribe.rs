@@ -41,14 +41,16 @@ impl Subscription {
     }
 
     /// Sends the stored events it wants numbered after `after` through
-    /// `through`, filtered in SQL (by owner and topic), page by page. False
-    /// when the subscriber went away or the read failed (it was told).
+    /// `through`, filtered in SQL (by owner and topic), page by page, noting
+    /// the last one sent in `delivered`. False when the subscriber went away
+    /// or the read failed (it was told).
     async fn send_stored(
         &self,
         db: &DatabaseConnection,
         after: u64,
         through: u64,
         sender: &mpsc::Sender<Result<Item>>,
+        delivered: &mut u64,
     ) -> bool {
         const PAGE: u64 = 500;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
@@ -68,6 +70,7 @@ impl Subscription {
                 if sender.send(Ok(Item::Event(Arc::new(event.clone())))).await.is_err() {
                     return false;
                 }
+                *delivered = event.sequence;
             }
             if (page.len() as u64) < PAGE {
                 return true;
@@ -149,9 +152,18 @@ async fn run(
             return;
         }
     };
-    if known > subscription.after && !subscription.send_stored(&db, subscription.after, known, &sender).await {
+    // The last event sent to this subscriber: what heartbeats say, so they
+    // tell nothing of other users' activity.
+    let mut delivered = subscription.after;
+    if known > subscription.after
+        && !subscription
+            .send_stored(&db, subscription.after, known, &sender, &mut delivered)
+            .await
+    {
         return;
     }
+    // The last event looked at (sent or not for this subscriber): where a
+    // resumption starts when the stream ends.
     let mut last = subscription.after.max(known);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + settings.heartbeat, settings.heartbeat);
     loop {
@@ -163,12 +175,18 @@ async fn run(
                     }
                     // A hole in the live feed (the hub skipped a gap): send
                     // what the table has of it first.
-                    if event.sequence > last + 1 && !subscription.send_stored(&db, last, event.sequence - 1, &sender).await {
+                    if event.sequence > last + 1
+                        && !subscription.send_stored(&db, last, event.sequence - 1, &sender, &mut delivered).await
+                    {
                         return;
                     }
                     last = event.sequence;
-                    if subscription.wants(&event) && sender.send(Ok(Item::Event(event))).await.is_err() {
-                        return;
+                    if subscription.wants(&event) {
+                        let sequence = event.sequence;
+                        if sender.send(Ok(Item::Event(event))).await.is_err() {
+                            return;
+                        }
+                        delivered = sequence;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
@@ -183,7 +201,7 @@ async fn run(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = heartbeat.tick() => {
-                if sender.send(Ok(Item::Heartbeat { cursor: last })).await.is_err() {
+                if sender.send(Ok(Item::Heartbeat { cursor: delivered })).await.is_err() {
                     return;
                 }
             }

@@ -333,6 +333,56 @@ async fn a_subscription_ends_when_its_access_ends_saying_where_to_resume(backend
     assert!(receiver.recv().await.is_none(), "nothing after the error");
 }
 
+async fn heartbeats_carry_the_subscribers_own_cursor(backend: Backend, transport: Transport) {
+    let rig = rig(backend, transport, Settings::default(), Registry::default()).await;
+    let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut bobs = keel_events::subscribe::start(
+        rig.db.clone(),
+        rig.events_hub(),
+        keel_events::subscribe::Settings {
+            heartbeat: Duration::from_millis(20),
+            queue: 64,
+        },
+        keel_events::subscribe::Subscription {
+            topics: Vec::new(),
+            after: 0,
+            principal: Principal {
+                user_id: bob,
+                session_id: Uuid::now_v7(),
+                role: Role::User,
+                access_expires_at: None,
+            },
+        },
+        keel_kernel::access::never(),
+    )
+    .await
+    .unwrap();
+    add(&rig, "bob's", bob, false).await.unwrap();
+    for index in 0..4 {
+        add(&rig, &format!("alice {index}"), alice, false).await.unwrap();
+    }
+    assert_eq!(collect(&mut bobs, 1).await[0].sequence, 1);
+    // Once this process has seen Alice's four, a heartbeat still says 1.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rig.events_hub().latest() < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the hub never saw alice's events"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        match tokio::time::timeout_at(deadline, bobs.recv()).await.unwrap() {
+            Some(Ok(Item::Heartbeat { cursor })) => {
+                assert_eq!(cursor, 1, "a heartbeat told of other users' events");
+                heartbeats += 1;
+            }
+            other => panic!("expected heartbeats only: {other:?}"),
+        }
+    }
+}
+
 async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, transport: Transport) {
     let settings = Settings {
         hub_buffer: 16,
@@ -797,6 +847,7 @@ contract!(
     a_cursor_beyond_what_a_sequence_can_be_is_refused,
     a_subscriber_too_slow_is_ended_with_where_to_resume,
     a_subscription_ends_when_its_access_ends_saying_where_to_resume,
+    heartbeats_carry_the_subscribers_own_cursor,
     a_cursor_older_than_retention_must_resync,
     failing_handlers_retry_then_dead_letter_then_replay,
     concurrent_relays_never_number_an_event_twice,
