@@ -76,6 +76,13 @@ pub struct Config {
     /// `KEEL_FIRST_BYTE_TIMEOUT_SECONDS`: a connection that sends nothing
     /// (or no complete HTTP/1.1 request head) for this long is closed.
     pub first_byte_timeout_seconds: u64,
+    /// `KEEL_IDLE_TIMEOUT_SECONDS`: a connection with no call in flight and
+    /// nothing sent either way for this long is closed (HTTP/1.1 keep-alive,
+    /// HTTP/2 without streams; open streams send heartbeats and stay).
+    pub idle_timeout_seconds: u64,
+    /// `KEEL_HTTP2_MAX_CONCURRENT_STREAMS`: streams (calls) one HTTP/2
+    /// connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
@@ -142,6 +149,8 @@ impl Default for Config {
             shutdown_grace_seconds: 10,
             max_connections: 4096,
             first_byte_timeout_seconds: 10,
+            idle_timeout_seconds: 120,
+            http2_max_concurrent_streams: 200,
             cors_allowed_origins: None,
             hsts: false,
             register_burst: 10,
@@ -225,6 +234,18 @@ impl Config {
         }
         if self.first_byte_timeout_seconds == 0 {
             return Err(invalid("KEEL_FIRST_BYTE_TIMEOUT_SECONDS", "must be at least 1"));
+        }
+        if self.idle_timeout_seconds == 0 {
+            return Err(invalid("KEEL_IDLE_TIMEOUT_SECONDS", "must be at least 1"));
+        }
+        if self.http2_max_concurrent_streams == 0 {
+            return Err(invalid("KEEL_HTTP2_MAX_CONCURRENT_STREAMS", "must be at least 1"));
+        }
+        if self.idle_timeout_seconds <= self.events_heartbeat_seconds {
+            return Err(invalid(
+                "KEEL_IDLE_TIMEOUT_SECONDS",
+                "must be longer than KEEL_EVENTS_HEARTBEAT_SECONDS, or idle streams would be closed",
+            ));
         }
         if self.max_message_bytes < 1024 {
             return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));

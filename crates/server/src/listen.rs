@@ -1,10 +1,15 @@
 //! The accept loop of the one listener: HTTP/1.1 and HTTP/2 (h2c) on the
 //! same port through hyper's auto builder, the peer address on every
-//! request, bounded connections, and graceful shutdown bounded by a grace
-//! period.
+//! request, bounded connections (how many, how long silent, how long idle,
+//! HTTP/2's streams, windows and header lists), and graceful shutdown
+//! bounded by a grace period.
 
 use std::future::Future;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,7 +29,32 @@ pub struct Limits {
     /// A connection must send its first byte (and an HTTP/1.1 request its
     /// head) within this.
     pub first_byte_timeout: Duration,
+    /// A connection with no call in flight and no byte either way for this
+    /// long is closed (keep-alive connections between requests, HTTP/2
+    /// connections without streams). Streams stay open: they send heartbeats.
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
 }
+
+/// HTTP/2 bounds besides the configurable stream count: one request's
+/// headers, the flow-control windows (what a peer may make keel buffer),
+/// and the write buffer per stream. HTTP/1.1's read buffer bounds its request
+/// head the same way.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+const HTTP2_STREAM_WINDOW_BYTES: u32 = 1024 * 1024;
+const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 * 1024 * 1024;
+const HTTP2_MAX_SEND_BUFFER_BYTES: usize = 400 * 1024;
+/// Streams a client may reset before keel has accepted them (the rapid
+/// reset attack, CVE-2023-44487), and streams keel may reset for a client's
+/// protocol errors, before the connection is closed.
+const HTTP2_MAX_PENDING_RESETS: usize = 20;
+const HTTP2_MAX_ERROR_RESETS: usize = 256;
+const HTTP1_MAX_BUFFER_BYTES: usize = 64 * 1024;
+const HTTP1_MAX_HEADERS: usize = 100;
+
+/// At most one "connection limit reached" warning in this long.
+const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 impl Limits {
     pub fn from_config(config: &crate::config::Config) -> Self {
@@ -32,6 +62,8 @@ impl Limits {
             grace: Duration::from_secs(config.shutdown_grace_seconds),
             max_connections: config.max_connections,
             first_byte_timeout: Duration::from_secs(config.first_byte_timeout_seconds),
+            idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
+            http2_max_concurrent_streams: config.http2_max_concurrent_streams,
         }
     }
 }
@@ -46,19 +78,32 @@ pub async fn serve(
         grace,
         max_connections,
         first_byte_timeout,
+        idle_timeout,
+        http2_max_concurrent_streams,
     } = limits;
-    let connections = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Keep-alive pings and header timeouts need a timer.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(first_byte_timeout);
+        .header_read_timeout(first_byte_timeout)
+        .max_buf_size(HTTP1_MAX_BUFFER_BYTES)
+        .max_headers(HTTP1_MAX_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_concurrent_streams(http2_max_concurrent_streams)
+        .max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .max_send_buf_size(HTTP2_MAX_SEND_BUFFER_BYTES)
+        .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(HTTP2_MAX_ERROR_RESETS);
+    let mut refused_since_warning = 0u64;
+    let mut last_warning: Option<Instant> = None;
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -77,8 +122,17 @@ pub async fn serve(
         // Accepted and closed at once beyond the limit: waiting in the
         // kernel's backlog would hold the client without an answer.
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::debug!(max_connections, "connection refused: too many open");
             drop(stream);
+            refused_since_warning += 1;
+            if last_warning.is_none_or(|at| at.elapsed() >= LIMIT_WARNING_EVERY) {
+                tracing::warn!(
+                    max_connections,
+                    refused = refused_since_warning,
+                    "connection limit reached (KEEL_MAX_CONNECTIONS): new connections are closed at once"
+                );
+                refused_since_warning = 0;
+                last_warning = Some(Instant::now());
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -87,10 +141,18 @@ pub async fn serve(
             remote_addr: Some(remote),
         };
         let service = service.clone();
+        let activity = Activity::new();
+        let calls = activity.clone();
         let per_request = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(info.clone());
-            service.clone().oneshot(request)
+            let in_flight = calls.call_started();
+            let answer = service.clone().oneshot(request);
+            async move {
+                let response = answer.await;
+                drop(in_flight);
+                response
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();
@@ -109,11 +171,31 @@ pub async fn serve(
                     return;
                 }
             }
+            let stream = Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
                 .into_owned();
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(error = %error, "connection ended with an error");
+            let served = watcher.watch(connection);
+            tokio::pin!(served);
+            loop {
+                tokio::select! {
+                    result = &mut served => {
+                        if let Err(error) = result {
+                            tracing::debug!(error = %error, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = tokio::time::sleep(activity.idle_left(idle_timeout)) => {
+                        if activity.idle_left(idle_timeout).is_zero() {
+                            // Dropping the connection closes the socket.
+                            tracing::debug!(peer = %remote, "connection closed: idle");
+                            return;
+                        }
+                    }
+                }
             }
         });
     }
@@ -124,5 +206,117 @@ pub async fn serve(
         () = tokio::time::sleep(grace) => {
             tracing::warn!(grace_seconds = grace.as_secs(), "calls still in flight after the grace period; closing them");
         }
+    }
+}
+
+/// When a connection last moved a byte, and how many calls it has in flight.
+#[derive(Clone)]
+struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    since: Instant,
+    /// Milliseconds after `since` of the last byte read or written.
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// One call in flight, until dropped.
+struct InFlight(Activity);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self(Arc::new(ActivityState {
+            since: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }))
+    }
+
+    fn touch(&self) {
+        let now = self.0.since.elapsed().as_millis() as u64;
+        self.0.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn call_started(&self) -> InFlight {
+        self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// How much longer the connection may stay idle: zero once it has been
+    /// idle (no call in flight, no byte) for `timeout`.
+    fn idle_left(&self, timeout: Duration) -> Duration {
+        if self.0.in_flight.load(Ordering::Relaxed) > 0 {
+            return timeout;
+        }
+        let last = Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
+        (last + timeout).saturating_sub(self.0.since.elapsed())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A socket that notes each byte it moves in its [`Activity`].
+    struct Watched<S> {
+        #[pin]
+        inner: S,
+        activity: Activity,
+    }
+}
+
+impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

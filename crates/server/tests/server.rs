@@ -621,3 +621,87 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_a_quiet_stream_stays_open() {
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.idle_timeout_seconds = 2;
+        config.events_heartbeat_seconds = 1;
+    })
+    .await;
+    let (_, tokens) = app.signed_in("ada@example.com").await;
+    // An SSE stream that receives nothing but heartbeats for longer than
+    // the idle timeout.
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/events/stream?afterSequence=1000000 HTTP/1.1\r\nhost: keel\r\naccept: text/event-stream\r\n\
+         authorization: Bearer {}\r\n\r\n",
+        tokens.access_token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut idle = answered_connection(app.addr).await;
+    let closed = read_until_closed(&mut idle, Duration::from_secs(10))
+        .await
+        .expect("an idle keep-alive connection is closed");
+    assert!(closed.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "closed before its idle timeout"
+    );
+    // The stream outlived it, and still delivers heartbeats.
+    let mut heartbeats = 0;
+    let mut buffer = [0u8; 4096];
+    while heartbeats < 2 {
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut buffer),
+        )
+        .await
+        .expect("the stream stays open")
+        .unwrap();
+        assert!(read > 0, "the stream was closed");
+        heartbeats += String::from_utf8_lossy(&buffer[..read]).matches("heartbeat").count();
+    }
+}
+
+#[tokio::test]
+async fn http2_settings_are_bounded() {
+    let app = spawn_app_with(Backend::Sqlite, |config| config.http2_max_concurrent_streams = 7).await;
+    let socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut client, mut connection) = h2::client::handshake(socket).await.unwrap();
+    let request = http::Request::get(format!("{}/healthz", app.endpoint()))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    let response = tokio::select! {
+        response = response => response.unwrap(),
+        result = &mut connection => panic!("the connection ended first: {result:?}"),
+    };
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        connection.max_concurrent_send_streams(),
+        7,
+        "SETTINGS_MAX_CONCURRENT_STREAMS"
+    );
+    // A request head larger than the header list limit is refused.
+    let mut large = http::Request::get(format!("{}/healthz", app.endpoint()));
+    for index in 0..40 {
+        large = large.header(format!("x-padding-{index}"), "x".repeat(1000));
+    }
+    // Refused: a 431, a reset stream, or the connection closed (h2 sends
+    // GOAWAY for a header block it will not decode); never served.
+    let served = match client.send_request(large.body(()).unwrap(), true) {
+        Ok((response, _)) => tokio::select! {
+            response = response => response.ok().map(|response| response.status()),
+            _ = &mut connection => None,
+        },
+        Err(_) => None,
+    };
+    assert!(
+        served.is_none_or(|status| status == 431),
+        "a 40 KB header list was answered {served:?}"
+    );
+}
