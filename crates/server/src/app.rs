@@ -100,6 +100,9 @@ impl State {
     /// Connects, migrates, builds every module and registers it.
     pub async fn build(config: Config) -> anyhow::Result<State> {
         if uses_data_dir(&config) {
+            if config.env == Environment::Production {
+                crate::files::check_data_dir(&config.data_dir)?;
+            }
             crate::files::prepare_data_dir(&config.data_dir)?;
         }
         let db = connect(&config).await?;

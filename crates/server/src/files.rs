@@ -88,23 +88,40 @@ fn tighten(path: &Path, mode: u32) -> std::io::Result<()> {
 /// In production the signing keys must be the keel user's alone: a key
 /// file that group or others can read is refused, naming the fix.
 pub fn check_key_file(path: &Path) -> anyhow::Result<()> {
+    check_private(
+        path,
+        "KEEL_AUTH_KEYS_FILE",
+        "chmod 600",
+        " (on Kubernetes, defaultMode: 0400 on the secret volume)",
+    )
+}
+
+/// In production an existing data directory that group or others can
+/// reach is refused, naming the fix, rather than quietly tightened: someone
+/// chose that mode, and the files in it may have been readable for a while.
+pub fn check_data_dir(dir: &Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    check_private(dir, "KEEL_DATA_DIR", "chmod 700", "")
+}
+
+fn check_private(path: &Path, setting: &str, fix: &str, hint: &str) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let metadata =
-            std::fs::metadata(path).with_context(|| format!("reading KEEL_AUTH_KEYS_FILE {}", path.display()))?;
+        let metadata = std::fs::metadata(path).with_context(|| format!("reading {setting} {}", path.display()))?;
         let mode = metadata.permissions().mode() & 0o7777;
         if mode & SHARED_BITS != 0 {
             anyhow::bail!(
-                "KEEL_AUTH_KEYS_FILE {path} is open to group or others (mode {mode:o}); KEEL_ENV=production \
-                 needs it private to keel's user: chmod 600 {path} (on Kubernetes, defaultMode: 0400 on the \
-                 secret volume)",
+                "{setting} {path} is open to group or others (mode {mode:o}); KEEL_ENV=production \
+                 needs it private to keel's user: {fix} {path}{hint}",
                 path = path.display(),
             );
         }
     }
     #[cfg(not(unix))]
-    let _ = path;
+    let _ = (path, setting, fix, hint);
     Ok(())
 }
 
@@ -141,6 +158,22 @@ mod tests {
 
         tighten_if_exists(&dir.join("missing")).unwrap();
         assert!(!dir.join("missing").exists());
+    }
+
+    #[test]
+    fn a_shared_data_dir_is_refused_naming_it_and_the_fix() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("keel-data");
+        check_data_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        for shared in [0o755, 0o750, 0o701, 0o777] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(shared)).unwrap();
+            let error = check_data_dir(&dir).unwrap_err().to_string();
+            assert!(error.contains("KEEL_DATA_DIR"), "{error}");
+            assert!(error.contains(&format!("chmod 700 {}", dir.display())), "{error}");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_data_dir(&dir).unwrap();
     }
 
     #[test]
