@@ -300,6 +300,8 @@ async fn the_data_dir_and_its_files_are_private_whatever_the_umask() {
 fn production_refuses_a_key_file_that_others_can_read() {
     use std::os::unix::fs::PermissionsExt;
     let data_dir = tempfile::tempdir().unwrap();
+    // The directory is private: only the key file is wrong.
+    std::fs::set_permissions(data_dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let keys = data_dir.path().join("keys.json");
     std::fs::write(&keys, keel_identity::tokens::KeySet::generate_file()).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();

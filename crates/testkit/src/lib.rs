@@ -200,7 +200,11 @@ pub async fn spawn_app(backend: Backend) -> TestApp {
 
 /// Like [`spawn_app`], with a chance to change the configuration first.
 pub async fn spawn_app_with(backend: Backend, configure: impl FnOnce(&mut Config)) -> TestApp {
-    let data_dir = tempfile::tempdir().unwrap();
+    // Private, as an operator would make it (production refuses a wider one).
+    let data_dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data_dir.path().to_owned(),
