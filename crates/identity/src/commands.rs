@@ -217,6 +217,44 @@ impl Identity {
         }
     }
 
+    /// The strict limits of a sign-in attempt for `account` (an email key
+    /// or a user id): per client address, and per account and address
+    /// together. Callers without an address (in-process ones) share one
+    /// allowance per account.
+    async fn throttle_sign_in(&self, account: &str, address: Option<IpAddr>) -> Result<()> {
+        let settings = self.settings();
+        self.throttle_address("login:address", address, settings.login_per_address)
+            .await?;
+        let address = address.map_or_else(|| "in-process".to_owned(), |address| address.to_string());
+        self.throttle(
+            "login:account_address",
+            format!("{account}:{address}"),
+            settings.login_per_account_address,
+        )
+        .await
+    }
+
+    /// Waits for `account`'s turn under the per-account pace, at most
+    /// `login_account_max_delay`; never refuses. Runs before the password is
+    /// verified and before any transaction, so a waiting attempt holds no
+    /// hashing permit and no lock.
+    async fn slow_down_account(&self, account: &str) {
+        let settings = self.settings();
+        let key = format!("login:account:{account}");
+        let deadline = tokio::time::Instant::now() + settings.login_account_max_delay;
+        loop {
+            let Err(retry_after) = self.limiter().acquire(&key, settings.login_account_pace).await else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::debug!("sign-in attempts for one account are many; verifying after the longest delay");
+                return;
+            }
+            tokio::time::sleep(retry_after.min(deadline - now)).await;
+        }
+    }
+
     /// Writes one refresh token of `session_id`, in the command's
     /// transaction, and signs an access token.
     async fn issue_tokens(
@@ -345,10 +383,9 @@ impl CommandHandler<CreateUser> for Identity {
 impl CommandHandler<Login> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: Login) -> Result<LoginOutcome> {
         let settings = self.settings();
-        self.throttle_address("login:address", ctx.request.client_ip, settings.login_per_address)
+        self.throttle_sign_in(command.email.key(), ctx.request.client_ip)
             .await?;
-        self.throttle("login:account", command.email.key(), settings.login_per_account)
-            .await?;
+        self.slow_down_account(command.email.key()).await;
         let credentials = store::find_credentials_by_email(ctx.db, &command.email).await?;
         let address = ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
         let Some(Credentials { user, password_hash }) = credentials else {
@@ -463,11 +500,13 @@ impl CommandHandler<Logout> for Identity {
 impl CommandHandler<ChangePassword> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: ChangePassword) -> Result<()> {
         let principal = ctx.request.principal()?.clone();
-        self.throttle("login:account", principal.user_id, self.settings().login_per_account)
+        self.throttle_sign_in(&principal.user_id.to_string(), ctx.request.client_ip)
             .await?;
         let Credentials { user, password_hash } = store::find_credentials(ctx.db, principal.user_id)
             .await?
             .ok_or_else(not_found_user)?;
+        // Guesses of one password through either door share one pace.
+        self.slow_down_account(user.email.key()).await;
         if !self.hasher().verify(&command.current_password, &password_hash).await? {
             return Err(Error::invalid_field("current_password", "is not correct"));
         }

@@ -49,8 +49,21 @@ pub struct IdentitySettings {
     /// How long after a rotation the old refresh token still rotates
     /// (two tabs refreshing at once) instead of revoking the session.
     pub refresh_grace: chrono::Duration,
-    pub login_per_account: Quota,
+    /// Sign-in attempts one client address may make for one account
+    /// (login and change-password); more are refused (RESOURCE_EXHAUSTED).
+    pub login_per_account_address: Quota,
+    /// Sign-in attempts one client address may make, whatever the account;
+    /// more are refused.
     pub login_per_address: Quota,
+    /// Sign-in attempts for one account, from every address together, that
+    /// are verified at once. More are never refused: each waits for its turn
+    /// under this quota, at most `login_account_max_delay`, then is verified.
+    /// A refusal here would let strangers lock the owner out of their
+    /// account; a delay only slows guessing, which the per-address limits
+    /// above bound.
+    pub login_account_pace: Quota,
+    /// The longest an attempt waits under `login_account_pace`.
+    pub login_account_max_delay: Duration,
     pub register_per_address: Quota,
     /// How long an expired or revoked session is kept before it is pruned.
     pub session_retention: chrono::Duration,
@@ -66,8 +79,10 @@ impl Default for IdentitySettings {
         Self {
             refresh_ttl: chrono::Duration::days(30),
             refresh_grace: chrono::Duration::seconds(10),
-            login_per_account: Quota::new(10, Duration::from_secs(60)),
+            login_per_account_address: Quota::new(10, Duration::from_secs(60)),
             login_per_address: Quota::new(30, Duration::from_secs(2)),
+            login_account_pace: Quota::new(20, Duration::from_millis(500)),
+            login_account_max_delay: Duration::from_secs(2),
             register_per_address: Quota::new(10, Duration::from_secs(30)),
             session_retention: chrono::Duration::days(30),
             prune_every: Duration::from_secs(3600),

@@ -258,8 +258,34 @@ backend_tests! {
         let retry = status.get_error_details().retry_info().unwrap().retry_delay.unwrap();
         assert!(retry > Duration::ZERO, "{retry:?}");
         assert!(status.metadata().get("retry-after").is_some());
-        // The right password is refused too while throttled.
+        // The right password is refused too from the guessing address ...
         assert_eq!(code(login_with(&app, "throttled@example.com", PASSWORD).await), Code::ResourceExhausted);
+        // ... and accepted from another one: the guesser did not lock the account.
+        let elsewhere = channel_from(&app, std::net::Ipv4Addr::new(127, 0, 0, 2).into()).await;
+        assert!(login_from(&elsewhere, "throttled@example.com", PASSWORD).await.is_ok());
+    }
+
+    async fn an_address_guessing_many_accounts_is_refused(app: TestApp) {
+        app.register("spray@example.com").await;
+        let sprayer = channel_from(&app, std::net::Ipv4Addr::new(127, 0, 0, 3).into()).await;
+        let mut refused = None;
+        // One guess per account: only the per-address limit (30 at once) applies.
+        for attempt in 0..45 {
+            match login_from(&sprayer, &format!("someone{attempt}@example.com"), "not the password").await {
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    refused = Some((attempt, status));
+                    break;
+                }
+                Err(status) => assert_eq!(status.code(), Code::Unauthenticated),
+                Ok(_) => panic!("an unknown email logged in"),
+            }
+        }
+        let (attempt, status) = refused.expect("the address was never throttled");
+        assert!(attempt >= 30, "refused after {attempt} attempts");
+        assert!(status.get_error_details().retry_info().is_some());
+        // Refused whatever the account, the right password too.
+        assert_eq!(code(login_from(&sprayer, "spray@example.com", PASSWORD).await), Code::ResourceExhausted);
+        assert!(login_with(&app, "spray@example.com", PASSWORD).await.is_ok());
     }
 
     async fn another_users_id_is_not_found(app: TestApp) {
@@ -589,5 +615,127 @@ mod refresh_reuse {
         })
         .await;
         reuse_revokes_the_session(app).await;
+    }
+}
+
+/// A channel whose connections come from `source` (127.0.0.2, ...: on Linux
+/// all of 127/8 is loopback), so the server sees another client address.
+async fn channel_from(app: &TestApp, source: std::net::IpAddr) -> tonic::transport::Channel {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(source));
+    connector.set_nodelay(true);
+    tonic::transport::Endpoint::from_shared(app.endpoint())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}
+
+async fn login_from(
+    channel: &tonic::transport::Channel,
+    email: &str,
+    password: &str,
+) -> Result<pb::LoginResponse, tonic::Status> {
+    pb::identity_command_service_client::IdentityCommandServiceClient::new(channel.clone())
+        .login(pb::LoginRequest {
+            email: email.to_owned(),
+            password: password.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Strangers guessing one account's password from many addresses: each
+/// address is refused after its own few guesses, the account as a whole is
+/// only slowed, and its owner signs in throughout.
+mod lockout {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    const ATTACKERS: u8 = 4;
+    const GUESSES: usize = 1_000;
+    const ROUNDS: usize = 10;
+    const PER_ACCOUNT_ADDRESS: u32 = 10;
+
+    fn configure(config: &mut keel_server::Config) {
+        config.login_burst_per_account_address = PER_ACCOUNT_ADDRESS;
+        // The per-account slowdown, shrunk: the test measures refusals, not delays.
+        config.login_account_burst = 5;
+        config.login_account_interval_ms = 10;
+        config.login_account_max_delay_ms = 50;
+    }
+
+    /// `count` wrong passwords from `channel`, one after another: how many
+    /// were verified (answered UNAUTHENTICATED, not RESOURCE_EXHAUSTED).
+    async fn guess(channel: tonic::transport::Channel, count: usize) -> usize {
+        let mut verified = 0;
+        for attempt in 0..count {
+            match login_from(&channel, "victim@example.com", &format!("guess number {attempt}")).await {
+                Err(status) if status.code() == Code::Unauthenticated => verified += 1,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    assert!(
+                        status.get_error_details().retry_info().is_some(),
+                        "429 without RetryInfo"
+                    );
+                }
+                other => panic!("a guess answered {other:?}"),
+            }
+        }
+        verified
+    }
+
+    async fn strangers_cannot_lock_an_account(app: TestApp) {
+        app.register("victim@example.com").await;
+        let started = Instant::now();
+        let mut attackers = Vec::new();
+        for index in 0..ATTACKERS {
+            attackers.push(channel_from(&app, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + index))).await);
+        }
+        let per_round = GUESSES / ROUNDS / usize::from(ATTACKERS);
+        let mut verified = 0;
+        let mut owner_logins = 0;
+        for round in 0..ROUNDS {
+            // The owner, from an address of their own, at the same time as
+            // this round of guesses, and between rounds.
+            let owner = channel_from(&app, IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + round as u8))).await;
+            let guesses = futures::future::join_all(attackers.iter().map(|channel| guess(channel.clone(), per_round)));
+            let (counts, owner_login) = tokio::join!(guesses, login_from(&owner, "victim@example.com", PASSWORD));
+            verified += counts.iter().sum::<usize>();
+            let owner_login =
+                owner_login.unwrap_or_else(|status| panic!("round {round}: the owner was refused: {status:?}"));
+            assert_eq!(owner_login.user.unwrap().email, "victim@example.com");
+            owner_logins += 1;
+        }
+        let elapsed = started.elapsed();
+        eprintln!(
+            "lockout: {verified} of {GUESSES} guesses from {ATTACKERS} addresses were verified in {elapsed:?}; \
+             the owner signed in {owner_logins} of {ROUNDS} times during the attack"
+        );
+        // Each address gets its burst for this account, and one more per
+        // minute after it; everything else was refused before verifying.
+        let refills = elapsed.as_secs() as usize / 60 + 1;
+        let bound = usize::from(ATTACKERS) * (PER_ACCOUNT_ADDRESS as usize + refills);
+        assert!(verified <= bound, "{verified} guesses verified, more than {bound}");
+        assert!(
+            verified >= usize::from(ATTACKERS) * PER_ACCOUNT_ADDRESS as usize,
+            "{verified}"
+        );
+        assert_eq!(owner_logins, ROUNDS);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        strangers_cannot_lock_an_account(keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, configure).await)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+    async fn postgres() {
+        strangers_cannot_lock_an_account(
+            keel_testkit::spawn_app_with(keel_testkit::Backend::Postgres, configure).await,
+        )
+        .await;
     }
 }
