@@ -255,16 +255,16 @@ impl Identity {
         }
     }
 
-    /// Writes one refresh token of `session_id`, in the command's
+    /// Writes `refresh_token` as one of `session_id`, in the command's
     /// transaction, and signs an access token.
     async fn issue_tokens(
         &self,
         ctx: &CommandContext<'_>,
         user: &User,
         session_id: Uuid,
+        refresh_token: Secret<String>,
         now: DateTime<Utc>,
     ) -> Result<IssuedTokens> {
-        let refresh_token = new_refresh_token();
         let refresh_token_expires_at = now + self.settings().refresh_ttl;
         store::insert_refresh_token(
             ctx.tx().await?,
@@ -426,7 +426,9 @@ impl CommandHandler<Login> for Identity {
             ip_address: address.clone(),
         };
         store::insert_session(ctx.tx().await?, &session).await?;
-        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
+        let tokens = self
+            .issue_tokens(ctx, &user, session.id, new_refresh_token(), now)
+            .await?;
         ctx.record(
             &UserLoggedIn(pb::UserLoggedIn {
                 user_id: user.id.to_string(),
@@ -444,13 +446,51 @@ impl CommandHandler<Login> for Identity {
     }
 }
 
+/// How many rotations a redemption within the grace window follows (tab A
+/// rotated twice while tab B still held the first token).
+const SUCCESSOR_CHAIN: usize = 8;
+
+impl Identity {
+    /// The live refresh token that `presented` (already exchanged) leads to:
+    /// its successor, or that one's, while each was exchanged within the
+    /// grace window. `None` is a reuse: a step exchanged longer ago, a chain
+    /// too long, or a successor that is not there.
+    async fn live_successor(
+        &self,
+        ctx: &CommandContext<'_>,
+        presented: RefreshToken,
+        presented_secret: Secret<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(RefreshToken, Secret<String>)>> {
+        let tx = ctx.tx().await?;
+        let key = self.tokens().keys().successor_key();
+        let (mut token, mut secret) = (presented, presented_secret);
+        for _ in 0..=SUCCESSOR_CHAIN {
+            let Some(used_at) = token.used_at else {
+                return Ok(Some((token, secret)));
+            };
+            if now - used_at > self.settings().refresh_grace {
+                return Ok(None);
+            }
+            secret = key.successor(secret.expose())?;
+            match store::find_refresh_token(tx, &hash_refresh_token(secret.expose())).await? {
+                Some(next) if next.session_id == token.session_id && next.expires_at > now => token = next,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+}
+
 #[async_trait]
 impl CommandHandler<RefreshSession> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: RefreshSession) -> Result<RefreshOutcome> {
         let now = clock::now();
         let tx = ctx.tx().await?;
         let token_hash = hash_refresh_token(command.refresh_token.expose());
-        let token = store::find_refresh_token(tx, &token_hash)
+        // Locked: a second redemption of this token waits for the first to
+        // commit, then sees it exchanged and finds the same successor.
+        let token = store::lock_refresh_token(tx, &token_hash)
             .await?
             .ok_or_else(invalid_refresh_token)?;
         let session = store::find_session(tx, token.session_id)
@@ -464,24 +504,44 @@ impl CommandHandler<RefreshSession> for Identity {
             .await?
             .ok_or_else(invalid_refresh_token)?;
 
-        if !store::claim_refresh_token(tx, token.id, now).await? {
-            // Already exchanged. Within the grace window this is a second tab
-            // refreshing at the same moment: it gets its own new token. After
-            // it, the token was stolen or replayed: end the session.
-            let used_at = store::find_refresh_token_by_id(tx, token.id)
-                .await?
-                .and_then(|token| token.used_at)
-                .unwrap_or(now);
-            if now - used_at > self.settings().refresh_grace {
-                store::revoke_session(tx, session.id, now).await?;
-                record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
-                tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
-                return Ok(RefreshOutcome::ReuseDetected);
+        if token.used_at.is_none() {
+            if !store::claim_refresh_token(tx, token.id, now).await? {
+                // Not while the row is locked; refused rather than guessed at.
+                return Err(Error::new(
+                    Code::Aborted,
+                    "the refresh token was exchanged concurrently; retry",
+                ));
             }
+            // The successor is derived, not random, so that presenting this
+            // token again (a second tab, a retry) hands out the same one.
+            let successor = self
+                .tokens()
+                .keys()
+                .successor_key()
+                .successor(command.refresh_token.expose())?;
+            let tokens = self.issue_tokens(ctx, &user, session.id, successor, now).await?;
+            store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
+            return Ok(RefreshOutcome::Rotated(tokens));
         }
-        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
-        store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
-        Ok(RefreshOutcome::Rotated(tokens))
+        // Already exchanged. Within the grace window this is a second tab
+        // refreshing at the same moment: it gets the live token the first
+        // exchange led to, never a second branch. After it, the token was
+        // stolen or replayed: end the session.
+        let Some((live, refresh_token)) = self.live_successor(ctx, token, command.refresh_token, now).await? else {
+            store::revoke_session(tx, session.id, now).await?;
+            record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
+            tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
+            return Ok(RefreshOutcome::ReuseDetected);
+        };
+        let (access_token, access_token_expires_at) =
+            self.tokens().issue_access(user.id, session.id, user.role, now)?;
+        Ok(RefreshOutcome::Rotated(IssuedTokens {
+            access_token: Secret::new(access_token),
+            access_token_expires_at,
+            refresh_token,
+            refresh_token_expires_at: live.expires_at,
+            session_id: session.id,
+        }))
     }
 }
 

@@ -10,6 +10,7 @@
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
+//! - `successor.rs`: the keyed derivation of a refresh token's successor;
 //! - `password.rs`: Argon2id hashing on the blocking pool, a bounded number at once;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
 //!   `IdentityQueryService`;
@@ -28,6 +29,7 @@ pub mod password;
 pub mod pruning;
 pub mod queries;
 mod store;
+pub mod successor;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -46,8 +48,9 @@ use crate::tokens::TokenService;
 #[derive(Debug, Clone)]
 pub struct IdentitySettings {
     pub refresh_ttl: chrono::Duration,
-    /// How long after a rotation the old refresh token still rotates
-    /// (two tabs refreshing at once) instead of revoking the session.
+    /// How long after a rotation the old refresh token still answers (two
+    /// tabs refreshing at once, a retry) instead of revoking the session:
+    /// with the successor the rotation gave, never a new one.
     pub refresh_grace: chrono::Duration,
     /// Sign-in attempts one client address may make for one account
     /// (login and change-password); more are refused (RESOURCE_EXHAUSTED).

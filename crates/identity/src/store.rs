@@ -486,6 +486,19 @@ pub async fn find_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> 
         .map(refresh_token_from_row))
 }
 
+/// [`find_refresh_token`], the row locked until the transaction ends
+/// (`FOR UPDATE` on PostgreSQL; SQLite has one writer at a time): two
+/// redemptions of one token at once take turns.
+pub async fn lock_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> Result<Option<RefreshToken>> {
+    Ok(refresh_tokens::Entity::find()
+        .filter(refresh_tokens::Column::TokenHash.eq(token_hash))
+        .lock_exclusive()
+        .one(db)
+        .await?
+        .map(refresh_token_from_row))
+}
+
+#[cfg(test)]
 pub async fn find_refresh_token_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<RefreshToken>> {
     Ok(refresh_tokens::Entity::find_by_id(id)
         .one(db)

@@ -190,18 +190,41 @@ backend_tests! {
         assert!(app.current_user(&tokens.access_token).await.is_ok());
     }
 
-    async fn refresh_rotates_and_two_tabs_within_the_grace_window_both_succeed(app: TestApp) {
+    async fn redeeming_one_refresh_token_again_within_the_grace_window_returns_the_same_successor(app: TestApp) {
         let (_, first) = app.signed_in("tabs@example.com").await;
-        let tab_one = refresh(&app, &first.refresh_token).await.unwrap();
-        // The second tab presents the same, just rotated, token.
-        let tab_two = refresh(&app, &first.refresh_token).await.unwrap();
-        assert_ne!(tab_one.refresh_token, tab_two.refresh_token);
-        assert_ne!(tab_one.refresh_token, first.refresh_token);
-        assert_eq!(tab_one.session_id, first.session_id);
-        for tokens in [&tab_one, &tab_two] {
-            assert!(app.current_user(&tokens.access_token).await.is_ok());
-            assert!(refresh(&app, &tokens.refresh_token).await.is_ok());
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(refresh(&app, &first.refresh_token).await.unwrap());
         }
+        let successor = answers[0].refresh_token.clone();
+        assert_ne!(successor, first.refresh_token);
+        assert!(answers.iter().all(|tokens| tokens.refresh_token == successor), "the session forked");
+        for tokens in &answers {
+            assert_eq!(tokens.session_id, first.session_id);
+            assert!(app.current_user(&tokens.access_token).await.is_ok());
+        }
+        // The one successor is live, and rotates as usual ...
+        let next = refresh(&app, &successor).await.unwrap();
+        assert_ne!(next.refresh_token, successor);
+        // ... and a tab still holding the first token (or the successor)
+        // follows the chain to that live token, never to a branch of its own.
+        assert_eq!(refresh(&app, &first.refresh_token).await.unwrap().refresh_token, next.refresh_token);
+        assert_eq!(refresh(&app, &successor).await.unwrap().refresh_token, next.refresh_token);
+        assert!(refresh(&app, &next.refresh_token).await.is_ok());
+    }
+
+    async fn concurrent_redemptions_of_one_refresh_token_return_the_same_successor(app: TestApp) {
+        let (_, first) = app.signed_in("racing-tabs@example.com").await;
+        let answers = futures::future::join_all((0..5).map(|_| refresh(&app, &first.refresh_token))).await;
+        let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+        let successor = answers[0].refresh_token.clone();
+        assert_ne!(successor, first.refresh_token);
+        assert!(
+            answers.iter().all(|tokens| tokens.refresh_token == successor),
+            "concurrent redemptions forked the session: {:?}",
+            answers.iter().map(|tokens| &tokens.refresh_token).collect::<Vec<_>>()
+        );
+        assert!(refresh(&app, &successor).await.is_ok());
     }
 
     async fn logout_revokes_access_at_once(app: TestApp) {
@@ -599,12 +622,59 @@ mod refresh_reuse {
         assert_eq!(code(app.current_user(&first.access_token).await), Code::Unauthenticated);
     }
 
+    /// One successor however often the first token is redeemed in the
+    /// window; once the window has passed, redeeming it again ends the
+    /// session, the successor with it.
+    async fn the_successor_chain_ends_with_the_grace_window(app: TestApp) {
+        let (_, first) = app.signed_in("window@example.com").await;
+        let successors: Vec<_> = futures::future::join_all((0..5).map(|_| refresh(&app, &first.refresh_token)))
+            .await
+            .into_iter()
+            .map(|tokens| tokens.unwrap().refresh_token)
+            .collect();
+        assert!(successors.iter().all(|token| *token == successors[0]), "{successors:?}");
+        let live = refresh(&app, &successors[0]).await.unwrap();
+        // Redeemed again until the window has passed: the live token each
+        // time, then the end of the session.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let replay = loop {
+            match refresh(&app, &first.refresh_token).await {
+                Ok(tokens) => assert_eq!(tokens.refresh_token, live.refresh_token, "a second branch"),
+                Err(status) => break status,
+            }
+            assert!(Instant::now() < deadline, "reuse was never detected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(replay.code(), Code::Unauthenticated);
+        assert!(replay.message().contains("revoked"), "{}", replay.message());
+        assert_eq!(code(refresh(&app, &live.refresh_token).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&live.access_token).await), Code::Unauthenticated);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
         let app =
             keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
                 .await;
         reuse_revokes_the_session(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chain_sqlite() {
+        let app =
+            keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
+                .await;
+        the_successor_chain_ends_with_the_grace_window(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+    async fn chain_postgres() {
+        let app = keel_testkit::spawn_app_with(keel_testkit::Backend::Postgres, |config| {
+            config.refresh_grace_seconds = 1
+        })
+        .await;
+        the_successor_chain_ends_with_the_grace_window(app).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
