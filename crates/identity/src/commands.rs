@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use crate::Identity;
 use crate::events::{
-    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+    LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn,
+    UserRegistered, UserUpdated,
 };
 use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
 use crate::store;
@@ -357,15 +358,44 @@ impl CommandHandler<Register> for Identity {
         let settings = self.settings();
         self.throttle_address("register:address", ctx.request.client_ip, settings.register_per_address)
             .await?;
+        // Hashed whether or not the email is taken: the same work, the same time.
         let hash = self.hasher().hash(command.password.secret()).await?;
         let user = new_user(command.email, command.display_name, Role::User);
-        store::insert_user(ctx.tx().await?, &user, &hash).await?;
-        record_registered(ctx, &user);
-        tracing::info!(user_id = %user.id, "user registered");
+        let tx = ctx.tx().await?;
+        let owner = match store::find_user_by_email(tx, &user.email).await? {
+            Some(owner) => Some(owner),
+            None if store::insert_user_if_email_free(tx, &user, &hash).await? => None,
+            // Taken between the check and the insert, by a concurrent registration.
+            None => Some(
+                store::find_user_by_email(tx, &user.email)
+                    .await?
+                    .ok_or_else(|| Error::internal("an email was taken by no user"))?,
+            ),
+        };
+        let Some(owner) = owner else {
+            record_registered(ctx, &user);
+            tracing::info!(user_id = %user.id, "user registered");
+            return Ok(user);
+        };
+        // The same answer as for a new account, with a user that was never
+        // stored: Register does not tell who has an account. The owner is
+        // told by email instead.
+        ctx.record(
+            &RegistrationDuplicate(pb::RegistrationDuplicate {
+                user_id: owner.id.to_string(),
+                email: owner.email.as_str().to_owned(),
+                ip_address: ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            }),
+            Some(owner.id),
+            owner.id.to_string(),
+        );
+        tracing::info!(user_id = %owner.id, "registration with a taken email; the owner is told");
         Ok(user)
     }
 }
 
+/// Unlike [`Register`], a taken email is ALREADY_EXISTS: the caller is an
+/// admin (or the CLI), trusted to know which accounts exist.
 #[async_trait]
 impl CommandHandler<CreateUser> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: CreateUser) -> Result<User> {

@@ -4,7 +4,8 @@
 //! - `model.rs`: the domain types — `User`, `Session`, and the newtypes that
 //!   parse at the boundary (`Email`, `DisplayName`, `NewPassword`);
 //! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
-//! - `events.rs`: the events identity emits, and the welcome-email handler;
+//! - `events.rs`: the events identity emits, and its email handlers (welcome,
+//!   someone registering with a taken address);
 //! - `store.rs` (private): the SeaORM entities and the module's only SQL,
 //!   mapping rows to the domain types;
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;

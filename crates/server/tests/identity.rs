@@ -66,17 +66,102 @@ backend_tests! {
     }
 
     async fn emails_are_unique_case_insensitively(app: TestApp) {
-        app.register("grace@example.com").await;
-        let duplicate = app
-            .commands()
-            .await
-            .register(pb::RegisterRequest {
-                email: "GRACE@example.COM".into(),
-                password: PASSWORD.into(),
-                display_name: "Grace".into(),
-            })
-            .await;
-        assert_eq!(code(duplicate), Code::AlreadyExists);
+        let original = app.register("grace@example.com").await;
+        let register = |email: &str| pb::RegisterRequest {
+            email: email.into(),
+            password: "another passphrase entirely".into(),
+            display_name: "Grace".into(),
+        };
+        let mut fresh_times = Vec::new();
+        let mut taken_times = Vec::new();
+        for attempt in 0..3 {
+            let started = Instant::now();
+            app.commands().await.register(register(&format!("fresh{attempt}@example.com"))).await.unwrap();
+            fresh_times.push(started.elapsed());
+            let started = Instant::now();
+            // Answered like a new account ...
+            let duplicate = app.commands().await.register(register("GRACE@example.COM")).await.unwrap().into_inner().user.unwrap();
+            taken_times.push(started.elapsed());
+            assert_ne!(duplicate.id, original.id);
+            assert_eq!(duplicate.email, "GRACE@example.COM");
+        }
+        // ... but no second account: the original signs in, with its own password only.
+        let signed_in = login_with(&app, "grace@example.com", PASSWORD).await.unwrap();
+        assert_eq!(signed_in.user.unwrap().id, original.id);
+        assert_eq!(code(login_with(&app, "grace@example.com", "another passphrase entirely").await), Code::Unauthenticated);
+        // Both hash the password: a taken email does not answer faster.
+        fresh_times.sort();
+        taken_times.sort();
+        let (fresh, taken) = (fresh_times[1], taken_times[1]);
+        assert!(taken * 3 >= fresh, "taken email {taken:?} vs fresh email {fresh:?}");
+    }
+
+    async fn concurrent_registrations_of_one_email_all_answer_and_create_one_account(app: TestApp) {
+        let register = || async {
+            app.commands()
+                .await
+                .register(pb::RegisterRequest { email: "race@example.com".into(), password: PASSWORD.into(), display_name: "Race".into() })
+                .await
+                .map(|response| response.into_inner().user.unwrap().id)
+        };
+        let answers = futures::future::join_all((0..4).map(|_| register())).await;
+        let ids: Vec<String> = answers.into_iter().map(Result::unwrap).collect();
+        let account = login_with(&app, "race@example.com", PASSWORD).await.unwrap().user.unwrap().id;
+        assert_eq!(ids.iter().filter(|id| **id == account).count(), 1, "{ids:?} vs {account}");
+    }
+
+    async fn register_answers_the_same_whether_the_email_is_taken_or_not(app: TestApp) {
+        let (_, admin) = app.admin("root@example.com").await;
+        let register = |password: &str| serde_json::json!({"email": "ada@example.com", "password": password, "displayName": "Ada"});
+        let (first_status, first_headers, first) = rest(&app, "POST", "/v1/auth/register", None, register(PASSWORD)).await;
+        let (second_status, second_headers, second) =
+            rest(&app, "POST", "/v1/auth/register", None, register("another passphrase entirely")).await;
+        assert_eq!(first_status, 201, "{first}");
+        assert_eq!(second_status, first_status, "{second}");
+        assert_eq!(header_names(&second_headers), header_names(&first_headers));
+        assert_eq!(shape(&second), shape(&first));
+        let (original, ghost) = (&first["data"]["user"], &second["data"]["user"]);
+        for field in ["email", "displayName", "role"] {
+            assert_eq!(ghost[field], original[field], "{field}");
+        }
+        // The wire User has no version; its timestamps are now.
+        for field in ["createdAt", "updatedAt"] {
+            let at: chrono::DateTime<chrono::Utc> = ghost[field].as_str().unwrap().parse().unwrap();
+            assert!((chrono::Utc::now() - at).num_seconds().abs() < 60, "{field} {at}");
+        }
+        assert_ne!(ghost["id"], original["id"]);
+        assert!(uuid::Uuid::parse_str(ghost["id"].as_str().unwrap()).is_ok());
+
+        // The second answer's user does not exist; the first one does.
+        let user_path = |user: &serde_json::Value| format!("/v1/users/{}", user["id"].as_str().unwrap());
+        let (status, _, _) = rest(&app, "GET", &user_path(ghost), Some(&admin.access_token), serde_json::Value::Null).await;
+        assert_eq!(status, 404);
+        let (status, _, _) = rest(&app, "GET", &user_path(original), Some(&admin.access_token), serde_json::Value::Null).await;
+        assert_eq!(status, 200);
+        assert_eq!(login_with(&app, "ada@example.com", PASSWORD).await.unwrap().user.unwrap().id, original["id"].as_str().unwrap());
+
+        // The owner is told, once; the welcome email went out once.
+        let mail_file = app.data_dir.path().join("mail.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mail = loop {
+            let mail: Vec<serde_json::Value> = std::fs::read_to_string(&mail_file)
+                .unwrap_or_default()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .filter(|mail: &serde_json::Value| mail["to"] == "ada@example.com")
+                .collect();
+            if mail.len() >= 2 {
+                break mail;
+            }
+            assert!(Instant::now() < deadline, "the owner got {} emails within 10 s: {mail:?}", mail.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let subjects: Vec<_> = mail.iter().map(|mail| mail["subject"].as_str().unwrap()).collect();
+        assert_eq!(subjects.len(), 2, "{subjects:?}");
+        assert!(subjects.contains(&"Welcome to Keel"), "{subjects:?}");
+        assert!(subjects.contains(&"Someone tried to register with your address"), "{subjects:?}");
+        let warning = mail.iter().find(|mail| mail["subject"] != "Welcome to Keel").unwrap();
+        assert!(warning["text"].as_str().unwrap().contains("sign in"), "{warning}");
     }
 
     async fn invalid_input_names_every_field(app: TestApp) {
@@ -685,6 +770,63 @@ mod refresh_reuse {
         })
         .await;
         reuse_revokes_the_session(app).await;
+    }
+}
+
+/// One REST call to the app: status, headers and the JSON body.
+async fn rest(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    access_token: Option<&str>,
+    body: serde_json::Value,
+) -> (http::StatusCode, http::HeaderMap, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", app.endpoint()))
+        .header("content-type", "application/json");
+    if let Some(token) = access_token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let response = client.request(request.body(body.into()).unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (parts.status, parts.headers, json)
+}
+
+/// The header names of a response, but those that differ on every call.
+fn header_names(headers: &http::HeaderMap) -> std::collections::BTreeSet<String> {
+    headers
+        .keys()
+        .map(|name| name.as_str().to_owned())
+        .filter(|name| !matches!(name.as_str(), "x-request-id" | "date"))
+        .collect()
+}
+
+/// A JSON value with every leaf replaced by its type: what two answers
+/// share when their values differ.
+fn shape(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => Value::Object(object.iter().map(|(key, item)| (key.clone(), shape(item))).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(shape).collect()),
+        Value::String(_) => "string".into(),
+        Value::Number(_) => "number".into(),
+        Value::Bool(_) => "bool".into(),
+        Value::Null => Value::Null,
     }
 }
 
