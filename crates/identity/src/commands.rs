@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use crate::Identity;
 use crate::events::{
-    LoginFailed, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
+    LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn,
+    UserRegistered, UserUpdated,
 };
 use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
 use crate::store;
@@ -217,16 +218,54 @@ impl Identity {
         }
     }
 
-    /// Writes one refresh token of `session_id`, in the command's
+    /// The strict limits of a sign-in attempt for `account` (an email key
+    /// or a user id): per client address, and per account and address
+    /// together. Callers without an address (in-process ones) share one
+    /// allowance per account.
+    async fn throttle_sign_in(&self, account: &str, address: Option<IpAddr>) -> Result<()> {
+        let settings = self.settings();
+        self.throttle_address("login:address", address, settings.login_per_address)
+            .await?;
+        let address = address.map_or_else(|| "in-process".to_owned(), |address| address.to_string());
+        self.throttle(
+            "login:account_address",
+            format!("{account}:{address}"),
+            settings.login_per_account_address,
+        )
+        .await
+    }
+
+    /// Waits for `account`'s turn under the per-account pace, at most
+    /// `login_account_max_delay`; never refuses. Runs before the password is
+    /// verified and before any transaction, so a waiting attempt holds no
+    /// hashing permit and no lock.
+    async fn slow_down_account(&self, account: &str) {
+        let settings = self.settings();
+        let key = format!("login:account:{account}");
+        let deadline = tokio::time::Instant::now() + settings.login_account_max_delay;
+        loop {
+            let Err(retry_after) = self.limiter().acquire(&key, settings.login_account_pace).await else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                tracing::debug!("sign-in attempts for one account are many; verifying after the longest delay");
+                return;
+            }
+            tokio::time::sleep(retry_after.min(deadline - now)).await;
+        }
+    }
+
+    /// Writes `refresh_token` as one of `session_id`, in the command's
     /// transaction, and signs an access token.
     async fn issue_tokens(
         &self,
         ctx: &CommandContext<'_>,
         user: &User,
         session_id: Uuid,
+        refresh_token: Secret<String>,
         now: DateTime<Utc>,
     ) -> Result<IssuedTokens> {
-        let refresh_token = new_refresh_token();
         let refresh_token_expires_at = now + self.settings().refresh_ttl;
         store::insert_refresh_token(
             ctx.tx().await?,
@@ -319,15 +358,44 @@ impl CommandHandler<Register> for Identity {
         let settings = self.settings();
         self.throttle_address("register:address", ctx.request.client_ip, settings.register_per_address)
             .await?;
+        // Hashed whether or not the email is taken: the same work, the same time.
         let hash = self.hasher().hash(command.password.secret()).await?;
         let user = new_user(command.email, command.display_name, Role::User);
-        store::insert_user(ctx.tx().await?, &user, &hash).await?;
-        record_registered(ctx, &user);
-        tracing::info!(user_id = %user.id, "user registered");
+        let tx = ctx.tx().await?;
+        let owner = match store::find_user_by_email(tx, &user.email).await? {
+            Some(owner) => Some(owner),
+            None if store::insert_user_if_email_free(tx, &user, &hash).await? => None,
+            // Taken between the check and the insert, by a concurrent registration.
+            None => Some(
+                store::find_user_by_email(tx, &user.email)
+                    .await?
+                    .ok_or_else(|| Error::internal("an email was taken by no user"))?,
+            ),
+        };
+        let Some(owner) = owner else {
+            record_registered(ctx, &user);
+            tracing::info!(user_id = %user.id, "user registered");
+            return Ok(user);
+        };
+        // The same answer as for a new account, with a user that was never
+        // stored: Register does not tell who has an account. The owner is
+        // told by email instead.
+        ctx.record(
+            &RegistrationDuplicate(pb::RegistrationDuplicate {
+                user_id: owner.id.to_string(),
+                email: owner.email.as_str().to_owned(),
+                ip_address: ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            }),
+            Some(owner.id),
+            owner.id.to_string(),
+        );
+        tracing::info!(user_id = %owner.id, "registration with a taken email; the owner is told");
         Ok(user)
     }
 }
 
+/// Unlike [`Register`], a taken email is ALREADY_EXISTS: the caller is an
+/// admin (or the CLI), trusted to know which accounts exist.
 #[async_trait]
 impl CommandHandler<CreateUser> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: CreateUser) -> Result<User> {
@@ -345,10 +413,9 @@ impl CommandHandler<CreateUser> for Identity {
 impl CommandHandler<Login> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: Login) -> Result<LoginOutcome> {
         let settings = self.settings();
-        self.throttle_address("login:address", ctx.request.client_ip, settings.login_per_address)
+        self.throttle_sign_in(command.email.key(), ctx.request.client_ip)
             .await?;
-        self.throttle("login:account", command.email.key(), settings.login_per_account)
-            .await?;
+        self.slow_down_account(command.email.key()).await;
         let credentials = store::find_credentials_by_email(ctx.db, &command.email).await?;
         let address = ctx.request.client_ip.map(|ip| ip.to_string()).unwrap_or_default();
         let Some(Credentials { user, password_hash }) = credentials else {
@@ -389,7 +456,9 @@ impl CommandHandler<Login> for Identity {
             ip_address: address.clone(),
         };
         store::insert_session(ctx.tx().await?, &session).await?;
-        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
+        let tokens = self
+            .issue_tokens(ctx, &user, session.id, new_refresh_token(), now)
+            .await?;
         ctx.record(
             &UserLoggedIn(pb::UserLoggedIn {
                 user_id: user.id.to_string(),
@@ -407,13 +476,51 @@ impl CommandHandler<Login> for Identity {
     }
 }
 
+/// How many rotations a redemption within the grace window follows (tab A
+/// rotated twice while tab B still held the first token).
+const SUCCESSOR_CHAIN: usize = 8;
+
+impl Identity {
+    /// The live refresh token that `presented` (already exchanged) leads to:
+    /// its successor, or that one's, while each was exchanged within the
+    /// grace window. `None` is a reuse: a step exchanged longer ago, a chain
+    /// too long, or a successor that is not there.
+    async fn live_successor(
+        &self,
+        ctx: &CommandContext<'_>,
+        presented: RefreshToken,
+        presented_secret: Secret<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<(RefreshToken, Secret<String>)>> {
+        let tx = ctx.tx().await?;
+        let key = self.tokens().keys().successor_key();
+        let (mut token, mut secret) = (presented, presented_secret);
+        for _ in 0..=SUCCESSOR_CHAIN {
+            let Some(used_at) = token.used_at else {
+                return Ok(Some((token, secret)));
+            };
+            if now - used_at > self.settings().refresh_grace {
+                return Ok(None);
+            }
+            secret = key.successor(secret.expose())?;
+            match store::find_refresh_token(tx, &hash_refresh_token(secret.expose())).await? {
+                Some(next) if next.session_id == token.session_id && next.expires_at > now => token = next,
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+}
+
 #[async_trait]
 impl CommandHandler<RefreshSession> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: RefreshSession) -> Result<RefreshOutcome> {
         let now = clock::now();
         let tx = ctx.tx().await?;
         let token_hash = hash_refresh_token(command.refresh_token.expose());
-        let token = store::find_refresh_token(tx, &token_hash)
+        // Locked: a second redemption of this token waits for the first to
+        // commit, then sees it exchanged and finds the same successor.
+        let token = store::lock_refresh_token(tx, &token_hash)
             .await?
             .ok_or_else(invalid_refresh_token)?;
         let session = store::find_session(tx, token.session_id)
@@ -427,24 +534,44 @@ impl CommandHandler<RefreshSession> for Identity {
             .await?
             .ok_or_else(invalid_refresh_token)?;
 
-        if !store::claim_refresh_token(tx, token.id, now).await? {
-            // Already exchanged. Within the grace window this is a second tab
-            // refreshing at the same moment: it gets its own new token. After
-            // it, the token was stolen or replayed: end the session.
-            let used_at = store::find_refresh_token_by_id(tx, token.id)
-                .await?
-                .and_then(|token| token.used_at)
-                .unwrap_or(now);
-            if now - used_at > self.settings().refresh_grace {
-                store::revoke_session(tx, session.id, now).await?;
-                record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
-                tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
-                return Ok(RefreshOutcome::ReuseDetected);
+        if token.used_at.is_none() {
+            if !store::claim_refresh_token(tx, token.id, now).await? {
+                // Not while the row is locked; refused rather than guessed at.
+                return Err(Error::new(
+                    Code::Aborted,
+                    "the refresh token was exchanged concurrently; retry",
+                ));
             }
+            // The successor is derived, not random, so that presenting this
+            // token again (a second tab, a retry) hands out the same one.
+            let successor = self
+                .tokens()
+                .keys()
+                .successor_key()
+                .successor(command.refresh_token.expose())?;
+            let tokens = self.issue_tokens(ctx, &user, session.id, successor, now).await?;
+            store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
+            return Ok(RefreshOutcome::Rotated(tokens));
         }
-        let tokens = self.issue_tokens(ctx, &user, session.id, now).await?;
-        store::touch_session(tx, session.id, now, tokens.refresh_token_expires_at).await?;
-        Ok(RefreshOutcome::Rotated(tokens))
+        // Already exchanged. Within the grace window this is a second tab
+        // refreshing at the same moment: it gets the live token the first
+        // exchange led to, never a second branch. After it, the token was
+        // stolen or replayed: end the session.
+        let Some((live, refresh_token)) = self.live_successor(ctx, token, command.refresh_token, now).await? else {
+            store::revoke_session(tx, session.id, now).await?;
+            record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
+            tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
+            return Ok(RefreshOutcome::ReuseDetected);
+        };
+        let (access_token, access_token_expires_at) =
+            self.tokens().issue_access(user.id, session.id, user.role, now)?;
+        Ok(RefreshOutcome::Rotated(IssuedTokens {
+            access_token: Secret::new(access_token),
+            access_token_expires_at,
+            refresh_token,
+            refresh_token_expires_at: live.expires_at,
+            session_id: session.id,
+        }))
     }
 }
 
@@ -463,11 +590,13 @@ impl CommandHandler<Logout> for Identity {
 impl CommandHandler<ChangePassword> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, command: ChangePassword) -> Result<()> {
         let principal = ctx.request.principal()?.clone();
-        self.throttle("login:account", principal.user_id, self.settings().login_per_account)
+        self.throttle_sign_in(&principal.user_id.to_string(), ctx.request.client_ip)
             .await?;
         let Credentials { user, password_hash } = store::find_credentials(ctx.db, principal.user_id)
             .await?
             .ok_or_else(not_found_user)?;
+        // Guesses of one password through either door share one pace.
+        self.slow_down_account(user.email.key()).await;
         if !self.hasher().verify(&command.current_password, &password_hash).await? {
             return Err(Error::invalid_field("current_password", "is not correct"));
         }

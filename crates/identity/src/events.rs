@@ -1,6 +1,7 @@
 //! The domain events identity emits (payloads in
-//! `proto/keel/identity/v1/events.proto`), and its durable handler: the
-//! welcome email.
+//! `proto/keel/identity/v1/events.proto`), and its durable handlers: the
+//! welcome email, and the email to the owner of an address someone tried
+//! to register again.
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ macro_rules! domain_event {
 }
 
 domain_event!(UserRegistered, "identity.user.registered", audited = false);
+domain_event!(RegistrationDuplicate, "identity.registration.duplicate", audited = true);
 domain_event!(UserLoggedIn, "identity.user.logged_in", audited = false);
 domain_event!(LoginFailed, "identity.login.failed", audited = true);
 domain_event!(PasswordChanged, "identity.password.changed", audited = true);
@@ -75,6 +77,54 @@ impl EventHandler for WelcomeEmail {
                 text: format!(
                     "Hello {},\n\nyour account {} is ready.\n",
                     registered.display_name, registered.email
+                ),
+            })
+            .await
+    }
+}
+
+/// Tells the owner of an address that someone tried to register with it, on
+/// `identity.registration.duplicate`: `Register` itself answers as for a new
+/// account, so that it does not reveal which addresses have one. The event
+/// id is the message id, as for [`WelcomeEmail`].
+pub struct DuplicateRegistrationEmail {
+    mailer: Arc<dyn Mailer>,
+}
+
+impl DuplicateRegistrationEmail {
+    pub fn new(mailer: Arc<dyn Mailer>) -> Self {
+        Self { mailer }
+    }
+}
+
+#[async_trait]
+impl EventHandler for DuplicateRegistrationEmail {
+    fn name(&self) -> &'static str {
+        "identity.duplicate_registration_email"
+    }
+
+    fn topics(&self) -> Vec<&'static str> {
+        vec![RegistrationDuplicate::NAME]
+    }
+
+    async fn handle(&self, event: &Envelope) -> Result<()> {
+        let duplicate: pb::RegistrationDuplicate =
+            event.payload(RegistrationDuplicate::PAYLOAD_TYPE).ok_or_else(|| {
+                Error::internal(format!(
+                    "event {} has no readable RegistrationDuplicate payload",
+                    event.event_id
+                ))
+            })?;
+        self.mailer
+            .send(&OutgoingEmail {
+                message_id: event.event_id.to_string(),
+                to: duplicate.email.clone(),
+                subject: "Someone tried to register with your address".to_owned(),
+                text: format!(
+                    "Hello,\n\nsomeone tried to create a Keel account with {}, which already has one. \
+                     If it was you, sign in with your password, or reset it if you have forgotten it. \
+                     If it was not you, you can ignore this message: your account did not change.\n",
+                    duplicate.email
                 ),
             })
             .await

@@ -4,13 +4,15 @@
 //! - `model.rs`: the domain types — `User`, `Session`, and the newtypes that
 //!   parse at the boundary (`Email`, `DisplayName`, `NewPassword`);
 //! - `commands.rs` / `queries.rs`: the writes and reads with their handlers;
-//! - `events.rs`: the events identity emits, and the welcome-email handler;
+//! - `events.rs`: the events identity emits, and its email handlers (welcome,
+//!   someone registering with a taken address);
 //! - `store.rs` (private): the SeaORM entities and the module's only SQL,
 //!   mapping rows to the domain types;
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `access.rs`: [`access::SessionWatch`], which ends streams whose session ended;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
+//! - `successor.rs`: the keyed derivation of a refresh token's successor;
 //! - `password.rs`: Argon2id hashing on the blocking pool, a bounded number at once;
 //! - `grpc.rs`: the tonic adapters of `IdentityCommandService` and
 //!   `IdentityQueryService`;
@@ -30,6 +32,7 @@ pub mod password;
 pub mod pruning;
 pub mod queries;
 mod store;
+pub mod successor;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -48,11 +51,25 @@ use crate::tokens::TokenService;
 #[derive(Debug, Clone)]
 pub struct IdentitySettings {
     pub refresh_ttl: chrono::Duration,
-    /// How long after a rotation the old refresh token still rotates
-    /// (two tabs refreshing at once) instead of revoking the session.
+    /// How long after a rotation the old refresh token still answers (two
+    /// tabs refreshing at once, a retry) instead of revoking the session:
+    /// with the successor the rotation gave, never a new one.
     pub refresh_grace: chrono::Duration,
-    pub login_per_account: Quota,
+    /// Sign-in attempts one client address may make for one account
+    /// (login and change-password); more are refused (RESOURCE_EXHAUSTED).
+    pub login_per_account_address: Quota,
+    /// Sign-in attempts one client address may make, whatever the account;
+    /// more are refused.
     pub login_per_address: Quota,
+    /// Sign-in attempts for one account, from every address together, that
+    /// are verified at once. More are never refused: each waits for its turn
+    /// under this quota, at most `login_account_max_delay`, then is verified.
+    /// A refusal here would let strangers lock the owner out of their
+    /// account; a delay only slows guessing, which the per-address limits
+    /// above bound.
+    pub login_account_pace: Quota,
+    /// The longest an attempt waits under `login_account_pace`.
+    pub login_account_max_delay: Duration,
     pub register_per_address: Quota,
     /// How long an expired or revoked session is kept before it is pruned.
     pub session_retention: chrono::Duration,
@@ -68,8 +85,10 @@ impl Default for IdentitySettings {
         Self {
             refresh_ttl: chrono::Duration::days(30),
             refresh_grace: chrono::Duration::seconds(10),
-            login_per_account: Quota::new(10, Duration::from_secs(60)),
+            login_per_account_address: Quota::new(10, Duration::from_secs(60)),
             login_per_address: Quota::new(30, Duration::from_secs(2)),
+            login_account_pace: Quota::new(20, Duration::from_millis(500)),
+            login_account_max_delay: Duration::from_secs(2),
             register_per_address: Quota::new(10, Duration::from_secs(30)),
             session_retention: chrono::Duration::days(30),
             prune_every: Duration::from_secs(3600),

@@ -7,9 +7,9 @@ use keel_kernel::mail::Mailer;
 use keel_kernel::{BackgroundTask, Bus, BusBuilder, EventHandler, Module};
 
 use crate::Identity;
-use crate::events::WelcomeEmail;
+use crate::events::{DuplicateRegistrationEmail, WelcomeEmail};
 
-/// The identity module: its handlers, its services, the welcome email.
+/// The identity module: its handlers, its services, its emails.
 #[derive(Clone)]
 pub struct IdentityModule {
     identity: Identity,
@@ -41,7 +41,10 @@ impl Module for IdentityModule {
     }
 
     fn event_handlers(&self) -> Vec<Arc<dyn EventHandler>> {
-        vec![Arc::new(WelcomeEmail::new(self.mailer.clone()))]
+        vec![
+            Arc::new(WelcomeEmail::new(self.mailer.clone())),
+            Arc::new(DuplicateRegistrationEmail::new(self.mailer.clone())),
+        ]
     }
 
     fn grpc(&self, bus: &Bus, routes: &mut GrpcRoutes) {

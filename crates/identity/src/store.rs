@@ -177,7 +177,7 @@ fn concurrently_changed() -> Error {
     )
 }
 
-pub async fn insert_user(db: &impl ConnectionTrait, user: &User, password_hash: &HashedPassword) -> Result<()> {
+fn user_row(user: &User, password_hash: &HashedPassword) -> users::ActiveModel {
     users::ActiveModel {
         id: Set(user.id),
         // The owner of a user row is the user.
@@ -192,10 +192,39 @@ pub async fn insert_user(db: &impl ConnectionTrait, user: &User, password_hash: 
         created_at: Set(user.created_at),
         updated_at: Set(user.updated_at),
     }
-    .insert(db)
-    .await
-    .map_err(|error| unique_violation(error, EMAIL_TAKEN))?;
+}
+
+/// Inserts a user; a taken email is ALREADY_EXISTS.
+pub async fn insert_user(db: &impl ConnectionTrait, user: &User, password_hash: &HashedPassword) -> Result<()> {
+    user_row(user, password_hash)
+        .insert(db)
+        .await
+        .map_err(|error| unique_violation(error, EMAIL_TAKEN))?;
     Ok(())
+}
+
+/// Inserts a user unless the email is taken (`ON CONFLICT DO NOTHING`, so
+/// a concurrent registration of the same email is waited for, never an
+/// error that would abort the transaction); true when it inserted.
+pub async fn insert_user_if_email_free(
+    db: &impl ConnectionTrait,
+    user: &User,
+    password_hash: &HashedPassword,
+) -> Result<bool> {
+    let inserted = users::Entity::insert(user_row(user, password_hash))
+        .on_conflict_do_nothing_on([users::Column::EmailKey])
+        .exec_without_returning(db)
+        .await?;
+    Ok(matches!(inserted, sea_orm::TryInsertResult::Inserted(rows) if rows > 0))
+}
+
+pub async fn find_user_by_email(db: &impl ConnectionTrait, email: &Email) -> Result<Option<User>> {
+    users::Entity::find()
+        .filter(users::Column::EmailKey.eq(email.key()))
+        .one(db)
+        .await?
+        .map(user_from_row)
+        .transpose()
 }
 
 pub async fn find_user(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<User>> {
@@ -486,6 +515,19 @@ pub async fn find_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> 
         .map(refresh_token_from_row))
 }
 
+/// [`find_refresh_token`], the row locked until the transaction ends
+/// (`FOR UPDATE` on PostgreSQL; SQLite has one writer at a time): two
+/// redemptions of one token at once take turns.
+pub async fn lock_refresh_token(db: &impl ConnectionTrait, token_hash: &str) -> Result<Option<RefreshToken>> {
+    Ok(refresh_tokens::Entity::find()
+        .filter(refresh_tokens::Column::TokenHash.eq(token_hash))
+        .lock_exclusive()
+        .one(db)
+        .await?
+        .map(refresh_token_from_row))
+}
+
+#[cfg(test)]
 pub async fn find_refresh_token_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<RefreshToken>> {
     Ok(refresh_tokens::Entity::find_by_id(id)
         .one(db)

@@ -23,6 +23,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+pub use crate::successor::SuccessorKey;
+
 const ACCESS_TYPE: &str = "access";
 
 /// One public key as RFC 8037 publishes it.
@@ -51,6 +53,7 @@ struct KeyEntry {
 pub struct KeySet {
     active_kid: String,
     signing: EncodingKey,
+    successor: SuccessorKey,
     verifying: HashMap<String, DecodingKey>,
     public: Vec<PublicJwk>,
 }
@@ -137,7 +140,9 @@ impl KeySet {
                         let der = key
                             .to_pkcs8_der()
                             .map_err(|error| format!("key {}: {error}", entry.kid))?;
-                        signing = Some(EncodingKey::from_ed_der(der.as_bytes()));
+                        let successor =
+                            SuccessorKey::from_seed(&seed).map_err(|error| format!("key {}: {error}", entry.kid))?;
+                        signing = Some((EncodingKey::from_ed_der(der.as_bytes()), successor));
                     }
                     key.verifying_key().to_bytes()
                 }
@@ -161,10 +166,12 @@ impl KeySet {
                 x: URL_SAFE_NO_PAD.encode(public_bytes),
             });
         }
-        let signing = signing.ok_or_else(|| format!("the active key {:?} has no private_key", file.active))?;
+        let (signing, successor) =
+            signing.ok_or_else(|| format!("the active key {:?} has no private_key", file.active))?;
         Ok(KeySet {
             active_kid: file.active,
             signing,
+            successor,
             verifying,
             public,
         })
@@ -372,6 +379,14 @@ pub fn new_refresh_token() -> Secret<String> {
 pub fn hash_refresh_token(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+impl KeySet {
+    /// The key that derives refresh-token successors, from the active key
+    /// (see [`SuccessorKey`]).
+    pub fn successor_key(&self) -> &SuccessorKey {
+        &self.successor
+    }
 }
 
 #[cfg(test)]

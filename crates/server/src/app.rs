@@ -66,6 +66,15 @@ fn identity_module(config: &Config, ports: &Ports) -> anyhow::Result<IdentityMod
     let settings = IdentitySettings {
         refresh_grace: chrono::Duration::seconds(config.refresh_grace_seconds as i64),
         register_per_address: keel_kernel::limit::Quota::new(config.register_burst, Duration::from_secs(30)),
+        login_per_account_address: keel_kernel::limit::Quota::new(
+            config.login_burst_per_account_address,
+            Duration::from_secs(60),
+        ),
+        login_account_pace: keel_kernel::limit::Quota::new(
+            config.login_account_burst,
+            Duration::from_millis(config.login_account_interval_ms),
+        ),
+        login_account_max_delay: Duration::from_millis(config.login_account_max_delay_ms),
         password_hash_concurrency: config
             .password_hash_concurrency
             .unwrap_or(defaults.password_hash_concurrency),

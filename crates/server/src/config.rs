@@ -86,6 +86,18 @@ pub struct Config {
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
+    /// `KEEL_LOGIN_BURST_PER_ACCOUNT_ADDRESS`: sign-in attempts one client
+    /// address may make for one account at once; one more every 60 s after
+    /// that; more are refused (429).
+    pub login_burst_per_account_address: u32,
+    /// `KEEL_LOGIN_ACCOUNT_BURST` / `KEEL_LOGIN_ACCOUNT_INTERVAL_MS`: sign-in
+    /// attempts for one account, from all addresses together, verified at
+    /// once; after the burst, one every interval. More are never refused,
+    /// only delayed, at most `KEEL_LOGIN_ACCOUNT_MAX_DELAY_MS`: strangers
+    /// can slow an account's sign-in, never lock its owner out.
+    pub login_account_burst: u32,
+    pub login_account_interval_ms: u64,
+    pub login_account_max_delay_ms: u64,
     /// `KEEL_SMTP_URL`: send email through this SMTP relay
     /// (`smtp://user:pass@host:587`, user and password percent-encoded:
     /// `%40` for `@`); unset: write it to `KEEL_MAIL_FILE`.
@@ -154,6 +166,10 @@ impl Default for Config {
             cors_allowed_origins: None,
             hsts: false,
             register_burst: 10,
+            login_burst_per_account_address: 10,
+            login_account_burst: 20,
+            login_account_interval_ms: 500,
+            login_account_max_delay_ms: 2000,
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
             mail_file: None,
@@ -227,6 +243,15 @@ impl Config {
             return Err(invalid(
                 "KEEL_DEPLOYMENT",
                 "must be 1 to 64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.login_burst_per_account_address == 0 {
+            return Err(invalid("KEEL_LOGIN_BURST_PER_ACCOUNT_ADDRESS", "must be at least 1"));
+        }
+        if self.login_account_max_delay_ms > 60_000 {
+            return Err(invalid(
+                "KEEL_LOGIN_ACCOUNT_MAX_DELAY_MS",
+                "must be at most 60000: a delay, not a lock-out",
             ));
         }
         if self.max_connections == 0 {

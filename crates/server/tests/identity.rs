@@ -66,17 +66,102 @@ backend_tests! {
     }
 
     async fn emails_are_unique_case_insensitively(app: TestApp) {
-        app.register("grace@example.com").await;
-        let duplicate = app
-            .commands()
-            .await
-            .register(pb::RegisterRequest {
-                email: "GRACE@example.COM".into(),
-                password: PASSWORD.into(),
-                display_name: "Grace".into(),
-            })
-            .await;
-        assert_eq!(code(duplicate), Code::AlreadyExists);
+        let original = app.register("grace@example.com").await;
+        let register = |email: &str| pb::RegisterRequest {
+            email: email.into(),
+            password: "another passphrase entirely".into(),
+            display_name: "Grace".into(),
+        };
+        let mut fresh_times = Vec::new();
+        let mut taken_times = Vec::new();
+        for attempt in 0..3 {
+            let started = Instant::now();
+            app.commands().await.register(register(&format!("fresh{attempt}@example.com"))).await.unwrap();
+            fresh_times.push(started.elapsed());
+            let started = Instant::now();
+            // Answered like a new account ...
+            let duplicate = app.commands().await.register(register("GRACE@example.COM")).await.unwrap().into_inner().user.unwrap();
+            taken_times.push(started.elapsed());
+            assert_ne!(duplicate.id, original.id);
+            assert_eq!(duplicate.email, "GRACE@example.COM");
+        }
+        // ... but no second account: the original signs in, with its own password only.
+        let signed_in = login_with(&app, "grace@example.com", PASSWORD).await.unwrap();
+        assert_eq!(signed_in.user.unwrap().id, original.id);
+        assert_eq!(code(login_with(&app, "grace@example.com", "another passphrase entirely").await), Code::Unauthenticated);
+        // Both hash the password: a taken email does not answer faster.
+        fresh_times.sort();
+        taken_times.sort();
+        let (fresh, taken) = (fresh_times[1], taken_times[1]);
+        assert!(taken * 3 >= fresh, "taken email {taken:?} vs fresh email {fresh:?}");
+    }
+
+    async fn concurrent_registrations_of_one_email_all_answer_and_create_one_account(app: TestApp) {
+        let register = || async {
+            app.commands()
+                .await
+                .register(pb::RegisterRequest { email: "race@example.com".into(), password: PASSWORD.into(), display_name: "Race".into() })
+                .await
+                .map(|response| response.into_inner().user.unwrap().id)
+        };
+        let answers = futures::future::join_all((0..4).map(|_| register())).await;
+        let ids: Vec<String> = answers.into_iter().map(Result::unwrap).collect();
+        let account = login_with(&app, "race@example.com", PASSWORD).await.unwrap().user.unwrap().id;
+        assert_eq!(ids.iter().filter(|id| **id == account).count(), 1, "{ids:?} vs {account}");
+    }
+
+    async fn register_answers_the_same_whether_the_email_is_taken_or_not(app: TestApp) {
+        let (_, admin) = app.admin("root@example.com").await;
+        let register = |password: &str| serde_json::json!({"email": "ada@example.com", "password": password, "displayName": "Ada"});
+        let (first_status, first_headers, first) = rest(&app, "POST", "/v1/auth/register", None, register(PASSWORD)).await;
+        let (second_status, second_headers, second) =
+            rest(&app, "POST", "/v1/auth/register", None, register("another passphrase entirely")).await;
+        assert_eq!(first_status, 201, "{first}");
+        assert_eq!(second_status, first_status, "{second}");
+        assert_eq!(header_names(&second_headers), header_names(&first_headers));
+        assert_eq!(shape(&second), shape(&first));
+        let (original, ghost) = (&first["data"]["user"], &second["data"]["user"]);
+        for field in ["email", "displayName", "role"] {
+            assert_eq!(ghost[field], original[field], "{field}");
+        }
+        // The wire User has no version; its timestamps are now.
+        for field in ["createdAt", "updatedAt"] {
+            let at: chrono::DateTime<chrono::Utc> = ghost[field].as_str().unwrap().parse().unwrap();
+            assert!((chrono::Utc::now() - at).num_seconds().abs() < 60, "{field} {at}");
+        }
+        assert_ne!(ghost["id"], original["id"]);
+        assert!(uuid::Uuid::parse_str(ghost["id"].as_str().unwrap()).is_ok());
+
+        // The second answer's user does not exist; the first one does.
+        let user_path = |user: &serde_json::Value| format!("/v1/users/{}", user["id"].as_str().unwrap());
+        let (status, _, _) = rest(&app, "GET", &user_path(ghost), Some(&admin.access_token), serde_json::Value::Null).await;
+        assert_eq!(status, 404);
+        let (status, _, _) = rest(&app, "GET", &user_path(original), Some(&admin.access_token), serde_json::Value::Null).await;
+        assert_eq!(status, 200);
+        assert_eq!(login_with(&app, "ada@example.com", PASSWORD).await.unwrap().user.unwrap().id, original["id"].as_str().unwrap());
+
+        // The owner is told, once; the welcome email went out once.
+        let mail_file = app.data_dir.path().join("mail.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mail = loop {
+            let mail: Vec<serde_json::Value> = std::fs::read_to_string(&mail_file)
+                .unwrap_or_default()
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap())
+                .filter(|mail: &serde_json::Value| mail["to"] == "ada@example.com")
+                .collect();
+            if mail.len() >= 2 {
+                break mail;
+            }
+            assert!(Instant::now() < deadline, "the owner got {} emails within 10 s: {mail:?}", mail.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let subjects: Vec<_> = mail.iter().map(|mail| mail["subject"].as_str().unwrap()).collect();
+        assert_eq!(subjects.len(), 2, "{subjects:?}");
+        assert!(subjects.contains(&"Welcome to Keel"), "{subjects:?}");
+        assert!(subjects.contains(&"Someone tried to register with your address"), "{subjects:?}");
+        let warning = mail.iter().find(|mail| mail["subject"] != "Welcome to Keel").unwrap();
+        assert!(warning["text"].as_str().unwrap().contains("sign in"), "{warning}");
     }
 
     async fn invalid_input_names_every_field(app: TestApp) {
@@ -190,18 +275,41 @@ backend_tests! {
         assert!(app.current_user(&tokens.access_token).await.is_ok());
     }
 
-    async fn refresh_rotates_and_two_tabs_within_the_grace_window_both_succeed(app: TestApp) {
+    async fn redeeming_one_refresh_token_again_within_the_grace_window_returns_the_same_successor(app: TestApp) {
         let (_, first) = app.signed_in("tabs@example.com").await;
-        let tab_one = refresh(&app, &first.refresh_token).await.unwrap();
-        // The second tab presents the same, just rotated, token.
-        let tab_two = refresh(&app, &first.refresh_token).await.unwrap();
-        assert_ne!(tab_one.refresh_token, tab_two.refresh_token);
-        assert_ne!(tab_one.refresh_token, first.refresh_token);
-        assert_eq!(tab_one.session_id, first.session_id);
-        for tokens in [&tab_one, &tab_two] {
-            assert!(app.current_user(&tokens.access_token).await.is_ok());
-            assert!(refresh(&app, &tokens.refresh_token).await.is_ok());
+        let mut answers = Vec::new();
+        for _ in 0..5 {
+            answers.push(refresh(&app, &first.refresh_token).await.unwrap());
         }
+        let successor = answers[0].refresh_token.clone();
+        assert_ne!(successor, first.refresh_token);
+        assert!(answers.iter().all(|tokens| tokens.refresh_token == successor), "the session forked");
+        for tokens in &answers {
+            assert_eq!(tokens.session_id, first.session_id);
+            assert!(app.current_user(&tokens.access_token).await.is_ok());
+        }
+        // The one successor is live, and rotates as usual ...
+        let next = refresh(&app, &successor).await.unwrap();
+        assert_ne!(next.refresh_token, successor);
+        // ... and a tab still holding the first token (or the successor)
+        // follows the chain to that live token, never to a branch of its own.
+        assert_eq!(refresh(&app, &first.refresh_token).await.unwrap().refresh_token, next.refresh_token);
+        assert_eq!(refresh(&app, &successor).await.unwrap().refresh_token, next.refresh_token);
+        assert!(refresh(&app, &next.refresh_token).await.is_ok());
+    }
+
+    async fn concurrent_redemptions_of_one_refresh_token_return_the_same_successor(app: TestApp) {
+        let (_, first) = app.signed_in("racing-tabs@example.com").await;
+        let answers = futures::future::join_all((0..5).map(|_| refresh(&app, &first.refresh_token))).await;
+        let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+        let successor = answers[0].refresh_token.clone();
+        assert_ne!(successor, first.refresh_token);
+        assert!(
+            answers.iter().all(|tokens| tokens.refresh_token == successor),
+            "concurrent redemptions forked the session: {:?}",
+            answers.iter().map(|tokens| &tokens.refresh_token).collect::<Vec<_>>()
+        );
+        assert!(refresh(&app, &successor).await.is_ok());
     }
 
     async fn logout_revokes_access_at_once(app: TestApp) {
@@ -258,8 +366,34 @@ backend_tests! {
         let retry = status.get_error_details().retry_info().unwrap().retry_delay.unwrap();
         assert!(retry > Duration::ZERO, "{retry:?}");
         assert!(status.metadata().get("retry-after").is_some());
-        // The right password is refused too while throttled.
+        // The right password is refused too from the guessing address ...
         assert_eq!(code(login_with(&app, "throttled@example.com", PASSWORD).await), Code::ResourceExhausted);
+        // ... and accepted from another one: the guesser did not lock the account.
+        let elsewhere = channel_from(&app, std::net::Ipv4Addr::new(127, 0, 0, 2).into()).await;
+        assert!(login_from(&elsewhere, "throttled@example.com", PASSWORD).await.is_ok());
+    }
+
+    async fn an_address_guessing_many_accounts_is_refused(app: TestApp) {
+        app.register("spray@example.com").await;
+        let sprayer = channel_from(&app, std::net::Ipv4Addr::new(127, 0, 0, 3).into()).await;
+        let mut refused = None;
+        // One guess per account: only the per-address limit (30 at once) applies.
+        for attempt in 0..45 {
+            match login_from(&sprayer, &format!("someone{attempt}@example.com"), "not the password").await {
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    refused = Some((attempt, status));
+                    break;
+                }
+                Err(status) => assert_eq!(status.code(), Code::Unauthenticated),
+                Ok(_) => panic!("an unknown email logged in"),
+            }
+        }
+        let (attempt, status) = refused.expect("the address was never throttled");
+        assert!(attempt >= 30, "refused after {attempt} attempts");
+        assert!(status.get_error_details().retry_info().is_some());
+        // Refused whatever the account, the right password too.
+        assert_eq!(code(login_from(&sprayer, "spray@example.com", PASSWORD).await), Code::ResourceExhausted);
+        assert!(login_with(&app, "spray@example.com", PASSWORD).await.is_ok());
     }
 
     async fn another_users_id_is_not_found(app: TestApp) {
@@ -573,12 +707,59 @@ mod refresh_reuse {
         assert_eq!(code(app.current_user(&first.access_token).await), Code::Unauthenticated);
     }
 
+    /// One successor however often the first token is redeemed in the
+    /// window; once the window has passed, redeeming it again ends the
+    /// session, the successor with it.
+    async fn the_successor_chain_ends_with_the_grace_window(app: TestApp) {
+        let (_, first) = app.signed_in("window@example.com").await;
+        let successors: Vec<_> = futures::future::join_all((0..5).map(|_| refresh(&app, &first.refresh_token)))
+            .await
+            .into_iter()
+            .map(|tokens| tokens.unwrap().refresh_token)
+            .collect();
+        assert!(successors.iter().all(|token| *token == successors[0]), "{successors:?}");
+        let live = refresh(&app, &successors[0]).await.unwrap();
+        // Redeemed again until the window has passed: the live token each
+        // time, then the end of the session.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let replay = loop {
+            match refresh(&app, &first.refresh_token).await {
+                Ok(tokens) => assert_eq!(tokens.refresh_token, live.refresh_token, "a second branch"),
+                Err(status) => break status,
+            }
+            assert!(Instant::now() < deadline, "reuse was never detected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(replay.code(), Code::Unauthenticated);
+        assert!(replay.message().contains("revoked"), "{}", replay.message());
+        assert_eq!(code(refresh(&app, &live.refresh_token).await), Code::Unauthenticated);
+        assert_eq!(code(app.current_user(&live.access_token).await), Code::Unauthenticated);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
         let app =
             keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
                 .await;
         reuse_revokes_the_session(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn chain_sqlite() {
+        let app =
+            keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, |config| config.refresh_grace_seconds = 1)
+                .await;
+        the_successor_chain_ends_with_the_grace_window(app).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+    async fn chain_postgres() {
+        let app = keel_testkit::spawn_app_with(keel_testkit::Backend::Postgres, |config| {
+            config.refresh_grace_seconds = 1
+        })
+        .await;
+        the_successor_chain_ends_with_the_grace_window(app).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -589,5 +770,184 @@ mod refresh_reuse {
         })
         .await;
         reuse_revokes_the_session(app).await;
+    }
+}
+
+/// One REST call to the app: status, headers and the JSON body.
+async fn rest(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    access_token: Option<&str>,
+    body: serde_json::Value,
+) -> (http::StatusCode, http::HeaderMap, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", app.endpoint()))
+        .header("content-type", "application/json");
+    if let Some(token) = access_token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let response = client.request(request.body(body.into()).unwrap()).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (parts.status, parts.headers, json)
+}
+
+/// The header names of a response, but those that differ on every call.
+fn header_names(headers: &http::HeaderMap) -> std::collections::BTreeSet<String> {
+    headers
+        .keys()
+        .map(|name| name.as_str().to_owned())
+        .filter(|name| !matches!(name.as_str(), "x-request-id" | "date"))
+        .collect()
+}
+
+/// A JSON value with every leaf replaced by its type: what two answers
+/// share when their values differ.
+fn shape(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(object) => Value::Object(object.iter().map(|(key, item)| (key.clone(), shape(item))).collect()),
+        Value::Array(items) => Value::Array(items.iter().map(shape).collect()),
+        Value::String(_) => "string".into(),
+        Value::Number(_) => "number".into(),
+        Value::Bool(_) => "bool".into(),
+        Value::Null => Value::Null,
+    }
+}
+
+/// A channel whose connections come from `source` (127.0.0.2, ...: on Linux
+/// all of 127/8 is loopback), so the server sees another client address.
+async fn channel_from(app: &TestApp, source: std::net::IpAddr) -> tonic::transport::Channel {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_local_address(Some(source));
+    connector.set_nodelay(true);
+    tonic::transport::Endpoint::from_shared(app.endpoint())
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .unwrap()
+}
+
+async fn login_from(
+    channel: &tonic::transport::Channel,
+    email: &str,
+    password: &str,
+) -> Result<pb::LoginResponse, tonic::Status> {
+    pb::identity_command_service_client::IdentityCommandServiceClient::new(channel.clone())
+        .login(pb::LoginRequest {
+            email: email.to_owned(),
+            password: password.to_owned(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Strangers guessing one account's password from many addresses: each
+/// address is refused after its own few guesses, the account as a whole is
+/// only slowed, and its owner signs in throughout.
+mod lockout {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    const ATTACKERS: u8 = 4;
+    const GUESSES: usize = 1_000;
+    const ROUNDS: usize = 10;
+    const PER_ACCOUNT_ADDRESS: u32 = 10;
+
+    fn configure(config: &mut keel_server::Config) {
+        config.login_burst_per_account_address = PER_ACCOUNT_ADDRESS;
+        // The per-account slowdown, shrunk: the test measures refusals, not delays.
+        config.login_account_burst = 5;
+        config.login_account_interval_ms = 10;
+        config.login_account_max_delay_ms = 50;
+    }
+
+    /// `count` wrong passwords from `channel`, one after another: how many
+    /// were verified (answered UNAUTHENTICATED, not RESOURCE_EXHAUSTED).
+    async fn guess(channel: tonic::transport::Channel, count: usize) -> usize {
+        let mut verified = 0;
+        for attempt in 0..count {
+            match login_from(&channel, "victim@example.com", &format!("guess number {attempt}")).await {
+                Err(status) if status.code() == Code::Unauthenticated => verified += 1,
+                Err(status) if status.code() == Code::ResourceExhausted => {
+                    assert!(
+                        status.get_error_details().retry_info().is_some(),
+                        "429 without RetryInfo"
+                    );
+                }
+                other => panic!("a guess answered {other:?}"),
+            }
+        }
+        verified
+    }
+
+    async fn strangers_cannot_lock_an_account(app: TestApp) {
+        app.register("victim@example.com").await;
+        let started = Instant::now();
+        let mut attackers = Vec::new();
+        for index in 0..ATTACKERS {
+            attackers.push(channel_from(&app, IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + index))).await);
+        }
+        let per_round = GUESSES / ROUNDS / usize::from(ATTACKERS);
+        let mut verified = 0;
+        let mut owner_logins = 0;
+        for round in 0..ROUNDS {
+            // The owner, from an address of their own, at the same time as
+            // this round of guesses, and between rounds.
+            let owner = channel_from(&app, IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1 + round as u8))).await;
+            let guesses = futures::future::join_all(attackers.iter().map(|channel| guess(channel.clone(), per_round)));
+            let (counts, owner_login) = tokio::join!(guesses, login_from(&owner, "victim@example.com", PASSWORD));
+            verified += counts.iter().sum::<usize>();
+            let owner_login =
+                owner_login.unwrap_or_else(|status| panic!("round {round}: the owner was refused: {status:?}"));
+            assert_eq!(owner_login.user.unwrap().email, "victim@example.com");
+            owner_logins += 1;
+        }
+        let elapsed = started.elapsed();
+        eprintln!(
+            "lockout: {verified} of {GUESSES} guesses from {ATTACKERS} addresses were verified in {elapsed:?}; \
+             the owner signed in {owner_logins} of {ROUNDS} times during the attack"
+        );
+        // Each address gets its burst for this account, and one more per
+        // minute after it; everything else was refused before verifying.
+        let refills = elapsed.as_secs() as usize / 60 + 1;
+        let bound = usize::from(ATTACKERS) * (PER_ACCOUNT_ADDRESS as usize + refills);
+        assert!(verified <= bound, "{verified} guesses verified, more than {bound}");
+        assert!(
+            verified >= usize::from(ATTACKERS) * PER_ACCOUNT_ADDRESS as usize,
+            "{verified}"
+        );
+        assert_eq!(owner_logins, ROUNDS);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        strangers_cannot_lock_an_account(keel_testkit::spawn_app_with(keel_testkit::Backend::Sqlite, configure).await)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+    async fn postgres() {
+        strangers_cannot_lock_an_account(
+            keel_testkit::spawn_app_with(keel_testkit::Backend::Postgres, configure).await,
+        )
+        .await;
     }
 }
