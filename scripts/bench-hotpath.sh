@@ -802,6 +802,44 @@ EOF
 write_versions() { sql -c "SELECT sum(u.version) FROM \"$keel_schema\".users u JOIN \"$limit_schema\".write_users w USING (id)"; }
 count_rows() { sql -c "SELECT count(*) FROM \"$1\".events"; }
 
+# The login flood: `rate` sign-ins per second for `seconds`, each from one of
+# 40 loopback source addresses (127.0.0.2-41) for one of the write users
+# (same password as the bench user), so that no per-address or
+# per-account-and-address limit refuses them: every one is a real Argon2id
+# verification and a session write. Writes how many succeeded.
+cat >"$workdir/flood.py" <<'EOF'
+import concurrent.futures, http.client, json, sys, time
+host, port, rate, seconds, users_file, password, out = sys.argv[1:8]
+port, rate, seconds = int(port), float(rate), float(seconds)
+emails = [line.strip() for line in open(users_file) if line.strip()]
+addresses = [f"127.0.0.{n}" for n in range(2, 42)]
+def login(i):
+    started = time.monotonic()
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=20, source_address=(addresses[i % len(addresses)], 0))
+        body = json.dumps({"email": emails[i % len(emails)], "password": password})
+        conn.request("POST", "/v1/auth/login", body, {"content-type": "application/json"})
+        status = conn.getresponse().status
+        conn.close()
+    except OSError:
+        status = 0
+    return status, time.monotonic() - started
+with concurrent.futures.ThreadPoolExecutor(max_workers=64) as pool:
+    start, futures, i = time.monotonic(), [], 0
+    while (due := start + i / rate) < start + seconds:
+        time.sleep(max(0.0, due - time.monotonic()))
+        futures.append(pool.submit(login, i))
+        i += 1
+    results = [f.result() for f in futures]
+ok = sum(1 for status, _ in results if status == 200)
+took = sorted(t for _, t in results)
+json.dump({"sent": len(results), "ok": ok, "rate": len(results) / seconds,
+           "p99_ms": 1000 * took[int(0.99 * (len(took) - 1))] if took else 0}, open(out, "w"))
+EOF
+flood_users="$workdir/flood-users.txt"
+sql -c "SELECT email FROM \"$keel_schema\".users WHERE email LIKE 'bench-write-%' ORDER BY email" >"$flood_users"
+flood_rate="${BENCH_FLOOD_RATE:-20}"
+
 # --- the run -------------------------------------------------------------------
 say "wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'), $(h2load --version | head -n 1), $(pgbench --version)"
 say "concurrency $concurrency (wrk -t1 -c$concurrency; h2load $h2_connections connections x $h2_streams streams; pgbench -c$concurrency -j1), ${warmup} s warm-up + ${duration} s per row"
@@ -838,6 +876,18 @@ limit_read 3
 measure rest-get-user wrk -s "$workdir/report.lua" -H "authorization: Bearer $admin_token" "$base/v1/users/$user_id"
 limit_read 4
 
+# The same read as rest-me while $flood_rate sign-ins per second run.
+say "login flood: $flood_rate sign-ins/s from 40 addresses during the next row"
+python3 "$workdir/flood.py" 127.0.0.1 "$port" "$flood_rate" "$((warmup + duration + 3))" "$flood_users" \
+  "$password" "$workdir/flood.json" &
+flood_pid=$!
+measure rest-me-flood wrk -s "$workdir/report.lua" -H "authorization: Bearer $token" "$base/v1/users/me"
+wait "$flood_pid" || fail "the login flood failed"
+annotate rest-me-flood $(python3 -c 'import json, sys
+f = json.load(open(sys.argv[1]))
+print("flood_sent=%d flood_ok=%d flood_rate=%.2f flood_p99_ms=%.1f" % (f["sent"], f["ok"], f["rate"], f["p99_ms"]))' \
+  "$workdir/flood.json")
+
 # 3. The write, pgbench then keel. Each checks that every call wrote its row.
 v0="$(write_versions)"
 e0="$(count_rows "$limit_schema")"
@@ -871,7 +921,7 @@ def load(name):
     return json.load(open(f"{workdir}/{name}.json"))
 
 rows = {name: load(name) for name in
-        ("rest-me", "grpc", "grpc-web", "rest-get-user", "update-user", "idle",
+        ("rest-me", "grpc", "grpc-web", "rest-get-user", "update-user", "idle", "rest-me-flood",
          "limit-read-0", "limit-read-1", "limit-read-2", "limit-read-3", "limit-read-4", "limit-write")}
 problems, notes, busy = [], [], []
 
@@ -963,6 +1013,22 @@ for name, label in labels.items():
     lines.append(f"| {label} | {rps:.0f} | {limit_label} | {ratio:.2f} | {cpu:.0f} | {ms(row.get('p50_ms', 0))} "
                  f"| {ms(row.get('p99_ms', 0))} | {mb(rss)} ({mb(p['hwm_kb'])}) | {row['xacts'] / max(1, calls):.2f} "
                  f"| {1e6 * p['pg_ours'] / max(1, calls):.0f} | {verdict(name, checks)} |")
+
+flood = rows["rest-me-flood"]
+p = flood["probe"]
+calls = flood.get("calls") or 0
+quiet_p99 = rows["rest-me"].get("p99_ms", 0)
+flood_ok = flood.get("flood_ok", 0) / max(1, flood.get("flood_sent", 0))
+checks = [("p99 ≤ 2× without the flood", flood.get("p99_ms", 0) <= 2 * quiet_p99),
+          ("≥ 95 % of sign-ins succeeded", flood_ok >= 0.95)]
+label = f"GetCurrentUser, REST, during {flood.get('flood_rate', 0):.0f} sign-ins/s"
+targets += [(label, what, ok) for what, ok in checks]
+lines.append(f"| {label} ({flood.get('flood_ok', 0):.0f} of {flood.get('flood_sent', 0):.0f} ok, sign-in p99 "
+             f"{flood.get('flood_p99_ms', 0):.0f} ms) | {rate(flood):.0f} | — | — "
+             f"| {1e6 * p['keel'] / max(1, calls):.0f} (hashing included) | {ms(flood.get('p50_ms', 0))} "
+             f"| {ms(flood.get('p99_ms', 0))} ({flood.get('p99_ms', 0) / max(0.01, quiet_p99):.1f}× rest-me) "
+             f"| {mb(p['rss_kb'])} ({mb(p['hwm_kb'])}) | {flood['xacts'] / max(1, calls):.2f} "
+             f"| {1e6 * p['pg_ours'] / max(1, calls):.0f} | {verdict('flood', checks)} |")
 
 idle = rows["idle"]
 p = idle["probe"]

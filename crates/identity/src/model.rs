@@ -18,10 +18,12 @@ const COMMON_PASSWORDS: &str = include_str!("common-passwords.txt");
 /// An email address, NFKC-normalised, plus its case-insensitive key.
 ///
 /// NFKC first, so what looks the same is the same account: a fullwidth
-/// `ａda@example.com` is `ada@example.com`. Lookalikes NFKC leaves apart
-/// are refused rather than mapped: a domain must be ASCII (an
-/// internationalised one in its `xn--` form), and a local part must not mix
-/// Latin, Greek and Cyrillic letters (a Cyrillic `а` in `аda`).
+/// `ａda@example.com` is `ada@example.com`. An internationalised domain is
+/// mapped by UTS-46 (IDNA) to its ASCII `xn--` form, which is what is
+/// stored and shown: `bücher.de` is `xn--bcher-kva.de`, and a lookalike
+/// domain cannot pass for the ASCII one it imitates. Lookalikes inside one
+/// label or local part are refused: neither may mix Latin, Greek and
+/// Cyrillic letters (a Cyrillic `а` in `аda` or `exаmple`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Email {
@@ -54,15 +56,23 @@ impl Email {
         if !well_formed {
             return invalid("is not an email address");
         }
-        if !domain.is_ascii() {
-            return invalid("is not an email address: write an internationalised domain in its xn-- form");
-        }
-        if mixes_scripts(local) {
+        if mixes_scripts(local) || domain.split('.').any(mixes_scripts) {
             return invalid("is not an email address: it mixes Latin, Greek and Cyrillic letters");
         }
+        let display = if domain.is_ascii() {
+            value.to_owned()
+        } else {
+            match idna::domain_to_ascii(domain) {
+                Ok(ascii) if ascii.contains('.') && ascii.len() <= 253 => format!("{local}@{ascii}"),
+                _ => return invalid("is not an email address: the domain is not a valid internationalised name"),
+            }
+        };
+        if display.len() > 254 {
+            return invalid("must be at most 254 characters");
+        }
         Ok(Email {
-            display: value.to_owned(),
-            key: value.to_lowercase(),
+            key: display.to_lowercase(),
+            display,
         })
     }
 
@@ -327,7 +337,19 @@ mod tests {
         assert!(Email::parse("email", "\u{0430}\u{0434}\u{0430}@example.com").is_ok());
         assert!(Email::parse("email", "zo\u{00EB}@example.com").is_ok());
         assert!(Email::parse("email", "ada@xn--80ak6aa92e.com").is_ok());
-        assert!(Email::parse("email", "ada@b\u{00FC}cher.de").is_err());
+        // An internationalised domain is stored and shown in its xn-- form
+        // (UTS-46), so the same name written either way is one account, and a
+        // whole-script lookalike of an ASCII domain reads as what it is.
+        let idn = Email::parse("email", "ada@B\u{00FC}cher.de").expect("an IDN");
+        assert_eq!(idn.as_str(), "ada@xn--bcher-kva.de");
+        assert_eq!(
+            idn.key(),
+            Email::parse("email", "ada@xn--bcher-kva.de").expect("valid").key()
+        );
+        let cyrillic = Email::parse("email", "ada@\u{0430}\u{0440}\u{0440}\u{04CF}\u{0435}.com").expect("one script");
+        assert!(cyrillic.as_str().starts_with("ada@xn--"), "{}", cyrillic.as_str());
+        assert_ne!(cyrillic.key(), "ada@apple.com");
+        assert!(Email::parse("email", "ada@b\u{00FC}cher.\u{0000}de").is_err());
     }
 
     #[test]
