@@ -66,7 +66,7 @@
 #   BENCH_H2_STREAMS      gRPC / grpc-web: streams per HTTP/2 connection; the
 #                         connections are BENCH_CONCURRENCY / this [10]
 #   BENCH_IDLE_SECONDS    length of the idle measurement [60]
-#   BENCH_IDLE_SETTLE     seconds keel rests before it [5]
+#   BENCH_IDLE_SETTLE     seconds keel rests before it [12: PostgreSQL flushes an idle backend's statistics within 10 s]
 #   BENCH_WRITE_USERS     users the write row spreads over [2 x concurrency]
 #   BENCH_KEEL_CPUS       taskset -c list for keel [unset: not pinned]
 #   BENCH_LOAD_CPUS       taskset -c list for wrk, h2load, pgbench [unset: not pinned]
@@ -91,7 +91,7 @@ warmup="${BENCH_WARMUP:-2}"
 concurrency="${BENCH_CONCURRENCY:-50}"
 h2_streams="${BENCH_H2_STREAMS:-10}"
 idle_seconds="${BENCH_IDLE_SECONDS:-60}"
-idle_settle="${BENCH_IDLE_SETTLE:-5}"
+idle_settle="${BENCH_IDLE_SETTLE:-12}"
 write_users="${BENCH_WRITE_USERS:-$((2 * concurrency))}"
 keel_cpus="${BENCH_KEEL_CPUS:-}"
 load_cpus="${BENCH_LOAD_CPUS:-}"

@@ -40,6 +40,7 @@ pub mod transport;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_kernel::cluster::{Announcer, InProcessAnnouncer};
 use keel_kernel::{BackgroundTasks, BusBuilder, Outbox, Result, clock};
 use sea_orm::{DatabaseBackend, DatabaseConnection};
 
@@ -110,6 +111,7 @@ pub struct Events {
     pub(crate) registry: Registry,
     pub(crate) settings: Settings,
     namespace: String,
+    announcer: Arc<dyn Announcer>,
     /// The relay, hub poller, handler runners and retention: stopped by
     /// [`Events::stop`], or when the last clone of [`Events`] is dropped.
     tasks: Arc<BackgroundTasks>,
@@ -130,13 +132,20 @@ impl Events {
                 .map_err(|error| keel_kernel::Error::unavailable(format!("listening for events: {error}")))?;
             tasks.push(listening);
         }
-        let transport: Arc<dyn transport::Transport> = match &settings.redis_url {
-            Some(url) => Arc::new(
-                transport::Redis::connect(url, &transport::channel(&namespace), &hub)
+        let (transport, announcer): (Arc<dyn transport::Transport>, Arc<dyn Announcer>) = match &settings.redis_url {
+            Some(url) => {
+                let redis = transport::Redis::connect(url, &namespace, &hub)
                     .await
-                    .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?,
+                    .map_err(|error| keel_kernel::Error::unavailable(format!("KEEL_REDIS_URL: {error}")))?;
+                let announcer = redis.announcer();
+                (Arc::new(redis), announcer)
+            }
+            // Alone on SQLite; on PostgreSQL without Redis other processes
+            // may share the database and would not hear: caches stay off.
+            None => (
+                Arc::new(transport::InProcess),
+                Arc::new(InProcessAnnouncer::new(!postgres)),
             ),
-            None => Arc::new(transport::InProcess),
         };
         let relay = Relay::new(db.clone(), transport, &hub, notify);
         // Rows a crashed process committed but never numbered: before
@@ -157,6 +166,7 @@ impl Events {
             registry,
             settings,
             namespace,
+            announcer,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         })
     }
@@ -175,6 +185,13 @@ impl Events {
     /// Redis channel and key of this deployment.
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// Announcements every process of this deployment acts on before the
+    /// announcing command answers (Redis in a cluster; see
+    /// [`keel_kernel::cluster`]).
+    pub fn announcer(&self) -> Arc<dyn Announcer> {
+        self.announcer.clone()
     }
 
     pub fn latest_sequence(&self) -> u64 {

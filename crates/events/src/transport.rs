@@ -7,13 +7,16 @@
 //! event: after a reconnect the hub reads the table once, and it also reads
 //! it on a slow safety poll.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use keel_kernel::Envelope;
+use keel_kernel::cluster::{Announcer, InProcessAnnouncer, Listener};
 use sea_orm::sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -49,12 +52,178 @@ pub struct News {
     pub through: u64,
 }
 
+/// The Redis channels of a deployment's announcements and their answers.
+fn announce_channels(namespace: &str) -> (String, String) {
+    (format!("{namespace}:announce"), format!("{namespace}:announce:ack"))
+}
+
+/// An announcement on Redis: every process runs `topic`'s listener, then
+/// answers `id` on the ack channel.
+#[derive(Debug, Serialize, Deserialize)]
+struct Announcement {
+    id: Uuid,
+    topic: String,
+    message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Ack {
+    id: Uuid,
+}
+
+/// How long an announcement waits for every process to answer.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(1);
+
+/// Announcements through Redis (see [`keel_kernel::cluster`]): published on
+/// `<namespace>:announce`, each process runs the listener and answers on
+/// `<namespace>:announce:ack`; the announcer waits for as many answers as
+/// Redis counted receivers (itself included).
+pub struct RedisAnnouncer {
+    channel: String,
+    acks: String,
+    publisher: Client,
+    subscriber: SubscriberClient,
+    local: InProcessAnnouncer,
+    /// Subscribed to both channels since the last (re)connect.
+    hearing: AtomicBool,
+    // A std mutex: held only to add, find or remove an entry.
+    waiting: std::sync::Mutex<HashMap<Uuid, Arc<Waiting>>>,
+}
+
+struct Waiting {
+    answers: AtomicUsize,
+    answered: tokio::sync::Notify,
+}
+
+impl RedisAnnouncer {
+    fn on_announcement(&self, text: &str) {
+        let Ok(announcement) = serde_json::from_str::<Announcement>(text) else {
+            tracing::warn!("unreadable announcement from redis");
+            return;
+        };
+        self.local.deliver(&announcement.topic, &announcement.message);
+        let Ok(ack) = serde_json::to_string(&Ack { id: announcement.id }) else {
+            return;
+        };
+        let publisher = self.publisher.clone();
+        let acks = self.acks.clone();
+        tokio::spawn(async move {
+            if let Err(error) = publisher.publish::<(), _, _>(acks.as_str(), ack).await {
+                tracing::debug!(error = %error, "answering an announcement failed");
+            }
+        });
+    }
+
+    fn on_ack(&self, text: &str) {
+        let Ok(ack) = serde_json::from_str::<Ack>(text) else {
+            return;
+        };
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&ack.id)
+            .cloned();
+        if let Some(waiting) = waiting {
+            waiting.answers.fetch_add(1, Ordering::AcqRel);
+            waiting.answered.notify_one();
+        }
+    }
+
+    /// Subscribes to both channels; until then (and after a disconnect) this
+    /// process does not hear everything.
+    async fn subscribe(&self) {
+        loop {
+            match self
+                .subscriber
+                .subscribe(vec![self.channel.as_str(), self.acks.as_str()])
+                .await
+            {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::debug!(error = %error, "redis subscribe (announcements) failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        self.local.next_generation();
+        self.hearing.store(true, Ordering::Release);
+    }
+}
+
+#[async_trait]
+impl Announcer for RedisAnnouncer {
+    async fn announce(&self, topic: &'static str, message: &str) {
+        // Here first, whatever Redis does.
+        self.local.deliver(topic, message);
+        let id = Uuid::now_v7();
+        let Ok(text) = serde_json::to_string(&Announcement {
+            id,
+            topic: topic.to_owned(),
+            message: message.to_owned(),
+        }) else {
+            return;
+        };
+        let waiting = Arc::new(Waiting {
+            answers: AtomicUsize::new(0),
+            answered: tokio::sync::Notify::new(),
+        });
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(id, waiting.clone());
+        let answered = async {
+            // Receivers Redis counted: every subscribed process, this one too.
+            let receivers = self.publisher.publish::<i64, _, _>(self.channel.as_str(), text).await?;
+            let receivers = usize::try_from(receivers).unwrap_or(0);
+            loop {
+                let notified = waiting.answered.notified();
+                if waiting.answers.load(Ordering::Acquire) >= receivers {
+                    return Ok::<_, fred::error::Error>(receivers);
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(ANNOUNCE_WAIT, answered).await {
+            Ok(Ok(_)) => {}
+            // The processes that did not hear it are not hearing everything
+            // (their caches are off) or will hear it late: say so.
+            Ok(Err(error)) => {
+                tracing::warn!(topic, error = %error, "announcement not published; other processes' caches may be stale until they reconnect")
+            }
+            Err(_) => tracing::warn!(
+                topic,
+                answered = waiting.answers.load(Ordering::Acquire),
+                "not every keel process answered an announcement in time"
+            ),
+        }
+        self.waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&id);
+    }
+
+    fn listen(&self, topic: &'static str, listener: Listener) {
+        self.local.listen(topic, listener);
+    }
+
+    fn hears_everything(&self) -> bool {
+        self.hearing.load(Ordering::Acquire) && self.subscriber.is_connected()
+    }
+
+    fn generation(&self) -> u64 {
+        self.local.generation()
+    }
+}
+
 /// Redis pub/sub: a publishing client and a subscriber that feeds the local
-/// hub. Both reconnect forever; the subscriber re-subscribes on reconnect.
+/// hub and the announcer. Both reconnect forever; the subscriber
+/// re-subscribes on reconnect.
 pub struct Redis {
     channel: String,
     publisher: Client,
     _subscriber: SubscriberClient,
+    announcer: Arc<RedisAnnouncer>,
     tasks: Vec<tokio::task::AbortHandle>,
 }
 
@@ -70,7 +239,10 @@ impl Drop for Redis {
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 
 impl Redis {
-    pub async fn connect(url: &str, channel: &str, hub: &Arc<Hub>) -> Result<Redis, Error> {
+    /// Connects for the events of `namespace` and its announcements.
+    pub async fn connect(url: &str, namespace: &str, hub: &Arc<Hub>) -> Result<Redis, Error> {
+        let channel = channel(namespace);
+        let channel = channel.as_str();
         let config = Config::from_url(url)?;
         let policy = ReconnectPolicy::new_exponential(0, 50, 1000, 2);
         let connection = |config: &mut ConnectionConfig| {
@@ -93,15 +265,37 @@ impl Redis {
             subscriber.connect().abort_handle(),
             subscriber.manage_subscriptions().abort_handle(),
         ];
+        let (announce_channel, acks) = announce_channels(namespace);
+        let announcer = Arc::new(RedisAnnouncer {
+            channel: announce_channel.clone(),
+            acks: acks.clone(),
+            publisher: publisher.clone(),
+            subscriber: subscriber.clone(),
+            local: InProcessAnnouncer::new(false),
+            hearing: AtomicBool::new(false),
+            waiting: std::sync::Mutex::new(HashMap::new()),
+        });
         let mut messages = subscriber.message_rx();
         let weak = Arc::downgrade(hub);
+        let announcements = Arc::downgrade(&announcer);
         tasks.push(
             tokio::spawn(async move {
                 while let Ok(message) = messages.recv().await {
-                    let Some(hub) = weak.upgrade() else { break };
                     let Ok(text) = message.value.convert::<String>() else {
                         continue;
                     };
+                    if *message.channel == *announce_channel || *message.channel == *acks {
+                        let Some(announcer) = announcements.upgrade() else {
+                            break;
+                        };
+                        if *message.channel == *acks {
+                            announcer.on_ack(&text);
+                        } else {
+                            announcer.on_announcement(&text);
+                        }
+                        continue;
+                    }
+                    let Some(hub) = weak.upgrade() else { break };
                     match serde_json::from_str::<News>(&text) {
                         Ok(news) => hub.hint(news.through).await,
                         Err(error) => tracing::warn!(error = %error, "unreadable event message from redis"),
@@ -116,9 +310,16 @@ impl Redis {
         // for the poll, which may be off.
         let mut reconnects = subscriber.reconnect_rx();
         let weak = Arc::downgrade(hub);
+        let announcements = Arc::downgrade(&announcer);
         tasks.push(
             tokio::spawn(async move {
                 while reconnects.recv().await.is_ok() {
+                    // Announcements made while away were missed: caches stay
+                    // off until subscribed again, then forget what they held.
+                    if let Some(announcer) = announcements.upgrade() {
+                        announcer.hearing.store(false, Ordering::Release);
+                        announcer.subscribe().await;
+                    }
                     let Some(hub) = weak.upgrade() else { break };
                     hub.poll().await;
                 }
@@ -128,9 +329,11 @@ impl Redis {
         let subscribing = subscriber.clone();
         let subscribed_channel = channel.to_owned();
         let weak = Arc::downgrade(hub);
+        let announcements = announcer.clone();
         let (subscribed, first_subscription) = tokio::sync::oneshot::channel::<()>();
         tasks.push(
             tokio::spawn(async move {
+                announcements.subscribe().await;
                 // Until Redis answers, subscribe keeps failing; the tracked
                 // channel is re-subscribed on every reconnect after that.
                 loop {
@@ -158,8 +361,14 @@ impl Redis {
             channel: channel.to_owned(),
             publisher,
             _subscriber: subscriber,
+            announcer,
             tasks,
         })
+    }
+
+    /// This deployment's announcer (see [`keel_kernel::cluster`]).
+    pub fn announcer(&self) -> Arc<RedisAnnouncer> {
+        self.announcer.clone()
     }
 }
 

@@ -848,7 +848,56 @@ contract!(
     a_subscriber_too_slow_is_ended_with_where_to_resume,
     a_subscription_ends_when_its_access_ends_saying_where_to_resume,
     heartbeats_carry_the_subscribers_own_cursor,
+    an_announcement_returns_once_every_process_heard_it,
     a_cursor_older_than_retention_must_resync,
     failing_handlers_retry_then_dead_letter_then_replay,
     concurrent_relays_never_number_an_event_twice,
 );
+
+/// An announcement returns only once every process ran its listener: on
+/// Redis between two processes, in process within one.
+async fn an_announcement_returns_once_every_process_heard_it(backend: Backend, transport: Transport) {
+    let rig = rig(backend, transport, Settings::default(), Registry::default()).await;
+    let (speaker, other) = (rig.events.announcer(), rig.listener.announcer());
+    let heard = |announcer: &Arc<dyn keel_kernel::cluster::Announcer>| {
+        let heard = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let into = heard.clone();
+        announcer.listen(
+            "test.topic",
+            Arc::new(move |message: &str| into.lock().unwrap().push(message.to_owned())),
+        );
+        heard
+    };
+    let by_speaker = heard(&speaker);
+    if transport != Transport::Redis {
+        // Alone on SQLite, a process hears everything; on PostgreSQL without
+        // Redis others may share the database unheard, so nobody relies on it.
+        assert_eq!(
+            speaker.hears_everything(),
+            backend == Backend::Sqlite,
+            "{backend:?} {transport:?}"
+        );
+        speaker.announce("test.topic", "alone").await;
+        assert_eq!(*by_speaker.lock().unwrap(), ["alone"]);
+        return;
+    }
+    let by_other = heard(&other);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(speaker.hears_everything() && other.hears_everything()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{transport:?}: never hearing everything"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for index in 0..5 {
+        let message = format!("m{index}");
+        speaker.announce("test.topic", &message).await;
+        // No waiting here: the announcement returned, so both have run it.
+        assert!(by_speaker.lock().unwrap().contains(&message), "{transport:?}");
+        assert!(
+            by_other.lock().unwrap().contains(&message),
+            "{transport:?}: the other process had not heard {message}"
+        );
+    }
+}

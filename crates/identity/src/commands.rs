@@ -559,6 +559,7 @@ impl CommandHandler<RefreshSession> for Identity {
         // stolen or replayed: end the session.
         let Some((live, refresh_token)) = self.live_successor(ctx, token, command.refresh_token, now).await? else {
             store::revoke_session(tx, session.id, now).await?;
+            self.forget_everywhere(ctx, user.id);
             record_session_revoked(ctx, user.id, session.id, "refresh_token_reuse");
             tracing::warn!(user_id = %user.id, session_id = %session.id, "refresh token reused; session revoked");
             return Ok(RefreshOutcome::ReuseDetected);
@@ -580,6 +581,7 @@ impl CommandHandler<Logout> for Identity {
     async fn handle(&self, ctx: &CommandContext<'_>, _command: Logout) -> Result<()> {
         let principal = ctx.request.principal()?;
         store::revoke_session(ctx.tx().await?, principal.session_id, clock::now()).await?;
+        self.forget_everywhere(ctx, principal.user_id);
         record_session_revoked(ctx, principal.user_id, principal.session_id, "logout");
         tracing::info!(user_id = %principal.user_id, session_id = %principal.session_id, "logged out");
         Ok(())
@@ -610,6 +612,7 @@ impl CommandHandler<ChangePassword> for Identity {
         };
         store::update_password(tx, &updated, &new_hash).await?;
         let revoked = store::revoke_other_sessions(tx, principal.user_id, Some(principal.session_id), now).await?;
+        self.forget_everywhere(ctx, principal.user_id);
         ctx.record(
             &PasswordChanged(pb::PasswordChanged {
                 user_id: principal.user_id.to_string(),
@@ -660,6 +663,8 @@ impl CommandHandler<UpdateUser> for Identity {
         updated.version = user.version + 1;
         updated.updated_at = now;
         store::update_user(tx, &updated).await?;
+        // The remembered user (GetCurrentUser answers from it) and its role.
+        self.forget_everywhere(ctx, updated.id);
         let changed_fields: Vec<String> = [
             (updated.email != user.email).then_some("email"),
             (updated.display_name != user.display_name).then_some("display_name"),
@@ -707,6 +712,7 @@ impl CommandHandler<DeleteUser> for Identity {
         // Sessions and refresh tokens go with the user (ON DELETE CASCADE),
         // so the user's access tokens stop working at once.
         store::delete_user(tx, user.id).await?;
+        self.forget_everywhere(ctx, user.id);
         ctx.record(
             &UserDeleted(pb::UserDeleted {
                 user_id: user.id.to_string(),
@@ -730,6 +736,7 @@ impl CommandHandler<RevokeSession> for Identity {
             .filter(|session| ctx.request.may_act_for(session.user_id))
             .ok_or_else(|| Error::not_found("session"))?;
         store::revoke_session(tx, session.id, clock::now()).await?;
+        self.forget_everywhere(ctx, session.user_id);
         record_session_revoked(ctx, session.user_id, session.id, "revoked");
         tracing::info!(user_id = %session.user_id, session_id = %session.id, "session revoked");
         Ok(())

@@ -10,6 +10,8 @@
 //!   mapping rows to the domain types;
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `access.rs`: [`access::SessionWatch`], which ends streams whose session ended;
+//! - `access_cache.rs`: active sessions remembered per process, exact through
+//!   the cluster's announcements;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `successor.rs`: the keyed derivation of a refresh token's successor;
@@ -22,6 +24,7 @@
 //! turns a bearer token into a principal for the server's auth layer.
 
 pub mod access;
+pub mod access_cache;
 pub mod admin;
 pub mod commands;
 pub mod events;
@@ -105,6 +108,7 @@ pub struct Identity {
 
 struct Inner {
     tokens: TokenService,
+    cache: Arc<access_cache::AccessCache>,
     hasher: PasswordHasher,
     limiter: Arc<dyn RateLimiter>,
     settings: IdentitySettings,
@@ -115,6 +119,7 @@ impl Identity {
         Self {
             inner: Arc::new(Inner {
                 tokens,
+                cache: Arc::new(access_cache::AccessCache::default()),
                 hasher: PasswordHasher::with_concurrency(settings.password_hash_concurrency),
                 limiter,
                 settings,
@@ -124,6 +129,24 @@ impl Identity {
 
     pub fn tokens(&self) -> &TokenService {
         &self.inner.tokens
+    }
+
+    /// Turns on the per-process access cache, exact through `announcer`
+    /// (see [`access_cache`]); the composition root calls it once the
+    /// events module, which owns the cluster link, is running.
+    pub fn attach_announcer(&self, announcer: Arc<dyn keel_kernel::cluster::Announcer>) {
+        self.inner.cache.attach(announcer);
+    }
+
+    pub(crate) fn cache(&self) -> &access_cache::AccessCache {
+        &self.inner.cache
+    }
+
+    /// Once `ctx` commits, and before it answers, every process forgets what
+    /// it remembered of `user_id`'s sessions (see [`access_cache`]).
+    pub(crate) fn forget_everywhere(&self, ctx: &keel_kernel::CommandContext<'_>, user_id: uuid::Uuid) {
+        let cache = self.inner.cache.clone();
+        ctx.after_commit(async move { cache.announce(user_id).await });
     }
 
     pub(crate) fn hasher(&self) -> &PasswordHasher {
@@ -139,8 +162,9 @@ impl Identity {
     }
 
     /// Verifies an access token and that its session is still active. The
-    /// role comes from the database, so revocation, deletion and demotion
-    /// take effect at once rather than at the token's expiry.
+    /// role comes from the database (or the access cache, which every
+    /// revocation, deletion and demotion clears in every process before it
+    /// answers), so they take effect at once rather than at the token's expiry.
     pub async fn authenticate(&self, db: &impl ConnectionTrait, access_token: &str) -> Result<Principal> {
         self.authenticate_with_user(db, access_token)
             .await
@@ -158,10 +182,23 @@ impl Identity {
         let verified = self.tokens().verify_access(access_token)?;
         let (user_id, session_id) = (verified.user_id, verified.session_id);
         let refused = || Error::unauthenticated("invalid or expired access token");
-        let (session, user) = store::find_session_with_user(db, session_id)
-            .await?
-            .ok_or_else(refused)?;
-        if session.user_id != user_id || !session.is_active(clock::now()) {
+        let now = clock::now();
+        let (session, user) = match self.cache().get(session_id, now) {
+            Some(remembered) => remembered,
+            None => {
+                let ticket = self.cache().ticket();
+                let (session, user) = store::find_session_with_user(db, session_id)
+                    .await?
+                    .ok_or_else(refused)?;
+                if session.is_active(now)
+                    && let Some(ticket) = ticket
+                {
+                    self.cache().fill(ticket, &session, &user);
+                }
+                (session, user)
+            }
+        };
+        if session.user_id != user_id || !session.is_active(now) {
             return Err(refused());
         }
         let principal = Principal {

@@ -122,6 +122,7 @@ pub struct CommandContext<'a> {
     open: OnceCell<OpenTransaction<'a>>,
     // A std mutex: never held across an await.
     events: std::sync::Mutex<Vec<PendingEvent>>,
+    after_commit: std::sync::Mutex<Vec<BoxFuture<'static, ()>>>,
 }
 
 struct OpenTransaction<'a> {
@@ -156,6 +157,26 @@ impl<'a> CommandContext<'a> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(event);
+    }
+
+    /// Runs `work` once this command has committed, before its caller gets
+    /// the answer (dropped if it rolls back). For what must be true by the
+    /// time the caller learns of the change, such as every process's cache
+    /// having forgotten what the change made stale.
+    pub fn after_commit(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.after_commit
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(Box::pin(work));
+    }
+
+    fn take_after_commit(&self) -> Vec<BoxFuture<'static, ()>> {
+        std::mem::take(
+            &mut *self
+                .after_commit
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     fn take_events(&self) -> Vec<PendingEvent> {
@@ -365,6 +386,7 @@ impl Bus {
                 writer: inner.writer.as_ref(),
                 open: OnceCell::new(),
                 events: std::sync::Mutex::new(Vec::new()),
+                after_commit: std::sync::Mutex::new(Vec::new()),
             };
             let mut outcome = handler.handle(&command_ctx, command).await;
             if outcome.is_ok()
@@ -376,6 +398,7 @@ impl Bus {
                 outcome = Err(deadline_exceeded());
             }
             let events = command_ctx.take_events();
+            let after_commit = command_ctx.take_after_commit();
             let wrote_events = match (&outcome, &inner.outbox) {
                 (Ok(_), Some(outbox)) if !events.is_empty() => {
                     outbox.write(command_ctx.tx().await?, &events).await?;
@@ -386,6 +409,11 @@ impl Bus {
             command_ctx.finish(outcome.is_ok()).await?;
             if wrote_events && let Some(outbox) = &inner.outbox {
                 outbox.committed();
+            }
+            if outcome.is_ok() {
+                for work in after_commit {
+                    work.await;
+                }
             }
             outcome.map(Output::new)
         });

@@ -10,6 +10,8 @@
 //! - [`events`]: domain events and the outbox port;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`access`]: when a caller's access ends, so that streams end with it;
+//! - [`cluster`]: announcements every keel process acts on before a command
+//!   answers (how per-process caches stay exact);
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
 //! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
@@ -25,6 +27,7 @@ pub mod access;
 pub mod backoff;
 pub mod bus;
 pub mod clock;
+pub mod cluster;
 pub mod context;
 pub mod error;
 pub mod events;

@@ -325,3 +325,63 @@ async fn a_command_whose_caller_goes_away_still_runs_to_its_end() {
     assert_eq!(bus.execute(&ctx, insert(2, false, Duration::ZERO)).await.unwrap(), 2);
     assert_eq!(bus.ask(&ctx, Count).await.unwrap(), 2);
 }
+
+/// Inserts a row; once committed, counts the rows (on another connection)
+/// into `seen`.
+struct InsertThenCount {
+    value: i64,
+    fail: bool,
+    seen: Arc<Mutex<Vec<i64>>>,
+}
+
+impl Command for InsertThenCount {
+    const NAME: &'static str = "test.insert_then_count";
+    type Output = ();
+}
+
+#[async_trait]
+impl CommandHandler<InsertThenCount> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: InsertThenCount) -> Result<()> {
+        ctx.tx()
+            .await?
+            .execute_unprepared(&format!("INSERT INTO items (value) VALUES ({})", command.value))
+            .await?;
+        let (db, seen) = (ctx.db.clone(), command.seen.clone());
+        ctx.after_commit(async move {
+            let row = db
+                .query_one_raw(Statement::from_string(
+                    db.get_database_backend(),
+                    "SELECT COUNT(*) AS n FROM items",
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            seen.lock().unwrap().push(row.try_get::<i64>("", "n").unwrap());
+        });
+        if command.fail {
+            return Err(Error::invalid_field("value", "refused after the write"));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn after_commit_work_sees_the_commit_and_finishes_before_the_caller_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut builder = BusBuilder::new(database(&dir).await);
+    builder.command::<InsertThenCount>(Handlers);
+    let bus = builder.build();
+    let ctx = RequestContext::new("test");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let command = |value, fail| InsertThenCount {
+        value,
+        fail,
+        seen: seen.clone(),
+    };
+    bus.execute(&ctx, command(1, false)).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [1], "ran after the commit, before the answer");
+    bus.execute(&ctx, command(2, true)).await.unwrap_err();
+    assert_eq!(*seen.lock().unwrap(), [1], "a rolled-back command runs none");
+    bus.execute(&ctx, command(3, false)).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+}

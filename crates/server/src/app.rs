@@ -146,6 +146,11 @@ impl State {
         }
         let events = keel_events::Events::start(db.clone(), event_settings(&config), handlers).await?;
         modules.push(Arc::new(events.clone()));
+        // Authentication remembers active sessions once every revocation
+        // can reach every process (the events module owns that link).
+        if config.access_cache {
+            identity.identity().attach_announcer(events.announcer());
+        }
 
         let mut bus = BusBuilder::new(db.clone());
         bus.outbox(events.outbox());

@@ -83,6 +83,12 @@ pub struct Config {
     /// `KEEL_HTTP2_MAX_CONCURRENT_STREAMS`: streams (calls) one HTTP/2
     /// connection may have open at once.
     pub http2_max_concurrent_streams: u32,
+    /// `KEEL_ACCESS_CACHE`: remember active sessions per process, so an
+    /// authenticated call needs no database round trip of its own. Exact:
+    /// every revocation clears every process before it answers; on by default,
+    /// in effect on SQLite and with Redis (several processes on PostgreSQL
+    /// without Redis could not hear each other, so there it stays off).
+    pub access_cache: bool,
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
@@ -166,6 +172,7 @@ impl Default for Config {
             cors_allowed_origins: None,
             hsts: false,
             register_burst: 10,
+            access_cache: true,
             login_burst_per_account_address: 10,
             login_account_burst: 20,
             login_account_interval_ms: 500,

@@ -1,0 +1,150 @@
+//! [`AccessCache`]: active sessions and their users, remembered per process
+//! so that an authenticated call needs no database round trip of its own.
+//!
+//! It can only grant: an entry whose session is no longer active by its own
+//! record is a miss, and the database decides. It is exact because every
+//! command that ends a session or changes a user announces it after its
+//! commit, through the cluster's [`Announcer`], and answers its caller only
+//! once every process has forgotten that user. A process that may have
+//! missed an announcement does not use its entries: while it is not hearing
+//! (Redis away; several processes on PostgreSQL without Redis: always) the
+//! cache is off, and what it stored before a reconnect is stale. A fill that
+//! began before an announcement is dropped (`epoch`), so a read racing with
+//! a revocation never stores the state it revoked. Entries also expire after
+//! [`TTL`], which bounds what a change made outside keel (an operator's SQL)
+//! can leave behind.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use keel_kernel::cluster::Announcer;
+use uuid::Uuid;
+
+use crate::model::{Session, User};
+
+/// The announcements' topic; the message is the user id.
+pub const TOPIC: &str = "identity.access";
+
+/// The longest an entry is used.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// Sessions kept (about 1 KiB each).
+const CAPACITY: usize = 10_000;
+
+#[derive(Clone)]
+struct Entry {
+    session: Session,
+    user: User,
+    generation: u64,
+    stored_at: Instant,
+}
+
+/// What a fill must still match when it stores (see [`AccessCache::ticket`]).
+pub(crate) struct Ticket {
+    epoch: u64,
+    generation: u64,
+}
+
+pub struct AccessCache {
+    entries: quick_cache::sync::Cache<Uuid, Entry>,
+    /// Advanced by every announcement: fills begun before it are dropped.
+    epoch: AtomicU64,
+    announcer: OnceLock<Arc<dyn Announcer>>,
+}
+
+impl Default for AccessCache {
+    fn default() -> Self {
+        Self {
+            entries: quick_cache::sync::Cache::new(CAPACITY),
+            epoch: AtomicU64::new(0),
+            announcer: OnceLock::new(),
+        }
+    }
+}
+
+impl AccessCache {
+    /// Turns the cache on, with the announcer every process hears; until
+    /// then it holds nothing.
+    pub fn attach(self: &Arc<Self>, announcer: Arc<dyn Announcer>) {
+        let weak = Arc::downgrade(self);
+        announcer.listen(
+            TOPIC,
+            Arc::new(move |message: &str| {
+                if let Some(cache) = weak.upgrade() {
+                    cache.forget(message);
+                }
+            }),
+        );
+        let _ = self.announcer.set(announcer);
+    }
+
+    /// The announcer, while this process hears every announcement.
+    fn hearing(&self) -> Option<&Arc<dyn Announcer>> {
+        self.announcer.get().filter(|announcer| announcer.hears_everything())
+    }
+
+    /// The session and its user, when remembered, still current and still
+    /// active by the session's own record.
+    pub(crate) fn get(&self, session_id: Uuid, now: chrono::DateTime<chrono::Utc>) -> Option<(Session, User)> {
+        let announcer = self.hearing()?;
+        let entry = self.entries.get(&session_id)?;
+        let current = entry.generation == announcer.generation() && entry.stored_at.elapsed() < TTL;
+        (current && entry.session.is_active(now)).then_some((entry.session, entry.user))
+    }
+
+    /// Taken before reading the database for a fill.
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        let announcer = self.hearing()?;
+        Some(Ticket {
+            epoch: self.epoch.load(Ordering::Acquire),
+            generation: announcer.generation(),
+        })
+    }
+
+    /// Stores what the database said, unless an announcement (or a
+    /// reconnect) came since the ticket was taken.
+    pub(crate) fn fill(&self, ticket: Ticket, session: &Session, user: &User) {
+        let Some(announcer) = self.hearing() else {
+            return;
+        };
+        if announcer.generation() != ticket.generation || self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            return;
+        }
+        self.entries.insert(
+            session.id,
+            Entry {
+                session: session.clone(),
+                user: user.clone(),
+                generation: ticket.generation,
+                stored_at: Instant::now(),
+            },
+        );
+        // Stored after an announcement that the read may have missed: take
+        // it back (the announcement's `retain` may have run before the insert).
+        if self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            self.entries.remove(&session.id);
+        }
+    }
+
+    /// Forgets every session of `user_id` (the announcement's listener).
+    fn forget(&self, user_id: &str) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        match Uuid::parse_str(user_id) {
+            Ok(user_id) => self.entries.retain(|_, entry| entry.user.id != user_id),
+            Err(_) => self.entries.clear(),
+        }
+    }
+
+    /// Tells every process to forget `user_id`'s sessions; returns once they have.
+    pub(crate) async fn announce(&self, user_id: Uuid) {
+        if let Some(announcer) = self.announcer.get() {
+            announcer.announce(TOPIC, &user_id.to_string()).await;
+        }
+    }
+
+    /// Whether an announcer is attached (tests, diagnostics).
+    pub fn is_attached(&self) -> bool {
+        self.announcer.get().is_some()
+    }
+}
