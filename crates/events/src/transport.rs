@@ -280,7 +280,24 @@ impl Redis {
         let announcements = Arc::downgrade(&announcer);
         tasks.push(
             tokio::spawn(async move {
-                while let Ok(message) = messages.recv().await {
+                loop {
+                    let message = match messages.recv().await {
+                        Ok(message) => message,
+                        // Messages were dropped: announcements may be missed
+                        // (caches forget what they held) and news too (read
+                        // the table).
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::warn!(missed, "redis messages dropped; catching up");
+                            if let Some(announcer) = announcements.upgrade() {
+                                announcer.local.next_generation();
+                            }
+                            if let Some(hub) = weak.upgrade() {
+                                hub.poll().await;
+                            }
+                            continue;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    };
                     let Ok(text) = message.value.convert::<String>() else {
                         continue;
                     };

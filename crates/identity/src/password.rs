@@ -30,9 +30,10 @@ impl Default for PasswordHasher {
     }
 }
 
-/// The default bound: one hash per core.
+/// The default bound: one hash per core but one, so that a flood of
+/// sign-ins leaves a core to every other call (at least one hash at a time).
 pub fn default_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(1, |cores| cores.get())
+    std::thread::available_parallelism().map_or(1, |cores| cores.get().saturating_sub(1).max(1))
 }
 
 impl PasswordHasher {

@@ -60,7 +60,8 @@ pub struct Config {
     /// `KEEL_REFRESH_GRACE_SECONDS`: how long a rotated refresh token still rotates.
     pub refresh_grace_seconds: u64,
     /// `KEEL_PASSWORD_HASH_CONCURRENCY`: at most this many Argon2id hashes
-    /// (19 MiB each) at once; more logins wait for one. Unset: one per core.
+    /// (19 MiB each) at once; more logins wait for one. Unset: one per core
+    /// but one (at least one), so a flood of sign-ins leaves a core to reads.
     pub password_hash_concurrency: Option<usize>,
     /// `KEEL_BOOTSTRAP_ADMIN_EMAIL` / `KEEL_BOOTSTRAP_ADMIN_PASSWORD`: an admin
     /// created at start when no account has that email (for containers).
