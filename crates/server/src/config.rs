@@ -77,9 +77,9 @@ pub struct Config {
     /// `KEEL_FIRST_BYTE_TIMEOUT_SECONDS`: a connection that sends nothing
     /// (or no complete HTTP/1.1 request head) for this long is closed.
     pub first_byte_timeout_seconds: u64,
-    /// `KEEL_IDLE_TIMEOUT_SECONDS`: a connection with no call in flight and
-    /// nothing sent either way for this long is closed (HTTP/1.1 keep-alive,
-    /// HTTP/2 without streams; open streams send heartbeats and stay).
+    /// `KEEL_IDLE_TIMEOUT_SECONDS`: a connection with no call in flight for
+    /// this long is closed (HTTP/1.1 keep-alive between requests, HTTP/2
+    /// without streams); an open stream is a call in flight.
     pub idle_timeout_seconds: u64,
     /// `KEEL_HTTP2_MAX_CONCURRENT_STREAMS`: streams (calls) one HTTP/2
     /// connection may have open at once.
@@ -273,12 +273,6 @@ impl Config {
         }
         if self.http2_max_concurrent_streams == 0 {
             return Err(invalid("KEEL_HTTP2_MAX_CONCURRENT_STREAMS", "must be at least 1"));
-        }
-        if self.idle_timeout_seconds <= self.events_heartbeat_seconds {
-            return Err(invalid(
-                "KEEL_IDLE_TIMEOUT_SECONDS",
-                "must be longer than KEEL_EVENTS_HEARTBEAT_SECONDS, or idle streams would be closed",
-            ));
         }
         if self.max_message_bytes < 1024 {
             return Err(invalid("KEEL_MAX_MESSAGE_BYTES", "must be at least 1024"));

@@ -29,9 +29,9 @@ pub struct Limits {
     /// A connection must send its first byte (and an HTTP/1.1 request its
     /// head) within this.
     pub first_byte_timeout: Duration,
-    /// A connection with no call in flight and no byte either way for this
-    /// long is closed (keep-alive connections between requests, HTTP/2
-    /// connections without streams). Streams stay open: they send heartbeats.
+    /// A connection with no call in flight for this long is closed
+    /// (keep-alive connections between requests, HTTP/2 connections without
+    /// streams). An open stream is a call in flight.
     pub idle_timeout: Duration,
     /// HTTP/2 streams one connection may have open at once.
     pub http2_max_concurrent_streams: u32,
@@ -146,12 +146,18 @@ pub async fn serve(
         let per_request = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(info.clone());
+            // In flight until the answer's body has ended: a stream is a
+            // call for as long as it lasts, whether or not it sends.
             let in_flight = calls.call_started();
             let answer = service.clone().oneshot(request);
             async move {
-                let response = answer.await;
-                drop(in_flight);
-                response
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| {
+                    axum::body::Body::new(InFlightBody {
+                        inner: body,
+                        _in_flight: in_flight,
+                    })
+                }))
             }
         });
         let builder = builder.clone();
@@ -171,10 +177,6 @@ pub async fn serve(
                     return;
                 }
             }
-            let stream = Watched {
-                inner: stream,
-                activity: activity.clone(),
-            };
             let connection = builder
                 .serve_connection_with_upgrades(TokioIo::new(stream), per_request)
                 .into_owned();
@@ -209,13 +211,15 @@ pub async fn serve(
     }
 }
 
-/// When a connection last moved a byte, and how many calls it has in flight.
+/// When a connection last started or finished a call, and how many it has
+/// in flight (an answer counts until its body ended). Bytes alone do not
+/// count: HTTP/2 keep-alive pings would keep every connection busy.
 #[derive(Clone)]
 struct Activity(Arc<ActivityState>);
 
 struct ActivityState {
     since: Instant,
-    /// Milliseconds after `since` of the last byte read or written.
+    /// Milliseconds after `since` of the last call's start or end.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
@@ -246,11 +250,12 @@ impl Activity {
 
     fn call_started(&self) -> InFlight {
         self.0.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
         InFlight(self.clone())
     }
 
-    /// How much longer the connection may stay idle: zero once it has been
-    /// idle (no call in flight, no byte) for `timeout`.
+    /// How much longer the connection may stay idle: zero once it has had
+    /// no call in flight for `timeout`.
     fn idle_left(&self, timeout: Duration) -> Duration {
         if self.0.in_flight.load(Ordering::Relaxed) > 0 {
             return timeout;
@@ -261,62 +266,30 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// A socket that notes each byte it moves in its [`Activity`].
-    struct Watched<S> {
+    /// An answer's body that holds its call's [`InFlight`] until it ends.
+    struct InFlightBody<B> {
         #[pin]
-        inner: S,
-        activity: Activity,
+        inner: B,
+        _in_flight: InFlight,
     }
 }
 
-impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Watched<S> {
-    fn poll_read(
+impl<B: http_body::Body> http_body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Watched<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
-            this.activity.touch();
-        }
-        polled
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(written)) if written > 0) {
-            this.activity.touch();
-        }
-        polled
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

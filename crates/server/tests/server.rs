@@ -653,6 +653,18 @@ async fn an_idle_connection_is_closed_but_a_quiet_stream_stays_open() {
         started.elapsed() >= Duration::from_millis(1900),
         "closed before its idle timeout"
     );
+    // An HTTP/2 connection without a stream is closed the same way.
+    let socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(socket).await.unwrap();
+    let driven = tokio::spawn(connection);
+    let request = http::Request::get(format!("{}/healthz", app.endpoint()))
+        .body(())
+        .unwrap();
+    let (response, _) = h2.send_request(request, true).unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+    let _ = tokio::time::timeout(Duration::from_secs(10), driven)
+        .await
+        .expect("an idle HTTP/2 connection is closed");
     // The stream outlived it, and still delivers heartbeats.
     let mut heartbeats = 0;
     let mut buffer = [0u8; 4096];
