@@ -1,5 +1,6 @@
-//! [`AccessCache`]: active sessions and their users, remembered per process
-//! so that an authenticated call needs no database round trip of its own.
+//! [`AccessCache`]: active sessions and their users, and users by id,
+//! remembered per process, so that an authenticated call (and `GetUser`)
+//! needs no database round trip of its own.
 //!
 //! It can only grant: an entry whose session is no longer active by its own
 //! record is a miss, and the database decides. It is exact because every
@@ -33,6 +34,13 @@ pub const TTL: Duration = Duration::from_secs(60);
 const CAPACITY: usize = 10_000;
 
 #[derive(Clone)]
+struct UserEntry {
+    user: User,
+    generation: u64,
+    stored_at: Instant,
+}
+
+#[derive(Clone)]
 struct Entry {
     session: Session,
     user: User,
@@ -48,6 +56,7 @@ pub(crate) struct Ticket {
 
 pub struct AccessCache {
     entries: quick_cache::sync::Cache<Uuid, Entry>,
+    users: quick_cache::sync::Cache<Uuid, UserEntry>,
     /// Advanced by every announcement: fills begun before it are dropped.
     epoch: AtomicU64,
     announcer: OnceLock<Arc<dyn Announcer>>,
@@ -57,6 +66,7 @@ impl Default for AccessCache {
     fn default() -> Self {
         Self {
             entries: quick_cache::sync::Cache::new(CAPACITY),
+            users: quick_cache::sync::Cache::new(CAPACITY),
             epoch: AtomicU64::new(0),
             announcer: OnceLock::new(),
         }
@@ -127,12 +137,46 @@ impl AccessCache {
         }
     }
 
-    /// Forgets every session of `user_id` (the announcement's listener).
+    /// The user `user_id`, when remembered and current.
+    pub(crate) fn get_user(&self, user_id: Uuid) -> Option<User> {
+        let announcer = self.hearing()?;
+        let entry = self.users.get(&user_id)?;
+        (entry.generation == announcer.generation() && entry.stored_at.elapsed() < TTL).then_some(entry.user)
+    }
+
+    /// Stores a user the database returned, under the same rule as [`Self::fill`].
+    pub(crate) fn fill_user(&self, ticket: Ticket, user: &User) {
+        let Some(announcer) = self.hearing() else {
+            return;
+        };
+        if announcer.generation() != ticket.generation || self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            return;
+        }
+        self.users.insert(
+            user.id,
+            UserEntry {
+                user: user.clone(),
+                generation: ticket.generation,
+                stored_at: Instant::now(),
+            },
+        );
+        if self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            self.users.remove(&user.id);
+        }
+    }
+
+    /// Forgets `user_id` and every session of it (the announcement's listener).
     fn forget(&self, user_id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         match Uuid::parse_str(user_id) {
-            Ok(user_id) => self.entries.retain(|_, entry| entry.user.id != user_id),
-            Err(_) => self.entries.clear(),
+            Ok(user_id) => {
+                self.users.remove(&user_id);
+                self.entries.retain(|_, entry| entry.user.id != user_id);
+            }
+            Err(_) => {
+                self.users.clear();
+                self.entries.clear();
+            }
         }
     }
 

@@ -82,9 +82,17 @@ impl QueryHandler<GetUser> for Identity {
         if !ctx.request.may_act_for(query.id) {
             return Err(Error::not_found("user"));
         }
-        store::find_user(ctx.db, query.id)
+        if let Some(user) = self.cache().get_user(query.id) {
+            return Ok(user);
+        }
+        let ticket = self.cache().ticket();
+        let user = store::find_user(ctx.db, query.id)
             .await?
-            .ok_or_else(|| Error::not_found("user"))
+            .ok_or_else(|| Error::not_found("user"))?;
+        if let Some(ticket) = ticket {
+            self.cache().fill_user(ticket, &user);
+        }
+        Ok(user)
     }
 }
 

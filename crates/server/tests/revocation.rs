@@ -116,6 +116,21 @@ async fn every_way_access_ends(acting: &TestApp, checking: &TestApp) {
     // A renamed user: GetCurrentUser never answers the old name.
     let (renamed, renamed_tokens) = acting.signed_in("renamed@example.com").await;
     checking.current_user(&renamed_tokens.access_token).await.unwrap();
+    let get_user = || async {
+        checking
+            .queries()
+            .await
+            .get_user(authed(
+                pb::GetUserRequest { id: renamed.id.clone() },
+                &admin.access_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+    };
+    assert_eq!(get_user().await.display_name, renamed.display_name);
     acting
         .commands()
         .await
@@ -136,6 +151,7 @@ async fn every_way_access_ends(acting: &TestApp, checking: &TestApp) {
         .unwrap();
     let seen = checking.current_user(&renamed_tokens.access_token).await.unwrap();
     assert_eq!(seen.display_name, "Renamed", "after UpdateUser");
+    assert_eq!(get_user().await.display_name, "Renamed", "GetUser after UpdateUser");
 
     // A deleted account.
     let (gone, gone_tokens) = acting.signed_in("gone@example.com").await;
