@@ -205,13 +205,31 @@ impl PathTemplate {
 
     /// The OpenAPI path: each variable as `{field.path}`.
     pub fn openapi_path(&self) -> String {
+        let names: Vec<String> = self
+            .variables
+            .iter()
+            .map(|variable| variable.field_path.join("."))
+            .collect();
+        self.openapi_path_named(&names)
+    }
+
+    /// The OpenAPI path with the variables, in order, named `names`.
+    pub fn openapi_path_named(&self, names: &[String]) -> String {
         let mut out = String::new();
         let mut index = 0;
         while index < self.segments.len() {
             out.push('/');
-            if let Some(variable) = self.variables.iter().find(|variable| variable.start == index) {
+            if let Some((position, variable)) = self
+                .variables
+                .iter()
+                .enumerate()
+                .find(|(_, variable)| variable.start == index)
+            {
                 out.push('{');
-                out.push_str(&variable.field_path.join("."));
+                match names.get(position) {
+                    Some(name) => out.push_str(name),
+                    None => out.push_str(&variable.field_path.join(".")),
+                }
                 out.push('}');
                 index = variable.end.max(index + 1);
                 continue;
