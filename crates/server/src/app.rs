@@ -337,6 +337,8 @@ impl State {
                 Arc::new(self.sessions.clone()),
                 self.db.clone(),
                 self.config.max_message_bytes,
+                keel_edge::access::AccessRules::from_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+                    .map_err(|error| anyhow::anyhow!("access rules: {error}"))?,
             ))
             .service(routes.prepare());
         Ok(Upstream::new(layered))
