@@ -33,13 +33,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Every `.proto` under `proto/keel` plus the error details, relative to `proto/`, sorted.
+/// Every `.proto` under `proto/keel` plus the error details and the health
+/// protocol, relative to `proto/`, sorted.
 fn proto_files(root: &std::path::Path) -> std::io::Result<Vec<String>> {
     // google.rpc's error details are served by reflection so clients can
     // read the details of an error; their Rust types come from tonic-types.
     let mut files = vec![
         "google/rpc/error_details.proto".to_owned(),
         "google/rpc/status.proto".to_owned(),
+        // Served by keel itself (tonic-health has no `List`).
+        "grpc/health/v1/health.proto".to_owned(),
     ];
     let mut stack = vec![root.join("keel")];
     while let Some(dir) = stack.pop() {

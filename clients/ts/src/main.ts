@@ -17,6 +17,7 @@ import { Code, ConnectError, type Interceptor, createClient } from "@connectrpc/
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 
 import { BadRequestSchema } from "./gen/google/rpc/error_details_pb.js";
+import { EventQueryService } from "./gen/keel/events/v1/queries_pb.js";
 import { IdentityCommandService } from "./gen/keel/identity/v1/commands_pb.js";
 import { IdentityQueryService } from "./gen/keel/identity/v1/queries_pb.js";
 
@@ -162,6 +163,8 @@ async function main(): Promise<void> {
   });
   const commands = createClient(IdentityCommandService, transport);
   const queries = createClient(IdentityQueryService, transport);
+  // Every module is generated, not only identity.
+  const events = createClient(EventQueryService, transport);
 
   const suffix = randomBytes(6).toString("hex");
   const email = `ts-client-${suffix}@example.com`;
@@ -213,6 +216,14 @@ async function main(): Promise<void> {
   const fields = violations.map((v) => v.field);
   expect(fields.includes("email"), `no BadRequest violation for "email" (got: ${fields.join(", ") || "none"})`);
   expect(fields.includes("password"), `no BadRequest violation for "password" (got: ${fields.join(", ") || "none"})`);
+
+  out("\n== error: the audit log (events module) without credentials (must be Unauthenticated)");
+  await expectError(Code.Unauthenticated, () => events.listAuditEvents({ userId: "not-an-id" }));
+
+  out("\n== error: the audit log as a user who is not an admin (must be PermissionDenied)");
+  await expectError(Code.PermissionDenied, () =>
+    events.listAuditEvents({}, { headers: { authorization: `Bearer ${accessToken}` } }),
+  );
 
   out("\nts-client: all checks passed");
 }

@@ -2,6 +2,7 @@
 //! `google.api.http` annotation) and as grpc-web, on one listener.
 //!
 //! # Layout
+//! - [`access`]: which methods need a caller (`keel.api.v1.access`);
 //! - [`template`]: path templates (`/v1/{name=shelves/*}:verb`), parse and match;
 //! - [`routes`]: the route table, read from descriptors alone;
 //! - [`transcode`]: JSON <-> protobuf, path and query bindings;
@@ -17,6 +18,7 @@
 //! The edge knows descriptors, not modules: a new annotated RPC is served
 //! with no edge code.
 
+pub mod access;
 pub mod error;
 pub mod headers;
 pub mod listener;

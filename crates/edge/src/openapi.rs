@@ -47,27 +47,28 @@ pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
     let mut schemas = Schemas::default();
     let mut tags = BTreeSet::new();
     // OpenAPI treats `/v1/users/{id}` and `/v1/users/{user.id}` as one
-    // path: routes that differ only in variable names share the first one's
-    // key and parameter names, and say which field each parameter sets.
-    let mut keys: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    // path, whose operations must all use its template's names: each
+    // variable is named so that every operation can agree (see
+    // `shared_names`), and a parameter that sets another field says which.
+    let mut groups: BTreeMap<String, Vec<&Route>> = BTreeMap::new();
     for route in routes.routes() {
-        let service = route.method.parent_service();
-        tags.insert(service.name().to_owned());
-        let own_names: Vec<String> = route
-            .template
-            .variables
-            .iter()
-            .map(|v| v.field_path.join("."))
-            .collect();
-        let (key, names) = keys
+        groups
             .entry(structural_path(&route.template.openapi_path()))
-            .or_insert_with(|| (route.template.openapi_path(), own_names))
-            .clone();
-        let operation = operation(route, &names, &mut schemas);
-        paths
-            .entry(key)
             .or_default()
-            .insert(route.http_method.as_str().to_ascii_lowercase(), operation);
+            .push(route);
+    }
+    for group in groups.values() {
+        let names = shared_names(group);
+        let key = group[0].template.openapi_path_named(&names);
+        for route in group {
+            let service = route.method.parent_service();
+            tags.insert(service.name().to_owned());
+            let operation = operation(route, &names, &mut schemas);
+            paths
+                .entry(key.clone())
+                .or_default()
+                .insert(route.http_method.as_str().to_ascii_lowercase(), operation);
+        }
     }
     let _ = pool;
     let mut components = schemas.finish();
@@ -113,6 +114,31 @@ pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
         },
         "security": [{"bearer": []}, {}]
     })
+}
+
+/// The parameter names of routes that share one OpenAPI path, position by
+/// position: the field path when every route binds the same one (`id`),
+/// else its last part when that agrees (`id` for `id` and `user.id`), else
+/// a neutral `param<n>`; never one name twice in a path.
+fn shared_names(group: &[&Route]) -> Vec<String> {
+    let count = group[0].template.variables.len();
+    let mut names: Vec<String> = Vec::with_capacity(count);
+    for position in 0..count {
+        let paths: Vec<&[String]> = group
+            .iter()
+            .map(|route| route.template.variables[position].field_path.as_slice())
+            .collect();
+        let agreed = |name: &dyn Fn(&[String]) -> String| {
+            let first = name(paths[0]);
+            paths.iter().all(|path| name(path) == first).then_some(first)
+        };
+        let name = agreed(&|path: &[String]| path.join("."))
+            .or_else(|| agreed(&|path: &[String]| path.last().cloned().unwrap_or_default()))
+            .filter(|name| !name.is_empty() && !names.contains(name))
+            .unwrap_or_else(|| format!("param{}", position + 1));
+        names.push(name);
+    }
+    names
 }
 
 /// `/v1/users/{user.id}` -> `/v1/users/{}`

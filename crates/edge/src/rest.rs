@@ -64,6 +64,16 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
             return Err(error);
         }
     };
+    // Before the body is read: an anonymous caller of a method that needs
+    // one learns nothing about its fields (the server's layer decides for a
+    // token that is there).
+    if route.needs_caller && !parts.headers.contains_key(header::AUTHORIZATION) {
+        return Err(EdgeError::new(
+            StatusCode::UNAUTHORIZED,
+            Code::Unauthenticated.as_str(),
+            "authentication required",
+        ));
+    }
     let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
         EdgeError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -30,6 +30,8 @@ pub struct Route {
     pub grpc_path: String,
     /// 200, or what `keel.api.v1.http_response` declares (201 for creation).
     pub success_status: http::StatusCode,
+    /// `keel.api.v1.access` is USER or ADMIN: no `authorization`, no call.
+    pub needs_caller: bool,
 }
 
 #[derive(Debug)]
@@ -175,5 +177,6 @@ fn route(method: &MethodDescriptor, rule: &HttpRule, success_status: http::Statu
         response_body,
         grpc_path: format!("/{}/{}", method.parent_service().full_name(), method.name()),
         success_status,
+        needs_caller: crate::access::Access::of(method).needs_caller(),
     })
 }

@@ -142,7 +142,15 @@ impl PathTemplate {
     /// The bindings when `path` (no query string) matches, else `None`.
     pub fn matches(&self, path: &str) -> Option<Vec<Binding>> {
         let rest = path.strip_prefix('/')?;
-        let (body, verb) = split_verb(rest);
+        let (mut body, mut verb) = split_verb(rest);
+        // A client may percent-encode the verb's colon (`%3Areplay`).
+        if verb.is_none()
+            && let Some(expected) = &self.verb
+            && let Some(stripped) = strip_encoded_verb(body, expected)
+        {
+            body = stripped;
+            verb = Some(expected.as_str());
+        }
         if verb != self.verb.as_deref() {
             return None;
         }
@@ -205,13 +213,31 @@ impl PathTemplate {
 
     /// The OpenAPI path: each variable as `{field.path}`.
     pub fn openapi_path(&self) -> String {
+        let names: Vec<String> = self
+            .variables
+            .iter()
+            .map(|variable| variable.field_path.join("."))
+            .collect();
+        self.openapi_path_named(&names)
+    }
+
+    /// The OpenAPI path with the variables, in order, named `names`.
+    pub fn openapi_path_named(&self, names: &[String]) -> String {
         let mut out = String::new();
         let mut index = 0;
         while index < self.segments.len() {
             out.push('/');
-            if let Some(variable) = self.variables.iter().find(|variable| variable.start == index) {
+            if let Some((position, variable)) = self
+                .variables
+                .iter()
+                .enumerate()
+                .find(|(_, variable)| variable.start == index)
+            {
                 out.push('{');
-                out.push_str(&variable.field_path.join("."));
+                match names.get(position) {
+                    Some(name) => out.push_str(name),
+                    None => out.push_str(&variable.field_path.join(".")),
+                }
                 out.push('}');
                 index = variable.end.max(index + 1);
                 continue;
@@ -249,6 +275,15 @@ impl PathTemplate {
                 .join("/"),
         )
     }
+}
+
+/// `path` less a final `%3A<verb>` (either hex case) in its last segment.
+fn strip_encoded_verb<'a>(path: &'a str, verb: &str) -> Option<&'a str> {
+    let rest = path.strip_suffix(verb)?;
+    let colon = rest.len().checked_sub(3)?;
+    let encoded = rest.get(colon..)?;
+    let body = &rest[..colon];
+    (encoded.eq_ignore_ascii_case("%3A") && !body.is_empty() && !body.ends_with('/')).then_some(body)
 }
 
 fn split_verb(path: &str) -> (&str, Option<&str>) {
@@ -366,6 +401,24 @@ mod tests {
         assert_eq!(bound("/v1/files/{path=**}", "/v1/files"), pairs(&[("path", "")]));
         assert_eq!(bound("/v1/*/items", "/v1/x/items"), pairs(&[]));
         assert_eq!(bound("/v1/static/**", "/v1/static/a/b/c"), pairs(&[]));
+    }
+
+    #[test]
+    fn a_percent_encoded_verb_colon_routes_like_a_colon() {
+        let template = PathTemplate::parse("/v1/dead-letters/{id}:replay").unwrap();
+        for path in [
+            "/v1/dead-letters/abc:replay",
+            "/v1/dead-letters/abc%3Areplay",
+            "/v1/dead-letters/abc%3areplay",
+        ] {
+            let bindings = template.matches(path).unwrap_or_else(|| panic!("{path}"));
+            assert_eq!(bindings[0].value, "abc", "{path}");
+        }
+        assert!(template.matches("/v1/dead-letters/abc%3Areplayx").is_none());
+        assert!(template.matches("/v1/dead-letters/%3Areplay").is_none());
+        // Without a verb in the template, an encoded colon is the value's.
+        let plain = PathTemplate::parse("/v1/users/{id}").unwrap();
+        assert_eq!(plain.matches("/v1/users/a%3Areplay").unwrap()[0].value, "a:replay");
     }
 
     #[test]

@@ -1013,3 +1013,61 @@ async fn every_route_is_documented_and_every_documented_path_is_served() {
         "#/components/schemas/keel.testing.v1.CreateThingResponse"
     );
 }
+
+/// The `{name}`s of an OpenAPI path template.
+fn template_names(path: &str) -> Vec<String> {
+    path.split('{')
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name.to_owned()))
+        .collect()
+}
+
+/// Keel's own document: GET, PATCH and DELETE `/v1/users/{id}` share one
+/// path item, and every operation of every path item declares exactly the
+/// template's path parameters; an operation whose variable sets another
+/// field (`user.id`) says so.
+#[test]
+fn every_operation_declares_the_path_parameters_of_its_template() {
+    let edge = Edge::new(
+        keel_proto::FILE_DESCRIPTOR_SET,
+        crate::upstream::unreachable_upstream(),
+        1024,
+    )
+    .unwrap();
+    let document = edge.openapi();
+    let paths = document["paths"].as_object().unwrap();
+    for (path, item) in paths {
+        let mut expected = template_names(path);
+        expected.sort();
+        for (method, operation) in item.as_object().unwrap() {
+            let mut declared: Vec<String> = operation["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|parameter| parameter["in"] == "path")
+                .map(|parameter| parameter["name"].as_str().unwrap().to_owned())
+                .collect();
+            declared.sort();
+            assert_eq!(declared, expected, "{method} {path}");
+        }
+    }
+    assert!(!paths.contains_key("/v1/users/{user.id}"), "{:?}", paths.keys());
+    let users = &paths["/v1/users/{id}"];
+    let path_parameter = |method: &str| {
+        users[method]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|parameter| parameter["in"] == "path")
+            .unwrap()
+            .clone()
+    };
+    for method in ["get", "delete"] {
+        let parameter = path_parameter(method);
+        assert_eq!(parameter["name"], "id", "{method}");
+        assert_eq!(parameter.get("description"), None, "{method}: its own field");
+    }
+    let patch = path_parameter("patch");
+    assert_eq!(patch["name"], "id");
+    assert_eq!(patch["description"], "sets the request field user.id");
+}

@@ -17,6 +17,15 @@ pub mod google {
     }
 }
 
+/// `grpc.health.v1`, with `List`: keel's health service is its own.
+pub mod grpc {
+    pub mod health {
+        pub mod v1 {
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}
+
 pub mod keel {
     pub mod api {
         pub mod v1 {

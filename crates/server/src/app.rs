@@ -13,10 +13,12 @@ use keel_identity::{Identity, IdentityModule, IdentitySettings};
 use keel_kernel::grpc::GrpcRoutes;
 use keel_kernel::limit::InProcessRateLimiter;
 use keel_kernel::{BackgroundTasks, Bus, BusBuilder, GrpcLimits, Module};
+use keel_proto::grpc::health::v1::health_check_response::ServingStatus;
+use keel_proto::grpc::health::v1::health_server::HealthServer;
 use tokio::net::TcpListener;
-use tonic_health::ServingStatus;
 
 use crate::config::{Config, Environment};
+use crate::health::{HealthService, HealthStatuses};
 use crate::layers::ContextLayer;
 
 /// Everything a running keel holds.
@@ -283,14 +285,18 @@ impl Application {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let Application { listener, state } = self;
         let config = state.config.clone();
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let services = state
+        // Every name is known, with the database's status, before the first
+        // call: a probe never sees NOT_FOUND for a module that is there.
+        let initial = database_status(&state.db).await;
+        let services: Vec<&'static str> = state
             .modules
             .iter()
-            .flat_map(|module| module.services().iter().copied());
-        let readiness = tokio::spawn(watch_database(state.db.clone(), health, services.collect()));
+            .flat_map(|module| module.services().iter().copied())
+            .collect();
+        let health = HealthStatuses::new(services, initial);
+        let readiness = tokio::spawn(watch_database(state.db.clone(), health.clone()));
 
-        let service = state.listener_service(health_service)?;
+        let service = state.listener_service(health.service())?;
         crate::listen::serve(listener, service, shutdown, crate::listen::Limits::from_config(&config)).await;
 
         readiness.abort();
@@ -307,10 +313,7 @@ impl Application {
 impl State {
     /// Every gRPC service behind the request-context layer: what native gRPC,
     /// grpc-web and the REST edge (in process, no socket) all call.
-    pub fn grpc_upstream(
-        &self,
-        health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
-    ) -> anyhow::Result<Upstream> {
+    pub fn grpc_upstream(&self, health_service: HealthServer<HealthService>) -> anyhow::Result<Upstream> {
         let mut grpc = GrpcRoutes::new(GrpcLimits {
             max_message_bytes: self.config.max_message_bytes,
         });
@@ -319,10 +322,10 @@ impl State {
         }
         let mut routes = grpc.into_routes().add_service(health_service);
         if self.config.reflection_enabled() {
+            // keel's descriptor set holds grpc.health.v1 too.
             let reflection = || {
                 tonic_reflection::server::Builder::configure()
                     .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             };
             routes = routes
                 .add_service(reflection().build_v1()?)
@@ -334,6 +337,8 @@ impl State {
                 Arc::new(self.sessions.clone()),
                 self.db.clone(),
                 self.config.max_message_bytes,
+                keel_edge::access::AccessRules::from_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+                    .map_err(|error| anyhow::anyhow!("access rules: {error}"))?,
             ))
             .service(routes.prepare());
         Ok(Upstream::new(layered))
@@ -342,7 +347,7 @@ impl State {
     /// The one listener's service: gRPC, grpc-web and REST on one port.
     pub fn listener_service(
         &self,
-        health_service: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        health_service: HealthServer<HealthService>,
     ) -> anyhow::Result<keel_edge::listener::ListenerService> {
         let upstream = self.grpc_upstream(health_service)?;
         edge_service(&self.config, upstream)
@@ -366,25 +371,29 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
     ))
 }
 
+async fn database_status(db: &Db) -> ServingStatus {
+    if keel_db::ping(db).await {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
 /// Keeps `grpc.health.v1` in step with the database: NOT_SERVING while it is
 /// unreachable, for the server ("") and for each module's services by name.
-async fn watch_database(db: Db, health: tonic_health::server::HealthReporter, services: Vec<&'static str>) {
-    let mut last = None;
+async fn watch_database(db: Db, health: HealthStatuses) {
+    let mut last = health.status("");
     loop {
-        let status = if keel_db::ping(&db).await {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let status = database_status(&db).await;
         if last != Some(status) {
-            for service in std::iter::once("").chain(services.iter().copied()) {
-                health.set_service_status(service, status).await;
-            }
+            health.set_all(status);
             if status == ServingStatus::NotServing {
                 tracing::warn!("database unreachable: health is NOT_SERVING");
+            } else {
+                tracing::info!("database reachable again: health is SERVING");
             }
             last = Some(status);
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }

@@ -1,6 +1,8 @@
 //! The tower layer around every gRPC call: trace span with the request id,
-//! client address, deadline, authentication into a `RequestContext`, and
-//! oversized messages answered as RESOURCE_EXHAUSTED.
+//! client address, deadline, authentication into a `RequestContext`, the
+//! methods' declared access (`keel.api.v1.access`: an anonymous call to a
+//! method that needs a caller is UNAUTHENTICATED before its request is
+//! read), and oversized messages answered as RESOURCE_EXHAUSTED.
 //!
 //! The request id itself is set and echoed by the listener
 //! (`keel_edge::request_id`); this layer only reads it.
@@ -16,6 +18,7 @@ use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use keel_db::Db;
+use keel_edge::access::AccessRules;
 use keel_identity::Identity;
 use keel_kernel::{AccessWatch, Error, RequestContext};
 use tonic::body::Body;
@@ -35,18 +38,27 @@ struct LayerState {
     db: Db,
     /// The services' `max_decoding_message_size`.
     max_message_bytes: usize,
+    access: AccessRules,
 }
 
 impl ContextLayer {
     /// `max_message_bytes` is the decoding limit the services were given:
-    /// a request message above it is answered RESOURCE_EXHAUSTED.
-    pub fn new(identity: Identity, sessions: Arc<dyn AccessWatch>, db: Db, max_message_bytes: usize) -> Self {
+    /// a request message above it is answered RESOURCE_EXHAUSTED. `access`
+    /// says which methods need a caller.
+    pub fn new(
+        identity: Identity,
+        sessions: Arc<dyn AccessWatch>,
+        db: Db,
+        max_message_bytes: usize,
+        access: AccessRules,
+    ) -> Self {
         Self {
             state: Arc::new(LayerState {
                 identity,
                 sessions,
                 db,
                 max_message_bytes,
+                access,
             }),
         }
     }
@@ -127,6 +139,10 @@ where
                         }
                         Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }
+                }
+                if ctx.principal.is_none() && state.access.needs_caller(request.uri().path()) {
+                    let refused = Error::unauthenticated("authentication required");
+                    return Ok(tonic::Status::from(refused).into_http::<Body>());
                 }
                 request.extensions_mut().insert(ctx);
                 let response = inner.call(request).await.map_err(Into::into)?;

@@ -6,6 +6,7 @@
 //! - [`app`]: `State::build` wires the modules; `Application::build` binds
 //!   (port 0 in tests) and `run_until_stopped` serves until a shutdown future;
 //! - [`files`]: the data directory 0700 and keel's files in it 0600;
+//! - [`health`]: `grpc.health.v1` (Check, List, Watch) per module service;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
@@ -14,6 +15,7 @@
 pub mod app;
 pub mod config;
 pub mod files;
+pub mod health;
 pub mod layers;
 pub mod listen;
 pub mod mail;

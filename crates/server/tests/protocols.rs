@@ -385,6 +385,57 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
             })
             .await,
     ));
+    // Anonymous calls that need a caller are refused before their request
+    // is validated: no field rules for someone who may not call at all.
+    log.push((
+        "create user anonymously with an empty body",
+        client
+            .call(Call {
+                rpc: "IdentityCommandService/CreateUser",
+                rest: ("POST", "/v1/users".into()),
+                request: json!({}),
+                token: None,
+            })
+            .await,
+    ));
+    log.push((
+        "delete a malformed user id anonymously",
+        client
+            .call(Call {
+                rpc: "IdentityCommandService/DeleteUser",
+                rest: ("DELETE", "/v1/users/not-an-id".into()),
+                request: json!({"id": "not-an-id"}),
+                token: None,
+            })
+            .await,
+    ));
+    let again = client.call(login(PASSWORD)).await;
+    let access = again.as_ref().unwrap()["tokens"]["accessToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    log.push((
+        "create user as a user",
+        client
+            .call(Call {
+                rpc: "IdentityCommandService/CreateUser",
+                rest: ("POST", "/v1/users".into()),
+                request: json!({"email": "eve@example.com", "password": PASSWORD, "displayName": "Eve"}),
+                token: Some(&access),
+            })
+            .await,
+    ));
+    log.push((
+        "create user as a user with an empty body",
+        client
+            .call(Call {
+                rpc: "IdentityCommandService/CreateUser",
+                rest: ("POST", "/v1/users".into()),
+                request: json!({}),
+                token: Some(&access),
+            })
+            .await,
+    ));
     for (_, outcome) in &mut log {
         if let Ok(value) = outcome {
             normalise(value);
@@ -426,8 +477,15 @@ async fn three_protocols_agree(backend: Backend) {
             ("jwks", None),
             ("logout", None),
             ("current user after logout", Some("UNAUTHENTICATED")),
+            ("create user anonymously with an empty body", Some("UNAUTHENTICATED")),
+            ("delete a malformed user id anonymously", Some("UNAUTHENTICATED")),
+            ("create user as a user", Some("PERMISSION_DENIED")),
+            // A signed-in caller still meets the handler's own order of checks.
+            ("create user as a user with an empty body", Some("INVALID_ARGUMENT")),
         ]
     );
+    let anonymous_create = &expected[17].1.as_ref().unwrap_err().1;
+    assert!(anonymous_create.is_empty(), "{anonymous_create:?}");
     assert_eq!(
         expected[2].1.as_ref().unwrap_err().1,
         ["email", "password", "display_name"]
@@ -642,4 +700,59 @@ async fn lookalike_emails_reach_the_same_account_or_are_refused() {
             "{lookalike}"
         );
     }
+}
+
+/// An anonymous caller of a method that needs one gets UNAUTHENTICATED
+/// before anything of its request is read: over REST even a body that is
+/// not JSON, over gRPC an events method whose id does not parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_calls_are_refused_before_their_request_is_read() {
+    let app = spawn_app(Backend::Sqlite).await;
+    for (method, path, body) in [
+        ("POST", "/v1/users", "{not json"),
+        ("POST", "/v1/users", r#"{"noSuchField": 1}"#),
+        ("POST", "/v1/dead-letters/not-an-id:replay", "{}"),
+        ("GET", "/v1/audit-events?page_size=-1", ""),
+    ] {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", app.endpoint()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = Client::builder(TokioExecutor::new())
+            .build_http()
+            .request(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(status, 401, "{method} {path}: {body}");
+        assert_eq!(body["error"]["code"], "UNAUTHENTICATED", "{method} {path}");
+    }
+
+    use keel_proto::events::event_command_service_client::EventCommandServiceClient;
+    use keel_proto::events::event_query_service_client::EventQueryServiceClient;
+    let mut commands = EventCommandServiceClient::new(app.channel().await);
+    let refused = commands
+        .replay_dead_letter(keel_proto::events::ReplayDeadLetterRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let mut queries = EventQueryServiceClient::new(app.channel().await);
+    let refused = queries
+        .list_audit_events(keel_proto::events::ListAuditEventsRequest {
+            user_id: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    // Public methods stay public.
+    let jwks = app
+        .queries()
+        .await
+        .get_jwks(keel_proto::identity::GetJwksRequest {})
+        .await;
+    assert!(jwks.is_ok(), "{jwks:?}");
 }

@@ -423,6 +423,106 @@ async fn reflection_can_be_turned_off() {
     assert!(!reflection_answers(&off).await);
 }
 
+/// Every module service answers `Check` by its full name from the first
+/// call on, an unknown name is NOT_FOUND, `List` names them all, `Watch`
+/// starts with the current status, and reflection describes the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_for_every_module_service() {
+    use keel_proto::grpc::health::v1 as health;
+    use tokio_stream::StreamExt;
+    let app = spawn_app_with(Backend::Sqlite, |_| {}).await;
+    let services: Vec<&str> = app
+        .state
+        .modules
+        .iter()
+        .flat_map(|module| module.services().iter().copied())
+        .collect();
+    assert!(
+        services.contains(&"keel.identity.v1.IdentityQueryService"),
+        "{services:?}"
+    );
+    assert!(services.contains(&"keel.events.v1.EventCommandService"), "{services:?}");
+
+    // tonic-health's client: what an orchestrator's probe looks like.
+    let mut probe = HealthClient::new(app.channel().await);
+    for service in std::iter::once("").chain(services.iter().copied()) {
+        let answer = probe
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("Check {service:?}: {status:?}"));
+        assert_eq!(answer.into_inner().status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = probe
+        .check(HealthCheckRequest {
+            service: "keel.nothing.v1.NothingService".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let mut client = health::health_client::HealthClient::new(app.channel().await);
+    let listed = client.list(health::HealthListRequest {}).await.unwrap().into_inner();
+    let mut names: Vec<&str> = listed.statuses.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    let mut expected: Vec<&str> = std::iter::once("").chain(services.iter().copied()).collect();
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    assert!(
+        listed
+            .statuses
+            .values()
+            .all(|status| status.status == ServingStatus::Serving as i32)
+    );
+
+    let mut watch = client
+        .watch(health::HealthCheckRequest {
+            service: "keel.identity.v1.IdentityQueryService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().unwrap().status, ServingStatus::Serving as i32);
+    let mut unknown_watch = client
+        .watch(health::HealthCheckRequest {
+            service: "keel.nothing.v1.NothingService".to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), unknown_watch.next())
+        .await
+        .unwrap();
+    assert_eq!(first.unwrap().unwrap().status, ServingStatus::ServiceUnknown as i32);
+
+    assert!(reflection_describes(&app, "grpc.health.v1.Health").await);
+}
+
+/// Whether reflection finds the file that declares `symbol`.
+async fn reflection_describes(app: &keel_testkit::TestApp, symbol: &str) -> bool {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request::MessageRequest};
+    let mut client = ServerReflectionClient::new(app.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol(symbol.to_owned())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    matches!(
+        stream.message().await,
+        Ok(Some(response)) if matches!(response.message_response, Some(MessageResponse::FileDescriptorResponse(_)))
+    )
+}
+
 mod bootstrap_admin {
     use super::*;
 
