@@ -162,19 +162,36 @@ async fn subscribe(
     topics: &[&str],
     after: u64,
 ) -> Result<mpsc::Receiver<Result<Item>>> {
+    start_subscription(
+        rig,
+        principal,
+        topics,
+        after,
+        Duration::from_secs(30),
+        keel_kernel::access::never(),
+    )
+    .await
+}
+
+/// [`subscribe`] with its heartbeat and the future that ends its access.
+async fn start_subscription(
+    rig: &Rig,
+    principal: Principal,
+    topics: &[&str],
+    after: u64,
+    heartbeat: Duration,
+    access_ended: keel_kernel::access::AccessEnd,
+) -> Result<mpsc::Receiver<Result<Item>>> {
     keel_events::subscribe::start(
         rig.db.clone(),
         rig.events_hub(),
-        keel_events::subscribe::Settings {
-            heartbeat: Duration::from_secs(30),
-            queue: 64,
-        },
+        keel_events::subscribe::Settings { heartbeat, queue: 64 },
         keel_events::subscribe::Subscription {
             topics: topics.iter().map(|topic| (*topic).to_owned()).collect(),
             after,
             principal,
         },
-        keel_kernel::access::never(),
+        access_ended,
     )
     .await
 }
@@ -291,25 +308,13 @@ async fn a_subscription_ends_when_its_access_ends_saying_where_to_resume(backend
     let rig = rig(backend, transport, Settings::default(), Registry::default()).await;
     let user = Uuid::now_v7();
     let (end, ended) = tokio::sync::oneshot::channel::<()>();
-    let mut receiver = keel_events::subscribe::start(
-        rig.db.clone(),
-        rig.events_hub(),
-        keel_events::subscribe::Settings {
-            heartbeat: Duration::from_secs(30),
-            queue: 64,
-        },
-        keel_events::subscribe::Subscription {
-            topics: Vec::new(),
-            after: 0,
-            principal: admin(),
-        },
-        Box::pin(async move {
-            let _ = ended.await;
-            keel_kernel::AccessEnded::Revoked
-        }),
-    )
-    .await
-    .unwrap();
+    let access_ended = Box::pin(async move {
+        let _ = ended.await;
+        keel_kernel::AccessEnded::Revoked
+    });
+    let mut receiver = start_subscription(&rig, admin(), &[], 0, Duration::from_secs(30), access_ended)
+        .await
+        .unwrap();
     for index in 0..3 {
         add(&rig, &format!("n{index}"), user, false).await.unwrap();
     }
@@ -336,23 +341,18 @@ async fn a_subscription_ends_when_its_access_ends_saying_where_to_resume(backend
 async fn heartbeats_carry_the_subscribers_own_cursor(backend: Backend, transport: Transport) {
     let rig = rig(backend, transport, Settings::default(), Registry::default()).await;
     let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
-    let mut bobs = keel_events::subscribe::start(
-        rig.db.clone(),
-        rig.events_hub(),
-        keel_events::subscribe::Settings {
-            heartbeat: Duration::from_millis(20),
-            queue: 64,
-        },
-        keel_events::subscribe::Subscription {
-            topics: Vec::new(),
-            after: 0,
-            principal: Principal {
-                user_id: bob,
-                session_id: Uuid::now_v7(),
-                role: Role::User,
-                access_expires_at: None,
-            },
-        },
+    let bob_principal = Principal {
+        user_id: bob,
+        session_id: Uuid::now_v7(),
+        role: Role::User,
+        access_expires_at: None,
+    };
+    let mut bobs = start_subscription(
+        &rig,
+        bob_principal,
+        &[],
+        0,
+        Duration::from_millis(20),
         keel_kernel::access::never(),
     )
     .await
