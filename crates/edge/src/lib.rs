@@ -7,11 +7,14 @@
 //! - [`routes`]: the route table, read from descriptors alone;
 //! - [`transcode`]: JSON <-> protobuf, path and query bindings;
 //! - [`rest`]: the one REST handler (unary JSON, server streams as SSE or NDJSON);
+//! - [`connect`]: the Connect protocol (unary and server streams, JSON and binary);
+//! - [`grpc_web`]: grpc-web with JSON messages (binary and text are tonic-web's);
+//! - [`rpc`]: what those two share: methods by path, codecs, metadata, envelopes;
 //! - [`upstream`]: calls by method path on any gRPC tower service, in
 //!   process or over a channel;
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
-//! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS;
+//! - [`listener`]: one port: gRPC, grpc-web, Connect and REST by content type, CORS;
 //! - [`headers`]: the security headers of every browser-facing answer;
 //! - [`request_id`]: `x-request-id`, kept or made (UUIDv7) and echoed.
 //!
@@ -19,13 +22,16 @@
 //! with no edge code.
 
 pub mod access;
+pub mod connect;
 pub mod error;
+pub mod grpc_web;
 pub mod headers;
 pub mod listener;
 pub mod openapi;
 pub mod request_id;
 pub mod rest;
 pub mod routes;
+pub mod rpc;
 pub mod template;
 pub mod transcode;
 pub mod upstream;

@@ -1,5 +1,7 @@
-//! One port for everything: `application/grpc-web*` to grpc-web (tonic-web),
-//! `application/grpc*` to gRPC, anything else to the REST router; the
+//! One port for everything: `application/grpc-web+json` and the Connect
+//! protocol to the edge's codecs, other `application/grpc-web*` to
+//! grpc-web (tonic-web), `application/grpc*` to gRPC, anything else to the
+//! REST router; the
 //! request id, the security headers and CORS around it all, with the
 //! grpc-web headers exposed.
 
@@ -19,7 +21,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Edge;
 use crate::headers::SecuritySettings;
-use crate::upstream::{GrpcService, Upstream};
+use crate::upstream::GrpcService;
 
 /// Which browser origins may call keel.
 ///
@@ -94,20 +96,17 @@ fn is_loopback_origin(origin: &str) -> bool {
 
 pub type ListenerService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// The service for the one listener. `grpc` serves native gRPC (and, through
-/// tonic-web, grpc-web); `rest` everything else.
-pub fn listener_service(
-    grpc: &Upstream,
-    rest: axum::Router,
-    cors: &CorsSettings,
-    security: &SecuritySettings,
-) -> ListenerService {
-    let grpc_service = grpc.service();
+/// The service for the one listener: native gRPC and binary or text
+/// grpc-web (tonic-web) straight to the edge's upstream; grpc-web with JSON
+/// and the Connect protocol through the edge's codecs; REST for the rest.
+pub fn listener_service(edge: Arc<Edge>, cors: &CorsSettings, security: &SecuritySettings) -> ListenerService {
+    let grpc_service = edge.upstream.service();
     let grpc_web = BoxCloneSyncService::new(tonic_web::GrpcWebLayer::new().layer(grpc_service.clone()));
     let dispatch = ListenerService::new(Dispatch {
         grpc: grpc_service,
         grpc_web,
-        rest,
+        rest: edge.clone().router(),
+        edge,
     });
     let service = tower::ServiceBuilder::new()
         .layer(crate::request_id::layers())
@@ -143,6 +142,7 @@ struct Dispatch {
     grpc: GrpcService,
     grpc_web: GrpcService,
     rest: axum::Router,
+    edge: Arc<Edge>,
 }
 
 impl Service<Request<Body>> for Dispatch {
@@ -155,6 +155,14 @@ impl Service<Request<Body>> for Dispatch {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        if crate::grpc_web::is_grpc_web_json(request.headers()) {
+            let edge = self.edge.clone();
+            return Box::pin(async move { Ok(crate::grpc_web::handle(&edge, request).await) });
+        }
+        if crate::connect::is_connect(&self.edge.pool, &request) {
+            let edge = self.edge.clone();
+            return Box::pin(async move { Ok(crate::connect::handle(&edge, request).await) });
+        }
         let content_type = request
             .headers()
             .get(header::CONTENT_TYPE)

@@ -117,7 +117,7 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    copy_metadata(&reply.metadata, response.headers_mut());
+    crate::rpc::copy_metadata(&reply.metadata, response.headers_mut(), "");
     Ok(response)
 }
 
@@ -173,21 +173,6 @@ fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, EdgeError> {
         .filter(|duration| !duration.is_zero())
         .map(Some)
         .ok_or_else(|| EdgeError::bad_request("x-request-timeout must be a positive number of seconds"))
-}
-
-/// Response metadata as headers, less what belongs to gRPC's framing.
-fn copy_metadata(metadata: &MetadataMap, headers: &mut HeaderMap) {
-    for (name, value) in metadata.clone().into_headers() {
-        let Some(name) = name else { continue };
-        let skip = name == header::CONTENT_TYPE
-            || name.as_str().starts_with("grpc-")
-            || name == header::CONTENT_LENGTH
-            || name == header::DATE
-            || name == "te";
-        if !skip {
-            headers.append(name, value);
-        }
-    }
 }
 
 /// A server stream as SSE (`text/event-stream`, each message an event whose
@@ -250,7 +235,7 @@ async fn stream(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    copy_metadata(&metadata, response.headers_mut());
+    crate::rpc::copy_metadata(&metadata, response.headers_mut(), "");
     Ok(response)
 }
 

@@ -139,8 +139,8 @@ fn listener_with_cors(max_body_bytes: usize, cors: &CorsSettings) -> ListenerSer
 fn listener_with(max_body_bytes: usize, cors: &CorsSettings, security: &SecuritySettings) -> ListenerService {
     let routes = tonic::service::Routes::new(TranscodeTestServiceServer::new(TestService)).prepare();
     let upstream = Upstream::new(routes);
-    let edge = Arc::new(Edge::new(DESCRIPTORS, upstream.clone(), max_body_bytes).unwrap());
-    listener_service(&upstream, edge.router(), cors, security)
+    let edge = Arc::new(Edge::new(DESCRIPTORS, upstream, max_body_bytes).unwrap());
+    listener_service(edge, cors, security)
 }
 
 struct Reply {

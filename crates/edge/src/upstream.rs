@@ -29,6 +29,8 @@ pub struct Upstream {
 pub struct UnaryReply {
     pub metadata: MetadataMap,
     pub message: Bytes,
+    /// Trailing metadata other than the status.
+    pub trailers: MetadataMap,
 }
 
 impl Upstream {
@@ -101,6 +103,7 @@ impl Upstream {
             {
                 return Err(status);
             }
+            let trailers = MetadataMap::from_headers(collected.trailers().cloned().unwrap_or_default());
             let data = collected.to_bytes();
             if data.len() < 5 || data[0] != 0 {
                 return Err(Status::internal(
@@ -114,6 +117,7 @@ impl Upstream {
             Ok(UnaryReply {
                 metadata: MetadataMap::from_headers(parts.headers),
                 message: data.slice(5..5 + length),
+                trailers,
             })
         })
     }

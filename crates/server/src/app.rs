@@ -364,8 +364,7 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
     )
     .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?;
     Ok(keel_edge::listener_service(
-        &upstream,
-        Arc::new(edge).router(),
+        Arc::new(edge),
         &config.cors_settings(),
         &config.security_settings(),
     ))

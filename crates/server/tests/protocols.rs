@@ -1,6 +1,8 @@
-//! One table of identity cases over three protocols against the real
-//! server: native gRPC, grpc-web (HTTP/1.1) and REST. Each protocol runs the
-//! whole scenario on a fresh server; the normalised results must agree.
+//! One table of identity cases over every protocol against the real
+//! server: native gRPC, grpc-web (binary through tonic-web's client, text
+//! and JSON by hand), the Connect protocol (JSON and binary) and REST. Each
+//! protocol runs the whole scenario on a fresh server; the normalised
+//! results must agree.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -18,6 +20,10 @@ use serde_json::{Value, json};
 enum Protocol {
     Grpc,
     GrpcWeb,
+    GrpcWebText,
+    GrpcWebJson,
+    ConnectJson,
+    ConnectProto,
     Rest,
 }
 
@@ -63,7 +69,7 @@ impl Client3 {
                     .service(http);
                 Some(Upstream::new(web))
             }
-            Protocol::Rest => None,
+            _ => None,
         };
         Client3 {
             protocol,
@@ -77,19 +83,202 @@ impl Client3 {
     async fn call(&self, call: Call<'_>) -> Outcome {
         match self.protocol {
             Protocol::Rest => self.rest(call).await,
-            _ => self.grpc(call).await,
+            Protocol::Grpc | Protocol::GrpcWeb => self.grpc(call).await,
+            Protocol::GrpcWebText | Protocol::GrpcWebJson => self.grpc_web_by_hand(call).await,
+            Protocol::ConnectJson | Protocol::ConnectProto => self.connect(call).await,
         }
     }
 
-    async fn grpc(&self, call: Call<'_>) -> Outcome {
-        let (service, method) = call.rpc.split_once('/').unwrap();
-        let method = self
-            .pool
+    fn method(&self, rpc: &str) -> prost_reflect::MethodDescriptor {
+        let (service, method) = rpc.split_once('/').unwrap();
+        self.pool
             .get_service_by_name(&format!("keel.identity.v1.{service}"))
             .unwrap()
             .methods()
             .find(|m| m.name() == method)
-            .unwrap();
+            .unwrap()
+    }
+
+    fn reply_json(method: &prost_reflect::MethodDescriptor, message: &[u8]) -> Value {
+        let output = DynamicMessage::decode(method.output(), message).unwrap();
+        let options = SerializeOptions::new().skip_default_fields(false);
+        output
+            .serialize_with_options(serde_json::value::Serializer, &options)
+            .unwrap()
+    }
+
+    fn status_outcome(status: &tonic::Status) -> Outcome {
+        use tonic_types::StatusExt;
+        let fields = status
+            .get_error_details()
+            .bad_request()
+            .map(|bad| bad.field_violations.iter().map(|v| v.field.clone()).collect())
+            .unwrap_or_default();
+        Err((keel_kernel::Code::from_grpc(status.code()).as_str().to_owned(), fields))
+    }
+
+    async fn post(&self, call: &Call<'_>, content_type: &str, body: Bytes) -> http::Response<Bytes> {
+        let mut builder = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}/keel.identity.v1.{}", self.origin, call.rpc))
+            .header("content-type", content_type);
+        if matches!(self.protocol, Protocol::ConnectJson | Protocol::ConnectProto) {
+            builder = builder.header("connect-protocol-version", "1");
+        } else {
+            // grpc-web clients ask for the reply's form by `accept`.
+            builder = builder.header("x-grpc-web", "1").header("accept", content_type);
+        }
+        if let Some(token) = call.token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        let response = self.http.request(builder.body(Full::new(body)).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    /// grpc-web's text (base64) and JSON forms, framed by hand: data
+    /// envelopes, then the trailer envelope with the status.
+    async fn grpc_web_by_hand(&self, call: Call<'_>) -> Outcome {
+        use base64::Engine as _;
+        let method = self.method(call.rpc);
+        let input = DynamicMessage::deserialize(method.input(), call.request.clone()).unwrap();
+        let text = self.protocol == Protocol::GrpcWebText;
+        let payload = if text {
+            input.encode_to_vec()
+        } else {
+            call.request.to_string().into_bytes()
+        };
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        frame.extend_from_slice(&payload);
+        let (content_type, body) = if text {
+            (
+                "application/grpc-web-text",
+                Bytes::from(base64::engine::general_purpose::STANDARD.encode(&frame)),
+            )
+        } else {
+            ("application/grpc-web+json", Bytes::from(frame))
+        };
+        let response = self.post(&call, content_type, body).await;
+        assert_eq!(response.status(), 200, "{:?}", self.protocol);
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with(content_type),
+            "{:?}",
+            response.headers()
+        );
+        // A trailers-only answer carries the status in the headers.
+        let header_status = tonic::Status::from_header_map(response.headers());
+        let mut body = response.into_body().to_vec();
+        if text {
+            // Each envelope is encoded on its own, padding included, so the
+            // body is decoded one 4-character quantum at a time.
+            body = body
+                .chunks(4)
+                .flat_map(|quantum| base64::engine::general_purpose::STANDARD.decode(quantum).unwrap())
+                .collect();
+        }
+        let (mut message, mut trailers) = (None, http::HeaderMap::new());
+        let mut rest = &body[..];
+        while !rest.is_empty() {
+            let flags = rest[0];
+            let length = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            let payload = &rest[5..5 + length];
+            if flags & 0x80 != 0 {
+                for line in std::str::from_utf8(payload)
+                    .unwrap()
+                    .split("\r\n")
+                    .filter(|l| !l.is_empty())
+                {
+                    let (name, value) = line.split_once(':').unwrap();
+                    trailers.append(
+                        http::HeaderName::try_from(name.trim()).unwrap(),
+                        value.trim().parse().unwrap(),
+                    );
+                }
+            } else {
+                message = Some(payload.to_vec());
+            }
+            rest = &rest[5 + length..];
+        }
+        let status = tonic::Status::from_header_map(&trailers)
+            .or(header_status)
+            .expect("grpc-status in a trailer envelope or the headers");
+        if status.code() != tonic::Code::Ok {
+            return Self::status_outcome(&status);
+        }
+        let message = message.expect("a reply message");
+        if text {
+            Ok(Self::reply_json(&method, &message))
+        } else {
+            let reply: Value = serde_json::from_slice(&message).unwrap();
+            let reply = DynamicMessage::deserialize(method.output(), reply).unwrap();
+            Ok(Self::reply_json(&method, &reply.encode_to_vec()))
+        }
+    }
+
+    /// The Connect protocol's unary calls, JSON or binary.
+    async fn connect(&self, call: Call<'_>) -> Outcome {
+        use base64::Engine as _;
+        let method = self.method(call.rpc);
+        let json = self.protocol == Protocol::ConnectJson;
+        let (content_type, body) = if json {
+            ("application/json", Bytes::from(call.request.to_string()))
+        } else {
+            let input = DynamicMessage::deserialize(method.input(), call.request.clone()).unwrap();
+            ("application/proto", Bytes::from(input.encode_to_vec()))
+        };
+        let response = self.post(&call, content_type, body).await;
+        let status = response.status();
+        if status.is_success() {
+            assert_eq!(response.headers()["content-type"], content_type);
+            let body = response.into_body();
+            return if json {
+                let reply: Value = serde_json::from_slice(&body).unwrap();
+                let reply = DynamicMessage::deserialize(method.output(), reply).unwrap();
+                Ok(Self::reply_json(&method, &reply.encode_to_vec()))
+            } else {
+                Ok(Self::reply_json(&method, &body))
+            };
+        }
+        // Errors are JSON whatever the request's codec.
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let error: Value = serde_json::from_slice(response.body()).unwrap();
+        let code = error["code"].as_str().unwrap().to_ascii_uppercase();
+        let expected = keel_kernel::Code::ALL
+            .into_iter()
+            .find(|c| c.as_str() == code)
+            .unwrap()
+            .http_status();
+        assert_eq!(status.as_u16(), expected, "{code}");
+        let bad_request = self.pool.get_message_by_name("google.rpc.BadRequest").unwrap();
+        let fields = error["details"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|detail| detail["type"] == "google.rpc.BadRequest")
+            .flat_map(|detail| {
+                let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(detail["value"].as_str().unwrap())
+                    .unwrap();
+                let message = DynamicMessage::decode(bad_request.clone(), bytes.as_slice()).unwrap();
+                let json = serde_json::to_value(&message).unwrap();
+                json["fieldViolations"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v["field"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Err((code, fields))
+    }
+
+    async fn grpc(&self, call: Call<'_>) -> Outcome {
+        let method = self.method(call.rpc);
         let input = DynamicMessage::deserialize(method.input(), call.request).unwrap();
         let mut request = tonic::Request::new(Bytes::from(input.encode_to_vec()));
         if let Some(token) = call.token {
@@ -99,22 +288,8 @@ impl Client3 {
         }
         let path = format!("/keel.identity.v1.{}", call.rpc);
         match self.upstream.as_ref().unwrap().unary(&path, request).await {
-            Ok(reply) => {
-                let output = DynamicMessage::decode(method.output(), reply.message).unwrap();
-                let options = SerializeOptions::new().skip_default_fields(false);
-                Ok(output
-                    .serialize_with_options(serde_json::value::Serializer, &options)
-                    .unwrap())
-            }
-            Err(status) => {
-                use tonic_types::StatusExt;
-                let fields = status
-                    .get_error_details()
-                    .bad_request()
-                    .map(|bad| bad.field_violations.iter().map(|v| v.field.clone()).collect())
-                    .unwrap_or_default();
-                Err((keel_kernel::Code::from_grpc(status.code()).as_str().to_owned(), fields))
-            }
+            Ok(reply) => Ok(Self::reply_json(&method, &reply.message)),
+            Err(status) => Self::status_outcome(&status),
         }
     }
 
@@ -444,9 +619,17 @@ async fn scenario(app: &TestApp, protocol: Protocol) -> Vec<(&'static str, Outco
     log
 }
 
-async fn three_protocols_agree(backend: Backend) {
+async fn every_protocol_agrees(backend: Backend) {
     let mut results = Vec::new();
-    for protocol in [Protocol::Grpc, Protocol::GrpcWeb, Protocol::Rest] {
+    for protocol in [
+        Protocol::Grpc,
+        Protocol::GrpcWeb,
+        Protocol::GrpcWebText,
+        Protocol::GrpcWebJson,
+        Protocol::ConnectJson,
+        Protocol::ConnectProto,
+        Protocol::Rest,
+    ] {
         let app = spawn_app(backend).await;
         results.push((protocol, scenario(&app, protocol).await));
     }
@@ -500,13 +683,13 @@ async fn three_protocols_agree(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite() {
-    three_protocols_agree(Backend::Sqlite).await;
+    every_protocol_agrees(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
 async fn postgres() {
-    three_protocols_agree(Backend::Postgres).await;
+    every_protocol_agrees(Backend::Postgres).await;
 }
 
 // --- what browsers see: CORS and the security headers ------------------------
@@ -755,4 +938,215 @@ async fn anonymous_calls_are_refused_before_their_request_is_read() {
         .get_jwks(keel_proto::identity::GetJwksRequest {})
         .await;
     assert!(jwks.is_ok(), "{jwks:?}");
+}
+
+// --- server streams over Connect and grpc-web JSON ---------------------------
+
+/// Reads envelopes from a streaming body until `done` says so, with a
+/// deadline: (flags, payload) pairs.
+async fn envelopes_until(body: hyper::body::Incoming, done: impl Fn(&[(u8, Vec<u8>)]) -> bool) -> Vec<(u8, Vec<u8>)> {
+    let mut body = std::pin::pin!(body);
+    let mut buffer = Vec::new();
+    let mut envelopes = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !done(&envelopes) {
+        let frame = tokio::time::timeout_at(deadline, body.frame())
+            .await
+            .expect("the stream delivered in time");
+        let Some(frame) = frame else { break };
+        if let Ok(data) = frame.unwrap().into_data() {
+            buffer.extend_from_slice(&data);
+        }
+        while buffer.len() >= 5 {
+            let length = u32::from_be_bytes(buffer[1..5].try_into().unwrap()) as usize;
+            if buffer.len() < 5 + length {
+                break;
+            }
+            envelopes.push((buffer[0], buffer[5..5 + length].to_vec()));
+            buffer.drain(..5 + length);
+        }
+    }
+    envelopes
+}
+
+async fn open_stream(
+    app: &TestApp,
+    content_type: &str,
+    token: Option<&str>,
+    message: &[u8],
+) -> http::Response<hyper::body::Incoming> {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(message);
+    let mut builder = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/keel.events.v1.EventQueryService/Subscribe", app.endpoint()))
+        .header("content-type", content_type);
+    if let Some(token) = token {
+        builder = builder.header("authorization", format!("Bearer {token}"));
+    }
+    Client::builder(TokioExecutor::new())
+        .build_http()
+        .request(builder.body(Full::new(Bytes::from(frame))).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_streams_over_connect_and_grpc_web_json() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (_, tokens) = app.signed_in("streams@example.com").await;
+    let registered = |envelopes: &[(u8, Vec<u8>)]| {
+        envelopes
+            .iter()
+            .any(|(_, payload)| String::from_utf8_lossy(payload).contains("identity.user.registered"))
+    };
+    for content_type in ["application/connect+json", "application/grpc-web+json"] {
+        let response = open_stream(
+            &app,
+            content_type,
+            Some(&tokens.access_token),
+            br#"{"afterSequence": "0"}"#,
+        )
+        .await;
+        assert_eq!(response.status(), 200, "{content_type}");
+        assert_eq!(response.headers()["content-type"], content_type);
+        let envelopes = envelopes_until(response.into_body(), registered).await;
+        let (flags, payload) = envelopes
+            .iter()
+            .find(|(_, payload)| registered(&[(0, payload.clone())]))
+            .unwrap();
+        assert_eq!(*flags, 0, "{content_type}: a message envelope");
+        let event: Value = serde_json::from_slice(payload).unwrap();
+        assert!(event.is_object(), "{content_type}: {event}");
+    }
+
+    // Binary Connect: the same stream in protobuf.
+    let request = keel_proto::events::SubscribeRequest::default().encode_to_vec();
+    let response = open_stream(&app, "application/connect+proto", Some(&tokens.access_token), &request).await;
+    assert_eq!(response.status(), 200);
+    let envelopes = envelopes_until(response.into_body(), registered).await;
+    let decoded = keel_proto::events::SubscribeResponse::decode(envelopes.last().unwrap().1.as_slice()).unwrap();
+    assert_ne!(decoded, keel_proto::events::SubscribeResponse::default());
+
+    // Errors end a Connect stream in its end-of-stream envelope, under 200;
+    // grpc-web JSON in its trailer envelope.
+    let response = open_stream(&app, "application/connect+json", None, b"{}").await;
+    assert_eq!(response.status(), 200);
+    let envelopes = envelopes_until(response.into_body(), |envelopes| !envelopes.is_empty()).await;
+    assert_eq!(envelopes[0].0, 2, "an end-of-stream envelope");
+    let end: Value = serde_json::from_slice(&envelopes[0].1).unwrap();
+    assert_eq!(end["error"]["code"], "unauthenticated", "{end}");
+    let response = open_stream(&app, "application/grpc-web+json", None, b"{}").await;
+    let envelopes = envelopes_until(response.into_body(), |envelopes| !envelopes.is_empty()).await;
+    assert_eq!(envelopes[0].0, 0x80, "a trailer envelope");
+    let trailer = String::from_utf8(envelopes[0].1.clone()).unwrap();
+    assert!(trailer.contains("grpc-status:16"), "{trailer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_errors_carry_details_and_refuse_what_they_cannot_serve() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let post = |path: &'static str, headers: Vec<(&'static str, &'static str)>, body: &'static str| {
+        let mut builder = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}{path}", app.endpoint()));
+        for (name, value) in headers {
+            builder = builder.header(name, value);
+        }
+        let request = builder.body(Full::new(Bytes::from(body))).unwrap();
+        async move {
+            let response = Client::builder(TokioExecutor::new())
+                .build_http()
+                .request(request)
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes())
+                .unwrap_or(Value::Null);
+            (status, body)
+        }
+    };
+    let json = ("content-type", "application/json");
+    let register = "/keel.identity.v1.IdentityCommandService/Register";
+    // Field violations as google.rpc.BadRequest, readable in `debug`.
+    let (status, body) = post(
+        register,
+        vec![json],
+        r#"{"email": "nope", "password": "x", "displayName": "A"}"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_argument");
+    assert_eq!(body["details"][0]["type"], "google.rpc.BadRequest", "{body}");
+    assert_eq!(
+        body["details"][0]["debug"]["fieldViolations"][0]["field"], "email",
+        "{body}"
+    );
+    // Unknown fields and malformed JSON: INVALID_ARGUMENT, never a 500.
+    for bad in [r#"{"noSuchField": 1}"#, "{not json", r#"{"email": 5}"#] {
+        let (status, body) = post(register, vec![json], bad).await;
+        assert_eq!(
+            (status.as_u16(), body["code"].as_str()),
+            (400, Some("invalid_argument")),
+            "{bad}: {body}"
+        );
+    }
+    // An anonymous caller of a method that needs one: 401 before the body.
+    let (status, body) = post(
+        "/keel.identity.v1.IdentityCommandService/CreateUser",
+        vec![json],
+        "{not json",
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (401, Some("unauthenticated")),
+        "{body}"
+    );
+    // Unsupported protocol versions and compression are refused by name.
+    let (status, body) = post(register, vec![json, ("connect-protocol-version", "2")], "{}").await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{body}"
+    );
+    let (status, body) = post(register, vec![json, ("content-encoding", "gzip")], "{}").await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (501, Some("unimplemented")),
+        "{body}"
+    );
+    // A unary method asked for as a stream (and the reverse): unimplemented.
+    let (status, body) = post(
+        "/keel.events.v1.EventQueryService/Subscribe",
+        vec![("content-type", "application/json")],
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (501, Some("unimplemented")),
+        "{body}"
+    );
+    // A deadline in connect-timeout-ms reaches the server.
+    let (status, body) = post(
+        "/keel.identity.v1.IdentityQueryService/GetJwks",
+        vec![json, ("connect-timeout-ms", "soon")],
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{body}"
+    );
+    let (status, body) = post(
+        "/keel.identity.v1.IdentityQueryService/GetJwks",
+        vec![json, ("connect-timeout-ms", "5000")],
+        "{}",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["keys"].is_array(), "{body}");
 }
