@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
-use tower_http::cors::{AllowCredentials, AllowOrigin, CorsLayer};
+use tower_http::cors::{AllowCredentials, AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Edge;
@@ -121,7 +121,14 @@ fn with_cors(dispatch: ListenerService, settings: &CorsSettings) -> ListenerServ
     let Some(cors) = cors_layer(settings) else {
         return dispatch;
     };
+    // A preflight's requested headers are answered by mirroring those this
+    // edge accepts: the fixed list, and any `grpc-metadata-*` (REST's
+    // custom metadata), which no fixed list can name.
     let cross_origin = ListenerService::new(cors.layer(dispatch.clone()));
+    let cross_origin = ListenerService::new(tower::service_fn(move |mut request: Request<Body>| {
+        keep_allowed_request_headers(request.headers_mut());
+        cross_origin.clone().oneshot(request)
+    }));
     // The answer depends on `Origin` even when there is none: caches must
     // not hand this one to a cross-origin caller.
     let same_origin = ListenerService::new(
@@ -194,6 +201,55 @@ impl Service<Request<Body>> for Dispatch {
     }
 }
 
+/// Request headers a cross-origin caller may send.
+const ALLOWED_HEADERS: [&str; 13] = [
+    "content-type",
+    "authorization",
+    "x-grpc-web",
+    "x-user-agent",
+    "grpc-timeout",
+    "x-request-id",
+    "x-request-timeout",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "last-event-id",
+    "connect-protocol-version",
+    "connect-timeout-ms",
+];
+
+fn is_allowed_header(name: &str) -> bool {
+    let name = name.trim().to_ascii_lowercase();
+    ALLOWED_HEADERS.contains(&name.as_str())
+        || name
+            .strip_prefix("grpc-metadata-")
+            .is_some_and(|rest| !rest.is_empty() && HeaderName::try_from(rest).is_ok())
+}
+
+/// Rewrites a preflight's `access-control-request-headers` to the names
+/// this edge accepts, so that mirroring it allows exactly those.
+fn keep_allowed_request_headers(headers: &mut http::HeaderMap) {
+    let Some(requested) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) else {
+        return;
+    };
+    let kept = requested
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|name| is_allowed_header(name))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .collect::<Vec<_>>()
+        .join(",");
+    match HeaderValue::from_str(&kept) {
+        Ok(value) if !kept.is_empty() => {
+            headers.insert(header::ACCESS_CONTROL_REQUEST_HEADERS, value);
+        }
+        _ => {
+            headers.remove(header::ACCESS_CONTROL_REQUEST_HEADERS);
+        }
+    }
+}
+
 fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
     if settings.is_empty() {
         return None;
@@ -224,21 +280,7 @@ fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
                 Method::DELETE,
                 Method::OPTIONS,
             ])
-            .allow_headers(headers(&[
-                "content-type",
-                "authorization",
-                "x-grpc-web",
-                "x-user-agent",
-                "grpc-timeout",
-                "x-request-id",
-                "x-request-timeout",
-                "idempotency-key",
-                "traceparent",
-                "tracestate",
-                "last-event-id",
-                "connect-protocol-version",
-                "connect-timeout-ms",
-            ]))
+            .allow_headers(AllowHeaders::mirror_request())
             .expose_headers(headers(&[
                 "grpc-status",
                 "grpc-message",

@@ -636,6 +636,27 @@ async fn cors_preflight_and_exposed_grpc_web_headers() {
     );
     assert_eq!(reply.headers.get("access-control-allow-credentials").unwrap(), "true");
 
+    // REST's custom metadata (`grpc-metadata-*`) is allowed by prefix; a
+    // header the edge does not take is left out, so the browser refuses it.
+    let reply = send(
+        Request::options("/v1/echo/x")
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "GET")
+            .header(
+                "access-control-request-headers",
+                "authorization, grpc-metadata-tenant,x-evil,grpc-metadata-",
+            )
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert!(reply.status.is_success(), "{}", reply.status);
+    let allowed = reply.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(allowed, "authorization,grpc-metadata-tenant");
+
     let reply = send(
         Request::get("/v1/echo/x")
             .header("origin", "https://app.example")
@@ -856,6 +877,7 @@ async fn every_browser_facing_answer_carries_the_security_headers() {
         ("not found", Request::get("/nowhere").body(Body::empty()).unwrap()),
         ("healthz", Request::get("/healthz").body(Body::empty()).unwrap()),
         ("openapi", Request::get("/openapi.json").body(Body::empty()).unwrap()),
+        ("readyz", Request::get("/readyz").body(Body::empty()).unwrap()),
         ("grpc-web", grpc_web()),
         (
             "preflight",
@@ -880,6 +902,11 @@ async fn every_browser_facing_answer_carries_the_security_headers() {
         }
         assert_eq!(header(&reply, "cache-control"), Some("no-store"), "{what}");
         assert_eq!(header(&reply, "strict-transport-security"), None, "{what}");
+        // Every answer names its request, the plain endpoints too.
+        assert!(
+            header(&reply, "x-request-id").is_some_and(|id| !id.is_empty()),
+            "{what}: x-request-id"
+        );
     }
 
     // `/docs` loads Scalar: its own policy, still no framing.
