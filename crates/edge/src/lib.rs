@@ -15,6 +15,7 @@
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
 //! - [`listener`]: one port: gRPC, grpc-web, Connect and REST by content type, CORS;
+//! - [`shed`]: load shedding, at most so many calls answered at once;
 //! - [`headers`]: the security headers of every browser-facing answer;
 //! - [`request_id`]: `x-request-id`, kept or made (UUIDv7) and echoed.
 //!
@@ -32,6 +33,7 @@ pub mod request_id;
 pub mod rest;
 pub mod routes;
 pub mod rpc;
+pub mod shed;
 pub mod template;
 pub mod transcode;
 pub mod upstream;
@@ -50,6 +52,8 @@ pub struct Edge {
     pub pool: DescriptorPool,
     pub upstream: Upstream,
     pub max_body_bytes: usize,
+    /// Sheds calls beyond a bound (none: every call is admitted).
+    pub shedder: Option<Arc<shed::Shedder>>,
     openapi: serde_json::Value,
 }
 
@@ -64,8 +68,15 @@ impl Edge {
             pool,
             upstream,
             max_body_bytes,
+            shedder: None,
             openapi,
         })
+    }
+
+    /// At most `max_in_flight` calls answered at once; see [`shed`].
+    pub fn with_load_shedding(mut self, max_in_flight: usize) -> Edge {
+        self.shedder = Some(Arc::new(shed::Shedder::new(max_in_flight)));
+        self
     }
 
     pub fn openapi(&self) -> &serde_json::Value {

@@ -162,11 +162,41 @@ impl Service<Request<Body>> for Dispatch {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let connect = crate::connect::is_connect(&self.edge.pool, &request);
+        // Health and readiness are answered under load too: they are what
+        // tells a balancer about it.
+        let exempt = matches!(request.uri().path(), "/healthz" | "/readyz")
+            || request.uri().path().starts_with("/grpc.health.v1.Health/");
+        let permit = match &self.edge.shedder {
+            Some(shedder) if !exempt => match shedder.admit() {
+                Some(permit) => Some(permit),
+                None => {
+                    let response = crate::shed::shed_response(&request, connect);
+                    return Box::pin(async move { Ok(response) });
+                }
+            },
+            _ => None,
+        };
+        let answer = self.answer(request, connect);
+        Box::pin(async move {
+            let response = answer.await;
+            drop(permit);
+            response
+        })
+    }
+}
+
+impl Dispatch {
+    fn answer(
+        &mut self,
+        request: Request<Body>,
+        connect: bool,
+    ) -> BoxFuture<'static, Result<Response<Body>, Infallible>> {
         if crate::grpc_web::is_grpc_web_json(request.headers()) {
             let edge = self.edge.clone();
             return Box::pin(async move { Ok(crate::grpc_web::handle(&edge, request).await) });
         }
-        if crate::connect::is_connect(&self.edge.pool, &request) {
+        if connect {
             let edge = self.edge.clone();
             return Box::pin(async move { Ok(crate::connect::handle(&edge, request).await) });
         }
@@ -311,6 +341,14 @@ pub async fn readiness(edge: Arc<Edge>) -> axum::response::Response {
         .ok()
         .and_then(|reply| HealthCheckResponse::decode(reply.message).ok())
         .is_some_and(|health| health.status == 1);
+    if edge.shedder.as_ref().is_some_and(|shedder| shedder.overloaded()) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            axum::Json(serde_json::json!({"status": "overloaded"})),
+        )
+            .into_response();
+    }
     if serving {
         (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
     } else {

@@ -297,7 +297,13 @@ impl Application {
         let readiness = tokio::spawn(watch_database(state.db.clone(), health.clone()));
 
         let service = state.listener_service(health.service())?;
-        crate::listen::serve(listener, service, shutdown, crate::listen::Limits::from_config(&config)).await;
+        crate::listen::serve(
+            listener,
+            service,
+            shutdown,
+            crate::listen::Limits::from_config(&config)?,
+        )
+        .await;
 
         readiness.abort();
         state.tasks.stop();
@@ -362,7 +368,8 @@ pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_
         upstream.clone(),
         config.max_message_bytes,
     )
-    .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?;
+    .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?
+    .with_load_shedding(config.max_in_flight);
     Ok(keel_edge::listener_service(
         Arc::new(edge),
         &config.cors_settings(),

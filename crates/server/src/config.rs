@@ -140,6 +140,17 @@ pub struct Config {
     /// `KEEL_HSTS`: send `Strict-Transport-Security` (one year). Set it when
     /// browsers reach keel only over HTTPS, through a TLS-terminating proxy.
     pub hsts: bool,
+    /// `KEEL_MAX_IN_FLIGHT`: calls being answered at once (until their
+    /// response head); one more is answered UNAVAILABLE / 503 with
+    /// `Retry-After` at once, and `/readyz` says `overloaded` for a second.
+    pub max_in_flight: usize,
+    /// `KEEL_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of
+    /// reverse proxies whose forwarded header is believed (see
+    /// `crate::proxy`). Unset: none; the peer is the client.
+    pub trusted_proxies: Option<String>,
+    /// `KEEL_FORWARDED_HEADER`: `x-forwarded-for` (default) or `forwarded`:
+    /// the header those proxies write.
+    pub forwarded_header: String,
 }
 
 impl Default for Config {
@@ -172,6 +183,9 @@ impl Default for Config {
             http2_max_concurrent_streams: 200,
             cors_allowed_origins: None,
             hsts: false,
+            max_in_flight: 1024,
+            trusted_proxies: None,
+            forwarded_header: "x-forwarded-for".to_owned(),
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,
@@ -322,6 +336,10 @@ impl Config {
                 ));
             }
         }
+        if self.max_in_flight == 0 {
+            return Err(invalid("KEEL_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        self.trusted_proxies()?;
         if self.env == Environment::Production && self.auth_keys_file.is_none() {
             return Err(invalid(
                 "KEEL_AUTH_KEYS_FILE",
@@ -329,6 +347,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The proxies whose forwarded header is believed (see `KEEL_TRUSTED_PROXIES`).
+    pub fn trusted_proxies(&self) -> Result<crate::proxy::TrustedProxies, ConfigError> {
+        let header = crate::proxy::ForwardedHeader::parse(&self.forwarded_header)
+            .map_err(|error| invalid("KEEL_FORWARDED_HEADER", error))?;
+        crate::proxy::TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or_default(), header)
+            .map_err(|error| invalid("KEEL_TRUSTED_PROXIES", error))
     }
 
     /// Which browser origins may call keel (see `KEEL_CORS_ALLOWED_ORIGINS`).

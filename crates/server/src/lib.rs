@@ -10,6 +10,7 @@
 //! - [`layers`]: request id, span, deadline and authentication around every call;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
+//! - [`proxy`]: the client's address behind trusted reverse proxies;
 //! - [`telemetry`]: JSON or pretty logs.
 
 pub mod app;
@@ -19,6 +20,7 @@ pub mod health;
 pub mod layers;
 pub mod listen;
 pub mod mail;
+pub mod proxy;
 pub mod telemetry;
 
 pub use app::{Application, State};

@@ -20,7 +20,7 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::ServiceExt;
 
 /// What one keel lets its clients hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// How long in-flight calls may finish after shutdown begins.
     pub grace: Duration,
@@ -35,6 +35,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// HTTP/2 streams one connection may have open at once.
     pub http2_max_concurrent_streams: u32,
+    /// Whose forwarded header names the client (`KEEL_TRUSTED_PROXIES`).
+    pub proxies: Arc<crate::proxy::TrustedProxies>,
 }
 
 /// HTTP/2 bounds besides the configurable stream count: one request's
@@ -57,14 +59,15 @@ const HTTP1_MAX_HEADERS: usize = 100;
 const LIMIT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 impl Limits {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        Self {
+    pub fn from_config(config: &crate::config::Config) -> Result<Self, crate::config::ConfigError> {
+        Ok(Self {
             grace: Duration::from_secs(config.shutdown_grace_seconds),
             max_connections: config.max_connections,
             first_byte_timeout: Duration::from_secs(config.first_byte_timeout_seconds),
             idle_timeout: Duration::from_secs(config.idle_timeout_seconds),
             http2_max_concurrent_streams: config.http2_max_concurrent_streams,
-        }
+            proxies: Arc::new(config.trusted_proxies()?),
+        })
     }
 }
 
@@ -80,6 +83,7 @@ pub async fn serve(
         first_byte_timeout,
         idle_timeout,
         http2_max_concurrent_streams,
+        proxies,
     } = limits;
     let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -143,9 +147,20 @@ pub async fn serve(
         let service = service.clone();
         let activity = Activity::new();
         let calls = activity.clone();
+        let proxies = proxies.clone();
         let per_request = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let mut request = request.map(axum::body::Body::new);
-            request.extensions_mut().insert(info.clone());
+            // What every layer after this one reads as the caller's address
+            // (limits, sessions, audit): the peer, or behind a trusted
+            // proxy the client it names.
+            let mut info = info.clone();
+            if !proxies.is_empty() {
+                info.remote_addr = Some(std::net::SocketAddr::new(
+                    proxies.client(remote.ip(), request.headers()),
+                    0,
+                ));
+            }
+            request.extensions_mut().insert(info);
             // In flight until the answer's body has ended: a stream is a
             // call for as long as it lasts, whether or not it sends.
             let in_flight = calls.call_started();

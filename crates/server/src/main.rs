@@ -164,7 +164,7 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
         listener,
         service,
         shutdown_signal(),
-        keel_server::listen::Limits::from_config(&config),
+        keel_server::listen::Limits::from_config(&config)?,
     )
     .await;
     Ok(())
