@@ -105,13 +105,26 @@ pub fn listener_service(edge: Arc<Edge>, cors: &CorsSettings, security: &Securit
     let dispatch = ListenerService::new(Dispatch {
         grpc: grpc_service,
         grpc_web,
-        rest: edge.clone().router(),
+        rest: edge.clone().router().layer(rest_compression()),
         edge,
     });
     let service = tower::ServiceBuilder::new()
         .layer(crate::request_id::layers())
         .service(crate::headers::wrap(with_cors(dispatch, cors), security));
     BoxCloneSyncService::new(service)
+}
+
+/// REST answers compressed (gzip, br, zstd, by `accept-encoding`) from
+/// 1 KiB up: below that the framing costs more than it saves. Server-sent
+/// events and NDJSON streams stay uncompressed (a compressor buffers, and each event must go
+/// out at once); gRPC, grpc-web and Connect never reach this router.
+fn rest_compression() -> tower_http::compression::CompressionLayer<impl tower_http::compression::Predicate> {
+    use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate, SizeAbove};
+    tower_http::compression::CompressionLayer::new().compress_when(
+        DefaultPredicate::new()
+            .and(SizeAbove::new(1024))
+            .and(NotForContentType::const_new("application/x-ndjson")),
+    )
 }
 
 /// CORS around `dispatch`, for requests that carry an `Origin` only: a

@@ -113,12 +113,52 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
         .await
         .map_err(|status| EdgeError::from_status(&status, &edge.pool))?;
     let body = response_body(route, &reply.message)?;
+    if parts.method == http::Method::GET && route.success_status == StatusCode::OK {
+        return Ok(conditional_get(&parts.headers, body, &reply.metadata));
+    }
     let mut response = (route.success_status, body).into_response();
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     crate::rpc::copy_metadata(&reply.metadata, response.headers_mut(), "");
     Ok(response)
+}
+
+/// A GET's answer with a weak `ETag` (a digest of the body: cheap beside
+/// the call, and exact for what the caller would receive), or `304 Not
+/// Modified` when `If-None-Match` already names it.
+fn conditional_get(headers: &HeaderMap, body: Vec<u8>, metadata: &MetadataMap) -> Response {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&body);
+    let tag = format!(
+        "W/\"{}\"",
+        digest[..16]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<String>()
+    );
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        // Weak comparison: `W/"x"` and `"x"` name the same representation.
+        .any(|candidate| candidate == "*" || candidate.trim_start_matches("W/") == tag.trim_start_matches("W/"));
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut response = (StatusCode::OK, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    };
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    crate::rpc::copy_metadata(metadata, response.headers_mut(), "");
+    response
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -30,20 +30,18 @@ pub const SERVICES: &[&str] = &[
     <EventQueryServiceServer<QueryApi> as tonic::server::NamedService>::NAME,
 ];
 
-/// Adds the events module's two gRPC services, with the server's limits.
+/// Adds the events module's two gRPC services, with the server's limits and compression.
 pub fn add_services(bus: &Bus, routes: &mut GrpcRoutes) {
-    let max = routes.limits().max_message_bytes;
+    let limits = routes.limits();
     routes
-        .add(
-            EventCommandServiceServer::new(CommandApi { bus: bus.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add(
-            EventQueryServiceServer::new(QueryApi { bus: bus.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        );
+        .add(keel_kernel::grpc_server!(
+            EventCommandServiceServer::new(CommandApi { bus: bus.clone() }),
+            limits
+        ))
+        .add(keel_kernel::grpc_server!(
+            EventQueryServiceServer::new(QueryApi { bus: bus.clone() }),
+            limits
+        ));
 }
 
 /// The protobuf form of an envelope; the payload is an `Any`.

@@ -33,20 +33,18 @@ pub const SERVICES: &[&str] = &[
     <IdentityQueryServiceServer<QueryApi> as tonic::server::NamedService>::NAME,
 ];
 
-/// Adds identity's two gRPC services, with the server's limits.
+/// Adds identity's two gRPC services, with the server's limits and compression.
 pub fn add_services(bus: &Bus, routes: &mut GrpcRoutes) {
-    let max = routes.limits().max_message_bytes;
+    let limits = routes.limits();
     routes
-        .add(
-            IdentityCommandServiceServer::new(CommandApi { bus: bus.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        )
-        .add(
-            IdentityQueryServiceServer::new(QueryApi { bus: bus.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
-        );
+        .add(keel_kernel::grpc_server!(
+            IdentityCommandServiceServer::new(CommandApi { bus: bus.clone() }),
+            limits
+        ))
+        .add(keel_kernel::grpc_server!(
+            IdentityQueryServiceServer::new(QueryApi { bus: bus.clone() }),
+            limits
+        ));
 }
 
 // Proto -> domain. Each request parses into its command or query, naming

@@ -13,6 +13,30 @@ use crate::context::RequestContext;
 use crate::error::{Code, Error};
 use crate::module::GrpcLimits;
 
+pub use tonic::codec::CompressionEncoding;
+
+/// A module's generated server with what every keel service sets: the
+/// message size limits of `limits`, and gzip and zstd message compression
+/// accepted and sent when the caller asks for it (`grpc-accept-encoding`).
+/// A macro because these are inherent methods of each generated server.
+///
+/// ```text
+/// routes.add(keel_kernel::grpc_server!(MyServiceServer::new(api), routes.limits()));
+/// ```
+#[macro_export]
+macro_rules! grpc_server {
+    ($server:expr, $limits:expr) => {{
+        let limits: $crate::GrpcLimits = $limits;
+        $server
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes)
+            .accept_compressed($crate::grpc::CompressionEncoding::Gzip)
+            .accept_compressed($crate::grpc::CompressionEncoding::Zstd)
+            .send_compressed($crate::grpc::CompressionEncoding::Gzip)
+            .send_compressed($crate::grpc::CompressionEncoding::Zstd)
+    }};
+}
+
 /// The gRPC services of every module, collected by the composition root
 /// through [`crate::Module::grpc`]. Each module adds its generated servers
 /// with the [`GrpcRoutes::limits`] applied.
