@@ -94,6 +94,29 @@ pub async fn ping(db: &DatabaseConnection) -> bool {
     db.ping().await.is_ok()
 }
 
+/// The pool's idle connections, its open connections and its size limit.
+pub fn pool_status(db: &DatabaseConnection) -> (u32, u32, u32) {
+    match db.get_database_backend() {
+        DatabaseBackend::Postgres => {
+            let pool = db.get_postgres_connection_pool();
+            (
+                u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+                pool.size(),
+                pool.options().get_max_connections(),
+            )
+        }
+        DatabaseBackend::Sqlite => {
+            let pool = db.get_sqlite_connection_pool();
+            (
+                u32::try_from(pool.num_idle()).unwrap_or(u32::MAX),
+                pool.size(),
+                pool.options().get_max_connections(),
+            )
+        }
+        _ => (0, 0, 0),
+    }
+}
+
 pub fn backend_name(db: &DatabaseConnection) -> &'static str {
     match db.get_database_backend() {
         DatabaseBackend::Postgres => "postgres",

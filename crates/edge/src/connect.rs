@@ -104,24 +104,26 @@ async fn call(
         )));
     }
     // Before the body is read, as for REST: an anonymous caller of a method
-    // that needs one learns nothing about its fields.
-    if crate::access::Access::of(method).needs_caller() && !parts.headers.contains_key(header::AUTHORIZATION) {
-        return Err(Status::unauthenticated("authentication required"));
-    }
-    let body = axum::body::to_bytes(body, edge.max_body_bytes)
-        .await
-        .map_err(|_| Status::resource_exhausted(format!("the request is larger than {} bytes", edge.max_body_bytes)))?;
-    let message = if streaming { rpc::single_message(&body)? } else { body };
-    let message = codec.request(&method.input(), &message)?;
+    // that needs one learns nothing about its fields; the server's layer
+    // refuses the call, sent without its message.
+    let anonymous =
+        crate::access::Access::of(method).needs_caller() && !parts.headers.contains_key(header::AUTHORIZATION);
+    let message = if anonymous {
+        Bytes::new()
+    } else {
+        let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
+            Status::resource_exhausted(format!("the request is larger than {} bytes", edge.max_body_bytes))
+        })?;
+        let message = if streaming { rpc::single_message(&body)? } else { body };
+        codec.request(&method.input(), &message)?
+    };
 
     let mut grpc_request = tonic::Request::new(message);
     *grpc_request.metadata_mut() = rpc::metadata(&parts.headers, request_id);
     if let Some(timeout) = timeout(&parts.headers)? {
         grpc_request.set_timeout(timeout);
     }
-    if let Some(info) = parts.extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-        grpc_request.extensions_mut().insert(info.clone());
-    }
+    crate::rpc::carry_extensions(&parts.extensions, grpc_request.extensions_mut());
     let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
     let content_type = match (streaming, codec) {
         (false, Codec::Json) => "application/json",

@@ -63,18 +63,22 @@ async fn call(
             "grpc-encoding {encoding:?} is not supported with JSON messages"
         )));
     }
-    if crate::access::Access::of(method).needs_caller() && !parts.headers.contains_key(header::AUTHORIZATION) {
-        return Err(Status::unauthenticated("authentication required"));
-    }
-    let body = axum::body::to_bytes(body, edge.max_body_bytes)
-        .await
-        .map_err(|_| Status::resource_exhausted(format!("the request is larger than {} bytes", edge.max_body_bytes)))?;
-    let message = Codec::Json.request(&method.input(), &rpc::single_message(&body)?)?;
+    // As for REST: an anonymous caller of a method that needs one learns
+    // nothing about its fields; the server's layer refuses the call, sent
+    // without its message.
+    let anonymous =
+        crate::access::Access::of(method).needs_caller() && !parts.headers.contains_key(header::AUTHORIZATION);
+    let message = if anonymous {
+        Bytes::new()
+    } else {
+        let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
+            Status::resource_exhausted(format!("the request is larger than {} bytes", edge.max_body_bytes))
+        })?;
+        Codec::Json.request(&method.input(), &rpc::single_message(&body)?)?
+    };
     let mut grpc_request = tonic::Request::new(message);
     *grpc_request.metadata_mut() = rpc::metadata(&parts.headers, request_id);
-    if let Some(info) = parts.extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-        grpc_request.extensions_mut().insert(info.clone());
-    }
+    crate::rpc::carry_extensions(&parts.extensions, grpc_request.extensions_mut());
     let path = format!("/{}/{}", method.parent_service().full_name(), method.name());
     let output = method.output();
 

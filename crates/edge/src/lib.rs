@@ -44,6 +44,7 @@ use prost_reflect::DescriptorPool;
 
 pub use headers::SecuritySettings;
 pub use listener::{CorsSettings, listener_service};
+pub use rpc::Protocol;
 pub use upstream::Upstream;
 
 /// The REST edge: routes, descriptors and the gRPC peer they are served by.
@@ -54,6 +55,7 @@ pub struct Edge {
     pub max_body_bytes: usize,
     /// Sheds calls beyond a bound (none: every call is admitted).
     pub shedder: Option<Arc<shed::Shedder>>,
+    routes_of_server: Option<axum::Router>,
     openapi: serde_json::Value,
 }
 
@@ -69,13 +71,20 @@ impl Edge {
             upstream,
             max_body_bytes,
             shedder: None,
+            routes_of_server: None,
             openapi,
         })
     }
 
-    /// At most `max_in_flight` calls answered at once; see [`shed`].
-    pub fn with_load_shedding(mut self, max_in_flight: usize) -> Edge {
-        self.shedder = Some(Arc::new(shed::Shedder::new(max_in_flight)));
+    /// Sheds calls beyond `shedder`'s bound; see [`shed`].
+    pub fn with_shedder(mut self, shedder: Arc<shed::Shedder>) -> Edge {
+        self.shedder = Some(shedder);
+        self
+    }
+
+    /// Plain HTTP routes of the server's own (`/metrics`) beside the edge's.
+    pub fn with_routes(mut self, routes: axum::Router) -> Edge {
+        self.routes_of_server = Some(routes);
         self
     }
 
@@ -89,8 +98,10 @@ impl Edge {
         use axum::routing::get;
         let openapi = self.clone();
         let ready = self.clone();
+        let server_routes = self.routes_of_server.clone().unwrap_or_default();
         let fallback = self;
         axum::Router::new()
+            .merge(server_routes)
             .route(
                 "/healthz",
                 get(|| async { axum::Json(serde_json::json!({ "status": "ok" })) }),

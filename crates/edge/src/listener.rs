@@ -21,6 +21,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::Edge;
 use crate::headers::SecuritySettings;
+use crate::rpc::Protocol;
 use crate::upstream::GrpcService;
 
 /// Which browser origins may call keel.
@@ -202,10 +203,26 @@ impl Service<Request<Body>> for Dispatch {
 impl Dispatch {
     fn answer(
         &mut self,
-        request: Request<Body>,
+        mut request: Request<Body>,
         connect: bool,
     ) -> BoxFuture<'static, Result<Response<Body>, Infallible>> {
-        if crate::grpc_web::is_grpc_web_json(request.headers()) {
+        let content_type = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let protocol = if connect {
+            Protocol::Connect
+        } else if content_type.starts_with("application/grpc-web") {
+            Protocol::GrpcWeb
+        } else if content_type.starts_with("application/grpc") {
+            Protocol::Grpc
+        } else {
+            Protocol::Rest
+        };
+        request.extensions_mut().insert(protocol);
+        if protocol == Protocol::GrpcWeb && crate::grpc_web::is_grpc_web_json(request.headers()) {
             let edge = self.edge.clone();
             return Box::pin(async move { Ok(crate::grpc_web::handle(&edge, request).await) });
         }
@@ -213,18 +230,10 @@ impl Dispatch {
             let edge = self.edge.clone();
             return Box::pin(async move { Ok(crate::connect::handle(&edge, request).await) });
         }
-        let content_type = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_ascii_lowercase();
-        let grpc = if content_type.starts_with("application/grpc-web") {
-            Some(self.grpc_web.clone())
-        } else if content_type.starts_with("application/grpc") {
-            Some(self.grpc.clone())
-        } else {
-            None
+        let grpc = match protocol {
+            Protocol::GrpcWeb => Some(self.grpc_web.clone()),
+            Protocol::Grpc => Some(self.grpc.clone()),
+            Protocol::Connect | Protocol::Rest => None,
         };
         match grpc {
             Some(service) => Box::pin(async move {

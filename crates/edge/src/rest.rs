@@ -65,39 +65,36 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
         }
     };
     // Before the body is read: an anonymous caller of a method that needs
-    // one learns nothing about its fields (the server's layer decides for a
-    // token that is there).
-    if route.needs_caller && !parts.headers.contains_key(header::AUTHORIZATION) {
-        return Err(EdgeError::new(
-            StatusCode::UNAUTHORIZED,
-            Code::Unauthenticated.as_str(),
-            "authentication required",
-        ));
-    }
-    let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
-        EdgeError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Code::ResourceExhausted.as_str(),
-            format!("the request body is larger than {} bytes", edge.max_body_bytes),
-        )
-    })?;
-    if !matches!(route.body, BodyBinding::None) && !body.is_empty() && !is_json(&parts.headers) {
-        return Err(EdgeError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Code::InvalidArgument.as_str(),
-            "the request body must be application/json",
-        ));
-    }
-    let message = request_bytes(route, &bindings, parts.uri.query(), &body)?;
+    // one learns nothing about its fields. The call still goes to the gRPC
+    // tier, with no message, so the refusal is the server's own (and is
+    // counted with the others); the server's layer decides for a token that
+    // is there.
+    let message = if route.needs_caller && !parts.headers.contains_key(header::AUTHORIZATION) {
+        Bytes::new()
+    } else {
+        let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
+            EdgeError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::ResourceExhausted.as_str(),
+                format!("the request body is larger than {} bytes", edge.max_body_bytes),
+            )
+        })?;
+        if !matches!(route.body, BodyBinding::None) && !body.is_empty() && !is_json(&parts.headers) {
+            return Err(EdgeError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Code::InvalidArgument.as_str(),
+                "the request body must be application/json",
+            ));
+        }
+        request_bytes(route, &bindings, parts.uri.query(), &body)?
+    };
 
     let mut grpc_request = tonic::Request::new(message);
     *grpc_request.metadata_mut() = metadata(&parts.headers, request_id);
     if let Some(timeout) = timeout(&parts.headers)? {
         grpc_request.set_timeout(timeout);
     }
-    if let Some(info) = parts.extensions.get::<tonic::transport::server::TcpConnectInfo>() {
-        grpc_request.extensions_mut().insert(info.clone());
-    }
+    crate::rpc::carry_extensions(&parts.extensions, grpc_request.extensions_mut());
 
     if route.method.is_server_streaming() {
         let sse = parts

@@ -159,6 +159,39 @@ pub fn copy_metadata(metadata: &MetadataMap, headers: &mut HeaderMap, prefix: &s
     }
 }
 
+/// Which protocol a call arrived in, set by the listener on every request
+/// and carried to the gRPC call the edge makes of it (metrics label calls
+/// by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Grpc,
+    GrpcWeb,
+    Connect,
+    Rest,
+}
+
+impl Protocol {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::GrpcWeb => "grpc-web",
+            Protocol::Connect => "connect",
+            Protocol::Rest => "rest",
+        }
+    }
+}
+
+/// What the edge's own gRPC call of an HTTP request keeps of it: the
+/// connection's addresses and the protocol.
+pub fn carry_extensions(from: &http::Extensions, to: &mut tonic::Extensions) {
+    if let Some(info) = from.get::<tonic::transport::server::TcpConnectInfo>() {
+        to.insert(info.clone());
+    }
+    if let Some(protocol) = from.get::<Protocol>() {
+        to.insert(*protocol);
+    }
+}
+
 /// A 5-byte envelope: flags, big-endian length, the bytes.
 pub fn envelope(flags: u8, payload: &[u8]) -> Bytes {
     let mut frame = BytesMut::with_capacity(5 + payload.len());

@@ -45,6 +45,15 @@ impl Hub {
         (receiver, self.delivered.load(Ordering::Acquire))
     }
 
+    /// Open live feeds on this process.
+    pub fn subscribers(&self) -> usize {
+        self.sender.receiver_count()
+    }
+
+    pub(crate) fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
     pub fn latest(&self) -> u64 {
         self.delivered.load(Ordering::Acquire)
     }

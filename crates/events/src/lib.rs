@@ -207,6 +207,27 @@ impl Events {
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
     }
+
+    /// What waits for the relay and for admins (metrics read it).
+    pub async fn backlog(&self) -> Result<Backlog> {
+        let (unnumbered, oldest, dead_letters) = store::backlog(self.hub.db()).await?;
+        Ok(Backlog {
+            unnumbered,
+            oldest_age: oldest.map(|at| (chrono::Utc::now() - at).to_std().unwrap_or_default()),
+            dead_letters,
+        })
+    }
+}
+
+/// See [`Events::backlog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Committed events the relay has not numbered yet.
+    pub unnumbered: u64,
+    /// How long the oldest of them has waited.
+    pub oldest_age: Option<Duration>,
+    /// Dead letters not replayed yet.
+    pub dead_letters: u64,
 }
 
 /// Registers the module's queries and commands.

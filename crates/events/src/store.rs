@@ -256,6 +256,29 @@ pub async fn assign_sequences(
 
 /// The newest assigned sequence (0 when none). Pruning keeps its
 /// watermark, so numbering continues after the table was emptied.
+/// What waits: committed events not numbered yet, when the oldest of them
+/// happened, and dead letters not replayed yet.
+pub async fn backlog(db: &impl ConnectionTrait) -> Result<(u64, Option<DateTime<Utc>>, u64)> {
+    use sea_orm::PaginatorTrait;
+    let unnumbered = events::Entity::find()
+        .filter(events::Column::Sequence.is_null())
+        .count(db)
+        .await?;
+    let oldest: Option<DateTime<Utc>> = events::Entity::find()
+        .filter(events::Column::Sequence.is_null())
+        .order_by_asc(events::Column::Position)
+        .select_only()
+        .column(events::Column::OccurredAt)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let dead = dead_letters::Entity::find()
+        .filter(dead_letters::Column::ReplayedAt.is_null())
+        .count(db)
+        .await?;
+    Ok((unnumbered, oldest, dead))
+}
+
 pub async fn latest_sequence(db: &impl ConnectionTrait) -> Result<u64> {
     let latest: Option<Option<i64>> = events::Entity::find()
         .select_only()

@@ -34,6 +34,8 @@ pub struct State {
     pub events: keel_events::Events,
     /// Every module, as `State::build` lists them, the events module last.
     pub modules: Arc<[Arc<dyn Module>]>,
+    /// Off with `KEEL_METRICS=false`.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -162,6 +164,11 @@ impl State {
         let mut tasks: Vec<_> = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
         let sessions = keel_identity::access::SessionWatch::new(db.clone());
         tasks.push(watch_sessions(&events, sessions.clone()));
+        let metrics = if config.metrics {
+            Some(Arc::new(crate::metrics::Metrics::new(keel_proto::FILE_DESCRIPTOR_SET)?))
+        } else {
+            None
+        };
         let state = State {
             config: Arc::new(config),
             db,
@@ -170,6 +177,7 @@ impl State {
             sessions,
             events,
             modules: modules.into(),
+            metrics,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
@@ -338,6 +346,7 @@ impl State {
                 .add_service(reflection().build_v1alpha()?);
         }
         let layered = tower::ServiceBuilder::new()
+            .option_layer(self.metrics.clone().map(crate::metrics::MetricsLayer::new))
             .layer(ContextLayer::new(
                 self.identity.clone(),
                 Arc::new(self.sessions.clone()),
@@ -350,26 +359,40 @@ impl State {
         Ok(Upstream::new(layered))
     }
 
-    /// The one listener's service: gRPC, grpc-web and REST on one port.
+    /// The one listener's service: gRPC, grpc-web, Connect and REST on one
+    /// port, and `/metrics` unless it is off.
     pub fn listener_service(
         &self,
         health_service: HealthServer<HealthService>,
     ) -> anyhow::Result<keel_edge::listener::ListenerService> {
         let upstream = self.grpc_upstream(health_service)?;
-        edge_service(&self.config, upstream)
+        let shedder = Arc::new(keel_edge::shed::Shedder::new(self.config.max_in_flight));
+        let routes = self
+            .metrics
+            .clone()
+            .map(|metrics| crate::metrics::route(metrics, self.clone(), shedder.clone()));
+        edge_service(&self.config, upstream, shedder, routes)
     }
 }
 
 /// The edge in front of `upstream`: the same code in process and for
 /// `keel edge --upstream`.
-pub fn edge_service(config: &Config, upstream: Upstream) -> anyhow::Result<keel_edge::listener::ListenerService> {
-    let edge = keel_edge::Edge::new(
+pub fn edge_service(
+    config: &Config,
+    upstream: Upstream,
+    shedder: Arc<keel_edge::shed::Shedder>,
+    routes: Option<axum::Router>,
+) -> anyhow::Result<keel_edge::listener::ListenerService> {
+    let mut edge = keel_edge::Edge::new(
         keel_proto::FILE_DESCRIPTOR_SET,
         upstream.clone(),
         config.max_message_bytes,
     )
     .map_err(|error| anyhow::anyhow!("edge routes: {error}"))?
-    .with_load_shedding(config.max_in_flight);
+    .with_shedder(shedder);
+    if let Some(routes) = routes {
+        edge = edge.with_routes(routes);
+    }
     Ok(keel_edge::listener_service(
         Arc::new(edge),
         &config.cors_settings(),

@@ -151,6 +151,10 @@ pub struct Config {
     /// `KEEL_FORWARDED_HEADER`: `x-forwarded-for` (default) or `forwarded`:
     /// the header those proxies write.
     pub forwarded_header: String,
+    /// `KEEL_METRICS`: serve `/metrics` (Prometheus text format) on the main
+    /// port, without authentication. Turn it off where the port is public
+    /// and the numbers should not be.
+    pub metrics: bool,
 }
 
 impl Default for Config {
@@ -186,6 +190,7 @@ impl Default for Config {
             max_in_flight: 1024,
             trusted_proxies: None,
             forwarded_header: "x-forwarded-for".to_owned(),
+            metrics: true,
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,

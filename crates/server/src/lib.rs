@@ -9,6 +9,7 @@
 //! - [`health`]: `grpc.health.v1` (Check, List, Watch) per module service;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
+//! - [`metrics`]: `/metrics`, calls counted and timed at the gRPC tier;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
 //! - [`proxy`]: the client's address behind trusted reverse proxies;
 //! - [`telemetry`]: JSON or pretty logs.
@@ -20,6 +21,7 @@ pub mod health;
 pub mod layers;
 pub mod listen;
 pub mod mail;
+pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
 

@@ -155,7 +155,8 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(upstream.to_owned())
         .map_err(|error| anyhow::anyhow!("--upstream {upstream:?}: {error}"))?
         .connect_lazy();
-    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel))?;
+    let shedder = std::sync::Arc::new(keel_edge::shed::Shedder::new(config.max_in_flight));
+    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding KEEL_LISTEN {}", config.listen))?;

@@ -1,0 +1,412 @@
+//! `/metrics`: Prometheus text format (prometheus-client), on the main
+//! port, never behind user auth, off with `KEEL_METRICS=false`.
+//!
+//! Calls are counted where every protocol meets: the gRPC tier, which the
+//! edge calls in process for REST, Connect and grpc-web with JSON. The
+//! `protocol` label is what the listener saw (`keel_edge::Protocol`); the
+//! `method` label is the gRPC method's full name, or `unknown` for a path
+//! that names none (label values stay bounded whatever callers send);
+//! `code` is the gRPC status name. What is read rather than counted (the
+//! database pool, the outbox, dead letters, subscribers, the process) is
+//! read at scrape time.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http::{Request, Response};
+use http_body::Frame;
+use keel_edge::Protocol;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tonic::body::Body;
+use tower::{Layer, Service};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    protocol: &'static str,
+    method: String,
+    code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    protocol: &'static str,
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+/// Every metric keel exports, in one registry per process.
+pub struct Metrics {
+    registry: Registry,
+    methods: HashSet<String>,
+    requests: Family<CallLabels, Counter>,
+    durations: Family<MethodLabels, Histogram, fn() -> Histogram>,
+    in_flight: Family<ProtocolLabels, Gauge>,
+    pool_connections: Family<StateLabels, Gauge>,
+    pool_max: Gauge,
+    outbox_backlog: Gauge,
+    relay_lag: Gauge<f64, AtomicU64>,
+    dead_letters: Gauge,
+    subscribers: Gauge,
+    shed: Counter,
+    cpu: Counter<f64, AtomicU64>,
+    resident: Gauge,
+}
+
+impl Metrics {
+    pub fn new(descriptor_set: &[u8]) -> anyhow::Result<Metrics> {
+        let pool = prost_reflect::DescriptorPool::decode(descriptor_set)?;
+        let methods = pool
+            .services()
+            .flat_map(|service| service.methods().collect::<Vec<_>>())
+            .map(|method| format!("/{}/{}", method.parent_service().full_name(), method.name()))
+            .collect();
+        let mut registry = Registry::with_prefix("keel");
+        let requests = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Calls answered, by protocol, method and gRPC code",
+            requests.clone(),
+        );
+        let durations = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a call's arrival to the end of its answer (a stream's whole life)",
+            Unit::Seconds,
+            durations.clone(),
+        );
+        let in_flight = Family::<ProtocolLabels, Gauge>::default();
+        registry.register("requests_in_flight", "Calls being answered now", in_flight.clone());
+        let pool_connections = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "db_pool_connections",
+            "Database connections of the pool, idle or in use",
+            pool_connections.clone(),
+        );
+        let pool_max = Gauge::default();
+        registry.register("db_pool_max_connections", "The pool's size limit", pool_max.clone());
+        let outbox_backlog = Gauge::default();
+        registry.register(
+            "outbox_backlog_events",
+            "Committed events the relay has not numbered yet",
+            outbox_backlog.clone(),
+        );
+        let relay_lag = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "outbox_relay_lag",
+            "Age of the oldest event the relay has not numbered yet (0: none waiting)",
+            Unit::Seconds,
+            relay_lag.clone(),
+        );
+        let dead_letters = Gauge::default();
+        registry.register(
+            "event_dead_letters",
+            "Events a durable handler gave up on, not replayed yet",
+            dead_letters.clone(),
+        );
+        let subscribers = Gauge::default();
+        registry.register(
+            "realtime_subscribers",
+            "Open event subscriptions on this process",
+            subscribers.clone(),
+        );
+        let shed = Counter::default();
+        registry.register("shed_requests", "Calls refused by load shedding", shed.clone());
+        let cpu = Counter::<f64, AtomicU64>::default();
+        registry.register_with_unit("process_cpu", "CPU time used by keel", Unit::Seconds, cpu.clone());
+        let resident = Gauge::default();
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of keel",
+            Unit::Bytes,
+            resident.clone(),
+        );
+        Ok(Metrics {
+            registry,
+            methods,
+            requests,
+            durations,
+            in_flight,
+            pool_connections,
+            pool_max,
+            outbox_backlog,
+            relay_lag,
+            dead_letters,
+            subscribers,
+            shed,
+            cpu,
+            resident,
+        })
+    }
+
+    /// Reads what is read rather than counted, then renders the text format.
+    pub async fn render(&self, state: &crate::State, shedder: Option<&keel_edge::shed::Shedder>) -> String {
+        let (idle, size, max) = keel_db::pool_status(&state.db);
+        self.pool_connections
+            .get_or_create(&StateLabels { state: "idle" })
+            .set(i64::from(idle));
+        self.pool_connections
+            .get_or_create(&StateLabels { state: "in_use" })
+            .set(i64::from(size.saturating_sub(idle)));
+        self.pool_max.set(i64::from(max));
+        match state.events.backlog().await {
+            Ok(backlog) => {
+                self.outbox_backlog
+                    .set(i64::try_from(backlog.unnumbered).unwrap_or(i64::MAX));
+                self.relay_lag
+                    .set(backlog.oldest_age.map_or(0.0, |age| age.as_secs_f64()));
+                self.dead_letters
+                    .set(i64::try_from(backlog.dead_letters).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::warn!(error = %error, "metrics: reading the outbox backlog"),
+        }
+        self.subscribers
+            .set(i64::try_from(state.events.hub().subscribers()).unwrap_or(i64::MAX));
+        if let Some(shedder) = shedder {
+            let total = shedder.shed_total();
+            self.shed.inc_by(total.saturating_sub(self.shed.get()));
+        }
+        if let Some((cpu_seconds, resident_bytes)) = process_usage() {
+            self.cpu.inc_by((cpu_seconds - self.cpu.get()).max(0.0));
+            self.resident.set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));
+        }
+        let mut out = String::new();
+        if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %error, "metrics: encoding");
+        }
+        out
+    }
+
+    fn method_label(&self, path: &str) -> String {
+        if self.methods.contains(path) {
+            path.trim_start_matches('/').to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    }
+}
+
+/// `GET /metrics`.
+pub fn route(metrics: Arc<Metrics>, state: crate::State, shedder: Arc<keel_edge::shed::Shedder>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            let state = state.clone();
+            let shedder = shedder.clone();
+            async move {
+                let text = metrics.render(&state, Some(&shedder)).await;
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    )
+}
+
+/// CPU seconds (user + system) and resident bytes of this process, from
+/// /proc (Linux); `None` elsewhere.
+fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // The kernel's USER_HZ and page size on every Linux keel targets.
+    Some((ticks / 100.0, pages * 4096))
+}
+
+/// Counts and times every call of the gRPC tier.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody> Service<Request<ReqBody>> for MetricsService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let protocol = request
+            .extensions()
+            .get::<Protocol>()
+            .copied()
+            .unwrap_or(Protocol::Grpc)
+            .as_str();
+        let call = Call {
+            metrics: self.metrics.clone(),
+            protocol,
+            method: self.metrics.method_label(request.uri().path()),
+            started: Instant::now(),
+            recorded: false,
+        };
+        call.metrics.in_flight.get_or_create(&ProtocolLabels { protocol }).inc();
+        Box::pin(async move {
+            let mut call = call;
+            let response = inner.call(request).await?;
+            // Trailers-only (errors, mostly): the status is in the head.
+            if let Some(code) = grpc_code(response.headers()) {
+                call.record(code);
+                return Ok(response);
+            }
+            Ok(response.map(|body| Body::new(Observed { inner: body, call })))
+        })
+    }
+}
+
+/// One call being measured; recorded once, when its status is known or
+/// when it is dropped unanswered (a caller that went away: CANCELLED).
+struct Call {
+    metrics: Arc<Metrics>,
+    protocol: &'static str,
+    method: String,
+    started: Instant,
+    recorded: bool,
+}
+
+impl Call {
+    fn record(&mut self, code: &'static str) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        let metrics = &self.metrics;
+        metrics
+            .in_flight
+            .get_or_create(&ProtocolLabels {
+                protocol: self.protocol,
+            })
+            .dec();
+        metrics
+            .requests
+            .get_or_create(&CallLabels {
+                protocol: self.protocol,
+                method: self.method.clone(),
+                code,
+            })
+            .inc();
+        metrics
+            .durations
+            .get_or_create(&MethodLabels {
+                protocol: self.protocol,
+                method: self.method.clone(),
+            })
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.record("CANCELLED");
+    }
+}
+
+fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
+    let number: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    if number == 0 {
+        return Some("OK");
+    }
+    Some(keel_kernel::Code::from_grpc_number(number).as_str())
+}
+
+/// A response body that records its call when the trailers (or the end)
+/// arrive.
+struct Observed {
+    inner: Body,
+    call: Call,
+}
+
+impl http_body::Body for Observed {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_code) {
+                    self.call.record(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.call.record("INTERNAL"),
+            Poll::Ready(None) => self.call.record("OK"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

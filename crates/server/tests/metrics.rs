@@ -1,0 +1,138 @@
+//! `/metrics` against the real server: the counters and histograms move by
+//! exactly the calls made, on each protocol, with bounded labels, and the
+//! text parses with a Prometheus parser.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use keel_proto::identity as pb;
+use keel_proto::identity::identity_query_service_client::IdentityQueryServiceClient;
+use keel_testkit::{Backend, TestApp, authed, spawn_app, spawn_app_with};
+
+async fn http(app: &TestApp, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", app.endpoint()));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// Every sample of a scrape, by name and sorted labels.
+type Samples = HashMap<(String, Vec<(String, String)>), f64>;
+
+async fn scrape(app: &TestApp) -> Samples {
+    let (status, text) = http(app, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the text parses as Prometheus metrics");
+    let mut samples = Samples::new();
+    for sample in scrape.samples {
+        let mut labels: Vec<(String, String)> = sample.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        labels.sort();
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                // The +Inf bucket: the count.
+                buckets.iter().map(|bucket| bucket.count).fold(0.0, f64::max)
+            }
+            prometheus_parse::Value::Summary(_) => continue,
+        };
+        samples.insert((sample.metric, labels), value);
+    }
+    samples
+}
+
+fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut labels: Vec<(String, String)> = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    labels.sort();
+    samples.get(&(name.to_owned(), labels)).copied().unwrap_or(0.0)
+}
+
+const ME: &str = "keel.identity.v1.IdentityQueryService/GetCurrentUser";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_move_the_counters_by_exactly_the_calls_made() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let (_, tokens) = app.signed_in("metrics@example.com").await;
+    let token = tokens.access_token.clone();
+    let before = scrape(&app).await;
+
+    // gRPC twice, grpc-web once, REST once, Connect once; REST anonymously once.
+    let mut grpc = IdentityQueryServiceClient::new(app.channel().await);
+    for _ in 0..2 {
+        grpc.get_current_user(authed(pb::GetCurrentUserRequest {}, &token))
+            .await
+            .unwrap();
+    }
+    IdentityQueryServiceClient::new(app.grpc_web())
+        .get_current_user(authed(pb::GetCurrentUserRequest {}, &token))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        http(&app, "GET", "/v1/users/me", &[("authorization", &bearer)], "")
+            .await
+            .0,
+        200
+    );
+    let connect = [("content-type", "application/json"), ("authorization", bearer.as_str())];
+    assert_eq!(http(&app, "POST", &format!("/{ME}"), &connect, "{}").await.0, 200);
+    assert_eq!(http(&app, "GET", "/v1/users/me", &[], "").await.0, 401);
+    // A path that names no method: labelled `unknown`, not by the path.
+    let raw_grpc = [("content-type", "application/grpc")];
+    http(&app, "POST", "/no.such.Service/Nope", &raw_grpc, "").await;
+
+    let after = scrape(&app).await;
+    let moved = |protocol: &str, method: &str, code: &str| {
+        let labels = [("protocol", protocol), ("method", method), ("code", code)];
+        value(&after, "keel_requests_total", &labels) - value(&before, "keel_requests_total", &labels)
+    };
+    assert_eq!(moved("grpc", ME, "OK"), 2.0);
+    assert_eq!(moved("grpc-web", ME, "OK"), 1.0);
+    assert_eq!(moved("rest", ME, "OK"), 1.0);
+    assert_eq!(moved("connect", ME, "OK"), 1.0);
+    assert_eq!(moved("rest", ME, "UNAUTHENTICATED"), 1.0);
+    assert_eq!(moved("grpc", "unknown", "UNIMPLEMENTED"), 1.0);
+    let timed = |protocol: &str| {
+        let labels = [("protocol", protocol), ("method", ME)];
+        value(&after, "keel_request_duration_seconds", &labels)
+            - value(&before, "keel_request_duration_seconds", &labels)
+    };
+    assert_eq!(timed("grpc"), 2.0, "histogram count");
+    assert_eq!(timed("rest"), 2.0, "the 401 is timed too");
+    // No label holds a path with an id or anything a caller chose.
+    for (name, labels) in after.keys() {
+        for (key, label) in labels {
+            assert!(!label.contains("/v1/"), "{name} {key}={label}");
+            assert!(!label.contains("no.such"), "{name} {key}={label}");
+        }
+    }
+    assert_eq!(value(&after, "keel_requests_in_flight", &[("protocol", "grpc")]), 0.0);
+    assert!(value(&after, "keel_db_pool_max_connections", &[]) >= 1.0);
+    assert!(value(&after, "keel_process_resident_memory_bytes", &[]) > 1_000_000.0);
+    assert!(value(&after, "keel_process_cpu_seconds_total", &[]) > 0.0);
+    assert_eq!(value(&after, "keel_event_dead_letters", &[]), 0.0);
+    assert!(after.contains_key(&("keel_outbox_backlog_events".to_owned(), Vec::new())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_be_turned_off() {
+    let app = spawn_app_with(Backend::Sqlite, |config| config.metrics = false).await;
+    assert_eq!(http(&app, "GET", "/metrics", &[], "").await.0, 404);
+}
