@@ -64,6 +64,10 @@ bench-events:
 ts-client:
     scripts/ts-client.sh
 
+# The Python client (clients/python): mypy --strict and pytest against the debug binary.
+python-client:
+    scripts/python-client.sh
+
 # Everything CI runs
 ci:
     .ci/run
