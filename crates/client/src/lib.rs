@@ -42,6 +42,9 @@ use tonic::transport::{Channel, Endpoint};
 pub use keel_proto;
 pub use keel_proto::events;
 pub use keel_proto::identity;
+/// Reads the `google.rpc` details of a failed call's `Status`
+/// (`status.get_details_bad_request()`).
+pub use tonic_types::StatusExt;
 
 /// How long before its expiry an access token is refreshed by default (at
 /// most half of its lifetime: see [`Client::with_refresh_margin`]).

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel_client::{Client, identity};
+use keel_client::{Client, StatusExt, identity};
 use keel_testkit::{Backend, PASSWORD, spawn_app, spawn_app_with};
 use tonic::Code;
 
@@ -117,4 +117,23 @@ async fn logout_ends_the_session_on_the_server() {
         .await
         .unwrap_err();
     assert_eq!(after.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_input_carries_bad_request_field_violations() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let client = Client::connect(app.endpoint()).await.unwrap();
+    let status = client
+        .identity_commands()
+        .register(identity::RegisterRequest {
+            email: "not an email".to_owned(),
+            password: "short".to_owned(),
+            display_name: "Ada".to_owned(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let bad_request = status.get_details_bad_request().expect("a BadRequest detail");
+    let fields: Vec<&str> = bad_request.field_violations.iter().map(|v| v.field.as_str()).collect();
+    assert!(fields.contains(&"email") && fields.contains(&"password"), "{fields:?}");
 }
