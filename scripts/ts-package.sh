@@ -6,7 +6,11 @@
 # the package's own declarations are checked too), and runs it with node
 # against a real keel: the debug binary (unless KEEL_BIN points at one) in
 # embedded mode on a temporary data dir and a free port. The example must
-# print the email of the user it logged in as.
+# print the email of the user it logged in as. Then
+# clients/ts/examples/session-check.ts, built the same way, checks the
+# session handling of createKeelClient on that server (its access tokens
+# live 4 s): one refresh for eight concurrent calls, decoded BadRequest
+# details, logout.
 #
 # Needs node (20 or newer), npm, python3 and cargo; buf and the npm packages
 # are installed here.
@@ -93,7 +97,7 @@ mkdir -m 700 "$workdir/data"
 env -u KEEL_DATABASE_URL -u KEEL_REDIS_URL -u KEEL_AUTH_KEYS_FILE \
   -u KEEL_BOOTSTRAP_ADMIN_EMAIL -u KEEL_BOOTSTRAP_ADMIN_PASSWORD \
   KEEL_ENV=development KEEL_LISTEN="127.0.0.1:$port" KEEL_DATA_DIR="$workdir/data" \
-  KEEL_LOG=info KEEL_LOG_FORMAT=json \
+  KEEL_LOG=info KEEL_LOG_FORMAT=json KEEL_ACCESS_TOKEN_TTL_SECONDS=4 \
   "$KEEL_BIN" serve </dev/null >"$workdir/keel.log" 2>&1 &
 server_pid=$!
 
@@ -125,13 +129,18 @@ log "keel ready on $url, ada@example.com registered"
 # --- the example: type-check, then run ------------------------------------------------
 # The example as the README shows it, pointed at this server.
 sed "s|http://127.0.0.1:8080|$url|" "$client/examples/first-call.ts" >"$project/first-call.ts"
-cp "$client/examples/tsconfig.json" "$project/tsconfig.json"
+cp "$client/examples/tsconfig.json" "$client/examples/session-check.ts" "$project/"
 echo "\$ cat first-call.ts"
 cat "$project/first-call.ts"
 log "tsc (the installed package's types, strict)"
 (cd "$project" && "$client/node_modules/.bin/tsc" -p .) || fail "the example does not type-check against the installed package"
 echo "\$ node dist/first-call.js"
-output="$(cd "$project" && node dist/first-call.js)" || fail "the example failed"
+first_call_status=0
+output="$(cd "$project" && node dist/first-call.js)" || first_call_status=$?
 echo "$output"
+((first_call_status == 0)) || fail "the example failed (exit $first_call_status)"
 [[ "$output" == "ada@example.com" ]] || fail "the example printed '$output', not ada@example.com"
+echo "\$ node dist/session-check.js $url ada@example.com ***"
+(cd "$project" && node dist/session-check.js "$url" ada@example.com "correct horse battery staple") ||
+  fail "createKeelClient's session handling failed"
 echo "ts-package: ok"
