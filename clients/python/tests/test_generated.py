@@ -5,12 +5,14 @@ fails here if that file was not generated with it."""
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 
 import keel_client.proto
 
-PROTO = Path(__file__).resolve().parents[3] / "proto"
+# The directory the package was built from (setup.py reads the same variable).
+PROTO = Path(os.environ.get("KEEL_PROTO_DIR", Path(__file__).resolve().parents[3] / "proto"))
 
 
 def generated_modules() -> set[str]:
