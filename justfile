@@ -64,6 +64,14 @@ bench-events:
 ts-client:
     scripts/ts-client.sh
 
+# The TypeScript package (clients/ts): npm pack, install into an empty project, run its example against the debug binary
+ts-package:
+    scripts/ts-package.sh
+
+# The Python client (clients/python): mypy --strict and pytest against the debug binary.
+python-client:
+    scripts/python-client.sh
+
 # Everything CI runs
 ci:
     .ci/run
