@@ -11,6 +11,7 @@
 //!   process or over a channel;
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
+//! - [`docs`]: `/docs`, Swagger UI from the binary (vendored assets);
 //! - [`listener`]: one port: gRPC, grpc-web and REST by content type, CORS;
 //! - [`headers`]: the security headers of every browser-facing answer;
 //! - [`request_id`]: `x-request-id`, kept or made (UUIDv7) and echoed.
@@ -19,6 +20,7 @@
 //! with no edge code.
 
 pub mod access;
+pub mod docs;
 pub mod error;
 pub mod headers;
 pub mod listener;
@@ -86,18 +88,7 @@ impl Edge {
                     async move { axum::Json(document) }
                 }),
             )
-            .route(
-                "/docs",
-                get(|| async {
-                    (
-                        [(
-                            http::header::CONTENT_SECURITY_POLICY,
-                            openapi::DOCS_CONTENT_SECURITY_POLICY,
-                        )],
-                        axum::response::Html(openapi::DOCS_PAGE),
-                    )
-                }),
-            )
+            .merge(docs::router())
             .fallback(move |request: http::Request<axum::body::Body>| rest::handle(fallback.clone(), request))
     }
 }
