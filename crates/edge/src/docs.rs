@@ -97,7 +97,11 @@ pub fn router() -> Router {
 
 /// A docs answer with its policy; without `cache` the edge's `no-store`
 /// applies.
-fn answer(content_type: &'static str, cache: Option<&'static str>, body: impl Into<axum::body::Body>) -> axum::response::Response {
+fn answer(
+    content_type: &'static str,
+    cache: Option<&'static str>,
+    body: impl Into<axum::body::Body>,
+) -> axum::response::Response {
     let mut response = (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),

@@ -1090,7 +1090,10 @@ async fn docs_are_served_from_the_binary_under_a_strict_policy() {
     assert!(!policy.contains("http"), "no other origin: {policy}");
 
     let html = String::from_utf8(docs.body.to_vec()).unwrap();
-    assert!(!html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"), "{html}");
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
+        "{html}"
+    );
     // Every script has a src on this origin; no inline code or handlers.
     let scripts: Vec<&str> = html.split("<script").skip(1).collect();
     assert_eq!(scripts.len(), 2, "{html}");
