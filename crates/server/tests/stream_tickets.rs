@@ -296,7 +296,9 @@ async fn a_ticket_opens_the_stream_and_reconnects_resume(backend: Backend) {
 /// Not used within its first-use window: refused. Used in time, a
 /// reconnect after `valid_until` is refused, and the open stream ends then.
 async fn expired_tickets_are_refused(backend: Backend) {
-    let app = spawn(backend, 1, 2).await;
+    // Short enough to wait for, long enough for a loaded machine to open a
+    // stream within the first-use window.
+    let app = spawn(backend, 2, 4).await;
     let (_, user) = app.signed_in("ada@example.com").await;
     let unused = create_ticket(&app, &user.access_token).await;
     wait_past(unused.first_use_by).await;
