@@ -8,6 +8,7 @@ mod m20261121_000001_identity;
 mod m20261121_000002_events;
 mod m20261201_000003_identity;
 mod m20261201_000004_events;
+mod m20261203_000005_events;
 
 pub struct Migrator;
 
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000002_events::Migration),
             Box::new(m20261201_000003_identity::Migration),
             Box::new(m20261201_000004_events::Migration),
+            Box::new(m20261203_000005_events::Migration),
         ]
     }
 }

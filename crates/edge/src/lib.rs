@@ -14,6 +14,7 @@
 //!   process or over a channel;
 //! - [`error`]: `{"error": {...}}` bodies with the kernel's HTTP statuses;
 //! - [`openapi`]: the OpenAPI 3.1 document of the same routes;
+//! - [`docs`]: `/docs`, Swagger UI from the binary (vendored assets);
 //! - [`listener`]: one port: gRPC, grpc-web, Connect and REST by content type, CORS;
 //! - [`shed`]: load shedding, at most so many calls answered at once;
 //! - [`headers`]: the security headers of every browser-facing answer;
@@ -24,6 +25,7 @@
 
 pub mod access;
 pub mod connect;
+pub mod docs;
 pub mod error;
 pub mod grpc_web;
 pub mod headers;
@@ -114,18 +116,7 @@ impl Edge {
                     async move { axum::Json(document) }
                 }),
             )
-            .route(
-                "/docs",
-                get(|| async {
-                    (
-                        [(
-                            http::header::CONTENT_SECURITY_POLICY,
-                            openapi::DOCS_CONTENT_SECURITY_POLICY,
-                        )],
-                        axum::response::Html(openapi::DOCS_PAGE),
-                    )
-                }),
-            )
+            .merge(docs::router())
             .fallback(move |request: http::Request<axum::body::Body>| rest::handle(fallback.clone(), request))
     }
 }

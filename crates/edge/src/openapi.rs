@@ -10,38 +10,6 @@ use serde_json::{Map, Value, json};
 
 use crate::routes::{BodyBinding, Route, RouteTable};
 
-/// What [`DOCS_PAGE`] may load: the Scalar bundle from jsDelivr (its
-/// stylesheets inline, its fonts from Scalar's font host), the document and
-/// "try it" calls from this origin; no frames, forms or plugins, and no
-/// framing of the page. Scalar renders schema examples and the "try it"
-/// form with `new Function`, hence `'unsafe-eval'` here and on no other
-/// answer (the page shows keel's own document, no user content).
-pub const DOCS_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; \
-    script-src https://cdn.jsdelivr.net 'unsafe-eval'; \
-    style-src 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.scalar.com; \
-    font-src data: https://cdn.jsdelivr.net https://fonts.scalar.com; \
-    img-src 'self' data: blob: https:; \
-    connect-src 'self'; \
-    worker-src 'self' blob:; \
-    base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// A page that renders `/openapi.json` for a person (Scalar's standalone
-/// bundle from a CDN; the document itself is served by keel).
-pub const DOCS_PAGE: &str = r#"<!doctype html>
-<html>
-  <head>
-    <title>Keel API</title>
-    <meta charset="utf-8" />
-    <meta name="viewport" content="width=device-width, initial-scale=1" />
-  </head>
-  <body>
-    <script id="api-reference" data-url="/openapi.json"></script>
-    <script src="https://cdn.jsdelivr.net/npm/@scalar/api-reference"></script>
-    <noscript>The API description is at <a href="/openapi.json">/openapi.json</a>.</noscript>
-  </body>
-</html>
-"#;
-
 pub fn document(routes: &RouteTable, pool: &DescriptorPool) -> Value {
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let mut schemas = Schemas::default();

@@ -64,12 +64,21 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
             return Err(error);
         }
     };
+    // A server stream may be opened with a stream ticket (`?ticket=`), what
+    // a browser's EventSource has instead of an Authorization header. It
+    // travels as metadata, never as a field; the server's layer decides
+    // which methods redeem one (the event stream alone).
+    let (query, ticket) = if route.method.is_server_streaming() {
+        take_ticket(parts.uri.query())
+    } else {
+        (parts.uri.query().map(str::to_owned), None)
+    };
     // Before the body is read: an anonymous caller of a method that needs
     // one learns nothing about its fields. The call still goes to the gRPC
     // tier, with no message, so the refusal is the server's own (and is
-    // counted with the others); the server's layer decides for a token that
-    // is there.
-    let message = if route.needs_caller && !parts.headers.contains_key(header::AUTHORIZATION) {
+    // counted with the others); the server's layer decides for a token or
+    // ticket that is there.
+    let message = if route.needs_caller && !parts.headers.contains_key(header::AUTHORIZATION) && ticket.is_none() {
         Bytes::new()
     } else {
         let body = axum::body::to_bytes(body, edge.max_body_bytes).await.map_err(|_| {
@@ -86,11 +95,23 @@ async fn transcode(edge: &Edge, request: Request<Body>, request_id: &str) -> Res
                 "the request body must be application/json",
             ));
         }
-        request_bytes(route, &bindings, parts.uri.query(), &body)?
+        request_bytes(route, &bindings, query.as_deref(), &body)?
     };
 
     let mut grpc_request = tonic::Request::new(message);
     *grpc_request.metadata_mut() = metadata(&parts.headers, request_id);
+    if let Some(ticket) = ticket {
+        // Not text a header can carry: no ticket keel issued (the server
+        // answers every bad ticket with these words too).
+        let value = MetadataValue::try_from(ticket.as_str()).map_err(|_| {
+            EdgeError::new(
+                StatusCode::UNAUTHORIZED,
+                Code::Unauthenticated.as_str(),
+                "invalid, expired or already used stream ticket",
+            )
+        })?;
+        grpc_request.metadata_mut().insert(STREAM_TICKET_METADATA, value);
+    }
     if let Some(timeout) = timeout(&parts.headers)? {
         grpc_request.set_timeout(timeout);
     }
@@ -156,6 +177,36 @@ fn conditional_get(headers: &HeaderMap, body: Vec<u8>, metadata: &MetadataMap) -
     }
     crate::rpc::copy_metadata(metadata, response.headers_mut(), "");
     response
+}
+
+/// The metadata a stream ticket travels in (`keel_events::tickets`).
+pub const STREAM_TICKET_METADATA: &str = "x-keel-stream-ticket";
+
+/// `query` without its `ticket` parameter, and the ticket (percent-decoded).
+/// The rest of the query is left byte for byte as it came.
+fn take_ticket(query: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(query) = query else {
+        return (None, None);
+    };
+    let mut ticket = None;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name == "ticket" {
+                ticket = Some(
+                    percent_encoding::percent_decode_str(value)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                );
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    let rest = (!rest.is_empty()).then(|| rest.join("&"));
+    (rest, ticket)
 }
 
 fn is_json(headers: &HeaderMap) -> bool {

@@ -909,18 +909,11 @@ async fn every_browser_facing_answer_carries_the_security_headers() {
         );
     }
 
-    // `/docs` loads Scalar: its own policy, still no framing.
+    // `/docs` serves Swagger UI from the binary: its own policy, scripts
+    // and styles from this origin only, still no framing.
     let docs = get("/docs").await;
     let policy = header(&docs, "content-security-policy").unwrap();
-    assert_eq!(policy, crate::openapi::DOCS_CONTENT_SECURITY_POLICY);
-    let scripts = policy
-        .split(';')
-        .map(str::trim)
-        .find(|directive| directive.starts_with("script-src "))
-        .unwrap();
-    assert!(scripts.contains("https://cdn.jsdelivr.net"), "{policy}");
-    assert!(!scripts.contains("'unsafe-inline'"), "no inline scripts: {policy}");
-    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert_eq!(policy, crate::docs::DOCS_CONTENT_SECURITY_POLICY);
     assert_eq!(header(&docs, "x-frame-options"), Some("DENY"));
 
     // A server stream keeps its own cache directive.
@@ -1097,4 +1090,83 @@ fn every_operation_declares_the_path_parameters_of_its_template() {
     let patch = path_parameter("patch");
     assert_eq!(patch["name"], "id");
     assert_eq!(patch["description"], "sets the request field user.id");
+}
+
+/// `/docs` and every file it loads come from the binary, under a policy
+/// that allows this origin's scripts and styles only: no URL in the page
+/// leaves keel, the page has no inline script, and the versioned assets
+/// are cacheable for a year.
+#[tokio::test]
+async fn docs_are_served_from_the_binary_under_a_strict_policy() {
+    let docs = get("/docs").await;
+    assert_eq!(docs.status, StatusCode::OK);
+    assert_eq!(header(&docs, "content-type"), Some("text/html; charset=utf-8"));
+    let policy = header(&docs, "content-security-policy").unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(
+            policy.split(';').map(str::trim).any(|given| given == directive),
+            "{directive} in {policy}"
+        );
+    }
+    assert!(!policy.contains("unsafe-"), "{policy}");
+    assert!(!policy.contains("http"), "no other origin: {policy}");
+
+    let html = String::from_utf8(docs.body.to_vec()).unwrap();
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
+        "{html}"
+    );
+    // Every script has a src on this origin; no inline code or handlers.
+    let scripts: Vec<&str> = html.split("<script").skip(1).collect();
+    assert_eq!(scripts.len(), 2, "{html}");
+    for script in &scripts {
+        let (tag, rest) = script.split_once('>').unwrap();
+        assert!(tag.contains(" src=\"/"), "{tag}");
+        assert!(rest.starts_with("</script>"), "inline script: {script}");
+    }
+    assert!(!html.contains("onload=") && !html.contains("onerror="), "{html}");
+    assert!(!html.contains("style="), "{html}");
+
+    // Everything the page references is served, with the same policy.
+    let referenced: Vec<String> = html
+        .split(['"', '\''])
+        .filter(|part| part.starts_with("/docs/"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(referenced.len(), 3, "{referenced:?}");
+    for path in &referenced {
+        let asset = get(path).await;
+        assert_eq!(asset.status, StatusCode::OK, "{path}");
+        assert!(asset.body.len() > 100, "{path}");
+        assert_eq!(
+            header(&asset, "content-security-policy"),
+            Some(crate::docs::DOCS_CONTENT_SECURITY_POLICY),
+            "{path}"
+        );
+        let content_type = header(&asset, "content-type").unwrap();
+        let cache = header(&asset, "cache-control").unwrap();
+        if path.contains(crate::docs::SWAGGER_UI_VERSION) {
+            assert_eq!(cache, "public, max-age=31536000, immutable", "{path}");
+        } else {
+            assert_eq!(cache, "no-cache", "{path}");
+        }
+        if path.ends_with(".js") {
+            assert_eq!(content_type, "text/javascript; charset=utf-8", "{path}");
+        } else {
+            assert_eq!(content_type, "text/css; charset=utf-8", "{path}");
+        }
+    }
+    let bundle = get(&crate::docs::asset_path("swagger-ui-bundle.js")).await;
+    assert!(String::from_utf8_lossy(&bundle.body).contains("SwaggerUIBundle"));
+    let init = get("/docs/init.js").await;
+    assert!(String::from_utf8_lossy(&init.body).contains("\"/openapi.json\""));
+    let license = get(&crate::docs::asset_path("LICENSE")).await;
+    assert!(String::from_utf8_lossy(&license.body).contains("Apache License"));
+    // The page itself is not cached: it names the assets of this release.
+    assert_eq!(header(&docs, "cache-control"), Some("no-store"));
 }

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::commands::ReplayDeadLetter;
 use crate::queries::{ListAuditEvents, ListDeadLetters, Subscribe};
 use crate::subscribe::Item;
+use crate::tickets::CreateStreamTicket;
 
 pub struct QueryApi {
     bus: Bus,
@@ -198,5 +199,18 @@ impl EventCommandService for CommandApi {
         let id = parse_id("id", &request.get_ref().id)?;
         self.bus.execute(&ctx, ReplayDeadLetter { id }).await?;
         Ok(Response::new(pb::ReplayDeadLetterResponse {}))
+    }
+
+    async fn create_stream_ticket(
+        &self,
+        request: Request<pb::CreateStreamTicketRequest>,
+    ) -> Result<Response<pb::CreateStreamTicketResponse>, Status> {
+        let ctx = context(&request);
+        let issued = self.bus.execute(&ctx, CreateStreamTicket).await?;
+        Ok(Response::new(pb::CreateStreamTicketResponse {
+            ticket: issued.ticket.expose().clone(),
+            first_use_by: Some(timestamp(issued.first_use_by)),
+            valid_until: Some(timestamp(issued.valid_until)),
+        }))
     }
 }

@@ -13,6 +13,8 @@
 //! - `subscribe.rs`: replay after a cursor, then live, heartbeats, slow
 //!   subscribers, the resync rule;
 //! - `handlers.rs`: durable handlers with checkpoints, backoff, dead letters, replay;
+//! - `tickets.rs`: stream tickets, what a browser's `EventSource` opens the
+//!   stream with (it cannot send an Authorization header);
 //! - `queries.rs` / `commands.rs` / `grpc.rs`: the module's API.
 //!
 //! The guarantee: an event is published if and only if its change
@@ -35,6 +37,7 @@ pub mod queries;
 pub mod relay;
 pub mod store;
 pub mod subscribe;
+pub mod tickets;
 pub mod transport;
 
 use std::sync::Arc;
@@ -81,6 +84,8 @@ pub struct Settings {
     pub retention: Duration,
     pub prune_every: Duration,
     pub handlers: handlers::Settings,
+    /// How long stream tickets last (see [`tickets`]).
+    pub stream_tickets: tickets::Settings,
 }
 
 impl Default for Settings {
@@ -99,6 +104,7 @@ impl Default for Settings {
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_every: Duration::from_secs(60),
             handlers: handlers::Settings::default(),
+            stream_tickets: tickets::Settings::default(),
         }
     }
 }
@@ -235,7 +241,8 @@ pub fn register(bus: &mut BusBuilder, events: &Events) {
     bus.query::<queries::Subscribe>(events.clone())
         .query::<queries::ListAuditEvents>(events.clone())
         .query::<queries::ListDeadLetters>(events.clone())
-        .command::<commands::ReplayDeadLetter>(events.clone());
+        .command::<commands::ReplayDeadLetter>(events.clone())
+        .command::<tickets::CreateStreamTicket>(events.clone());
 }
 
 fn spawn_retention(

@@ -69,3 +69,20 @@ mod tests {
         );
     }
 }
+
+/// A stream ticket as stored: its hash stays in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamTicket {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub session_id: Uuid,
+    /// The first stream must open before this.
+    pub first_use_by: DateTime<Utc>,
+    /// Reconnects are accepted until this; the stream ends then.
+    pub valid_until: DateTime<Utc>,
+    pub first_used_at: Option<DateTime<Utc>>,
+    /// A stream holds the ticket right now.
+    pub live: bool,
+    pub version: i32,
+    pub created_at: DateTime<Utc>,
+}

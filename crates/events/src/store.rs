@@ -11,7 +11,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::model::{DeadLetter, ListedDeadLetter};
+use crate::model::{DeadLetter, ListedDeadLetter, StreamTicket};
 
 mod events {
     use sea_orm::entity::prelude::*;
@@ -78,6 +78,32 @@ mod dead_letters {
         pub last_error: String,
         pub failed_at: DateTimeUtc,
         pub replayed_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+mod stream_tickets {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "event_stream_tickets")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub session_id: Uuid,
+        pub token_hash: String,
+        pub first_use_by: DateTimeUtc,
+        pub valid_until: DateTimeUtc,
+        pub first_used_at: Option<DateTimeUtc>,
+        pub live: bool,
+        pub version: i32,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -664,4 +690,88 @@ pub async fn advance_checkpoint(
         .exec(db)
         .await?;
     Ok(updated.rows_affected == 1)
+}
+
+// --- stream tickets ------------------------------------------------------------
+
+fn stream_ticket(row: stream_tickets::Model) -> StreamTicket {
+    StreamTicket {
+        id: row.id,
+        user_id: row.user_id,
+        session_id: row.session_id,
+        first_use_by: row.first_use_by,
+        valid_until: row.valid_until,
+        first_used_at: row.first_used_at,
+        live: row.live,
+        version: row.version,
+        created_at: row.created_at,
+    }
+}
+
+/// Stores a new ticket under its hash, and drops the user's tickets that
+/// can no longer be used (so the table holds live tickets only).
+pub async fn insert_stream_ticket(db: &impl ConnectionTrait, ticket: &StreamTicket, token_hash: &str) -> Result<()> {
+    stream_tickets::Entity::delete_many()
+        .filter(stream_tickets::Column::UserId.eq(ticket.user_id))
+        .filter(stream_tickets::Column::ValidUntil.lt(ticket.created_at))
+        .exec(db)
+        .await?;
+    stream_tickets::ActiveModel {
+        id: Set(ticket.id),
+        user_id: Set(ticket.user_id),
+        session_id: Set(ticket.session_id),
+        token_hash: Set(token_hash.to_owned()),
+        first_use_by: Set(ticket.first_use_by),
+        valid_until: Set(ticket.valid_until),
+        first_used_at: Set(ticket.first_used_at),
+        live: Set(ticket.live),
+        version: Set(ticket.version),
+        created_at: Set(ticket.created_at),
+        updated_at: Set(ticket.created_at),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn find_stream_ticket(db: &impl ConnectionTrait, token_hash: &str) -> Result<Option<StreamTicket>> {
+    Ok(stream_tickets::Entity::find()
+        .filter(stream_tickets::Column::TokenHash.eq(token_hash))
+        .one(db)
+        .await?
+        .map(stream_ticket))
+}
+
+/// Marks `ticket` as held by a stream, if it is still as it was read (same
+/// version, no stream): of two concurrent redemptions one wins.
+pub async fn claim_stream_ticket(db: &impl ConnectionTrait, ticket: &StreamTicket, now: DateTime<Utc>) -> Result<bool> {
+    let claimed = stream_tickets::Entity::update_many()
+        .col_expr(stream_tickets::Column::Live, Expr::value(true))
+        .col_expr(
+            stream_tickets::Column::FirstUsedAt,
+            Expr::value(Some(ticket.first_used_at.unwrap_or(now))),
+        )
+        .col_expr(stream_tickets::Column::Version, Expr::value(ticket.version + 1))
+        .col_expr(stream_tickets::Column::UpdatedAt, Expr::value(now))
+        .filter(stream_tickets::Column::Id.eq(ticket.id))
+        .filter(stream_tickets::Column::Version.eq(ticket.version))
+        .filter(stream_tickets::Column::Live.eq(false))
+        .exec(db)
+        .await?;
+    Ok(claimed.rows_affected == 1)
+}
+
+/// The ticket's stream ended: a reconnect may claim it again.
+pub async fn release_stream_ticket(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<()> {
+    stream_tickets::Entity::update_many()
+        .col_expr(stream_tickets::Column::Live, Expr::value(false))
+        .col_expr(
+            stream_tickets::Column::Version,
+            sea_orm::sea_query::ExprTrait::add(Expr::col(stream_tickets::Column::Version), 1),
+        )
+        .col_expr(stream_tickets::Column::UpdatedAt, Expr::value(now))
+        .filter(stream_tickets::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
 }

@@ -180,8 +180,25 @@ impl Identity {
         access_token: &str,
     ) -> Result<(Principal, User)> {
         let verified = self.tokens().verify_access(access_token)?;
-        let (user_id, session_id) = (verified.user_id, verified.session_id);
-        let refused = || Error::unauthenticated("invalid or expired access token");
+        self.authenticate_session(db, verified.user_id, verified.session_id, verified.expires_at())
+            .await
+            .map_err(|error| match error.code() {
+                keel_kernel::Code::Unauthenticated => Error::unauthenticated("invalid or expired access token"),
+                _ => error,
+            })
+    }
+
+    /// The principal of `session_id` when it is `user_id`'s and still
+    /// active, for a credential other than an access token that stands for
+    /// the session (a stream ticket); its access ends at `access_expires_at`.
+    pub async fn authenticate_session(
+        &self,
+        db: &impl ConnectionTrait,
+        user_id: uuid::Uuid,
+        session_id: uuid::Uuid,
+        access_expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Result<(Principal, User)> {
+        let refused = || Error::unauthenticated("the session is not active");
         let now = clock::now();
         let (session, user) = match self.cache().get(session_id, now) {
             Some(remembered) => remembered,
@@ -205,7 +222,7 @@ impl Identity {
             user_id,
             session_id,
             role: user.role,
-            access_expires_at: verified.expires_at(),
+            access_expires_at,
         };
         Ok((principal, user))
     }

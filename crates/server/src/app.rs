@@ -105,6 +105,10 @@ fn event_settings(config: &Config) -> keel_events::Settings {
             base_backoff: Duration::from_millis(config.event_handler_backoff_ms),
             ..keel_events::handlers::Settings::default()
         },
+        stream_tickets: keel_events::tickets::Settings {
+            first_use: Duration::from_secs(config.stream_ticket_first_use_seconds),
+            lifetime: Duration::from_secs(config.stream_ticket_lifetime_seconds),
+        },
         ..keel_events::Settings::default()
     }
 }

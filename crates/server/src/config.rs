@@ -117,6 +117,12 @@ pub struct Config {
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
     pub events_heartbeat_seconds: u64,
+    /// `KEEL_STREAM_TICKET_FIRST_USE_SECONDS`: a stream ticket must open its
+    /// first stream this soon after its creation.
+    pub stream_ticket_first_use_seconds: u64,
+    /// `KEEL_STREAM_TICKET_LIFETIME_SECONDS`: reconnects with a stream ticket
+    /// are accepted this long after its creation; its stream ends then.
+    pub stream_ticket_lifetime_seconds: u64,
     /// `KEEL_EVENTS_POLL_MS`: the safety net under notifications (events
     /// are announced at commit): how often each process reads the event
     /// table for events nobody announced, and looks for committed rows a
@@ -202,6 +208,8 @@ impl Default for Config {
             mail_file: None,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
+            stream_ticket_first_use_seconds: 60,
+            stream_ticket_lifetime_seconds: 15 * 60,
             events_poll_ms: 30_000,
             events_listen: true,
             event_handler_max_attempts: 5,
@@ -304,6 +312,15 @@ impl Config {
         }
         if self.events_heartbeat_seconds == 0 {
             return Err(invalid("KEEL_EVENTS_HEARTBEAT_SECONDS", "must be at least 1"));
+        }
+        if self.stream_ticket_first_use_seconds == 0 {
+            return Err(invalid("KEEL_STREAM_TICKET_FIRST_USE_SECONDS", "must be at least 1"));
+        }
+        if self.stream_ticket_lifetime_seconds < self.stream_ticket_first_use_seconds {
+            return Err(invalid(
+                "KEEL_STREAM_TICKET_LIFETIME_SECONDS",
+                "must be at least KEEL_STREAM_TICKET_FIRST_USE_SECONDS",
+            ));
         }
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));

@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use keel_db::Db;
 use keel_edge::access::AccessRules;
+use keel_events::tickets::StreamLease;
 use keel_identity::Identity;
 use keel_kernel::{AccessWatch, Error, RequestContext};
 use tonic::body::Body;
@@ -140,13 +141,41 @@ where
                         Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                     }
                 }
+                // The event stream may be opened with a stream ticket instead
+                // (a browser's EventSource sends no Authorization); it is
+                // taken out of the request either way, so no handler or log
+                // downstream sees it, and it counts on no other method.
+                let ticket = request.headers_mut().remove(keel_events::tickets::TICKET_METADATA);
+                let mut lease = None;
+                if let Some(ticket) = ticket
+                    .filter(|_| ctx.principal.is_none() && request.uri().path() == keel_events::tickets::STREAM_METHOD)
+                {
+                    match redeem_ticket(&state, ticket.to_str().unwrap_or_default()).await {
+                        Ok((principal, user, held)) => {
+                            ctx.principal = Some(principal);
+                            ctx.set_caller(user);
+                            ctx.set_access_watch(state.sessions.clone());
+                            lease = Some(held);
+                        }
+                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
+                    }
+                }
                 if ctx.principal.is_none() && state.access.needs_caller(request.uri().path()) {
                     let refused = Error::unauthenticated("authentication required");
                     return Ok(tonic::Status::from(refused).into_http::<Body>());
                 }
                 request.extensions_mut().insert(ctx);
                 let response = inner.call(request).await.map_err(Into::into)?;
-                let mut response = response.map(Body::new);
+                let mut response = match lease {
+                    // The ticket is held while the stream's body lives.
+                    Some(lease) => response.map(|body| {
+                        Body::new(Leased {
+                            inner: body,
+                            _lease: lease,
+                        })
+                    }),
+                    None => response.map(Body::new),
+                };
                 if oversized.load(Ordering::Relaxed) {
                     resource_exhausted_for_oversized(response.headers_mut());
                 }
@@ -155,6 +184,60 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// A stream ticket's principal: the ticket claimed for this stream, then
+/// its session checked like an access token's (a revoked session's ticket
+/// is refused, and the claim undone as the lease drops). Access ends at the
+/// ticket's `valid_until`.
+async fn redeem_ticket(
+    state: &LayerState,
+    ticket: &str,
+) -> Result<(keel_kernel::Principal, keel_identity::model::User, StreamLease), Error> {
+    let redeemed = keel_events::tickets::redeem(&state.db, ticket).await?;
+    let (principal, user) = state
+        .identity
+        .authenticate_session(
+            &state.db,
+            redeemed.user_id,
+            redeemed.session_id,
+            Some(redeemed.valid_until),
+        )
+        .await
+        .map_err(|error| match error.code() {
+            keel_kernel::Code::Unauthenticated => {
+                Error::unauthenticated("invalid, expired or already used stream ticket")
+            }
+            _ => error,
+        })?;
+    Ok((principal, user, redeemed.lease))
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds a stream ticket's lease until it is
+    /// dropped: the stream ended or its client went away.
+    struct Leased<B> {
+        #[pin]
+        inner: B,
+        _lease: StreamLease,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Leased<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
