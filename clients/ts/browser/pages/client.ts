@@ -1,17 +1,19 @@
 // The page of client.mjs: keel's generated TypeScript client (clients/ts,
 // protobuf-es + @connectrpc/connect-web) bundled by esbuild, run in a page
 // of another origin. One flow per transport: register, login,
-// getCurrentUser. TRANSPORTS is the list the test walks; a protocol the edge
-// learns (Connect: `createConnectTransport`) is one more entry.
+// getCurrentUser, over each of connect-web's transports (TRANSPORTS).
 
 import { createClient, type Transport } from "@connectrpc/connect";
-import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
 
 import { IdentityCommandService } from "../../src/gen/keel/identity/v1/commands_pb.js";
 import { IdentityQueryService } from "../../src/gen/keel/identity/v1/queries_pb.js";
 
 export const TRANSPORTS: Record<string, (baseUrl: string) => Transport> = {
+  "Connect (JSON)": (baseUrl) => createConnectTransport({ baseUrl }),
+  "Connect (binary)": (baseUrl) => createConnectTransport({ baseUrl, useBinaryFormat: true }),
   "grpc-web (binary)": (baseUrl) => createGrpcWebTransport({ baseUrl, useBinaryFormat: true }),
+  "grpc-web (JSON)": (baseUrl) => createGrpcWebTransport({ baseUrl, useBinaryFormat: false }),
 };
 
 export interface Outcome {
