@@ -226,7 +226,10 @@ fn metadata(headers: &HeaderMap, request_id: &str) -> MetadataMap {
         let name = name.as_str();
         let key = if FORWARDED.contains(&name) {
             name
-        } else if let Some(custom) = name.strip_prefix("grpc-metadata-") {
+        } else if let Some(custom) = name
+            .strip_prefix("grpc-metadata-")
+            .filter(|custom| crate::rpc::is_caller_metadata(custom))
+        {
             custom
         } else {
             continue;

@@ -84,6 +84,15 @@ pub fn method(pool: &DescriptorPool, path: &str) -> Option<MethodDescriptor> {
         .find(|candidate| candidate.name() == method)
 }
 
+/// Whether a caller may set metadata `name` (through Connect's and
+/// grpc-web's headers, or REST's `grpc-metadata-<name>`): not what belongs
+/// to HTTP or to a protocol's framing, and not the forwarding headers that
+/// name the client's address (the listener decides that address; a caller
+/// must not hand a remote keel another one).
+pub fn is_caller_metadata(name: &str) -> bool {
+    !is_transport_header(name) && !matches!(name, "x-forwarded-for" | "forwarded" | "x-real-ip")
+}
+
 /// Request headers that belong to HTTP or to a protocol's framing, not to
 /// the call: everything else travels as metadata, as a native gRPC client's
 /// metadata would.
@@ -118,7 +127,7 @@ fn is_transport_header(name: &str) -> bool {
 pub fn metadata(headers: &HeaderMap, request_id: &str) -> MetadataMap {
     let mut metadata = MetadataMap::new();
     for (name, value) in headers {
-        if is_transport_header(name.as_str()) {
+        if !is_caller_metadata(name.as_str()) {
             continue;
         }
         if let (Ok(key), Ok(value)) = (
@@ -246,6 +255,23 @@ mod tests {
     }
 
     #[test]
+    fn callers_cannot_name_their_address_or_the_framing() {
+        for refused in [
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+            "grpc-accept-encoding",
+            "grpc-status",
+            "te",
+        ] {
+            assert!(!is_caller_metadata(refused), "{refused}");
+        }
+        for allowed in ["authorization", "idempotency-key", "grpc-timeout", "x-tenant"] {
+            assert!(is_caller_metadata(allowed), "{allowed}");
+        }
+    }
+
+    #[test]
     fn framing_headers_stay_behind_and_the_rest_is_metadata() {
         let mut headers = HeaderMap::new();
         for (name, value) in [
@@ -256,6 +282,8 @@ mod tests {
             ("grpc-status", "0"),
             ("idempotency-key", "k"),
             ("cookie", "a=b"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
         ] {
             headers.insert(
                 http::HeaderName::from_static(name),
