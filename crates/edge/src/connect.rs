@@ -245,7 +245,12 @@ fn end_of_stream(status: Option<&Status>, trailers: &MetadataMap, pool: &Descrip
 /// as `debug` for people reading it.
 fn error_json(status: &Status, pool: &DescriptorPool) -> Value {
     let code = Code::from_grpc(status.code());
-    let mut error = json!({ "code": code.as_str().to_ascii_lowercase() });
+    // Connect's names are the gRPC names in lower case, but for one spelling.
+    let name = match code {
+        Code::Cancelled => "canceled".to_owned(),
+        other => other.as_str().to_ascii_lowercase(),
+    };
+    let mut error = json!({ "code": name });
     if !status.message().is_empty() {
         error["message"] = Value::String(status.message().to_owned());
     }
