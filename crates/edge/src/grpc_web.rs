@@ -66,8 +66,7 @@ async fn call(
     // As for REST: an anonymous caller of a method that needs one learns
     // nothing about its fields; the server's layer refuses the call, sent
     // without its message.
-    let anonymous =
-        crate::access::Access::of(method).needs_caller() && !parts.headers.contains_key(header::AUTHORIZATION);
+    let anonymous = crate::access::Access::of(method).needs_caller() && !rpc::carries_credentials(&parts.headers);
     let message = if anonymous {
         Bytes::new()
     } else {

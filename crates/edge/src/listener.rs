@@ -254,7 +254,7 @@ impl Dispatch {
 }
 
 /// Request headers a cross-origin caller may send.
-const ALLOWED_HEADERS: [&str; 13] = [
+const ALLOWED_HEADERS: [&str; 14] = [
     "content-type",
     "authorization",
     "x-grpc-web",
@@ -268,6 +268,7 @@ const ALLOWED_HEADERS: [&str; 13] = [
     "last-event-id",
     "connect-protocol-version",
     "connect-timeout-ms",
+    "if-none-match",
 ];
 
 fn is_allowed_header(name: &str) -> bool {
@@ -340,6 +341,7 @@ fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
                 "x-request-id",
                 "retry-after",
                 "location",
+                "etag",
             ]))
             .max_age(Duration::from_secs(600)),
     )

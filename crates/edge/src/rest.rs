@@ -175,6 +175,12 @@ fn conditional_get(headers: &HeaderMap, body: Vec<u8>, metadata: &MetadataMap) -
     if let Ok(value) = HeaderValue::from_str(&tag) {
         response.headers_mut().insert(header::ETAG, value);
     }
+    // Instead of the edge's `no-store`, which would keep a browser from
+    // ever sending the tag back: the caller's own cache may keep the
+    // answer but must ask again each time; shared caches keep nothing.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-cache"));
     crate::rpc::copy_metadata(metadata, response.headers_mut(), "");
     response
 }

@@ -304,3 +304,11 @@ mod tests {
         );
     }
 }
+
+/// Whether a call sends something that may authenticate it: a bearer, or
+/// a stream ticket (in its metadata, as the edge's REST route puts it).
+/// A call without either, to a method that needs a caller, is refused
+/// before its body is read.
+pub(crate) fn carries_credentials(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(crate::rest::STREAM_TICKET_METADATA)
+}

@@ -42,7 +42,7 @@ enum Command {
     },
     /// Print the OpenAPI 3.1 document of the REST routes.
     Openapi,
-    /// Run the edge alone (REST, grpc-web, gRPC pass-through) in front of a remote keel.
+    /// Run the edge alone (REST, Connect, grpc-web, gRPC pass-through) in front of a remote keel.
     Edge {
         /// The gRPC address of the keel tier, e.g. http://10.0.0.5:8080.
         #[arg(long, env = "KEEL_UPSTREAM")]

@@ -396,7 +396,9 @@ impl http_body::Body for Observed {
                 }
             }
             Poll::Ready(Some(Err(_))) => self.call.record("INTERNAL"),
-            Poll::Ready(None) => self.call.record("OK"),
+            // A gRPC response that ends without a status is an error to
+            // its caller (the protocol says UNKNOWN), never a success.
+            Poll::Ready(None) => self.call.record("UNKNOWN"),
             Poll::Pending => {}
         }
         polled
@@ -408,5 +410,35 @@ impl http_body::Body for Observed {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn a_response_that_ends_without_a_status_counts_as_unknown() {
+        let metrics = Arc::new(Metrics::new(keel_proto::FILE_DESCRIPTOR_SET).unwrap());
+        let call = Call {
+            metrics: metrics.clone(),
+            protocol: "grpc",
+            method: "unknown".to_owned(),
+            started: Instant::now(),
+            recorded: false,
+        };
+        let body = Observed {
+            inner: Body::empty(),
+            call,
+        };
+        body.collect().await.unwrap();
+        let labels = |code| CallLabels {
+            protocol: "grpc",
+            method: "unknown".to_owned(),
+            code,
+        };
+        assert_eq!(metrics.requests.get_or_create(&labels("UNKNOWN")).get(), 1);
+        assert_eq!(metrics.requests.get_or_create(&labels("OK")).get(), 0);
     }
 }

@@ -100,6 +100,8 @@ async fn get_reads_carry_an_etag_and_answer_304_when_it_still_holds() {
     assert_eq!(status, 200);
     let tag = headers["etag"].to_str().unwrap().to_owned();
     assert!(tag.starts_with("W/\""), "{tag}");
+    // `no-store` would keep a browser from ever revalidating.
+    assert_eq!(headers["cache-control"], "private, no-cache");
     let (_, again, _) = get(&app, "/v1/users/me", &[auth]).await;
     assert_eq!(again["etag"], tag.as_str(), "the same representation, the same tag");
 

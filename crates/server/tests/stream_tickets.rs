@@ -519,3 +519,51 @@ on_both_backends!(
     a_ticket_is_never_a_bearer_token,
     a_ticket_is_never_logged,
 );
+
+/// A Connect stream that authenticates with a ticket (as metadata, no
+/// Authorization) still has its request read: the edge refuses unread
+/// only calls that carry nothing that may authenticate them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_stream_with_a_ticket_keeps_its_request() {
+    let app = spawn(Backend::Sqlite, 60, 900).await;
+    let (_, admin) = app.admin("root@example.com").await;
+    register_many(&app, "c", 3).await;
+    let ticket = create_ticket(&app, &admin.access_token).await;
+    let message = br#"{"topics":["identity.*"],"afterSequence":"2"}"#;
+    let mut envelope = vec![0u8];
+    envelope.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    envelope.extend_from_slice(message);
+    let request = http::Request::post(format!("{}/keel.events.v1.EventQueryService/Subscribe", app.endpoint()))
+        .header("content-type", "application/connect+json")
+        .header("connect-protocol-version", "1")
+        .header("x-keel-stream-ticket", &ticket.text)
+        .body(Full::new(Bytes::from(envelope)))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut buffer = Vec::new();
+    let first = loop {
+        if buffer.len() >= 5 {
+            let length = u32::from_be_bytes(buffer[1..5].try_into().unwrap()) as usize;
+            if buffer.len() >= 5 + length {
+                assert_eq!(
+                    buffer[0],
+                    0,
+                    "a message, not the end: {:?}",
+                    String::from_utf8_lossy(&buffer)
+                );
+                break serde_json::from_slice::<Value>(&buffer[5..5 + length]).unwrap();
+            }
+        }
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("nothing on the stream within 10 s")
+            .expect("the stream ended")
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+    };
+    assert_eq!(first["sequence"], "3", "resumed after 2, as asked: {first}");
+}
