@@ -234,6 +234,14 @@ pub fn single_message(body: &Bytes) -> Result<Bytes, Status> {
     Ok(body.slice(5..))
 }
 
+/// Whether a call sends something that may authenticate it: a bearer, or
+/// a stream ticket (in its metadata, as the edge's REST route puts it).
+/// A call without either, to a method that needs a caller, is refused
+/// before its body is read.
+pub(crate) fn carries_credentials(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(crate::rest::STREAM_TICKET_METADATA)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,12 +311,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// Whether a call sends something that may authenticate it: a bearer, or
-/// a stream ticket (in its metadata, as the edge's REST route puts it).
-/// A call without either, to a method that needs a caller, is refused
-/// before its body is read.
-pub(crate) fn carries_credentials(headers: &http::HeaderMap) -> bool {
-    headers.contains_key(http::header::AUTHORIZATION) || headers.contains_key(crate::rest::STREAM_TICKET_METADATA)
 }
