@@ -280,8 +280,6 @@ pub async fn assign_sequences(
     Ok(numbered.into_iter().map(envelope).collect())
 }
 
-/// The newest assigned sequence (0 when none). Pruning keeps its
-/// watermark, so numbering continues after the table was emptied.
 /// What waits: committed events not numbered yet, when the oldest of them
 /// happened, and dead letters not replayed yet.
 pub async fn backlog(db: &impl ConnectionTrait) -> Result<(u64, Option<DateTime<Utc>>, u64)> {
@@ -305,6 +303,8 @@ pub async fn backlog(db: &impl ConnectionTrait) -> Result<(u64, Option<DateTime<
     Ok((unnumbered, oldest, dead))
 }
 
+/// The newest assigned sequence (0 when none). Pruning keeps its
+/// watermark, so numbering continues after the table was emptied.
 pub async fn latest_sequence(db: &impl ConnectionTrait) -> Result<u64> {
     let latest: Option<Option<i64>> = events::Entity::find()
         .select_only()
