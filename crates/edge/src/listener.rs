@@ -177,9 +177,9 @@ impl Service<Request<Body>> for Dispatch {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let connect = crate::connect::is_connect(&self.edge.pool, &request);
-        // Health and readiness are answered under load too: they are what
-        // tells a balancer about it.
-        let exempt = matches!(request.uri().path(), "/healthz" | "/readyz")
+        // Health, readiness and metrics are answered under load too: they
+        // are what tells a balancer and an operator about it.
+        let exempt = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics")
             || request.uri().path().starts_with("/grpc.health.v1.Health/");
         let permit = match &self.edge.shedder {
             Some(shedder) if !exempt => match shedder.admit() {

@@ -125,6 +125,8 @@ async fn calls_beyond_the_in_flight_bound_are_shed_at_once() {
     assert_eq!((ready.as_u16(), answer["status"].as_str()), (503, Some("overloaded")));
     let (health, _, _) = request(&app, "GET", "/healthz", &[], Value::Null).await;
     assert_eq!(health, 200, "/healthz is never shed");
+    let (metrics, _, _) = request(&app, "GET", "/metrics", &[], Value::Null).await;
+    assert_eq!(metrics, 200, "/metrics is never shed: overload is when it is read");
 
     // The held calls end (their clients go away): calls are admitted again.
     drop(held);
