@@ -155,6 +155,9 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(upstream.to_owned())
         .map_err(|error| anyhow::anyhow!("--upstream {upstream:?}: {error}"))?
         .connect_lazy();
+    let channel = tower::ServiceBuilder::new()
+        .map_request(keel_server::proxy::forward_client_address::<tonic::body::Body>)
+        .service(channel);
     let shedder = std::sync::Arc::new(keel_edge::shed::Shedder::new(config.max_in_flight));
     let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None)?;
     let listener = tokio::net::TcpListener::bind(config.listen)

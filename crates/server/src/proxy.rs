@@ -132,6 +132,31 @@ fn parse_node(node: &str) -> Option<IpAddr> {
     host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
+/// `keel edge` in front of a remote keel: the upstream learns the client's
+/// address (as this edge resolved it, trusted proxies and all) from an
+/// `X-Forwarded-For` of one entry, which replaces whatever forwarding
+/// headers the call carried. The upstream believes it when it trusts the
+/// edge (`KEEL_TRUSTED_PROXIES`, with the default `x-forwarded-for`).
+pub fn forward_client_address<B>(mut request: http::Request<B>) -> http::Request<B> {
+    let client = request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr)
+        .map(|address| canonical(address.ip()));
+    let headers = request.headers_mut();
+    headers.remove(http::header::FORWARDED);
+    headers.remove("x-real-ip");
+    match client.and_then(|client| http::HeaderValue::from_str(&client.to_string()).ok()) {
+        Some(value) => {
+            headers.insert(http::header::HeaderName::from_static("x-forwarded-for"), value);
+        }
+        None => {
+            headers.remove("x-forwarded-for");
+        }
+    }
+    request
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

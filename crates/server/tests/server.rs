@@ -47,7 +47,12 @@ async fn serve(data_dir: &std::path::Path, port: u16) -> Running {
 }
 
 async fn serve_logging_to(data_dir: &std::path::Path, port: u16, log: impl Into<Stdio>) -> Running {
+    serve_with(data_dir, port, log, &[]).await
+}
+
+async fn serve_with(data_dir: &std::path::Path, port: u16, log: impl Into<Stdio>, env: &[(&str, &str)]) -> Running {
     let child = keel(data_dir)
+        .envs(env.iter().copied())
         .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
         .env("KEEL_SHUTDOWN_GRACE_SECONDS", "10")
         .stdout(log)
@@ -577,11 +582,14 @@ mod bootstrap_admin {
 async fn keel_edge_serves_rest_and_grpc_in_front_of_a_remote_keel() {
     let data_dir = tempfile::tempdir().unwrap();
     let upstream_port = free_port();
-    let _upstream = serve(data_dir.path(), upstream_port).await;
+    // Both trust loopback: the test is the edge's proxy, the edge the upstream's.
+    let trusted = [("KEEL_TRUSTED_PROXIES", "127.0.0.1")];
+    let _upstream = serve_with(data_dir.path(), upstream_port, Stdio::null(), &trusted).await;
     let edge_port = free_port();
     let edge_dir = tempfile::tempdir().unwrap();
     let _edge = Running(
         keel(edge_dir.path())
+            .envs(trusted)
             .env("KEEL_LISTEN", format!("127.0.0.1:{edge_port}"))
             .args(["edge", "--upstream", &format!("http://127.0.0.1:{upstream_port}")])
             .stdout(Stdio::null())
@@ -630,6 +638,47 @@ async fn keel_edge_serves_rest_and_grpc_in_front_of_a_remote_keel() {
         .unwrap()
         .into_inner();
     assert_eq!(login.user.unwrap().email, "edge@example.com");
+
+    // The upstream records the client the edge resolved, not the edge.
+    let body = serde_json::json!({"email": "edge@example.com", "password": PASSWORD});
+    let response = client
+        .request(
+            http::Request::post(format!("http://127.0.0.1:{edge_port}/v1/auth/login"))
+                .header("content-type", "application/json")
+                .header("x-forwarded-for", "6.6.6.6, 203.0.113.9")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let token = body["data"]["tokens"]["accessToken"].as_str().unwrap();
+    let mut queries = keel_proto::identity::identity_query_service_client::IdentityQueryServiceClient::connect(
+        format!("http://127.0.0.1:{edge_port}"),
+    )
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(pb::ListSessionsRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut addresses = queries
+        .list_sessions(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .into_iter()
+        .map(|session| session.ip_address)
+        .collect::<Vec<_>>();
+    addresses.sort();
+    // The gRPC login came from loopback, the REST one from 203.0.113.9.
+    assert_eq!(addresses, ["127.0.0.1", "203.0.113.9"]);
 }
 
 /// Reads until the peer closes the connection (EOF or reset), up to `within`;
