@@ -102,19 +102,24 @@ fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
         .collect()
 }
 
-/// Every `for=` of `Forwarded`, in order.
+/// The `for=` of every `Forwarded` element, in order: one hop per element,
+/// and an element that names no `for=` is a hop nobody named (`None`), so
+/// the hops to its left keep their places.
 fn forwarded(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
     headers
         .get_all(http::header::FORWARDED)
         .iter()
         .flat_map(|value| value.to_str().unwrap_or("for=\u{0}").split(','))
-        .filter_map(|element| {
-            element.split(';').find_map(|pair| {
-                let (name, value) = pair.split_once('=')?;
-                name.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| parse_node(value.trim().trim_matches('"')))
-            })
+        .map(|element| {
+            element
+                .split(';')
+                .find_map(|pair| {
+                    let (name, value) = pair.split_once('=')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("for")
+                        .then(|| parse_node(value.trim().trim_matches('"')))
+                })
+                .flatten()
         })
         .collect()
 }
@@ -220,6 +225,10 @@ mod tests {
         assert_eq!(proxies.client(ip("10.0.0.1"), &value), ip("2001:db8::7"));
         let unknown = headers("forwarded", &["for=6.6.6.6, for=unknown"]);
         assert_eq!(proxies.client(ip("10.0.0.1"), &unknown), ip("10.0.0.1"));
+        // A trusted proxy's element without `for=` is a hop it did not name:
+        // the client's own element to its left is not believed.
+        let unnamed = headers("forwarded", &["for=6.6.6.6, proto=https"]);
+        assert_eq!(proxies.client(ip("10.0.0.1"), &unnamed), ip("10.0.0.1"));
         // X-Forwarded-For is ignored when Forwarded is the configured header.
         assert_eq!(
             proxies.client(ip("10.0.0.1"), &headers("x-forwarded-for", &["6.6.6.6"])),
