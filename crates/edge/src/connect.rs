@@ -190,6 +190,13 @@ fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, Status> {
         .ok_or_else(|| Status::invalid_argument("connect-timeout-ms must be a number of milliseconds"))
 }
 
+/// `status` as the answer to a Connect call with `headers`, before the call
+/// ran (a shed call, say).
+pub(crate) fn refusal(headers: &HeaderMap, status: &Status, pool: &DescriptorPool) -> Response {
+    let (streaming, codec) = kind(headers).unwrap_or((false, Codec::Json));
+    error_response(streaming, codec, status, pool)
+}
+
 fn error_response(streaming: bool, codec: Codec, status: &Status, pool: &DescriptorPool) -> Response {
     if !streaming {
         return unary_error(status, pool);

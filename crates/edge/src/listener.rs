@@ -185,7 +185,7 @@ impl Service<Request<Body>> for Dispatch {
             Some(shedder) if !exempt => match shedder.admit() {
                 Some(permit) => Some(permit),
                 None => {
-                    let response = crate::shed::shed_response(&request, connect);
+                    let response = crate::shed::shed_response(&request, connect.then_some(&self.edge.pool));
                     return Box::pin(async move { Ok(response) });
                 }
             },

@@ -68,9 +68,10 @@ impl Shedder {
     }
 }
 
-/// The answer to a shed call, in the caller's protocol (`connect`: the
-/// Connect protocol's error body).
-pub fn shed_response(request: &Request<Body>, connect: bool) -> Response<Body> {
+/// The answer to a shed call, in the caller's protocol (`connect`: a
+/// Connect call, answered as the Connect protocol answers errors: a unary
+/// call's error body, a stream's end-of-stream message).
+pub fn shed_response(request: &Request<Body>, connect: Option<&prost_reflect::DescriptorPool>) -> Response<Body> {
     const MESSAGE: &str = "keel is overloaded; retry shortly";
     let content_type = request
         .headers()
@@ -81,9 +82,8 @@ pub fn shed_response(request: &Request<Body>, connect: bool) -> Response<Body> {
     let mut response = if content_type.starts_with("application/grpc") {
         // gRPC and grpc-web: a trailers-only answer, status in the headers.
         tonic::Status::unavailable(MESSAGE).into_http::<Body>()
-    } else if connect {
-        let body = serde_json::json!({"code": "unavailable", "message": MESSAGE});
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    } else if let Some(pool) = connect {
+        crate::connect::refusal(request.headers(), &tonic::Status::unavailable(MESSAGE), pool)
     } else {
         crate::error::EdgeError::new(
             StatusCode::SERVICE_UNAVAILABLE,

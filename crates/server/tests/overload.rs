@@ -121,6 +121,25 @@ async fn calls_beyond_the_in_flight_bound_are_shed_at_once() {
         "{answer}"
     );
 
+    // A Connect stream learns it in the stream's own terms: HTTP 200 and an
+    // end-of-stream message with the error.
+    let stream = http::Request::post(format!("{}/keel.events.v1.EventQueryService/Subscribe", app.endpoint()))
+        .header("content-type", "application/connect+json")
+        .header("connect-protocol-version", "1")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02{}")))
+        .unwrap();
+    let response = Client::builder(TokioExecutor::new())
+        .build_http()
+        .request(stream)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let envelope = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(envelope[0], 2, "an end-of-stream envelope: {envelope:?}");
+    let end: Value = serde_json::from_slice(&envelope[5..]).unwrap();
+    assert_eq!(end["error"]["code"], "unavailable", "{end}");
+
     let (ready, _, answer) = request(&app, "GET", "/readyz", &[], Value::Null).await;
     assert_eq!((ready.as_u16(), answer["status"].as_str()), (503, Some("overloaded")));
     let (health, _, _) = request(&app, "GET", "/healthz", &[], Value::Null).await;
