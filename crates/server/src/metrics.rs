@@ -241,10 +241,18 @@ fn process_usage() -> Option<(f64, u64)> {
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // The kernel's USER_HZ and page size on every Linux keel targets.
-    Some((ticks / 100.0, pages * 4096))
+    // Resident memory in kB as the kernel states it (no page size assumed).
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // /proc's times are in USER_HZ, which Linux fixes at 100 for user space
+    // on every architecture (whatever the kernel's own tick rate).
+    Some((ticks / 100.0, kilobytes * 1024))
 }
 
 /// Counts and times every call of the gRPC tier.
