@@ -1149,4 +1149,17 @@ async fn connect_errors_carry_details_and_refuse_what_they_cannot_serve() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["keys"].is_array(), "{body}");
+    // And is kept: a sign-up hashes a password (Argon2id, tens of
+    // milliseconds at least), which one millisecond does not allow.
+    let (status, body) = post(
+        "/keel.identity.v1.IdentityCommandService/Register",
+        vec![json, ("connect-timeout-ms", "1")],
+        r#"{"email":"late@example.com","password":"a long enough password","displayName":"Late"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (504, Some("deadline_exceeded")),
+        "{body}"
+    );
 }
