@@ -119,14 +119,14 @@ impl RedisRateLimiter {
         Ok(sha)
     }
 
-    async fn evaluate(&self, key: &str, quota: Quota) -> Result<(i64, i64), fred::error::Error> {
+    async fn evaluate(&self, key: &str, quota: Quota) -> Result<Vec<i64>, fred::error::Error> {
         let interval = i64::try_from(quota.period.as_micros()).unwrap_or(i64::MAX).max(1);
         let burst = i64::from(quota.burst.max(1));
         let key = format!("{}{key}", self.prefix);
         let sha = self.script_sha(false).await?;
         match self
             .client
-            .evalsha::<(i64, i64), _, _, _>(sha, key.as_str(), vec![interval, burst])
+            .evalsha::<Vec<i64>, _, _, _>(sha, key.as_str(), vec![interval, burst])
             .await
         {
             // Redis restarted or flushed its scripts: load it again, once.
@@ -146,10 +146,13 @@ impl RateLimiter for RedisRateLimiter {
         if !self.client.is_connected() {
             return Err(Error::unavailable("redis rate limiter: not connected"));
         }
-        let (allowed, ahead_micros) = self
+        let answer = self
             .evaluate(key, quota)
             .await
             .map_err(|error| Error::unavailable(format!("redis rate limiter: {error}")))?;
+        let [allowed, ahead_micros] = answer[..] else {
+            return Err(Error::internal(format!("redis rate limiter: unexpected answer {answer:?}")));
+        };
         let ahead = Duration::from_micros(u64::try_from(ahead_micros).unwrap_or(0));
         Ok(Decision::from_gcra(quota, allowed == 1, ahead))
     }
