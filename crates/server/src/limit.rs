@@ -151,7 +151,9 @@ impl RateLimiter for RedisRateLimiter {
             .await
             .map_err(|error| Error::unavailable(format!("redis rate limiter: {error}")))?;
         let [allowed, ahead_micros] = answer[..] else {
-            return Err(Error::internal(format!("redis rate limiter: unexpected answer {answer:?}")));
+            return Err(Error::internal(format!(
+                "redis rate limiter: unexpected answer {answer:?}"
+            )));
         };
         let ahead = Duration::from_micros(u64::try_from(ahead_micros).unwrap_or(0));
         Ok(Decision::from_gcra(quota, allowed == 1, ahead))
@@ -307,11 +309,7 @@ fn parse_entry(entry: &str) -> Result<(String, PolicySetting), String> {
     };
     let (limit, window) = rate.split_once('/').ok_or_else(malformed)?;
     let limit = limit.trim().parse().map_err(|_| malformed())?;
-    let window_seconds = window
-        .trim()
-        .trim_end_matches('s')
-        .parse()
-        .map_err(|_| malformed())?;
+    let window_seconds = window.trim().trim_end_matches('s').parse().map_err(|_| malformed())?;
     Ok((
         name.trim().to_owned(),
         PolicySetting {
@@ -347,11 +345,8 @@ impl Policy {
         if setting.window_seconds == 0 {
             return Err(format!("{name}: window_seconds must be at least 1"));
         }
-        let header = HeaderValue::from_str(&format!(
-            "\"{name}\";q={};w={}",
-            setting.limit, setting.window_seconds
-        ))
-        .map_err(|_| format!("{name:?} cannot be a header's policy name"))?;
+        let header = HeaderValue::from_str(&format!("\"{name}\";q={};w={}", setting.limit, setting.window_seconds))
+            .map_err(|_| format!("{name:?} cannot be a header's policy name"))?;
         Ok(Some(Policy {
             name: name.to_owned(),
             quota: Quota::per_window(setting.limit, Duration::from_secs(setting.window_seconds)),
@@ -386,8 +381,13 @@ impl Policies {
         };
         for (name, entry) in entries {
             let method = name.trim_start_matches('/');
-            if method.split_once('/').is_none_or(|(service, rpc)| service.is_empty() || rpc.is_empty()) {
-                return Err(format!("{name:?} is neither `default` nor a method (package.Service/Method)"));
+            if method
+                .split_once('/')
+                .is_none_or(|(service, rpc)| service.is_empty() || rpc.is_empty())
+            {
+                return Err(format!(
+                    "{name:?} is neither `default` nor a method (package.Service/Method)"
+                ));
             }
             policies
                 .methods
@@ -547,7 +547,10 @@ mod tests {
         let entries = setting.entries().unwrap();
         assert_eq!(entries["default"].limit, 100);
         let get_user = &entries["keel.identity.v1.IdentityQueryService/GetUser"];
-        assert_eq!((get_user.limit, get_user.window_seconds, get_user.by), (5, 10, KeyedBy::Address));
+        assert_eq!(
+            (get_user.limit, get_user.window_seconds, get_user.by),
+            (5, 10, KeyedBy::Address)
+        );
         let policies = Policies::from_setting(&setting).unwrap();
         assert!(policies.for_path("/a.B/C").is_none(), "limit 0 is off");
         assert!(policies.for_path("/grpc.health.v1.Health/Check").is_none());

@@ -45,7 +45,10 @@ async fn contract(limiter: Arc<dyn RateLimiter>, prefix: &str) {
         refused.retry_after > Duration::from_secs(17) && refused.retry_after <= Duration::from_secs(20),
         "{refused:?}"
     );
-    assert!(refused.reset >= refused.retry_after + Duration::from_secs(39), "{refused:?}");
+    assert!(
+        refused.reset >= refused.retry_after + Duration::from_secs(39),
+        "{refused:?}"
+    );
     // `acquire` refuses with about the same wait.
     let wait = limiter.acquire(&key, quota).await.expect_err("still refused");
     assert!(
@@ -120,7 +123,10 @@ async fn without_redis_the_configured_fallback_answers_at_once() {
             answers.push(limiter.check("k", quota).await.unwrap().allowed);
         }
         assert_eq!(answers, expected, "{fallback:?}");
-        assert!(started.elapsed() < Duration::from_secs(1), "{fallback:?}: the fallback waited");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{fallback:?}: the fallback waited"
+        );
     }
 }
 
@@ -232,7 +238,10 @@ async fn grpc_answers_resource_exhausted_with_retry_info() {
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     let retry = refused.get_details_retry_info().expect("RetryInfo in the details");
     let delay = retry.retry_delay.expect("a retry delay");
-    assert!(delay > Duration::from_secs(55) && delay <= Duration::from_secs(60), "{delay:?}");
+    assert!(
+        delay > Duration::from_secs(55) && delay <= Duration::from_secs(60),
+        "{delay:?}"
+    );
     assert!(refused.metadata().get("ratelimit-policy").is_some());
 }
 
