@@ -55,6 +55,10 @@ bench-edge:
 bench-hotpath:
     scripts/bench-hotpath.sh
 
+# The authenticated read with the rate limiter off, in process and on Redis, side by side, and the ratios (scripts/bench-ratelimit.sh)
+bench-ratelimit:
+    scripts/bench-ratelimit.sh
+
 # Commit-to-subscriber latency (1, 100, 1000 subscribers) and relay throughput beside raw Redis pub/sub
 bench-events:
     cargo build --release -p keel-events --example bench_events

@@ -54,13 +54,14 @@ impl EdgeError {
             status.message(),
         );
         error.details = details(status.details(), pool);
-        if let Some(retry_after) = status
-            .metadata()
-            .get("retry-after")
-            .and_then(|value| value.to_str().ok())
-            && let Ok(value) = HeaderValue::from_str(retry_after)
-        {
-            error.headers.push((http::header::RETRY_AFTER, value));
+        // What the status's metadata says of when to come back:
+        // `Retry-After`, and the rate limit's `RateLimit-Policy` and `RateLimit`.
+        for name in ["retry-after", "ratelimit-policy", "ratelimit"] {
+            if let Some(value) = status.metadata().get(name).and_then(|value| value.to_str().ok())
+                && let Ok(value) = HeaderValue::from_str(value)
+            {
+                error.headers.push((http::HeaderName::from_static(name), value));
+            }
         }
         error
     }

@@ -36,6 +36,9 @@ pub struct State {
     pub modules: Arc<[Arc<dyn Module>]>,
     /// Off with `KEEL_METRICS=false`.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The limiter of the per-method limits and identity's sign-in limits
+    /// (Redis with its fallback when configured, in process otherwise).
+    pub limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -136,9 +139,10 @@ impl State {
                 Arc::new(crate::mail::FileMailer::new(path))
             }
         };
+        let limiter = rate_limiter(&config, &db).await?;
         let ports = Ports {
             mailer,
-            limiter: Arc::new(InProcessRateLimiter::new()),
+            limiter: limiter.clone(),
         };
         // The server's auth layer asks identity who is calling.
         let identity = identity_module(&config, &ports)?;
@@ -182,6 +186,7 @@ impl State {
             events,
             modules: modules.into(),
             metrics,
+            limiter,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
@@ -201,6 +206,36 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// The limiter every rate limit counts on: Redis (with
+/// `KEEL_RATE_LIMIT_FALLBACK` while it cannot answer) when `KEEL_REDIS_URL`
+/// is set and `KEEL_RATE_LIMITER` is `auto` or `redis`, in process otherwise.
+/// Its keys live under the events' namespace (deployment and database).
+async fn rate_limiter(config: &Config, db: &Db) -> anyhow::Result<Arc<dyn keel_kernel::limit::RateLimiter>> {
+    use crate::limit::LimiterKind;
+    let url = match (config.rate_limiter, &config.redis_url) {
+        (LimiterKind::Auto | LimiterKind::Redis, Some(url)) => url,
+        _ => return Ok(Arc::new(InProcessRateLimiter::new())),
+    };
+    let instance = keel_events::store::instance_id(db)
+        .await
+        .context("reading the database's instance id")?;
+    let namespace = format!("{}:{}", config.deployment, instance.simple());
+    let redis =
+        crate::limit::RedisRateLimiter::connect(url.expose(), &namespace).context("KEEL_REDIS_URL (rate limits)")?;
+    // Counted in Redis from the first call when it is there; if not, the
+    // fallback answers until it is.
+    if !redis.connected(Duration::from_secs(2)).await {
+        tracing::warn!(
+            fallback = ?config.rate_limit_fallback,
+            "redis is unreachable for rate limits; KEEL_RATE_LIMIT_FALLBACK answers until it is"
+        );
+    }
+    Ok(Arc::new(crate::limit::SharedRateLimiter::new(
+        redis,
+        config.rate_limit_fallback,
+    )))
 }
 
 /// Hands every committed event, in order, to the session watch: the events
@@ -349,6 +384,19 @@ impl State {
                 .add_service(reflection().build_v1()?)
                 .add_service(reflection().build_v1alpha()?);
         }
+        let rate_limits = (self.config.rate_limiter != crate::limit::LimiterKind::Off)
+            .then(|| -> anyhow::Result<_> {
+                let refusals = self
+                    .metrics
+                    .clone()
+                    .map(|metrics| metrics as Arc<dyn crate::limit::RefusalCounter>);
+                Ok(crate::limit::RateLimitLayer::new(
+                    self.limiter.clone(),
+                    self.config.rate_limit_policies()?,
+                    refusals,
+                ))
+            })
+            .transpose()?;
         let layered = tower::ServiceBuilder::new()
             .option_layer(self.metrics.clone().map(crate::metrics::MetricsLayer::new))
             .layer(ContextLayer::new(
@@ -359,6 +407,8 @@ impl State {
                 keel_edge::access::AccessRules::from_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
                     .map_err(|error| anyhow::anyhow!("access rules: {error}"))?,
             ))
+            // Inside the context layer: it reads the caller and address.
+            .option_layer(rate_limits)
             .service(routes.prepare());
         Ok(Upstream::new(layered))
     }

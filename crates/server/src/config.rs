@@ -161,6 +161,19 @@ pub struct Config {
     /// port, without authentication. Turn it off where the port is public
     /// and the numbers should not be.
     pub metrics: bool,
+    /// `KEEL_RATE_LIMITER`: `auto` (default: Redis when `KEEL_REDIS_URL` is
+    /// set, in process otherwise), `local`, `redis` or `off` (no per-method
+    /// limits; identity's sign-in limits stay, in process).
+    pub rate_limiter: crate::limit::LimiterKind,
+    /// `KEEL_RATE_LIMIT_FALLBACK`: while Redis cannot answer, `local`
+    /// (default: each process limits alone), `open` (nothing is limited) or
+    /// `closed` (every limited call is refused).
+    pub rate_limit_fallback: crate::limit::Fallback,
+    /// `KEEL_RATE_LIMITS` (or a `[rate_limits]` table): per-method limits
+    /// over the built-in `default` (1000 calls per 60 s per caller), e.g.
+    /// `default=600/60;keel.identity.v1.IdentityQueryService/ListUsers=60/60@address`
+    /// (see `crate::limit::RateLimitsSetting`).
+    pub rate_limits: crate::limit::RateLimitsSetting,
 }
 
 impl Default for Config {
@@ -197,6 +210,9 @@ impl Default for Config {
             trusted_proxies: None,
             forwarded_header: "x-forwarded-for".to_owned(),
             metrics: true,
+            rate_limiter: crate::limit::LimiterKind::Auto,
+            rate_limit_fallback: crate::limit::Fallback::Local,
+            rate_limits: crate::limit::RateLimitsSetting::default(),
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,
@@ -362,6 +378,10 @@ impl Config {
             return Err(invalid("KEEL_MAX_IN_FLIGHT", "must be at least 1"));
         }
         self.trusted_proxies()?;
+        self.rate_limit_policies()?;
+        if self.rate_limiter == crate::limit::LimiterKind::Redis && self.redis_url.is_none() {
+            return Err(invalid("KEEL_RATE_LIMITER", "redis needs KEEL_REDIS_URL"));
+        }
         if self.env == Environment::Production && self.auth_keys_file.is_none() {
             return Err(invalid(
                 "KEEL_AUTH_KEYS_FILE",
@@ -377,6 +397,11 @@ impl Config {
             .map_err(|error| invalid("KEEL_FORWARDED_HEADER", error))?;
         crate::proxy::TrustedProxies::parse(self.trusted_proxies.as_deref().unwrap_or_default(), header)
             .map_err(|error| invalid("KEEL_TRUSTED_PROXIES", error))
+    }
+
+    /// The per-method rate limits (see `KEEL_RATE_LIMITS`).
+    pub fn rate_limit_policies(&self) -> Result<crate::limit::Policies, ConfigError> {
+        crate::limit::Policies::from_setting(&self.rate_limits).map_err(|error| invalid("KEEL_RATE_LIMITS", error))
     }
 
     /// Which browser origins may call keel (see `KEEL_CORS_ALLOWED_ORIGINS`).
@@ -488,6 +513,36 @@ mod tests {
                 error.contains("MAX_MESSAGE_BYTES") && error.contains("KEEL_"),
                 "{error}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn rate_limits_come_from_a_table_or_a_variable() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "keel.toml",
+                "[rate_limits.default]\nlimit = 100\nwindow_seconds = 60\n\n\
+                 [rate_limits.\"keel.identity.v1.IdentityQueryService/GetUser\"]\nlimit = 5\nwindow_seconds = 10\nby = \"address\"\n",
+            )?;
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            let entries = config.rate_limits.entries().map_err(|error| error.to_string())?;
+            assert_eq!(entries["default"].limit, 100);
+            assert_eq!(
+                entries["keel.identity.v1.IdentityQueryService/GetUser"].by,
+                crate::limit::KeyedBy::Address
+            );
+            jail.set_env("KEEL_RATE_LIMITS", "default=7/60");
+            jail.set_env("KEEL_RATE_LIMIT_FALLBACK", "closed");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            let entries = config.rate_limits.entries().map_err(|error| error.to_string())?;
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entries["default"].limit, 7);
+            assert_eq!(config.rate_limit_fallback, crate::limit::Fallback::Closed);
+            jail.set_env("KEEL_RATE_LIMITS", "default=lots");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_RATE_LIMITS"), "{error}");
             Ok(())
         });
     }

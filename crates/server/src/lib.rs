@@ -8,6 +8,7 @@
 //! - [`files`]: the data directory 0700 and keel's files in it 0600;
 //! - [`health`]: `grpc.health.v1` (Check, List, Watch) per module service;
 //! - [`layers`]: request id, span, deadline and authentication around every call;
+//! - [`limit`]: per-method rate limits (in process or Redis) as a layer at the gRPC tier;
 //! - [`listen`]: the accept loop of the one port (HTTP/1.1 and h2c), graceful shutdown;
 //! - [`metrics`]: `/metrics`, calls counted and timed at the gRPC tier;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
@@ -19,6 +20,7 @@ pub mod config;
 pub mod files;
 pub mod health;
 pub mod layers;
+pub mod limit;
 pub mod listen;
 pub mod mail;
 pub mod metrics;

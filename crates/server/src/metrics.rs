@@ -45,6 +45,11 @@ struct MethodLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OnlyMethodLabels {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabels {
     protocol: &'static str,
 }
@@ -75,6 +80,7 @@ pub struct Metrics {
     dead_letters: Gauge,
     subscribers: Gauge,
     shed: Counter,
+    rate_limited: Family<OnlyMethodLabels, Counter>,
     cpu: Counter<f64, AtomicU64>,
     resident: Gauge,
 }
@@ -138,6 +144,12 @@ impl Metrics {
         );
         let shed = Counter::default();
         registry.register("shed_requests", "Calls refused by load shedding", shed.clone());
+        let rate_limited = Family::<OnlyMethodLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Calls refused by their rate limit (KEEL_RATE_LIMITS), by method",
+            rate_limited.clone(),
+        );
         let cpu = Counter::<f64, AtomicU64>::default();
         registry.register_with_unit("process_cpu", "CPU time used by keel", Unit::Seconds, cpu.clone());
         let resident = Gauge::default();
@@ -160,6 +172,7 @@ impl Metrics {
             dead_letters,
             subscribers,
             shed,
+            rate_limited,
             cpu,
             resident,
         })
@@ -209,6 +222,16 @@ impl Metrics {
         } else {
             "unknown".to_owned()
         }
+    }
+}
+
+impl crate::limit::RefusalCounter for Metrics {
+    fn rate_limited(&self, path: &str) {
+        self.rate_limited
+            .get_or_create(&OnlyMethodLabels {
+                method: self.method_label(path),
+            })
+            .inc();
     }
 }
 
