@@ -13,10 +13,12 @@ use uuid::Uuid;
 
 use crate::Identity;
 use crate::events::{
-    ApiKeyCreated, ApiKeyRevoked, LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn,
-    UserRegistered, UserUpdated,
+    ApiKeyCreated, ApiKeyRevoked, LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked,
+    UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
 };
-use crate::model::{ApiKey, ApiKeyName, Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
+use crate::model::{
+    ApiKey, ApiKeyName, Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User,
+};
 use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
 use keel_proto::identity as pb;
@@ -781,7 +783,11 @@ impl CommandHandler<CreateApiKey> for Identity {
         }
         let id = id::new_id();
         let (key, secret) = crate::model::new_api_key(id);
-        let created_by = ctx.request.principal.as_ref().map_or(Uuid::nil(), |principal| principal.user_id);
+        let created_by = ctx
+            .request
+            .principal
+            .as_ref()
+            .map_or(Uuid::nil(), |principal| principal.user_id);
         let api_key = ApiKey {
             id,
             name: command.name,

@@ -10,8 +10,8 @@ use keel_proto::identity::identity_query_service_server::{IdentityQueryService, 
 use tonic::{Request, Response, Status};
 
 use crate::commands::{
-    ChangePassword, CreateApiKey, CreateUser, DeleteUser, IssuedTokens, Login, LoginOutcome, Logout, RefreshOutcome, RefreshSession,
-    Register, RevokeApiKey, RevokeSession, UpdateUser,
+    ChangePassword, CreateApiKey, CreateUser, DeleteUser, IssuedTokens, Login, LoginOutcome, Logout, RefreshOutcome,
+    RefreshSession, Register, RevokeApiKey, RevokeSession, UpdateUser,
 };
 use crate::model::{ApiKey, ApiKeyName, DisplayName, Email, NewPassword};
 use crate::model::{Session, User};
@@ -262,11 +262,7 @@ impl TryFrom<pb::CreateApiKeyRequest> for CreateApiKey {
                 .ok_or_else(|| Error::invalid_field("expires_at", "is not a valid timestamp")),
         });
         match (name, role, expires_at) {
-            (Some(name), Some(role), Some(expires_at)) => Ok(CreateApiKey {
-                name,
-                role,
-                expires_at,
-            }),
+            (Some(name), Some(role), Some(expires_at)) => Ok(CreateApiKey { name, role, expires_at }),
             _ => Err(violations.into_error()),
         }
     }

@@ -495,8 +495,17 @@ mod tests {
         assert_eq!(parsed.secret.expose(), secret.expose());
         assert_eq!(key.expose().len(), 5 + 32 + 1 + 43);
         let underscored = format!("keel_{}_a_b", id.simple());
-        assert_eq!(PresentedApiKey::parse(&underscored).map(|k| k.secret.expose().clone()), Some("a_b".into()));
-        for bad in ["keel_", "keel_abc_def", &format!("keel_{}_", id.simple()), &format!("keel_{}x", id.simple()), "eyJhbGciOi"] {
+        assert_eq!(
+            PresentedApiKey::parse(&underscored).map(|k| k.secret.expose().clone()),
+            Some("a_b".into())
+        );
+        for bad in [
+            "keel_",
+            "keel_abc_def",
+            &format!("keel_{}_", id.simple()),
+            &format!("keel_{}x", id.simple()),
+            "eyJhbGciOi",
+        ] {
             assert!(PresentedApiKey::parse(bad).is_none(), "{bad:?}");
         }
     }

@@ -116,7 +116,13 @@ async fn list_over_every_protocol(app: &TestApp, token: &str) -> Vec<(&'static s
         .await
         .map(|reply| format!("{:?}", reply.into_inner()))
         .map_err(|status| format!("{:?}", status.code()));
-    let http = |(status, body): (u16, String)| if status == 200 { Ok(body) } else { Err(status.to_string()) };
+    let http = |(status, body): (u16, String)| {
+        if status == 200 {
+            Ok(body)
+        } else {
+            Err(status.to_string())
+        }
+    };
     let rest = http(http_call(app, "GET", "/v1/api-keys", token, None).await);
     let connect = http(
         http_call(
@@ -138,11 +144,10 @@ async fn list_over_every_protocol(app: &TestApp, token: &str) -> Vec<(&'static s
 
 fn assert_refused_everywhere(outcomes: &[(&str, Result<String, String>)], when: &str) {
     for (protocol, outcome) in outcomes {
-        let code = outcome.as_ref().expect_err(&format!("{protocol} accepted the key {when}"));
-        assert!(
-            code == "Unauthenticated" || code == "401",
-            "{protocol} {when}: {code}"
-        );
+        let code = outcome
+            .as_ref()
+            .expect_err(&format!("{protocol} accepted the key {when}"));
+        assert!(code == "Unauthenticated" || code == "401", "{protocol} {when}: {code}");
     }
 }
 
@@ -176,11 +181,15 @@ async fn the_main_flow(app: TestApp) {
     let found = listed.api_keys.iter().find(|k| k.id == listed_key.id).unwrap();
     assert_eq!(found.name, "billing-worker");
     assert_eq!(found.prefix, prefix);
-    let last_used = found.last_used_at.clone().expect("last_used_at after use");
+    let last_used = found.last_used_at.expect("last_used_at after use");
     list_keys(&app, &key).await.unwrap();
     let again = list_keys(&app, &admin.access_token).await.unwrap();
     let found = again.api_keys.iter().find(|k| k.id == listed_key.id).unwrap();
-    assert_eq!(found.last_used_at, Some(last_used), "last_used_at was written again within the minute");
+    assert_eq!(
+        found.last_used_at,
+        Some(last_used),
+        "last_used_at was written again within the minute"
+    );
     assert!(!format!("{again:?}").contains(&secret));
 
     // The principal is the key's own: stable, the key's id.
@@ -190,10 +199,7 @@ async fn the_main_flow(app: TestApp) {
     // A wrong secret behind a valid prefix, and a malformed key.
     let wrong = format!("{prefix}{}", "A".repeat(43));
     assert_refused_everywhere(&list_over_every_protocol(&app, &wrong).await, "with a wrong secret");
-    assert_refused_everywhere(
-        &list_over_every_protocol(&app, "keel_nothing").await,
-        "malformed",
-    );
+    assert_refused_everywhere(&list_over_every_protocol(&app, "keel_nothing").await, "malformed");
 
     // Revoked: refused at once (the key was cached by the calls above).
     app.commands()
@@ -261,7 +267,10 @@ async fn an_expired_key_is_refused() {
             Ok(_) => assert!(before < expires_at, "accepted after its expiry"),
             Err(status) => {
                 assert_eq!(status.code(), Code::Unauthenticated);
-                assert!(chrono::Utc::now() >= expires_at, "refused before its expiry: {status:?}");
+                assert!(
+                    chrono::Utc::now() >= expires_at,
+                    "refused before its expiry: {status:?}"
+                );
                 break;
             }
         }
@@ -283,7 +292,9 @@ async fn only_admins_manage_keys() {
 
     // A user, and a key with the user role, are refused every key call.
     for token in [&user.access_token, &created.key] {
-        let create = create_key(&app, token, "mine", pb::Role::Admin, None).await.unwrap_err();
+        let create = create_key(&app, token, "mine", pb::Role::Admin, None)
+            .await
+            .unwrap_err();
         assert_eq!(create.code(), Code::PermissionDenied);
         assert_eq!(list_keys(&app, token).await.unwrap_err().code(), Code::PermissionDenied);
         let revoke = app
@@ -355,5 +366,8 @@ async fn a_key_revoked_on_one_process_is_refused_by_another_at_once() {
         ))
         .await
         .unwrap();
-    assert_refused_everywhere(&list_over_every_protocol(&second, &created.key).await, "on the other process");
+    assert_refused_everywhere(
+        &list_over_every_protocol(&second, &created.key).await,
+        "on the other process",
+    );
 }
