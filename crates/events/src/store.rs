@@ -805,10 +805,18 @@ pub async fn prune_stream_tickets(db: &impl ConnectionTrait, now: DateTime<Utc>)
 
 /// The ticket's stream (the one that claimed it at `version`) ended: a
 /// reconnect may claim it again. A hold taken over since is left alone.
-pub async fn release_stream_ticket(db: &impl ConnectionTrait, id: Uuid, version: i32, now: DateTime<Utc>) -> Result<()> {
+pub async fn release_stream_ticket(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    version: i32,
+    now: DateTime<Utc>,
+) -> Result<()> {
     stream_tickets::Entity::update_many()
         .col_expr(stream_tickets::Column::Live, Expr::value(false))
-        .col_expr(stream_tickets::Column::HeldUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(
+            stream_tickets::Column::HeldUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
         .col_expr(
             stream_tickets::Column::Version,
             sea_orm::sea_query::ExprTrait::add(Expr::col(stream_tickets::Column::Version), 1),

@@ -193,7 +193,9 @@ impl StreamLease {
                             return;
                         }
                         // Retried at the next turn; the lease is three turns long.
-                        Err(error) => tracing::warn!(%ticket_id, error = %error, "could not renew a stream ticket's hold"),
+                        Err(error) => {
+                            tracing::warn!(%ticket_id, error = %error, "could not renew a stream ticket's hold")
+                        }
                     }
                 }
             }
