@@ -9,6 +9,8 @@ mod m20261121_000002_events;
 mod m20261201_000003_identity;
 mod m20261201_000004_events;
 mod m20261203_000005_events;
+mod m20261203_000007_identity_api_keys;
+mod m20261203_000008_events;
 
 pub struct Migrator;
 
@@ -21,6 +23,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_identity::Migration),
             Box::new(m20261201_000004_events::Migration),
             Box::new(m20261203_000005_events::Migration),
+            Box::new(m20261203_000007_identity_api_keys::Migration),
+            Box::new(m20261203_000008_events::Migration),
         ]
     }
 }

@@ -260,6 +260,10 @@ fn spawn_retention(
                 } else {
                     store::lowest_checkpoint(&db, &handlers).await?
                 };
+                let tickets = store::prune_stream_tickets(&db, clock::now()).await?;
+                if tickets > 0 {
+                    tracing::info!(tickets, "expired stream tickets deleted");
+                }
                 let before = clock::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
                 store::prune(&db, before, through).await
             }

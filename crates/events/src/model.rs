@@ -81,8 +81,11 @@ pub struct StreamTicket {
     /// Reconnects are accepted until this; the stream ends then.
     pub valid_until: DateTime<Utc>,
     pub first_used_at: Option<DateTime<Utc>>,
-    /// A stream holds the ticket right now.
+    /// A stream holds the ticket, while `held_until` has not passed.
     pub live: bool,
+    /// The hold's lease: renewed by the holding stream, it lapses when the
+    /// holder's process dies, and a reconnect may then take the ticket over.
+    pub held_until: Option<DateTime<Utc>>,
     pub version: i32,
     pub created_at: DateTime<Utc>,
 }

@@ -104,6 +104,7 @@ mod stream_tickets {
         pub version: i32,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
+        pub held_until: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -703,6 +704,7 @@ fn stream_ticket(row: stream_tickets::Model) -> StreamTicket {
         valid_until: row.valid_until,
         first_used_at: row.first_used_at,
         live: row.live,
+        held_until: row.held_until,
         version: row.version,
         created_at: row.created_at,
     }
@@ -725,6 +727,7 @@ pub async fn insert_stream_ticket(db: &impl ConnectionTrait, ticket: &StreamTick
         valid_until: Set(ticket.valid_until),
         first_used_at: Set(ticket.first_used_at),
         live: Set(ticket.live),
+        held_until: Set(ticket.held_until),
         version: Set(ticket.version),
         created_at: Set(ticket.created_at),
         updated_at: Set(ticket.created_at),
@@ -742,11 +745,18 @@ pub async fn find_stream_ticket(db: &impl ConnectionTrait, token_hash: &str) -> 
         .map(stream_ticket))
 }
 
-/// Marks `ticket` as held by a stream, if it is still as it was read (same
-/// version, no stream): of two concurrent redemptions one wins.
-pub async fn claim_stream_ticket(db: &impl ConnectionTrait, ticket: &StreamTicket, now: DateTime<Utc>) -> Result<bool> {
+/// Marks `ticket` as held by a stream until `held_until`, if it is still
+/// as it was read (same version) and no stream holds it (none did, or the
+/// holder's lease lapsed): of two concurrent redemptions one wins.
+pub async fn claim_stream_ticket(
+    db: &impl ConnectionTrait,
+    ticket: &StreamTicket,
+    now: DateTime<Utc>,
+    held_until: DateTime<Utc>,
+) -> Result<bool> {
     let claimed = stream_tickets::Entity::update_many()
         .col_expr(stream_tickets::Column::Live, Expr::value(true))
+        .col_expr(stream_tickets::Column::HeldUntil, Expr::value(Some(held_until)))
         .col_expr(
             stream_tickets::Column::FirstUsedAt,
             Expr::value(Some(ticket.first_used_at.unwrap_or(now))),
@@ -755,22 +765,65 @@ pub async fn claim_stream_ticket(db: &impl ConnectionTrait, ticket: &StreamTicke
         .col_expr(stream_tickets::Column::UpdatedAt, Expr::value(now))
         .filter(stream_tickets::Column::Id.eq(ticket.id))
         .filter(stream_tickets::Column::Version.eq(ticket.version))
-        .filter(stream_tickets::Column::Live.eq(false))
+        .filter(
+            Condition::any()
+                .add(stream_tickets::Column::Live.eq(false))
+                .add(stream_tickets::Column::HeldUntil.is_null())
+                .add(stream_tickets::Column::HeldUntil.lte(now)),
+        )
         .exec(db)
         .await?;
     Ok(claimed.rows_affected == 1)
 }
 
-/// The ticket's stream ended: a reconnect may claim it again.
-pub async fn release_stream_ticket(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<()> {
+/// Extends the hold of the stream that claimed the ticket at `version`;
+/// false when that hold is gone (it lapsed and another stream took over).
+pub async fn renew_stream_ticket(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    version: i32,
+    held_until: DateTime<Utc>,
+) -> Result<bool> {
+    let renewed = stream_tickets::Entity::update_many()
+        .col_expr(stream_tickets::Column::HeldUntil, Expr::value(Some(held_until)))
+        .filter(stream_tickets::Column::Id.eq(id))
+        .filter(stream_tickets::Column::Version.eq(version))
+        .filter(stream_tickets::Column::Live.eq(true))
+        .exec(db)
+        .await?;
+    Ok(renewed.rows_affected == 1)
+}
+
+/// Deletes tickets past their lifetime (the events retention); returns how many.
+pub async fn prune_stream_tickets(db: &impl ConnectionTrait, now: DateTime<Utc>) -> Result<u64> {
+    Ok(stream_tickets::Entity::delete_many()
+        .filter(stream_tickets::Column::ValidUntil.lt(now))
+        .exec(db)
+        .await?
+        .rows_affected)
+}
+
+/// The ticket's stream (the one that claimed it at `version`) ended: a
+/// reconnect may claim it again. A hold taken over since is left alone.
+pub async fn release_stream_ticket(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    version: i32,
+    now: DateTime<Utc>,
+) -> Result<()> {
     stream_tickets::Entity::update_many()
         .col_expr(stream_tickets::Column::Live, Expr::value(false))
+        .col_expr(
+            stream_tickets::Column::HeldUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
         .col_expr(
             stream_tickets::Column::Version,
             sea_orm::sea_query::ExprTrait::add(Expr::col(stream_tickets::Column::Version), 1),
         )
         .col_expr(stream_tickets::Column::UpdatedAt, Expr::value(now))
         .filter(stream_tickets::Column::Id.eq(id))
+        .filter(stream_tickets::Column::Version.eq(version))
         .exec(db)
         .await?;
     Ok(())

@@ -19,9 +19,16 @@
 //!   stream ends like every stream when the session ends.
 //!
 //! Every refusal is the same UNAUTHENTICATED answer, so a probe learns
-//! nothing about which tickets exist. A process that dies with a stream
-//! open leaves its ticket held: the browser's next reconnect is refused and
-//! the page asks for a new ticket (fail closed).
+//! nothing about which tickets exist.
+//!
+//! The hold of a stream is a lease (`held_until`): the holding stream
+//! renews it every third of [`hold`], and it lapses when the holder's
+//! process dies without releasing it. A reconnect after the lapse takes the
+//! ticket over, so a crash costs the browser at most [`hold`] (30 s, or half
+//! a short ticket's lifetime) instead of its ticket. A holder that finds
+//! its lease taken over stops renewing; its release then leaves the new
+//! hold alone (both are fenced on the version of their claim). Tickets past
+//! their lifetime are deleted by the events retention.
 
 use std::time::Duration;
 
@@ -120,6 +127,7 @@ impl CommandHandler<CreateStreamTicket> for Events {
             valid_until,
             first_used_at: None,
             live: false,
+            held_until: None,
             version: 0,
             created_at: now,
         };
@@ -150,22 +158,66 @@ pub struct Redeemed {
     pub lease: StreamLease,
 }
 
-/// The one live stream of a ticket. Dropping it (the stream's response
-/// ended, or the client went away) lets a reconnect redeem the ticket again.
+/// The longest a stream's hold on a ticket lasts without renewal: 30 s, or
+/// half the ticket's lifetime when that is shorter (at least 1 s).
+pub fn hold(ticket: &StreamTicket) -> Duration {
+    let lifetime = (ticket.valid_until - ticket.created_at).to_std().unwrap_or_default();
+    (lifetime / 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// The one live stream of a ticket. While it lives it renews the hold's
+/// lease; dropping it (the stream's response ended, or the client went
+/// away) lets a reconnect redeem the ticket again at once.
 #[derive(Debug)]
 pub struct StreamLease {
     db: DatabaseConnection,
     ticket_id: Uuid,
+    /// The version the claim wrote: renewals and the release are fenced on it.
+    version: i32,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl StreamLease {
+    fn start(db: DatabaseConnection, ticket_id: Uuid, version: i32, hold: Duration) -> StreamLease {
+        let renewal = tokio::spawn({
+            let db = db.clone();
+            async move {
+                let every = hold / 3;
+                let hold = chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::MAX);
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store::renew_stream_ticket(&db, ticket_id, version, clock::now() + hold).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(%ticket_id, "a stream ticket's hold lapsed and was taken over");
+                            return;
+                        }
+                        // Retried at the next turn; the lease is three turns long.
+                        Err(error) => {
+                            tracing::warn!(%ticket_id, error = %error, "could not renew a stream ticket's hold")
+                        }
+                    }
+                }
+            }
+        });
+        StreamLease {
+            db,
+            ticket_id,
+            version,
+            renewal,
+        }
+    }
 }
 
 impl Drop for StreamLease {
     fn drop(&mut self) {
-        let (db, ticket_id) = (self.db.clone(), self.ticket_id);
+        self.renewal.abort();
+        let (db, ticket_id, version) = (self.db.clone(), self.ticket_id, self.version);
         // Drop cannot await; without a runtime (shutdown) the ticket stays
-        // held, which refuses a reconnect: the safe side.
+        // held until its lease lapses.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = store::release_stream_ticket(&db, ticket_id, clock::now()).await {
+                if let Err(error) = store::release_stream_ticket(&db, ticket_id, version, clock::now()).await {
                     tracing::warn!(%ticket_id, error = %error, "could not release a stream ticket");
                 }
             });
@@ -194,19 +246,23 @@ pub async fn redeem(db: &DatabaseConnection, ticket: &str) -> Result<Redeemed> {
         None => stored.first_use_by,
         Some(_) => stored.valid_until,
     };
-    if now >= usable_until || now >= stored.valid_until || stored.live {
+    // Held by a stream whose lease has not lapsed.
+    let held = stored.live && stored.held_until.is_some_and(|held_until| held_until > now);
+    if now >= usable_until || now >= stored.valid_until || held {
         return Err(refused());
     }
-    if !store::claim_stream_ticket(db, &stored, now).await? {
+    let hold = hold(&stored);
+    let held_until = now + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::MAX);
+    if !store::claim_stream_ticket(db, &stored, now, held_until).await? {
         return Err(refused());
+    }
+    if stored.live {
+        tracing::info!(ticket_id = %stored.id, "a stream ticket whose hold lapsed was taken over");
     }
     Ok(Redeemed {
         user_id: stored.user_id,
         session_id: stored.session_id,
         valid_until: stored.valid_until,
-        lease: StreamLease {
-            db: db.clone(),
-            ticket_id: stored.id,
-        },
+        lease: StreamLease::start(db.clone(), stored.id, stored.version + 1, hold),
     })
 }

@@ -14,12 +14,13 @@ use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::events::{PasswordChanged, RoleChanged, SessionRevoked, UserDeleted};
+use crate::events::{ApiKeyRevoked, PasswordChanged, RoleChanged, SessionRevoked, UserDeleted};
 use crate::store;
 
 /// The events after which a user's sessions are checked again.
-const ACCESS_EVENTS: [&str; 4] = [
+const ACCESS_EVENTS: [&str; 5] = [
     SessionRevoked::NAME,
+    ApiKeyRevoked::NAME,
     PasswordChanged::NAME,
     RoleChanged::NAME,
     UserDeleted::NAME,
@@ -61,13 +62,18 @@ impl SessionWatch {
 }
 
 /// Whether `principal` is still what authentication found: the session
-/// active, the same user, the same role.
+/// (or the API key, whose id is its principal's session id) active, the
+/// same user, the same role.
 async fn still_valid(db: &DatabaseConnection, principal: &Principal) -> Result<bool> {
+    let now = clock::now();
     Ok(match store::find_session_with_user(db, principal.session_id).await? {
         Some((session, user)) => {
-            session.user_id == principal.user_id && session.is_active(clock::now()) && user.role == principal.role
+            session.user_id == principal.user_id && session.is_active(now) && user.role == principal.role
         }
-        None => false,
+        None => match store::find_api_key(db, principal.session_id).await? {
+            Some(key) => key.id == principal.user_id && key.is_active(now) && key.role == principal.role,
+            None => false,
+        },
     })
 }
 

@@ -1,5 +1,5 @@
-//! [`AccessCache`]: active sessions and their users, and users by id,
-//! remembered per process, so that an authenticated call (and `GetUser`)
+//! [`AccessCache`]: active sessions and their users, users by id, and API
+//! keys, remembered per process, so that an authenticated call (and `GetUser`)
 //! needs no database round trip of its own.
 //!
 //! It can only grant: an entry whose session is no longer active by its own
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use keel_kernel::cluster::Announcer;
 use uuid::Uuid;
 
-use crate::model::{Session, User};
+use crate::model::{ApiKey, Session, User};
 
 /// The announcements' topic; the message is the user id.
 pub const TOPIC: &str = "identity.access";
@@ -48,6 +48,17 @@ struct Entry {
     stored_at: Instant,
 }
 
+#[derive(Clone)]
+struct KeyEntry {
+    key: ApiKey,
+    secret_hash: String,
+    generation: u64,
+    stored_at: Instant,
+}
+
+/// How often a key's `last_used_at` is written, at most.
+pub const LAST_USED_EVERY: Duration = Duration::from_secs(60);
+
 /// What a fill must still match when it stores (see [`AccessCache::ticket`]).
 pub(crate) struct Ticket {
     epoch: u64,
@@ -57,6 +68,12 @@ pub(crate) struct Ticket {
 pub struct AccessCache {
     entries: quick_cache::sync::Cache<Uuid, Entry>,
     users: quick_cache::sync::Cache<Uuid, UserEntry>,
+    /// API keys by id, with their secrets' hashes; an announcement of the
+    /// key's id forgets it.
+    keys: quick_cache::sync::Cache<Uuid, KeyEntry>,
+    /// When this process last wrote a key's `last_used_at`: a throttle, not
+    /// a cache, so it works whether or not the process is hearing.
+    touched: quick_cache::sync::Cache<Uuid, Instant>,
     /// Advanced by every announcement: fills begun before it are dropped.
     epoch: AtomicU64,
     announcer: OnceLock<Arc<dyn Announcer>>,
@@ -67,6 +84,8 @@ impl Default for AccessCache {
         Self {
             entries: quick_cache::sync::Cache::new(CAPACITY),
             users: quick_cache::sync::Cache::new(CAPACITY),
+            keys: quick_cache::sync::Cache::new(CAPACITY),
+            touched: quick_cache::sync::Cache::new(CAPACITY),
             epoch: AtomicU64::new(0),
             announcer: OnceLock::new(),
         }
@@ -165,16 +184,69 @@ impl AccessCache {
         }
     }
 
-    /// Forgets `user_id` and every session of it (the announcement's listener).
+    /// The API key `id` and its secret's hash, when remembered and current
+    /// (its expiry is the caller's to check).
+    pub(crate) fn get_key(&self, id: Uuid) -> Option<(ApiKey, String)> {
+        let announcer = self.hearing()?;
+        let entry = self.keys.get(&id)?;
+        (entry.generation == announcer.generation() && entry.stored_at.elapsed() < TTL)
+            .then_some((entry.key, entry.secret_hash))
+    }
+
+    /// Stores a key the database returned, under the same rule as [`Self::fill`].
+    pub(crate) fn fill_key(&self, ticket: Ticket, key: &ApiKey, secret_hash: &str) {
+        let Some(announcer) = self.hearing() else {
+            return;
+        };
+        if announcer.generation() != ticket.generation || self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            return;
+        }
+        self.keys.insert(
+            key.id,
+            KeyEntry {
+                key: key.clone(),
+                secret_hash: secret_hash.to_owned(),
+                generation: ticket.generation,
+                stored_at: Instant::now(),
+            },
+        );
+        if self.epoch.load(Ordering::Acquire) != ticket.epoch {
+            self.keys.remove(&key.id);
+        }
+    }
+
+    /// Whether this use of `key` should write its `last_used_at`: neither
+    /// the stored value nor this process's last write is younger than
+    /// [`LAST_USED_EVERY`]. A true answer counts as the write.
+    pub(crate) fn should_touch(&self, key: &ApiKey, now: chrono::DateTime<chrono::Utc>) -> bool {
+        let every = chrono::Duration::from_std(LAST_USED_EVERY).unwrap_or(chrono::Duration::MAX);
+        if key.last_used_at.is_some_and(|last_used_at| now - last_used_at < every) {
+            return false;
+        }
+        if self
+            .touched
+            .get(&key.id)
+            .is_some_and(|touched| touched.elapsed() < LAST_USED_EVERY)
+        {
+            return false;
+        }
+        self.touched.insert(key.id, Instant::now());
+        true
+    }
+
+    /// Forgets `user_id` and every session of it, or the API key of that id
+    /// (the announcement's listener).
     fn forget(&self, user_id: &str) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         match Uuid::parse_str(user_id) {
             Ok(user_id) => {
                 self.users.remove(&user_id);
+                self.keys.remove(&user_id);
                 self.entries.retain(|_, entry| entry.user.id != user_id);
             }
             Err(_) => {
                 self.users.clear();
+                self.keys.clear();
                 self.entries.clear();
             }
         }

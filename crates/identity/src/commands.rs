@@ -13,10 +13,12 @@ use uuid::Uuid;
 
 use crate::Identity;
 use crate::events::{
-    LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked, UserDeleted, UserLoggedIn,
-    UserRegistered, UserUpdated,
+    ApiKeyCreated, ApiKeyRevoked, LoginFailed, PasswordChanged, RegistrationDuplicate, RoleChanged, SessionRevoked,
+    UserDeleted, UserLoggedIn, UserRegistered, UserUpdated,
 };
-use crate::model::{Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User};
+use crate::model::{
+    ApiKey, ApiKeyName, Credentials, DisplayName, Email, HashedPassword, NewPassword, RefreshToken, Session, User,
+};
 use crate::store;
 use crate::tokens::{hash_refresh_token, new_refresh_token};
 use keel_proto::identity as pb;
@@ -107,7 +109,7 @@ macro_rules! never_stored {
     )*};
 }
 
-never_stored!(LoginOutcome, RefreshOutcome);
+never_stored!(LoginOutcome, RefreshOutcome, CreatedApiKey);
 
 impl Command for RefreshSession {
     const NAME: &'static str = "identity.refresh_session";
@@ -739,6 +741,101 @@ impl CommandHandler<RevokeSession> for Identity {
         self.forget_everywhere(ctx, session.user_id);
         record_session_revoked(ctx, session.user_id, session.id, "revoked");
         tracing::info!(user_id = %session.user_id, session_id = %session.id, "session revoked");
+        Ok(())
+    }
+}
+
+pub struct CreateApiKey {
+    pub name: ApiKeyName,
+    pub role: Role,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A new key and the one copy of its secret (never stored by middleware).
+#[derive(Debug, Clone)]
+pub struct CreatedApiKey {
+    pub api_key: ApiKey,
+    /// `keel_<id>_<secret>`.
+    pub key: Secret<String>,
+}
+
+impl Command for CreateApiKey {
+    const NAME: &'static str = "identity.create_api_key";
+    type Output = CreatedApiKey;
+}
+
+pub struct RevokeApiKey {
+    pub id: Uuid,
+}
+
+impl Command for RevokeApiKey {
+    const NAME: &'static str = "identity.revoke_api_key";
+    type Output = ();
+}
+
+#[async_trait]
+impl CommandHandler<CreateApiKey> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: CreateApiKey) -> Result<CreatedApiKey> {
+        ctx.request.require_admin()?;
+        let now = clock::now();
+        if command.expires_at.is_some_and(|expires_at| expires_at <= now) {
+            return Err(Error::invalid_field("expires_at", "must be in the future"));
+        }
+        let id = id::new_id();
+        let (key, secret) = crate::model::new_api_key(id);
+        let created_by = ctx
+            .request
+            .principal
+            .as_ref()
+            .map_or(Uuid::nil(), |principal| principal.user_id);
+        let api_key = ApiKey {
+            id,
+            name: command.name,
+            role: command.role,
+            created_by,
+            created_at: now,
+            expires_at: command.expires_at,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        let tx = ctx.tx().await?;
+        store::insert_api_key(tx, &api_key, &hash_refresh_token(secret.expose())).await?;
+        ctx.record(
+            &ApiKeyCreated(pb::ApiKeyCreated {
+                api_key_id: id.to_string(),
+                name: api_key.name.as_str().to_owned(),
+                role: api_key.role.as_str().to_owned(),
+                created_by: actor(ctx),
+            }),
+            Some(id),
+            id.to_string(),
+        );
+        tracing::info!(api_key_id = %id, role = %api_key.role, created_by = %actor(ctx), "api key created");
+        Ok(CreatedApiKey { api_key, key })
+    }
+}
+
+#[async_trait]
+impl CommandHandler<RevokeApiKey> for Identity {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: RevokeApiKey) -> Result<()> {
+        ctx.request.require_admin()?;
+        let tx = ctx.tx().await?;
+        let key = store::find_api_key(tx, command.id)
+            .await?
+            .ok_or_else(|| Error::not_found("api key"))?;
+        if store::revoke_api_key(tx, key.id, clock::now()).await? {
+            // Every process forgets the key before this call answers.
+            self.forget_everywhere(ctx, key.id);
+            ctx.record(
+                &ApiKeyRevoked(pb::ApiKeyRevoked {
+                    api_key_id: key.id.to_string(),
+                    revoked_by: actor(ctx),
+                }),
+                Some(key.id),
+                key.id.to_string(),
+            );
+            tracing::info!(api_key_id = %key.id, revoked_by = %actor(ctx), "api key revoked");
+        }
         Ok(())
     }
 }

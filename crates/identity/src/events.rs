@@ -39,6 +39,8 @@ domain_event!(RoleChanged, "identity.user.role_changed", audited = true);
 domain_event!(UserUpdated, "identity.user.updated", audited = false);
 domain_event!(SessionRevoked, "identity.session.revoked", audited = true);
 domain_event!(UserDeleted, "identity.user.deleted", audited = true);
+domain_event!(ApiKeyCreated, "identity.api_key.created", audited = true);
+domain_event!(ApiKeyRevoked, "identity.api_key.revoked", audited = true);
 
 /// Sends the welcome email on `identity.user.registered`. The event id is
 /// the message id, so a redelivered event is the same message.

@@ -10,12 +10,12 @@ use keel_proto::identity::identity_query_service_server::{IdentityQueryService, 
 use tonic::{Request, Response, Status};
 
 use crate::commands::{
-    ChangePassword, CreateUser, DeleteUser, IssuedTokens, Login, LoginOutcome, Logout, RefreshOutcome, RefreshSession,
-    Register, RevokeSession, UpdateUser,
+    ChangePassword, CreateApiKey, CreateUser, DeleteUser, IssuedTokens, Login, LoginOutcome, Logout, RefreshOutcome,
+    RefreshSession, Register, RevokeApiKey, RevokeSession, UpdateUser,
 };
-use crate::model::{DisplayName, Email, NewPassword};
+use crate::model::{ApiKey, ApiKeyName, DisplayName, Email, NewPassword};
 use crate::model::{Session, User};
-use crate::queries::{GetCurrentUser, GetJwks, GetUser, ListSessions, ListUsers};
+use crate::queries::{GetCurrentUser, GetJwks, GetUser, ListApiKeys, ListSessions, ListUsers};
 use crate::tokens::PublicJwk;
 use uuid::Uuid;
 
@@ -244,7 +244,66 @@ impl From<pb::ListUsersRequest> for ListUsers {
     }
 }
 
+impl TryFrom<pb::CreateApiKeyRequest> for CreateApiKey {
+    type Error = Error;
+
+    fn try_from(request: pb::CreateApiKeyRequest) -> Result<CreateApiKey> {
+        let mut violations = Violations::new();
+        let name = violations.take(ApiKeyName::parse("name", &request.name));
+        let role = violations.take(if request.role == pb::Role::Unspecified as i32 {
+            Ok(Role::User)
+        } else {
+            role_from_proto("role", request.role)
+        });
+        let expires_at = violations.take(match request.expires_at {
+            None => Ok(None),
+            Some(time) => chrono::DateTime::from_timestamp(time.seconds, u32::try_from(time.nanos).unwrap_or(u32::MAX))
+                .map(Some)
+                .ok_or_else(|| Error::invalid_field("expires_at", "is not a valid timestamp")),
+        });
+        match (name, role, expires_at) {
+            (Some(name), Some(role), Some(expires_at)) => Ok(CreateApiKey { name, role, expires_at }),
+            _ => Err(violations.into_error()),
+        }
+    }
+}
+
+impl TryFrom<pb::RevokeApiKeyRequest> for RevokeApiKey {
+    type Error = Error;
+
+    fn try_from(request: pb::RevokeApiKeyRequest) -> Result<RevokeApiKey> {
+        Ok(RevokeApiKey {
+            id: parse_id("id", &request.id)?,
+        })
+    }
+}
+
+impl From<pb::ListApiKeysRequest> for ListApiKeys {
+    fn from(request: pb::ListApiKeysRequest) -> ListApiKeys {
+        ListApiKeys {
+            page_size: request.page_size,
+            page_token: request.page_token,
+        }
+    }
+}
+
 // Domain -> proto.
+
+impl From<&ApiKey> for pb::ApiKey {
+    fn from(key: &ApiKey) -> pb::ApiKey {
+        pb::ApiKey {
+            id: key.id.to_string(),
+            name: key.name.as_str().to_owned(),
+            role: role_to_proto(key.role) as i32,
+            prefix: key.prefix(),
+            created_at: Some(timestamp(key.created_at)),
+            expires_at: key.expires_at.map(timestamp),
+            last_used_at: key.last_used_at.map(timestamp),
+            revoked_at: key.revoked_at.map(timestamp),
+            created_by: key.created_by.to_string(),
+        }
+    }
+}
 
 fn role_to_proto(role: Role) -> pb::Role {
     match role {
@@ -404,6 +463,29 @@ impl IdentityCommandService for CommandApi {
         self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RevokeSessionResponse {}))
     }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        let ctx = context(&request);
+        let command = CreateApiKey::try_from(request.into_inner())?;
+        let created = self.bus.execute(&ctx, command).await?;
+        Ok(Response::new(pb::CreateApiKeyResponse {
+            api_key: Some((&created.api_key).into()),
+            key: created.key.expose().clone(),
+        }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let ctx = context(&request);
+        let command = RevokeApiKey::try_from(request.into_inner())?;
+        self.bus.execute(&ctx, command).await?;
+        Ok(Response::new(pb::RevokeApiKeyResponse {}))
+    }
 }
 
 #[tonic::async_trait]
@@ -452,6 +534,18 @@ impl IdentityQueryService for QueryApi {
                 .iter()
                 .map(|session| session_to_proto(session, current))
                 .collect(),
+        }))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let ctx = context(&request);
+        let page = self.bus.ask(&ctx, ListApiKeys::from(request.into_inner())).await?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: page.api_keys.iter().map(pb::ApiKey::from).collect(),
+            next_page_token: page.next_page_token,
         }))
     }
 

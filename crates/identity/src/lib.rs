@@ -10,8 +10,12 @@
 //!   mapping rows to the domain types;
 //! - `pruning.rs`: deletes expired refresh tokens and old sessions on a schedule;
 //! - `access.rs`: [`access::SessionWatch`], which ends streams whose session ended;
-//! - `access_cache.rs`: active sessions remembered per process, exact through
-//!   the cluster's announcements;
+//! - `access_cache.rs`: active sessions and API keys remembered per process,
+//!   exact through the cluster's announcements;
+//! - API keys (`CreateApiKey`, `ListApiKeys`, `RevokeApiKey`): admins create
+//!   them for internal services; each is its own service-account principal
+//!   (its id), authenticated by [`Identity::authenticate_bearer`] when the
+//!   bearer starts with `keel_`;
 //! - `admin.rs`: account creation for the CLI and the bootstrap admin;
 //! - `tokens.rs`: signing keys, JWKS, access JWTs, refresh tokens;
 //! - `successor.rs`: the keyed derivation of a refresh token's successor;
@@ -45,7 +49,7 @@ use keel_kernel::limit::{Quota, RateLimiter};
 use keel_kernel::{BusBuilder, Error, Principal, Result, clock};
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 
-use crate::model::User;
+use crate::model::{ApiKey, PresentedApiKey, User};
 pub use crate::module::IdentityModule;
 use crate::password::PasswordHasher;
 use crate::tokens::TokenService;
@@ -188,6 +192,64 @@ impl Identity {
             })
     }
 
+    /// The principal of a bearer token: an API key when it starts with
+    /// `keel_`, else an access token. The caller is what authentication read
+    /// on the way, for the request context.
+    pub async fn authenticate_bearer(&self, db: &impl ConnectionTrait, bearer: &str) -> Result<(Principal, Caller)> {
+        if bearer.starts_with(model::API_KEY_PREFIX) {
+            let (principal, key) = self.authenticate_api_key(db, bearer).await?;
+            return Ok((principal, Caller::ApiKey(key)));
+        }
+        let (principal, user) = self.authenticate_with_user(db, bearer).await?;
+        Ok((principal, Caller::User(user)))
+    }
+
+    /// The service-account principal of an API key (`keel_<id>_<secret>`):
+    /// the key's id is its user and session id, its role the key's; access
+    /// ends at the key's expiry. Unknown, revoked and expired keys and a
+    /// wrong secret are one answer, UNAUTHENTICATED. The key's
+    /// `last_used_at` is written at most once a minute.
+    pub async fn authenticate_api_key(&self, db: &impl ConnectionTrait, raw: &str) -> Result<(Principal, ApiKey)> {
+        use subtle::ConstantTimeEq;
+        let refused = || Error::unauthenticated("invalid, expired or revoked API key");
+        let presented = PresentedApiKey::parse(raw).ok_or_else(refused)?;
+        let now = clock::now();
+        let (key, secret_hash) = match self.cache().get_key(presented.id) {
+            Some(remembered) => remembered,
+            None => {
+                let ticket = self.cache().ticket();
+                let (key, secret_hash) = store::find_api_key_with_hash(db, presented.id)
+                    .await?
+                    .ok_or_else(refused)?;
+                if key.is_active(now)
+                    && let Some(ticket) = ticket
+                {
+                    self.cache().fill_key(ticket, &key, &secret_hash);
+                }
+                (key, secret_hash)
+            }
+        };
+        let presented_hash = tokens::hash_refresh_token(presented.secret.expose());
+        let matches: bool = presented_hash.as_bytes().ct_eq(secret_hash.as_bytes()).into();
+        if !matches || !key.is_active(now) {
+            return Err(refused());
+        }
+        if self.cache().should_touch(&key, now) {
+            let every = chrono::Duration::from_std(access_cache::LAST_USED_EVERY).unwrap_or(chrono::Duration::MAX);
+            // A failed write loses a "last used" time, never a call.
+            if let Err(error) = store::touch_api_key(db, key.id, now, now - every).await {
+                tracing::warn!(api_key_id = %key.id, error = %error, "recording an api key's last use");
+            }
+        }
+        let principal = Principal {
+            user_id: key.id,
+            session_id: key.id,
+            role: key.role,
+            access_expires_at: key.expires_at,
+        };
+        Ok((principal, key))
+    }
+
     /// The principal of `session_id` when it is `user_id`'s and still
     /// active, for a credential other than an access token that stands for
     /// the session (a stream ticket); its access ends at `access_expires_at`.
@@ -235,6 +297,25 @@ impl Identity {
     }
 }
 
+/// What authentication read about the caller: a user (access token) or an
+/// API key.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    User(User),
+    ApiKey(ApiKey),
+}
+
+impl Caller {
+    /// Keeps it in the request context (`ctx.caller::<User>()` or
+    /// `ctx.caller::<ApiKey>()`).
+    pub fn keep_in(self, ctx: &mut keel_kernel::RequestContext) {
+        match self {
+            Caller::User(user) => ctx.set_caller(user),
+            Caller::ApiKey(key) => ctx.set_caller(key),
+        }
+    }
+}
+
 /// Registers every command and query handler of identity.
 pub fn register(bus: &mut BusBuilder, identity: &Identity) {
     bus.command::<commands::Register>(identity.clone())
@@ -246,9 +327,12 @@ pub fn register(bus: &mut BusBuilder, identity: &Identity) {
         .command::<commands::UpdateUser>(identity.clone())
         .command::<commands::DeleteUser>(identity.clone())
         .command::<commands::RevokeSession>(identity.clone())
+        .command::<commands::CreateApiKey>(identity.clone())
+        .command::<commands::RevokeApiKey>(identity.clone())
         .query::<queries::GetCurrentUser>(identity.clone())
         .query::<queries::GetUser>(identity.clone())
         .query::<queries::ListUsers>(identity.clone())
         .query::<queries::ListSessions>(identity.clone())
+        .query::<queries::ListApiKeys>(identity.clone())
         .query::<queries::GetJwks>(identity.clone());
 }

@@ -285,6 +285,101 @@ pub(crate) struct RefreshToken {
     pub used_at: Option<DateTime<Utc>>,
 }
 
+/// An API key's name (the service it is for): 1 to 100 characters, no
+/// control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ApiKeyName(String);
+
+impl ApiKeyName {
+    pub fn parse(field: &str, raw: &str) -> Result<ApiKeyName> {
+        DisplayName::parse(field, raw).map(|name| ApiKeyName(name.0))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub(crate) fn from_stored(value: String) -> ApiKeyName {
+        ApiKeyName(value)
+    }
+}
+
+impl TryFrom<String> for ApiKeyName {
+    type Error = Error;
+
+    fn try_from(value: String) -> Result<ApiKeyName> {
+        ApiKeyName::parse("name", &value)
+    }
+}
+
+impl From<ApiKeyName> for String {
+    fn from(name: ApiKeyName) -> String {
+        name.0
+    }
+}
+
+/// An internal service's credential, as stored and listed: never its
+/// secret. The key is its own service-account principal: `id` is the
+/// principal's user and session id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub name: ApiKeyName,
+    pub role: Role,
+    /// The admin who created it (the row's owner).
+    pub created_by: Uuid,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    pub fn is_active(&self, now: DateTime<Utc>) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|expires_at| expires_at > now)
+    }
+
+    /// `keel_<id>_`: how the key begins.
+    pub fn prefix(&self) -> String {
+        format!("{API_KEY_PREFIX}{}_", self.id.simple())
+    }
+}
+
+/// What every API key begins with: a bearer that does is an API key, not a JWT.
+pub const API_KEY_PREFIX: &str = "keel_";
+
+/// A presented API key, split: `keel_<id as 32 hex digits>_<secret>`. The
+/// secret is base64url (which may itself contain `_`), so the id is read by
+/// its fixed length.
+pub struct PresentedApiKey {
+    pub id: Uuid,
+    pub secret: Secret<String>,
+}
+
+impl PresentedApiKey {
+    /// `None` when `raw` is not shaped like a key.
+    pub fn parse(raw: &str) -> Option<PresentedApiKey> {
+        let rest = raw.strip_prefix(API_KEY_PREFIX)?;
+        let id = rest.get(..32)?;
+        let secret = rest.get(32..)?.strip_prefix('_')?;
+        if secret.is_empty() || !id.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(PresentedApiKey {
+            id: Uuid::try_parse(id).ok()?,
+            secret: Secret::new(secret.to_owned()),
+        })
+    }
+}
+
+/// A new key: 256 random bits, base64url, after its id.
+pub(crate) fn new_api_key(id: Uuid) -> (Secret<String>, Secret<String>) {
+    let secret = crate::tokens::new_refresh_token();
+    let key = Secret::new(format!("{API_KEY_PREFIX}{}_{}", id.simple(), secret.expose()));
+    (key, secret)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +484,30 @@ mod tests {
         let mut forged = json;
         forged["role"] = "root".into();
         assert!(serde_json::from_value::<User>(forged).is_err());
+    }
+
+    #[test]
+    fn api_keys_parse_by_their_fixed_length_id() {
+        let id = Uuid::now_v7();
+        let (key, secret) = new_api_key(id);
+        let parsed = PresentedApiKey::parse(key.expose()).expect("a key");
+        assert_eq!(parsed.id, id);
+        assert_eq!(parsed.secret.expose(), secret.expose());
+        assert_eq!(key.expose().len(), 5 + 32 + 1 + 43);
+        let underscored = format!("keel_{}_a_b", id.simple());
+        assert_eq!(
+            PresentedApiKey::parse(&underscored).map(|k| k.secret.expose().clone()),
+            Some("a_b".into())
+        );
+        for bad in [
+            "keel_",
+            "keel_abc_def",
+            &format!("keel_{}_", id.simple()),
+            &format!("keel_{}x", id.simple()),
+            "eyJhbGciOi",
+        ] {
+            assert!(PresentedApiKey::parse(bad).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

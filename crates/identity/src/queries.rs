@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::Identity;
-use crate::model::{Session, User};
+use crate::model::{ApiKey, Session, User};
 use crate::store::{self, UserKey, UserOrder};
 use crate::tokens::PublicJwk;
 
@@ -188,6 +188,49 @@ impl QueryHandler<ListSessions> for Identity {
     async fn handle(&self, ctx: &QueryContext<'_>, _query: ListSessions) -> Result<Vec<Session>> {
         let principal = ctx.request.principal()?;
         store::list_active_sessions(ctx.db, principal.user_id, clock::now()).await
+    }
+}
+
+pub struct ListApiKeys {
+    pub page_size: i32,
+    pub page_token: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiKeyPage {
+    pub api_keys: Vec<ApiKey>,
+    pub next_page_token: String,
+}
+
+impl Query for ListApiKeys {
+    const NAME: &'static str = "identity.list_api_keys";
+    type Output = ApiKeyPage;
+}
+
+/// A page token of `ListApiKeys`: the last id seen.
+#[derive(Debug, Serialize, Deserialize)]
+struct ApiKeyCursor {
+    after: Uuid,
+}
+
+#[async_trait]
+impl QueryHandler<ListApiKeys> for Identity {
+    async fn handle(&self, ctx: &QueryContext<'_>, query: ListApiKeys) -> Result<ApiKeyPage> {
+        ctx.request.require_admin()?;
+        let limit = page_size(query.page_size)?;
+        let cursor: Option<ApiKeyCursor> = decode_token(&query.page_token)?;
+        let mut api_keys = store::list_api_keys(ctx.db, cursor.map(|cursor| cursor.after), limit + 1).await?;
+        let next_page_token = if api_keys.len() as u64 > limit {
+            api_keys.truncate(limit as usize);
+            let last = api_keys.last().ok_or_else(|| Error::internal("page without rows"))?;
+            encode_token(&ApiKeyCursor { after: last.id })?
+        } else {
+            String::new()
+        };
+        Ok(ApiKeyPage {
+            api_keys,
+            next_page_token,
+        })
     }
 }
 

@@ -15,7 +15,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use crate::model::{Credentials, DisplayName, Email, HashedPassword, RefreshToken, Session, User};
+use crate::model::{ApiKey, ApiKeyName, Credentials, DisplayName, Email, HashedPassword, RefreshToken, Session, User};
 
 pub mod users {
     use sea_orm::entity::prelude::*;
@@ -104,6 +104,31 @@ pub mod refresh_tokens {
         pub created_at: DateTimeUtc,
         pub expires_at: DateTimeUtc,
         pub used_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod api_keys {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "api_keys")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub user_id: Uuid,
+        pub name: String,
+        pub role: String,
+        pub secret_hash: String,
+        pub created_at: DateTimeUtc,
+        pub updated_at: DateTimeUtc,
+        pub expires_at: Option<DateTimeUtc>,
+        pub last_used_at: Option<DateTimeUtc>,
+        pub revoked_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -599,4 +624,102 @@ async fn delete_in_write_transaction<E: EntityTrait>(
     let deleted = delete.exec(&tx).await?.rows_affected;
     tx.commit().await?;
     Ok(deleted)
+}
+
+fn api_key_from_row(row: api_keys::Model) -> Result<(ApiKey, String)> {
+    let role = Role::parse(&row.role)
+        .ok_or_else(|| Error::internal(format!("api key {} has unknown role {:?}", row.id, row.role)))?;
+    let key = ApiKey {
+        id: row.id,
+        name: ApiKeyName::from_stored(row.name),
+        role,
+        created_by: row.user_id,
+        created_at: row.created_at,
+        expires_at: row.expires_at,
+        last_used_at: row.last_used_at,
+        revoked_at: row.revoked_at,
+    };
+    Ok((key, row.secret_hash))
+}
+
+/// Stores a new API key with the SHA-256 (hex) of its secret.
+pub async fn insert_api_key(db: &impl ConnectionTrait, key: &ApiKey, secret_hash: &str) -> Result<()> {
+    api_keys::ActiveModel {
+        id: Set(key.id),
+        user_id: Set(key.created_by),
+        name: Set(key.name.as_str().to_owned()),
+        role: Set(key.role.as_str().to_owned()),
+        secret_hash: Set(secret_hash.to_owned()),
+        created_at: Set(key.created_at),
+        updated_at: Set(key.created_at),
+        expires_at: Set(key.expires_at),
+        last_used_at: Set(key.last_used_at),
+        revoked_at: Set(key.revoked_at),
+    }
+    .insert(db)
+    .await?;
+    Ok(())
+}
+
+/// An API key and the hash of its secret (the authentication path).
+pub async fn find_api_key_with_hash(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<(ApiKey, String)>> {
+    api_keys::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(api_key_from_row)
+        .transpose()
+}
+
+pub async fn find_api_key(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<ApiKey>> {
+    Ok(find_api_key_with_hash(db, id).await?.map(|(key, _)| key))
+}
+
+/// One page of API keys by id (time-ordered), after `after`.
+pub async fn list_api_keys(db: &impl ConnectionTrait, after: Option<Uuid>, limit: u64) -> Result<Vec<ApiKey>> {
+    let mut select = api_keys::Entity::find();
+    if let Some(after) = after {
+        select = select.filter(api_keys::Column::Id.gt(after));
+    }
+    select
+        .order_by_asc(api_keys::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| api_key_from_row(row).map(|(key, _)| key))
+        .collect()
+}
+
+/// Revokes an API key if it is not revoked yet; true when this call did.
+pub async fn revoke_api_key(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
+    let result = api_keys::Entity::update_many()
+        .col_expr(api_keys::Column::RevokedAt, Expr::value(Some(now)))
+        .col_expr(api_keys::Column::UpdatedAt, Expr::value(now))
+        .filter(api_keys::Column::Id.eq(id))
+        .filter(api_keys::Column::RevokedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
+/// Records that the key was used at `now`, unless it was recorded after
+/// `unless_after` (so that every process together writes it at most once
+/// per interval).
+pub async fn touch_api_key(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    now: DateTime<Utc>,
+    unless_after: DateTime<Utc>,
+) -> Result<()> {
+    api_keys::Entity::update_many()
+        .col_expr(api_keys::Column::LastUsedAt, Expr::value(Some(now)))
+        .filter(api_keys::Column::Id.eq(id))
+        .filter(
+            Condition::any()
+                .add(api_keys::Column::LastUsedAt.is_null())
+                .add(api_keys::Column::LastUsedAt.lte(unless_after)),
+        )
+        .exec(db)
+        .await?;
+    Ok(())
 }

@@ -129,13 +129,14 @@ where
                     || request.uri().path().starts_with("/grpc.reflection.");
                 if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
                     let authenticated = match bearer(authorization) {
-                        Some(token) => state.identity.authenticate_with_user(&state.db, token).await,
+                        // An API key (`keel_...`) or an access token.
+                        Some(token) => state.identity.authenticate_bearer(&state.db, token).await,
                         None => Err(Error::unauthenticated("authorization must be `Bearer <access token>`")),
                     };
                     match authenticated {
-                        Ok((principal, user)) => {
+                        Ok((principal, caller)) => {
                             ctx.principal = Some(principal);
-                            ctx.set_caller(user);
+                            caller.keep_in(&mut ctx);
                             ctx.set_access_watch(state.sessions.clone());
                         }
                         Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),

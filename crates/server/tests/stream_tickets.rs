@@ -349,6 +349,61 @@ async fn a_ticket_in_use_is_refused_for_a_second_stream(backend: Backend) {
     );
 }
 
+/// The hold is a lease: a live stream renews it, so it is never taken over
+/// however long it runs; a holder that stopped renewing (its process died
+/// with the stream open) loses it once the lease lapses, and the browser's
+/// reconnect is accepted.
+async fn a_lapsed_hold_is_taken_over(backend: Backend) {
+    use sea_orm::ConnectionTrait;
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Query};
+    // A lifetime of 8 s: the lease is 4 s (half), renewed every 1.3 s.
+    let app = spawn(backend, 4, 8).await;
+    let (_, ada) = app.signed_in("ada@example.com").await;
+    let ticket = create_ticket(&app, &ada.access_token).await;
+    let mut live = open_with_ticket(&app, &ticket.text, None).await.unwrap();
+    assert!(live.next().await.is_some());
+    wait_past(chrono::Utc::now() + chrono::Duration::milliseconds(5_500)).await;
+    refused(
+        open_with_ticket(&app, &ticket.text, Some(0)).await,
+        "a live stream's renewed hold",
+    );
+    assert!(live.next().await.is_some(), "the live stream kept streaming");
+    drop(live);
+
+    // What a process that died holding the ticket leaves behind: held,
+    // until a lease nobody renews.
+    let (bob_user, bob) = app.signed_in("bob@example.com").await;
+    let crashed = create_ticket(&app, &bob.access_token).await;
+    let now = chrono::Utc::now();
+    let held_until = now + chrono::Duration::seconds(2);
+    let dead_hold = Query::update()
+        .table(Alias::new("event_stream_tickets"))
+        .value(Alias::new("live"), true)
+        .value(Alias::new("held_until"), held_until)
+        .value(Alias::new("first_used_at"), now)
+        .and_where(ExprTrait::eq(
+            Expr::col(Alias::new("user_id")),
+            uuid::Uuid::parse_str(&bob_user.id).unwrap(),
+        ))
+        .to_owned();
+    let marked = app.state.db.execute(&dead_hold).await.unwrap();
+    assert_eq!(marked.rows_affected(), 1);
+    refused(
+        open_with_ticket(&app, &crashed.text, Some(0)).await,
+        "held by a stream whose lease has not lapsed",
+    );
+    wait_past(held_until).await;
+    let mut taken_over = open_with_ticket(&app, &crashed.text, Some(0))
+        .await
+        .expect("the reconnect after the lease lapsed");
+    assert!(taken_over.next().await.is_some());
+    // And the new stream holds it in turn.
+    refused(
+        open_with_ticket(&app, &crashed.text, Some(0)).await,
+        "concurrent with the takeover",
+    );
+}
+
 /// A ticket of a session that ended is refused, and a stream opened with
 /// one ends when its session does.
 async fn a_revoked_sessions_ticket_is_refused(backend: Backend) {
@@ -514,6 +569,7 @@ on_both_backends!(
     a_ticket_opens_the_stream_and_reconnects_resume,
     expired_tickets_are_refused,
     a_ticket_in_use_is_refused_for_a_second_stream,
+    a_lapsed_hold_is_taken_over,
     a_revoked_sessions_ticket_is_refused,
     forged_tickets_are_refused,
     a_ticket_is_never_a_bearer_token,

@@ -237,6 +237,27 @@ async fn all_end(streams: &mut [(Protocol, Opened)], reason: &str, why: &str) {
 }
 
 backend_tests! {
+    async fn an_api_keys_streams_end_when_it_is_revoked(app: TestApp) {
+        let (_, admin) = app.admin("root@example.com").await;
+        let created = app
+            .commands()
+            .await
+            .create_api_key(authed(
+                pb::CreateApiKeyRequest { name: "watcher".to_owned(), role: pb::Role::User as i32, expires_at: None },
+                &admin.access_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut streams = open_all(&app, &created.key).await;
+        app.commands()
+            .await
+            .revoke_api_key(authed(pb::RevokeApiKeyRequest { id: created.api_key.unwrap().id }, &admin.access_token))
+            .await
+            .unwrap();
+        all_end(&mut streams, "SESSION_ENDED", "RevokeApiKey").await;
+    }
+
     async fn every_way_a_session_ends_ends_its_streams_on_every_protocol(app: TestApp) {
         let (_, admin) = app.admin("root@example.com").await;
 
