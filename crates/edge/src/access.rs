@@ -68,7 +68,10 @@ pub struct AccessRules {
 
 impl AccessRules {
     pub fn from_pool(pool: &DescriptorPool) -> AccessRules {
-        let methods: Vec<MethodDescriptor> = pool.services().flat_map(|service| service.methods()).collect();
+        let methods: Vec<MethodDescriptor> = pool
+            .services()
+            .flat_map(|service| service.methods().collect::<Vec<_>>())
+            .collect();
         let needs_caller = methods
             .iter()
             .filter(|method| Access::of(method).needs_caller())

@@ -243,6 +243,43 @@ backend_tests! {
     }
 }
 
+/// Two keel processes on one PostgreSQL: duplicates sent to both at once
+/// make one effect. The other process's duplicates meet the advisory lock
+/// (ABORTED at once) or, after the commit, the record (a replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn postgres_two_processes_share_the_keys() {
+    let first = keel_testkit::spawn_app(Backend::Postgres).await;
+    let second = keel_testkit::second_process(&first).await;
+    let (_, admin) = first.admin("cluster-admin@example.com").await;
+    let body = new_user("cluster@example.com");
+    let calls = (0..40).map(|index| {
+        let origin = if index % 2 == 0 { first.endpoint() } else { second.endpoint() };
+        let (token, body) = (admin.access_token.clone(), body.clone());
+        tokio::spawn(async move { rest(&origin, "/v1/users", &token, Some("cluster-1"), &body).await })
+    });
+    let mut fresh = 0;
+    let mut ids = std::collections::HashSet::new();
+    for answer in futures::future::join_all(calls).await {
+        let (status, headers, json) = answer.unwrap();
+        match status.as_u16() {
+            201 => {
+                fresh += usize::from(!replayed(&headers));
+                ids.insert(json["data"]["user"]["id"].as_str().unwrap().to_owned());
+            }
+            409 => assert_eq!(json["error"]["code"], "ABORTED", "{json}"),
+            other => panic!("unexpected {other}: {json}"),
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(ids.len(), 1);
+    assert_eq!(users_named(first.channel().await, &admin.access_token, "cluster@").await, 1);
+    // Once the first is done, the other process replays it.
+    let (status, headers, _) = rest(&second.endpoint(), "/v1/users", &admin.access_token, Some("cluster-1"), &body).await;
+    assert_eq!(status, 201);
+    assert!(replayed(&headers));
+}
+
 /// A method configured to need a key refuses a call without one (400 /
 /// INVALID_ARGUMENT) and runs one with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
