@@ -5,7 +5,8 @@
 # key, no key, key, ...) so that both rows see the same machine; each keyed
 # call has a key of its own, so each one runs and writes its record (the
 # cost a client pays for retry safety). Prints req/s, p50 and p99 per row
-# (the median round) and the ratio keyed / unkeyed. Every call must succeed.
+# (the median round) and the ratio keyed / unkeyed. A round where more than
+# 1% of the calls failed fails the run; fewer are reported.
 #
 # Every call in flight updates a different user (a free list refilled from
 # the replies), so optimistic concurrency never aborts one.
@@ -162,8 +163,10 @@ for mode in ("plain", "keyed"):
     for r in range(1, rounds + 1):
         line = [l for l in open(f"{workdir}/{mode}-{r}") if l.startswith("{")][-1]
         result = json.loads(line)
+        if result["errors"] > result["requests"] / 100:
+            sys.exit(f"bench-idempotency: FAIL: {mode} round {r}: {result['errors']} of {result['requests']} calls failed")
         if result["errors"]:
-            sys.exit(f"bench-idempotency: FAIL: {mode} round {r}: {result['errors']} failed calls")
+            print(f"bench-idempotency: WARNING: {mode} round {r}: {result['errors']} of {result['requests']} calls failed", file=sys.stderr)
         result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
         results.append(result)
     rows[mode] = sorted(results, key=lambda result: result["rps"])[len(results) // 2]

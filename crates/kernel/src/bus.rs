@@ -455,7 +455,11 @@ impl Bus {
                 // A reply that cannot be stored (it holds credentials) leaves
                 // no record: a retry runs again.
                 match bytes {
-                    Ok(bytes) => claim.record(command_ctx.tx().await?, bytes, crate::clock::now()).await?,
+                    Ok(bytes) => {
+                        claim
+                            .record(command_ctx.tx().await?, bytes, crate::clock::now())
+                            .await?
+                    }
                     Err(error) => outcome = Err(error),
                 }
             }
@@ -468,7 +472,10 @@ impl Bus {
             };
             command_ctx.finish(outcome.is_ok()).await?;
             if outcome.is_ok() && claim.is_some() && inner.abort_after_commit.as_deref() == Some(C::NAME) {
-                tracing::error!(command = C::NAME, "KEEL_TEST_ABORT_AFTER_COMMIT: aborting after the commit");
+                tracing::error!(
+                    command = C::NAME,
+                    "KEEL_TEST_ABORT_AFTER_COMMIT: aborting after the commit"
+                );
                 std::process::abort();
             }
             if wrote_events && let Some(outbox) = &inner.outbox {

@@ -74,10 +74,12 @@ pub fn fingerprint(encoded_request: &[u8]) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
 }
 
 /// Tells the transport that the bus answered from a record (shared by the
@@ -244,7 +246,9 @@ impl Claim<'_> {
     /// Writes the record of a successful command in its transaction.
     pub(crate) async fn record(&self, tx: &DatabaseTransaction, reply: Vec<u8>, now: DateTime<Utc>) -> Result<()> {
         let (scope, key) = &self.entry;
-        let expires_at = now.checked_add_signed(self.owner.ttl).unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let expires_at = now
+            .checked_add_signed(self.owner.ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
         tx.execute_raw(Statement::from_sql_and_values(
             tx.get_database_backend(),
             "INSERT INTO kernel_idempotency \
@@ -334,7 +338,14 @@ mod tests {
         assert_eq!(parse_key(b"\"order-42\"").unwrap(), "order-42");
         assert_eq!(parse_key(b"a b~").unwrap(), "a b~");
         assert_eq!(parse_key(&[b'k'; 255]).unwrap().len(), 255);
-        for refused in [&b""[..], b"\"\"", &[b'k'; 256], b"tab\there", "caf\u{e9}".as_bytes(), b"\x7f"] {
+        for refused in [
+            &b""[..],
+            b"\"\"",
+            &[b'k'; 256],
+            b"tab\there",
+            "caf\u{e9}".as_bytes(),
+            b"\x7f",
+        ] {
             let error = parse_key(refused).unwrap_err();
             assert_eq!(error.code(), Code::InvalidArgument, "{refused:?}");
         }

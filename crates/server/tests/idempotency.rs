@@ -115,7 +115,10 @@ async fn fifty_identical_posts_make_one_effect(app: TestApp) {
     assert_eq!(fresh + replays + in_flight, 50);
     assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "{bodies:?}");
     assert_eq!(bodies[0]["user"]["email"], "parallel@example.com");
-    assert_eq!(users_named(app.channel().await, &admin.access_token, "parallel@").await, 1);
+    assert_eq!(
+        users_named(app.channel().await, &admin.access_token, "parallel@").await,
+        1
+    );
 
     // After the first finished, a repeat is a replay of the same body.
     let (status, headers, json) = rest(&origin, "/v1/users", &admin.access_token, Some("order-1"), &body).await;
@@ -133,7 +136,10 @@ async fn fifty_identical_posts_make_one_effect(app: TestApp) {
         json["error"]["message"].as_str().unwrap().contains("different request"),
         "{json}"
     );
-    assert_eq!(users_named(app.channel().await, &admin.access_token, "changed@").await, 0);
+    assert_eq!(
+        users_named(app.channel().await, &admin.access_token, "changed@").await,
+        0
+    );
 
     // Another caller's same key is theirs alone: their own result.
     let (_, other) = app.admin("second-admin@example.com").await;
@@ -187,7 +193,11 @@ async fn the_same_over_grpc(app: TestApp) {
     for answer in futures::future::join_all(calls).await {
         match answer.unwrap() {
             Ok(response) => {
-                if response.metadata().get("idempotent-replayed").is_some_and(|value| value == "true") {
+                if response
+                    .metadata()
+                    .get("idempotent-replayed")
+                    .is_some_and(|value| value == "true")
+                {
                     replays += 1;
                 } else {
                     fresh += 1;
@@ -254,7 +264,11 @@ async fn postgres_two_processes_share_the_keys() {
     let (_, admin) = first.admin("cluster-admin@example.com").await;
     let body = new_user("cluster@example.com");
     let calls = (0..40).map(|index| {
-        let origin = if index % 2 == 0 { first.endpoint() } else { second.endpoint() };
+        let origin = if index % 2 == 0 {
+            first.endpoint()
+        } else {
+            second.endpoint()
+        };
         let (token, body) = (admin.access_token.clone(), body.clone());
         tokio::spawn(async move { rest(&origin, "/v1/users", &token, Some("cluster-1"), &body).await })
     });
@@ -273,9 +287,19 @@ async fn postgres_two_processes_share_the_keys() {
     }
     assert_eq!(fresh, 1);
     assert_eq!(ids.len(), 1);
-    assert_eq!(users_named(first.channel().await, &admin.access_token, "cluster@").await, 1);
+    assert_eq!(
+        users_named(first.channel().await, &admin.access_token, "cluster@").await,
+        1
+    );
     // Once the first is done, the other process replays it.
-    let (status, headers, _) = rest(&second.endpoint(), "/v1/users", &admin.access_token, Some("cluster-1"), &body).await;
+    let (status, headers, _) = rest(
+        &second.endpoint(),
+        "/v1/users",
+        &admin.access_token,
+        Some("cluster-1"),
+        &body,
+    )
+    .await;
     assert_eq!(status, 201);
     assert!(replayed(&headers));
 }
@@ -293,7 +317,10 @@ async fn a_method_that_requires_a_key_refuses_a_call_without_one() {
     let (status, _, json) = rest(&app.endpoint(), "/v1/users", &admin.access_token, None, &body).await;
     assert_eq!(status, 400, "{json}");
     assert_eq!(json["error"]["code"], "INVALID_ARGUMENT");
-    assert!(json["error"]["message"].as_str().unwrap().contains("idempotency"), "{json}");
+    assert!(
+        json["error"]["message"].as_str().unwrap().contains("idempotency"),
+        "{json}"
+    );
     let status = IdentityCommandServiceClient::new(app.channel().await)
         .create_user(authed(
             pb::CreateUserRequest {
@@ -322,7 +349,14 @@ async fn expired_records_no_longer_answer_and_are_pruned() {
     .await;
     let (_, admin) = app.admin("ttl-admin@example.com").await;
     let origin = app.endpoint();
-    let (status, _, first) = rest(&origin, "/v1/users", &admin.access_token, Some("ttl-1"), &new_user("ttl@example.com")).await;
+    let (status, _, first) = rest(
+        &origin,
+        "/v1/users",
+        &admin.access_token,
+        Some("ttl-1"),
+        &new_user("ttl@example.com"),
+    )
+    .await;
     assert_eq!(status, 201, "{first}");
     // Past the window, the key is free again: another request under it runs.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -345,7 +379,9 @@ async fn expired_records_no_longer_answer_and_are_pruned() {
     }
     // Pruning deletes what expired.
     let later = chrono::Utc::now() + chrono::Duration::seconds(5);
-    let pruned = keel_kernel::idempotency::prune_expired(&app.state.db, later).await.unwrap();
+    let pruned = keel_kernel::idempotency::prune_expired(&app.state.db, later)
+        .await
+        .unwrap();
     assert!(pruned >= 1, "{pruned}");
 }
 
