@@ -59,6 +59,10 @@ bench-hotpath:
 bench-ratelimit:
     scripts/bench-ratelimit.sh
 
+# A write with and without an idempotency key, side by side on PostgreSQL, and their ratio (scripts/bench-idempotency.sh)
+bench-idempotency:
+    scripts/bench-idempotency.sh
+
 # Commit-to-subscriber latency (1, 100, 1000 subscribers) and relay throughput beside raw Redis pub/sub
 bench-events:
     cargo build --release -p keel-events --example bench_events

@@ -47,7 +47,7 @@ impl EdgeError {
     /// A gRPC status in REST form, with its details decoded from
     /// `grpc-status-details-bin` through the descriptor pool.
     pub fn from_status(status: &tonic::Status, pool: &DescriptorPool) -> Self {
-        let code = Code::from_grpc(status.code());
+        let code = Code::from_status(status);
         let mut error = Self::new(
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code.as_str(),

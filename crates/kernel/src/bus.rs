@@ -11,6 +11,10 @@
 //! that it can turn into bytes and back, so that an idempotency layer can
 //! store a response and replay it, and a cache can keep one, without
 //! knowing the command.
+//!
+//! Idempotency keys ([`crate::idempotency`]) are the bus's own, not a
+//! middleware's: their record must be read and written in the command's
+//! transaction, which only the bus holds.
 
 use std::any::{Any, TypeId, type_name};
 use std::collections::HashMap;
@@ -28,6 +32,7 @@ use tracing::Instrument;
 use crate::context::RequestContext;
 use crate::error::{Code, Error, Result};
 use crate::events::{DomainEvent, Outbox, PendingEvent};
+use crate::idempotency::{Found, Idempotency};
 
 /// A request to change state. `NAME` names its span (`identity.register`).
 pub trait Command: Send + 'static {
@@ -265,6 +270,8 @@ pub struct BusBuilder {
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     middleware: Vec<Arc<dyn Middleware>>,
+    idempotency: Option<std::time::Duration>,
+    abort_after_commit: Option<String>,
 }
 
 impl BusBuilder {
@@ -275,7 +282,25 @@ impl BusBuilder {
             commands: HashMap::new(),
             queries: HashMap::new(),
             middleware: Vec::new(),
+            idempotency: None,
+            abort_after_commit: None,
         }
+    }
+
+    /// Honours commands' idempotency keys, keeping each record for `ttl`
+    /// (needs the `kernel_idempotency` table). Without it a key only
+    /// travels into the command's events.
+    pub fn idempotency(&mut self, ttl: std::time::Duration) -> &mut Self {
+        self.idempotency = Some(ttl);
+        self
+    }
+
+    /// A test hook (`KEEL_TEST_ABORT_AFTER_COMMIT`): the process aborts
+    /// right after a `command` that carried an idempotency key commits,
+    /// before anyone hears of it, as a crash there would. Crash-consistency tests use it; nothing else may.
+    pub fn abort_after_commit(&mut self, command: impl Into<String>) -> &mut Self {
+        self.abort_after_commit = Some(command.into());
+        self
     }
 
     /// Registers the handler of `C`. Registering twice is a wiring bug.
@@ -318,6 +343,8 @@ impl BusBuilder {
                 commands: self.commands,
                 queries: self.queries,
                 middleware: self.middleware,
+                idempotency: self.idempotency.map(Idempotency::new),
+                abort_after_commit: self.abort_after_commit,
             }),
         }
     }
@@ -330,6 +357,8 @@ struct Inner {
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     middleware: Vec<Arc<dyn Middleware>>,
+    idempotency: Option<Idempotency>,
+    abort_after_commit: Option<String>,
 }
 
 /// The command bus and the query bus, cheap to clone.
@@ -388,6 +417,27 @@ impl Bus {
                 events: std::sync::Mutex::new(Vec::new()),
                 after_commit: std::sync::Mutex::new(Vec::new()),
             };
+            // A keyed command claims its key in this process, then looks it
+            // up in its own transaction (begun here, before the handler).
+            let claim = match (&inner.idempotency, &ctx.idempotency_key) {
+                (Some(idempotency), Some(key)) => Some(idempotency.claim(ctx, C::NAME, key)?),
+                _ => None,
+            };
+            if let Some(claim) = &claim {
+                match claim.look_up(command_ctx.tx().await?, crate::clock::now()).await {
+                    Ok(Found::Absent) => {}
+                    Ok(Found::Replay(bytes)) => {
+                        command_ctx.finish(false).await?;
+                        let output = restore::<C::Output>(&bytes)?;
+                        ctx.mark_replayed();
+                        return Ok(output);
+                    }
+                    Err(error) => {
+                        command_ctx.finish(false).await?;
+                        return Err(error);
+                    }
+                }
+            }
             let mut outcome = handler.handle(&command_ctx, command).await;
             if outcome.is_ok()
                 && ctx
@@ -399,6 +449,20 @@ impl Bus {
             }
             let events = command_ctx.take_events();
             let after_commit = command_ctx.take_after_commit();
+            if let (Some(claim), Ok(reply)) = (&claim, &outcome)
+                && let Some(bytes) = reply.to_bytes()
+            {
+                // A reply that cannot be stored (it holds credentials) leaves
+                // no record: a retry runs again.
+                match bytes {
+                    Ok(bytes) => {
+                        claim
+                            .record(command_ctx.tx().await?, bytes, crate::clock::now())
+                            .await?
+                    }
+                    Err(error) => outcome = Err(error),
+                }
+            }
             let wrote_events = match (&outcome, &inner.outbox) {
                 (Ok(_), Some(outbox)) if !events.is_empty() => {
                     outbox.write(command_ctx.tx().await?, &events).await?;
@@ -407,6 +471,13 @@ impl Bus {
                 _ => false,
             };
             command_ctx.finish(outcome.is_ok()).await?;
+            if outcome.is_ok() && claim.is_some() && inner.abort_after_commit.as_deref() == Some(C::NAME) {
+                tracing::error!(
+                    command = C::NAME,
+                    "KEEL_TEST_ABORT_AFTER_COMMIT: aborting after the commit"
+                );
+                std::process::abort();
+            }
             if wrote_events && let Some(outbox) = &inner.outbox {
                 outbox.committed();
             }

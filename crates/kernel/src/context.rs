@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::access::{AccessEnd, AccessEnded, AccessWatch};
 use crate::error::{Error, Result};
+use crate::idempotency::ReplayNotice;
 
 /// The roles of Keel, from least to most powerful.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
@@ -73,8 +74,14 @@ pub struct RequestContext {
     pub deadline: Option<Instant>,
     pub client_ip: Option<IpAddr>,
     pub user_agent: Option<String>,
-    /// The request's `idempotency-key`, carried into the events it causes.
+    /// The request's `idempotency-key`, carried into the events it causes
+    /// and, for a command, the key of its idempotency record.
     pub idempotency_key: Option<String>,
+    /// SHA-256 of the request message (set with a key, by the gRPC adapter):
+    /// what tells a retry from another request under the same key.
+    request_fingerprint: Option<String>,
+    /// Where the bus says it answered from an idempotency record.
+    replay_notice: Option<ReplayNotice>,
     /// Set only by in-process callers (the CLI, start-up bootstrap), never
     /// from a network request: such a caller may do what an admin may.
     trusted: bool,
@@ -115,6 +122,8 @@ impl RequestContext {
             client_ip: None,
             user_agent: None,
             idempotency_key: None,
+            request_fingerprint: None,
+            replay_notice: None,
             trusted: false,
             caller: None,
             access_watch: None,
@@ -136,6 +145,28 @@ impl RequestContext {
     pub fn with_principal(mut self, principal: Principal) -> Self {
         self.principal = Some(principal);
         self
+    }
+
+    /// The fingerprint of the request message (see [`crate::idempotency::fingerprint`]).
+    pub fn set_request_fingerprint(&mut self, fingerprint: String) {
+        self.request_fingerprint = Some(fingerprint);
+    }
+
+    pub fn request_fingerprint(&self) -> Option<&str> {
+        self.request_fingerprint.as_deref()
+    }
+
+    /// A notice, shared with every clone of this context, that says whether
+    /// the bus answered from an idempotency record (the transport then adds
+    /// `idempotent-replayed: true`).
+    pub fn watch_replay(&mut self) -> ReplayNotice {
+        self.replay_notice.get_or_insert_with(ReplayNotice::default).clone()
+    }
+
+    pub(crate) fn mark_replayed(&self) {
+        if let Some(notice) = &self.replay_notice {
+            notice.mark();
+        }
     }
 
     /// Keeps what authentication read about the caller (see [`Self::caller`]).

@@ -23,7 +23,17 @@ pub enum Code {
     Internal,
     Unavailable,
     DataLoss,
+    /// A refinement of FAILED_PRECONDITION that REST answers with 422: an
+    /// idempotency key sent again with a different request. It travels over
+    /// gRPC as FAILED_PRECONDITION with the `google.rpc.ErrorInfo` reason
+    /// [`IDEMPOTENCY_KEY_REUSED`], which is how the edge tells it apart
+    /// ([`Code::from_status`](crate::grpc)). Not in [`Code::ALL`]: no gRPC
+    /// code number maps to it alone.
+    IdempotencyKeyReused,
 }
+
+/// The `google.rpc.ErrorInfo` reason of [`Code::IdempotencyKeyReused`].
+pub const IDEMPOTENCY_KEY_REUSED: &str = "IDEMPOTENCY_KEY_REUSED";
 
 impl Code {
     pub const ALL: [Code; 16] = [
@@ -66,6 +76,7 @@ impl Code {
             Code::Internal => (13, 500, "INTERNAL"),
             Code::Unavailable => (14, 503, "UNAVAILABLE"),
             Code::DataLoss => (15, 500, "DATA_LOSS"),
+            Code::IdempotencyKeyReused => (9, 422, "FAILED_PRECONDITION"),
         }
     }
 
@@ -209,6 +220,11 @@ impl Error {
         }
     }
 
+    /// The same idempotency key with a different request (422 over REST).
+    pub fn idempotency_key_reused(message: impl Into<String>) -> Self {
+        Self::new(Code::IdempotencyKeyReused, message).with_info(IDEMPOTENCY_KEY_REUSED, &[])
+    }
+
     pub fn resource_exhausted(message: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),
@@ -299,6 +315,17 @@ mod tests {
             assert_eq!(code.http_status(), status, "{code}");
             assert_eq!(Code::from_grpc_number(code.grpc_number()), code);
         }
+    }
+
+    #[test]
+    fn a_reused_idempotency_key_is_a_failed_precondition_that_rest_answers_with_422() {
+        let error = Error::idempotency_key_reused("reused");
+        assert_eq!(error.code().http_status(), 422);
+        assert_eq!(error.code().grpc_number(), Code::FailedPrecondition.grpc_number());
+        assert_eq!(error.code().as_str(), "FAILED_PRECONDITION");
+        assert_eq!(error.info().map(|(reason, _)| reason), Some(IDEMPOTENCY_KEY_REUSED));
+        // A plain FAILED_PRECONDITION stays 400.
+        assert_eq!(Code::from_grpc_number(9), Code::FailedPrecondition);
     }
 }
 

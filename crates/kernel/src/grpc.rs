@@ -87,6 +87,24 @@ impl Code {
     pub fn from_grpc(code: tonic::Code) -> Code {
         Code::from_grpc_number(code as i32)
     }
+
+    /// The code of a status, read with its details: what a transport that
+    /// answers in HTTP statuses (the edge) must use, since a FAILED_PRECONDITION
+    /// whose `ErrorInfo` reason is `IDEMPOTENCY_KEY_REUSED` is a 422.
+    pub fn from_status(status: &tonic::Status) -> Code {
+        use tonic_types::StatusExt;
+
+        let code = Code::from_grpc(status.code());
+        if code == Code::FailedPrecondition
+            && !status.details().is_empty()
+            && status
+                .get_details_error_info()
+                .is_some_and(|info| info.reason == crate::error::IDEMPOTENCY_KEY_REUSED)
+        {
+            return Code::IdempotencyKeyReused;
+        }
+        code
+    }
 }
 
 impl From<Error> for tonic::Status {
@@ -145,13 +163,20 @@ impl From<Error> for tonic::Status {
 }
 
 /// The context the server's layers attached to the call, or a bare one
-/// (no principal) when the service is called without them.
-pub fn context<T>(request: &tonic::Request<T>) -> RequestContext {
-    request
+/// (no principal) when the service is called without them. With an
+/// idempotency key it carries the request's fingerprint: the SHA-256 of the
+/// decoded message encoded again, so the same request sent over REST,
+/// Connect or gRPC, compressed or not, has one fingerprint.
+pub fn context<T: prost::Message>(request: &tonic::Request<T>) -> RequestContext {
+    let mut ctx = request
         .extensions()
         .get::<RequestContext>()
         .cloned()
-        .unwrap_or_else(|| RequestContext::new(crate::id::new_id().to_string()))
+        .unwrap_or_else(|| RequestContext::new(crate::id::new_id().to_string()));
+    if ctx.idempotency_key.is_some() {
+        ctx.set_request_fingerprint(crate::idempotency::fingerprint(&request.get_ref().encode_to_vec()));
+    }
+    ctx
 }
 
 pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
@@ -191,6 +216,15 @@ mod tests {
             assert_eq!(Code::from_grpc(grpc), code);
         }
         assert_eq!(Code::from_grpc(tonic::Code::Ok), Code::Unknown);
+    }
+
+    #[test]
+    fn a_reused_idempotency_key_survives_the_trip_through_a_status() {
+        let status: tonic::Status = Error::idempotency_key_reused("reused").into();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(Code::from_status(&status), Code::IdempotencyKeyReused);
+        let plain: tonic::Status = Error::new(Code::FailedPrecondition, "no").into();
+        assert_eq!(Code::from_status(&plain), Code::FailedPrecondition);
     }
 
     #[test]

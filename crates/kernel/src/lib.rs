@@ -8,6 +8,8 @@
 //! - [`module`]: the `Module` trait every module implements, so the
 //!   composition root wires each with one line;
 //! - [`events`]: domain events and the outbox port;
+//! - [`idempotency`]: idempotency keys of commands, recorded in the
+//!   command's own transaction;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`access`]: when a caller's access ends, so that streams end with it;
 //! - [`cluster`]: announcements every keel process acts on before a command
@@ -33,6 +35,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod id;
+pub mod idempotency;
 pub mod limit;
 pub mod mail;
 pub mod module;

@@ -166,12 +166,22 @@ impl State {
 
         let mut bus = BusBuilder::new(db.clone());
         bus.outbox(events.outbox());
+        let idempotency_ttl = Duration::from_secs(config.idempotency_ttl_seconds);
+        bus.idempotency(idempotency_ttl);
+        if let Some(command) = &config.test_abort_after_commit {
+            tracing::warn!(command = %command, "KEEL_TEST_ABORT_AFTER_COMMIT is set: this process aborts after that command commits");
+            bus.abort_after_commit(command.clone());
+        }
         for module in &modules {
             module.register(&mut bus);
         }
         let mut tasks: Vec<_> = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
         let sessions = keel_identity::access::SessionWatch::new(db.clone());
         tasks.push(watch_sessions(&events, sessions.clone()));
+        tasks.push(keel_kernel::idempotency::spawn_pruning(
+            db.clone(),
+            idempotency_ttl.min(Duration::from_secs(3600)),
+        ));
         let metrics = if config.metrics {
             Some(Arc::new(crate::metrics::Metrics::new(keel_proto::FILE_DESCRIPTOR_SET)?))
         } else {
@@ -404,13 +414,23 @@ impl State {
                 Arc::new(self.sessions.clone()),
                 self.db.clone(),
                 self.config.max_message_bytes,
-                keel_edge::access::AccessRules::from_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
-                    .map_err(|error| anyhow::anyhow!("access rules: {error}"))?,
+                self.access_rules()?,
             ))
             // Inside the context layer: it reads the caller and address.
             .option_layer(rate_limits)
             .service(routes.prepare());
         Ok(Upstream::new(layered))
+    }
+
+    /// Who may call what, and which methods need an idempotency key: the
+    /// contracts' options, then `KEEL_IDEMPOTENCY_REQUIRED_METHODS`.
+    fn access_rules(&self) -> anyhow::Result<keel_edge::access::AccessRules> {
+        let mut rules = keel_edge::access::AccessRules::from_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .map_err(|error| anyhow::anyhow!("access rules: {error}"))?;
+        for method in self.config.idempotency_required_methods() {
+            rules.require_idempotency_key(method);
+        }
+        Ok(rules)
     }
 
     /// The one listener's service: gRPC, grpc-web, Connect and REST on one

@@ -174,6 +174,19 @@ pub struct Config {
     /// `default=600/60;keel.identity.v1.IdentityQueryService/ListUsers=60/60@address`
     /// (see `crate::limit::RateLimitsSetting`).
     pub rate_limits: crate::limit::RateLimitsSetting,
+    /// `KEEL_IDEMPOTENCY_TTL_SECONDS`: how long a command's idempotency
+    /// record answers retries of its key (24 h by default); expired records
+    /// are pruned in batches every `min(ttl, 1 h)`.
+    pub idempotency_ttl_seconds: u64,
+    /// `KEEL_IDEMPOTENCY_REQUIRED_METHODS`: comma-separated gRPC paths
+    /// (`/keel.identity.v1.IdentityCommandService/CreateUser`) that refuse a
+    /// call without an idempotency key, besides the methods whose contract
+    /// says so (`keel.api.v1.idempotency = IDEMPOTENCY_REQUIRED`).
+    pub idempotency_required_methods: Option<String>,
+    /// `KEEL_TEST_ABORT_AFTER_COMMIT`: a test hook, refused in production:
+    /// the process aborts right after the named command (`identity.create_user`)
+    /// commits, before it answers, as a crash there would.
+    pub test_abort_after_commit: Option<String>,
 }
 
 impl Default for Config {
@@ -213,6 +226,9 @@ impl Default for Config {
             rate_limiter: crate::limit::LimiterKind::Auto,
             rate_limit_fallback: crate::limit::Fallback::Local,
             rate_limits: crate::limit::RateLimitsSetting::default(),
+            idempotency_ttl_seconds: 24 * 3600,
+            idempotency_required_methods: None,
+            test_abort_after_commit: None,
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,
@@ -382,6 +398,23 @@ impl Config {
         if self.rate_limiter == crate::limit::LimiterKind::Redis && self.redis_url.is_none() {
             return Err(invalid("KEEL_RATE_LIMITER", "redis needs KEEL_REDIS_URL"));
         }
+        if self.idempotency_ttl_seconds == 0 {
+            return Err(invalid("KEEL_IDEMPOTENCY_TTL_SECONDS", "must be at least 1"));
+        }
+        for method in self.idempotency_required_methods() {
+            if !method.starts_with('/') || method.matches('/').count() != 2 {
+                return Err(invalid(
+                    "KEEL_IDEMPOTENCY_REQUIRED_METHODS",
+                    format!("{method:?} is not a gRPC path (/package.Service/Method)"),
+                ));
+            }
+        }
+        if self.env == Environment::Production && self.test_abort_after_commit.is_some() {
+            return Err(invalid(
+                "KEEL_TEST_ABORT_AFTER_COMMIT",
+                "is a test hook and is refused when KEEL_ENV=production",
+            ));
+        }
         if self.env == Environment::Production && self.auth_keys_file.is_none() {
             return Err(invalid(
                 "KEEL_AUTH_KEYS_FILE",
@@ -425,6 +458,16 @@ impl Config {
 
     pub fn security_settings(&self) -> keel_edge::SecuritySettings {
         keel_edge::SecuritySettings { hsts: self.hsts }
+    }
+
+    /// The gRPC paths of `KEEL_IDEMPOTENCY_REQUIRED_METHODS`.
+    pub fn idempotency_required_methods(&self) -> impl Iterator<Item = &str> {
+        self.idempotency_required_methods
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|method| !method.is_empty())
     }
 
     pub fn reflection_enabled(&self) -> bool {

@@ -2,7 +2,9 @@
 //! client address, deadline, authentication into a `RequestContext`, the
 //! methods' declared access (`keel.api.v1.access`: an anonymous call to a
 //! method that needs a caller is UNAUTHENTICATED before its request is
-//! read), and oversized messages answered as RESOURCE_EXHAUSTED.
+//! read), the idempotency key (checked, required where a method says so,
+//! and `idempotent-replayed: true` on an answer the bus replayed), and
+//! oversized messages answered as RESOURCE_EXHAUSTED.
 //!
 //! The request id itself is set and echoed by the listener
 //! (`keel_edge::request_id`); this layer only reads it.
@@ -118,9 +120,6 @@ where
                     .and_then(TcpConnectInfo::remote_addr)
                     .map(|address| address.ip());
                 ctx.user_agent = header(request.headers(), "user-agent").map(str::to_owned);
-                ctx.idempotency_key = header(request.headers(), "idempotency-key")
-                    .filter(|key| !key.is_empty() && key.len() <= 255)
-                    .map(str::to_owned);
                 ctx.deadline = header(request.headers(), "grpc-timeout")
                     .and_then(parse_grpc_timeout)
                     .map(|timeout| tokio::time::Instant::now() + timeout);
@@ -165,6 +164,19 @@ where
                     let refused = Error::unauthenticated("authentication required");
                     return Ok(tonic::Status::from(refused).into_http::<Body>());
                 }
+                let mut replay = None;
+                if let Some(key) = request.headers().get("idempotency-key") {
+                    match keel_kernel::idempotency::parse_key(key.as_bytes()) {
+                        Ok(key) => {
+                            ctx.idempotency_key = Some(key);
+                            replay = Some(ctx.watch_replay());
+                        }
+                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
+                    }
+                } else if state.access.needs_idempotency_key(request.uri().path()) {
+                    let refused = Error::invalid_field("idempotency-key", "this method requires an idempotency key");
+                    return Ok(tonic::Status::from(refused).into_http::<Body>());
+                }
                 request.extensions_mut().insert(ctx);
                 let response = inner.call(request).await.map_err(Into::into)?;
                 let mut response = match lease {
@@ -179,6 +191,12 @@ where
                 };
                 if oversized.load(Ordering::Relaxed) {
                     resource_exhausted_for_oversized(response.headers_mut());
+                }
+                if replay.is_some_and(|notice| notice.replayed()) {
+                    response.headers_mut().insert(
+                        keel_kernel::idempotency::REPLAYED_HEADER,
+                        HeaderValue::from_static("true"),
+                    );
                 }
                 tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
                 Ok(response)
