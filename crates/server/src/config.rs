@@ -161,6 +161,13 @@ pub struct Config {
     /// port, without authentication. Turn it off where the port is public
     /// and the numbers should not be.
     pub metrics: bool,
+    /// `KEEL_OTLP_ENDPOINT`: an OpenTelemetry collector's OTLP/gRPC address
+    /// (`http://collector:4317`). Set: spans are exported to it and log
+    /// lines carry `trace_id` and `span_id`. Unset: no exporter at all.
+    pub otlp_endpoint: Option<String>,
+    /// `KEEL_TRACE_SAMPLE_RATIO`: the share of new traces recorded, 0 to 1
+    /// (parent-based: a caller's sampled `traceparent` is always followed).
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for Config {
@@ -197,6 +204,8 @@ impl Default for Config {
             trusted_proxies: None,
             forwarded_header: "x-forwarded-for".to_owned(),
             metrics: true,
+            otlp_endpoint: None,
+            trace_sample_ratio: 1.0,
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,
@@ -321,6 +330,15 @@ impl Config {
                 "KEEL_STREAM_TICKET_LIFETIME_SECONDS",
                 "must be at least KEEL_STREAM_TICKET_FIRST_USE_SECONDS",
             ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            return Err(invalid("KEEL_OTLP_ENDPOINT", "must start with http:// or https://"));
+        }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(invalid("KEEL_TRACE_SAMPLE_RATIO", "must be between 0 and 1"));
         }
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));

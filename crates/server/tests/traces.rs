@@ -1,0 +1,288 @@
+//! OpenTelemetry traces against the real server and an in-test OTLP
+//! collector (a tonic server of OTLP's TraceService): a REST sign-up is one
+//! trace from the server span through the command, its database
+//! statements, the relay's publish and the welcome-email handler; a
+//! caller's `traceparent` is honoured; the call's log lines carry the ids.
+//!
+//! One test: the subscriber and its exporter are the process's, and the
+//! exporter lives on the runtime that made it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use keel_server::config::LogFormat;
+use keel_testkit::{Backend, TestApp, spawn_app_with};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+/// Every span exported to it.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+async fn start_collector() -> (Collector, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let collector = Collector::default();
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    (collector, format!("http://{address}"))
+}
+
+/// The log output, shared with the test.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}
+
+async fn register(app: &TestApp, email: &str, traceparent: Option<&str>) -> u16 {
+    let mut builder = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/v1/auth/register", app.endpoint()))
+        .header("content-type", "application/json");
+    if let Some(traceparent) = traceparent {
+        builder = builder.header("traceparent", traceparent);
+    }
+    let body = serde_json::json!({"email": email, "password": "correct horse battery", "displayName": "Traced"});
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let response = client
+        .request(builder.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await.unwrap();
+    status
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn attribute<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|pair| pair.key == key)
+        .and_then(|pair| pair.value.as_ref())
+        .and_then(|value| value.value.as_ref())
+}
+
+fn string_attribute<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
+    match attribute(span, key) {
+        Some(Value::StringValue(value)) => Some(value),
+        _ => None,
+    }
+}
+
+/// What one trace must hold, by span name; `None` until all are there.
+fn complete_trace(spans: &[Span], trace_id: &str) -> Option<HashMap<String, Span>> {
+    let in_trace: Vec<&Span> = spans.iter().filter(|span| hex(&span.trace_id) == trace_id).collect();
+    let find = |predicate: &dyn Fn(&Span) -> bool| in_trace.iter().copied().find(|span| predicate(span)).cloned();
+    let server = find(&|span| {
+        span.name == "keel.identity.v1.IdentityCommandService/Register" && span.kind == SpanKind::Server as i32
+    })?;
+    let command = find(&|span| span.name == "identity.register")?;
+    let database = find(&|span| span.name.starts_with("sea_orm."))?;
+    let publish = find(&|span| span.name == "publish identity.user.registered")?;
+    let handler = find(&|span| span.name == "identity.welcome_email identity.user.registered")?;
+    Some(HashMap::from([
+        ("server".to_owned(), server),
+        ("command".to_owned(), command),
+        ("database".to_owned(), database),
+        ("publish".to_owned(), publish),
+        ("handler".to_owned(), handler),
+    ]))
+}
+
+/// Flushes the exporter until `trace_id`'s trace is whole, for at most 20 s.
+async fn wait_for_trace(
+    telemetry: &keel_server::telemetry::Telemetry,
+    collector: &Collector,
+    trace_id: &str,
+) -> HashMap<String, Span> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let flushing = telemetry.clone();
+        tokio::task::spawn_blocking(move || flushing.flush()).await.unwrap();
+        if let Some(trace) = complete_trace(&collector.spans.lock().unwrap(), trace_id) {
+            return trace;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let names: Vec<(String, String)> = collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|span| (hex(&span.trace_id), span.name.clone()))
+                .collect();
+            panic!("trace {trace_id} incomplete after 20 s; exported: {names:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The trace and request ids of the server span of each logged line.
+fn logged_trace_ids(logs: &Captured) -> Vec<(String, String)> {
+    logs.lines()
+        .iter()
+        .filter_map(|line| {
+            let spans = line.get("spans")?.as_array()?;
+            let server = spans.iter().find(|span| span.get("name").and_then(|n| n.as_str()) == Some("grpc"))?;
+            let trace_id = server.get("trace_id")?.as_str()?.to_owned();
+            let request_id = server.get("request_id")?.as_str()?.to_owned();
+            Some((trace_id, request_id))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
+    let (collector, endpoint) = start_collector().await;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let telemetry_config = keel_server::Config {
+        otlp_endpoint: Some(endpoint.clone()),
+        trace_sample_ratio: 1.0,
+        // The layer's "call answered" line is a debug line of every call.
+        log: "info,keel_server=debug".to_owned(),
+        log_format: Some(LogFormat::Json),
+        ..keel_server::Config::default()
+    };
+    let telemetry = keel_server::telemetry::init_with_writer(&telemetry_config, move || writer.clone(), false);
+    assert!(telemetry.exporting(), "this test installs the process's subscriber first");
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.otlp_endpoint = Some(endpoint.clone());
+    })
+    .await;
+
+    // Without a caller's context: the server span is the root.
+    assert_eq!(register(&app, "traced@example.com", None).await, 200);
+    let server_trace = collector_trace_of_register(&telemetry, &collector).await;
+    let trace = wait_for_trace(&telemetry, &collector, &server_trace).await;
+    let server = &trace["server"];
+    assert!(server.parent_span_id.is_empty(), "no caller context: the server span is a root");
+    assert_eq!(string_attribute(server, "rpc.system"), Some("grpc"));
+    assert_eq!(
+        string_attribute(server, "rpc.service"),
+        Some("keel.identity.v1.IdentityCommandService")
+    );
+    assert_eq!(string_attribute(server, "rpc.method"), Some("Register"));
+    assert_eq!(attribute(server, "rpc.grpc.status_code"), Some(&Value::IntValue(0)));
+    assert_eq!(trace["command"].parent_span_id, server.span_id, "the command runs in the call");
+    assert_eq!(
+        trace["publish"].kind,
+        SpanKind::Producer as i32,
+        "the relay's publish continues the trace"
+    );
+    assert_eq!(trace["handler"].kind, SpanKind::Consumer as i32);
+    assert_eq!(
+        string_attribute(&trace["handler"], "keel.event.handler"),
+        Some("identity.welcome_email")
+    );
+
+    // A caller's traceparent: the call joins the caller's trace, under its span.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{caller_trace}-{caller_span}-01");
+    assert_eq!(
+        register(&app, "caller-traced@example.com", Some(&traceparent)).await,
+        200
+    );
+    let trace = wait_for_trace(&telemetry, &collector, caller_trace).await;
+    assert_eq!(hex(&trace["server"].parent_span_id), caller_span);
+    assert_eq!(hex(&trace["handler"].trace_id), caller_trace);
+
+    // The call's log lines carry its trace id beside its request id.
+    let logged = logged_trace_ids(&logs);
+    assert!(
+        logged.iter().any(|(trace_id, _)| trace_id == &server_trace),
+        "a log line of the first call carries its trace id: {logged:?}"
+    );
+    assert!(
+        logged.iter().any(|(trace_id, _)| trace_id == caller_trace),
+        "a log line of the second call carries the caller's trace id: {logged:?}"
+    );
+    assert!(
+        !String::from_utf8(logs.0.lock().unwrap().clone())
+            .unwrap()
+            .contains("correct horse battery"),
+        "no password reaches a log line"
+    );
+
+    app.stop().await;
+    tokio::task::spawn_blocking(move || telemetry.shutdown()).await.unwrap();
+}
+
+/// The trace id of the first exported Register server span.
+async fn collector_trace_of_register(telemetry: &keel_server::telemetry::Telemetry, collector: &Collector) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let flushing = telemetry.clone();
+        tokio::task::spawn_blocking(move || flushing.flush()).await.unwrap();
+        if let Some(span) = collector
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|span| span.name == "keel.identity.v1.IdentityCommandService/Register")
+        {
+            return hex(&span.trace_id);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Register server span exported within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
