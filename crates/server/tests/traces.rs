@@ -207,7 +207,7 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
     .await;
 
     // Without a caller's context: the server span is the root.
-    assert_eq!(register(&app, "traced@example.com", None).await, 200);
+    assert_eq!(register(&app, "traced@example.com", None).await, 201);
     let server_trace = collector_trace_of_register(&telemetry, &collector).await;
     let trace = wait_for_trace(&telemetry, &collector, &server_trace).await;
     let server = &trace["server"];
@@ -237,7 +237,7 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
     let traceparent = format!("00-{caller_trace}-{caller_span}-01");
     assert_eq!(
         register(&app, "caller-traced@example.com", Some(&traceparent)).await,
-        200
+        201
     );
     let trace = wait_for_trace(&telemetry, &collector, caller_trace).await;
     assert_eq!(hex(&trace["server"].parent_span_id), caller_span);
