@@ -237,8 +237,11 @@ impl Runner {
             messaging.message.id = %event.event_id,
             keel.event.handler = self.handler.name(),
             keel.event.sequence = event.sequence,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
         );
         keel_kernel::trace::continue_from(&span, Some(parent));
+        keel_kernel::trace::record_ids(&span);
         self.deliver_with_retries(event).instrument(span).await
     }
 
