@@ -23,7 +23,12 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
-            .alter_table(Table::alter().table(Events::Table).drop_column(Events::TraceContext).to_owned())
+            .alter_table(
+                Table::alter()
+                    .table(Events::Table)
+                    .drop_column(Events::TraceContext)
+                    .to_owned(),
+            )
             .await
     }
 }

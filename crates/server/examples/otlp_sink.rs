@@ -32,7 +32,9 @@ impl TraceService for Sink {
             .map(|scope| scope.spans.len())
             .sum();
         self.spans.fetch_add(spans as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 

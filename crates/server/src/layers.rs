@@ -211,10 +211,7 @@ where
 /// callers' headers arrive here as metadata too).
 fn server_span<B>(request: &Request<B>, request_id: &str) -> tracing::Span {
     let path = request.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     let span = tracing::info_span!(
         "grpc",
         otel.name = path.trim_start_matches('/'),

@@ -126,7 +126,10 @@ where
     }
 }
 
-fn tracer_provider(config: &Config, endpoint: &str) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+fn tracer_provider(
+    config: &Config,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
@@ -142,7 +145,10 @@ fn tracer_provider(config: &Config, endpoint: &str) -> Result<SdkTracerProvider,
         .build();
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("keel")
-        .with_attribute(opentelemetry::KeyValue::new("keel.deployment", config.deployment.clone()))
+        .with_attribute(opentelemetry::KeyValue::new(
+            "keel.deployment",
+            config.deployment.clone(),
+        ))
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(batches)

@@ -43,7 +43,9 @@ impl TraceService for Collector {
                 spans.extend(scope.spans);
             }
         }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -178,7 +180,9 @@ fn logged_trace_ids(logs: &Captured) -> Vec<(String, String)> {
         .iter()
         .filter_map(|line| {
             let spans = line.get("spans")?.as_array()?;
-            let server = spans.iter().find(|span| span.get("name").and_then(|n| n.as_str()) == Some("grpc"))?;
+            let server = spans
+                .iter()
+                .find(|span| span.get("name").and_then(|n| n.as_str()) == Some("grpc"))?;
             let trace_id = server.get("trace_id")?.as_str()?.to_owned();
             let request_id = server.get("request_id")?.as_str()?.to_owned();
             Some((trace_id, request_id))
@@ -200,7 +204,10 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
         ..keel_server::Config::default()
     };
     let telemetry = keel_server::telemetry::init_with_writer(&telemetry_config, move || writer.clone(), false);
-    assert!(telemetry.exporting(), "this test installs the process's subscriber first");
+    assert!(
+        telemetry.exporting(),
+        "this test installs the process's subscriber first"
+    );
     let app = spawn_app_with(Backend::Sqlite, |config| {
         config.otlp_endpoint = Some(endpoint.clone());
     })
@@ -211,7 +218,10 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
     let server_trace = collector_trace_of_register(&telemetry, &collector).await;
     let trace = wait_for_trace(&telemetry, &collector, &server_trace).await;
     let server = &trace["server"];
-    assert!(server.parent_span_id.is_empty(), "no caller context: the server span is a root");
+    assert!(
+        server.parent_span_id.is_empty(),
+        "no caller context: the server span is a root"
+    );
     assert_eq!(string_attribute(server, "rpc.system"), Some("grpc"));
     assert_eq!(
         string_attribute(server, "rpc.service"),
@@ -219,7 +229,10 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
     );
     assert_eq!(string_attribute(server, "rpc.method"), Some("Register"));
     assert_eq!(attribute(server, "rpc.grpc.status_code"), Some(&Value::IntValue(0)));
-    assert_eq!(trace["command"].parent_span_id, server.span_id, "the command runs in the call");
+    assert_eq!(
+        trace["command"].parent_span_id, server.span_id,
+        "the command runs in the call"
+    );
     assert_eq!(
         trace["publish"].kind,
         SpanKind::Producer as i32,
