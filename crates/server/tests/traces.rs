@@ -4,8 +4,8 @@
 //! statements, the relay's publish and the welcome-email handler; a
 //! caller's `traceparent` is honoured; the call's log lines carry the ids.
 //!
-//! One test: the subscriber and its exporter are the process's, and the
-//! exporter lives on the runtime that made it.
+//! The subscriber and its exporter are the process's: the tests share them
+//! (and the collector), each test's spans told apart by their trace ids.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -190,33 +190,97 @@ fn logged_trace_ids(logs: &Captured) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The process's subscriber, exporter, collector and log capture. They live
+/// on a runtime of their own: the exporter's channel runs on the runtime
+/// that made it, and each test has its own.
+struct Shared {
+    telemetry: keel_server::telemetry::Telemetry,
+    collector: Collector,
+    logs: Captured,
+    endpoint: String,
+}
+
+static SHARED: std::sync::OnceLock<Shared> = std::sync::OnceLock::new();
+
+fn shared() -> &'static Shared {
+    SHARED.get_or_init(|| {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let (collector, endpoint) = start_collector().await;
+                let logs = Captured::default();
+                let writer = logs.clone();
+                let config = keel_server::Config {
+                    otlp_endpoint: Some(endpoint.clone()),
+                    trace_sample_ratio: 1.0,
+                    // The layer's "call answered" line is a debug line of every call.
+                    log: "info,keel_server=debug".to_owned(),
+                    log_format: Some(LogFormat::Json),
+                    ..keel_server::Config::default()
+                };
+                let telemetry = keel_server::telemetry::init_with_writer(&config, move || writer.clone(), false);
+                assert!(
+                    telemetry.exporting(),
+                    "this test installs the process's subscriber first"
+                );
+                sender
+                    .send(Shared {
+                        telemetry,
+                        collector,
+                        logs,
+                        endpoint,
+                    })
+                    .unwrap();
+                std::future::pending::<()>().await;
+            });
+        });
+        receiver.recv().unwrap()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
-    let (collector, endpoint) = start_collector().await;
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let telemetry_config = keel_server::Config {
-        otlp_endpoint: Some(endpoint.clone()),
-        trace_sample_ratio: 1.0,
-        // The layer's "call answered" line is a debug line of every call.
-        log: "info,keel_server=debug".to_owned(),
-        log_format: Some(LogFormat::Json),
-        ..keel_server::Config::default()
-    };
-    let telemetry = keel_server::telemetry::init_with_writer(&telemetry_config, move || writer.clone(), false);
-    assert!(
-        telemetry.exporting(),
-        "this test installs the process's subscriber first"
-    );
+    let shared = shared();
+    let endpoint = shared.endpoint.clone();
     let app = spawn_app_with(Backend::Sqlite, |config| {
-        config.otlp_endpoint = Some(endpoint.clone());
+        config.otlp_endpoint = Some(endpoint);
     })
     .await;
+    one_trace_through_the_outbox(shared, &app, "sqlite", "4bf92f3577b34da6a3ce929d0e0e4736").await;
+    app.stop().await;
+}
+
+/// On PostgreSQL with a second keel beside the first: the call reaches one,
+/// and either may number the event and run the handler, from the event
+/// row's stored context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn postgres_a_sign_up_on_one_keel_is_one_trace_whichever_keel_handles_it() {
+    let shared = shared();
+    let endpoint = shared.endpoint.clone();
+    let first = spawn_app_with(Backend::Postgres, |config| {
+        config.otlp_endpoint = Some(endpoint);
+    })
+    .await;
+    let second = keel_testkit::second_process(&first).await;
+    one_trace_through_the_outbox(shared, &second, "postgres", "5ce0a1b2c3d4e5f60718293a4b5c6d7e").await;
+    second.stop().await;
+    first.stop().await;
+}
+
+async fn one_trace_through_the_outbox(shared: &Shared, app: &TestApp, tag: &str, caller_trace: &str) {
+    let (telemetry, collector, logs) = (&shared.telemetry, &shared.collector, &shared.logs);
 
     // Without a caller's context: the server span is the root.
-    assert_eq!(register(&app, "traced@example.com", None).await, 201);
-    let server_trace = collector_trace_of_register(&telemetry, &collector).await;
-    let trace = wait_for_trace(&telemetry, &collector, &server_trace).await;
+    let email = format!("traced-{tag}@example.com");
+    assert_eq!(register(app, &email, None).await, 201);
+    let server_trace = collector_trace_of_register(telemetry, collector, &email).await;
+    let trace = wait_for_trace(telemetry, collector, &server_trace).await;
     let server = &trace["server"];
     assert!(
         server.parent_span_id.is_empty(),
@@ -245,19 +309,16 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
     );
 
     // A caller's traceparent: the call joins the caller's trace, under its span.
-    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{caller_trace}-{caller_span}-01");
-    assert_eq!(
-        register(&app, "caller-traced@example.com", Some(&traceparent)).await,
-        201
-    );
-    let trace = wait_for_trace(&telemetry, &collector, caller_trace).await;
+    let email = format!("caller-traced-{tag}@example.com");
+    assert_eq!(register(app, &email, Some(&traceparent)).await, 201);
+    let trace = wait_for_trace(telemetry, collector, caller_trace).await;
     assert_eq!(hex(&trace["server"].parent_span_id), caller_span);
     assert_eq!(hex(&trace["handler"].trace_id), caller_trace);
 
     // The call's log lines carry its trace id beside its request id.
-    let logged = logged_trace_ids(&logs);
+    let logged = logged_trace_ids(logs);
     assert!(
         logged.iter().any(|(trace_id, _)| trace_id == &server_trace),
         "a log line of the first call carries its trace id: {logged:?}"
@@ -272,29 +333,40 @@ async fn a_rest_sign_up_is_one_trace_through_the_outbox_to_its_handler() {
             .contains("correct horse battery"),
         "no password reaches a log line"
     );
-
-    app.stop().await;
-    tokio::task::spawn_blocking(move || telemetry.shutdown()).await.unwrap();
 }
 
-/// The trace id of the first exported Register server span.
-async fn collector_trace_of_register(telemetry: &keel_server::telemetry::Telemetry, collector: &Collector) -> String {
+/// The trace id of a root Register server span no test took yet: each
+/// test's first sign-up is its only call without a caller's context (whose
+/// of two parallel tests it is matters not: each trace must be whole).
+async fn collector_trace_of_register(
+    telemetry: &keel_server::telemetry::Telemetry,
+    collector: &Collector,
+    email: &str,
+) -> String {
+    static CLAIMED: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let flushing = telemetry.clone();
         tokio::task::spawn_blocking(move || flushing.flush()).await.unwrap();
-        if let Some(span) = collector
+        let mut claimed = CLAIMED.lock().unwrap();
+        let found = collector
             .spans
             .lock()
             .unwrap()
             .iter()
-            .find(|span| span.name == "keel.identity.v1.IdentityCommandService/Register")
-        {
-            return hex(&span.trace_id);
+            .filter(|span| {
+                span.name == "keel.identity.v1.IdentityCommandService/Register" && span.parent_span_id.is_empty()
+            })
+            .map(|span| hex(&span.trace_id))
+            .find(|trace_id| !claimed.contains(trace_id));
+        if let Some(trace_id) = found {
+            claimed.push(trace_id.clone());
+            return trace_id;
         }
+        drop(claimed);
         assert!(
             tokio::time::Instant::now() < deadline,
-            "no Register server span exported within 20 s"
+            "no Register server span for {email} exported within 20 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
