@@ -348,22 +348,26 @@ async fn collector_trace_of_register(
     loop {
         let flushing = telemetry.clone();
         tokio::task::spawn_blocking(move || flushing.flush()).await.unwrap();
-        let mut claimed = CLAIMED.lock().unwrap();
-        let found = collector
-            .spans
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|span| {
-                span.name == "keel.identity.v1.IdentityCommandService/Register" && span.parent_span_id.is_empty()
-            })
-            .map(|span| hex(&span.trace_id))
-            .find(|trace_id| !claimed.contains(trace_id));
-        if let Some(trace_id) = found {
-            claimed.push(trace_id.clone());
+        let claimed_now = {
+            let mut claimed = CLAIMED.lock().unwrap();
+            let found = collector
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|span| {
+                    span.name == "keel.identity.v1.IdentityCommandService/Register" && span.parent_span_id.is_empty()
+                })
+                .map(|span| hex(&span.trace_id))
+                .find(|trace_id| !claimed.contains(trace_id));
+            if let Some(trace_id) = &found {
+                claimed.push(trace_id.clone());
+            }
+            found
+        };
+        if let Some(trace_id) = claimed_now {
             return trace_id;
         }
-        drop(claimed);
         assert!(
             tokio::time::Instant::now() < deadline,
             "no Register server span for {email} exported within 20 s"
