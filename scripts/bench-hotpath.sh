@@ -72,6 +72,16 @@
 #   BENCH_LOAD_CPUS       taskset -c list for wrk, h2load, pgbench [unset: not pinned]
 #   BENCH_OUT             also write the table (Markdown) to this file
 #   BENCH_KEEP            1: keep the work dir (server log, tool outputs) [0]
+#   BENCH_TRACING         1: the tracing rows (below) [1]; 0 skips them
+#   BENCH_SINK_BIN        the OTLP sink binary [built: cargo build --release
+#                         -p keel-server --example otlp_sink]
+#
+# Tracing rows (issue 13), after the others: the REST read of rest-me again,
+# on keel restarted on the same database three times: tracing off, then
+# spans exported (KEEL_OTLP_ENDPOINT) at KEEL_TRACE_SAMPLE_RATIO 1.0 and 0.01
+# to a local OTLP sink that accepts and drops them
+# (crates/server/examples/otlp_sink.rs). Each traced row's ratio is against
+# the off row of the same section. A second table prints them.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -149,6 +159,7 @@ workdir="$(mktemp -d "${TMPDIR:-/tmp}/keel-bench-hotpath.XXXXXX")"
 mkdir -p "$workdir/data"
 server_log="$workdir/keel.log"
 server_pid=""
+sink_pid=""
 db_mode=""     # database | schema
 db_name=""     # the database keel uses
 keel_schema="" # the schema keel works in
@@ -156,6 +167,10 @@ db_url=""      # URL of the database keel uses
 
 cleanup() {
   local status=$?
+  if [[ -n "$sink_pid" ]]; then
+    kill -TERM "$sink_pid" 2>/dev/null || true
+    wait "$sink_pid" 2>/dev/null || true
+  fi
   if [[ -n "$server_pid" ]] && kill -0 "$server_pid" 2>/dev/null; then
     kill -TERM "$server_pid" 2>/dev/null || true
     for _ in $(seq 50); do
@@ -911,6 +926,107 @@ for name in rest-me grpc grpc-web rest-get-user rest-update-user; do
 done
 errors_logged="$(grep -c '"level":"\(ERROR\|WARN\)"' "$server_log" || true)"
 
+# 4. Tracing: keel restarted with tracing off, then exported at 100 % and 1 %.
+stop_keel() {
+  kill -TERM "$server_pid" 2>/dev/null || true
+  for _ in $(seq 100); do
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+# start_keel LOG [VAR=VALUE...]: keel as at the start, with these variables too.
+start_keel() {
+  local log="$1"
+  shift
+  env KEEL_LISTEN="127.0.0.1:$port" KEEL_DATA_DIR="$workdir/data" \
+    KEEL_DATABASE_URL="$db_url" KEEL_DATABASE_SCHEMA="$keel_schema" \
+    KEEL_BOOTSTRAP_ADMIN_EMAIL="$admin_email" KEEL_BOOTSTRAP_ADMIN_PASSWORD="$admin_password" \
+    KEEL_ACCESS_TOKEN_TTL_SECONDS=86400 KEEL_LOG=warn KEEL_LOG_FORMAT=json "${redis_env[@]}" "$@" \
+    "${keel_cmd[@]}" >"$log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 240); do
+    curl -sf --max-time 2 "$base/readyz" >/dev/null && return 0
+    server_alive || fail "keel ($log) exited before it was ready"
+    sleep 0.25
+  done
+  fail "keel ($log) not ready after 60 s"
+}
+tracing_table=""
+if [[ "${BENCH_TRACING:-1}" == 1 ]]; then
+  if [[ -z "${BENCH_SINK_BIN:-}" ]]; then
+    say "building the OTLP sink (cargo build --release -p keel-server --example otlp_sink)"
+    BENCH_SINK_BIN="$(cargo build --release -p keel-server --example otlp_sink --message-format=json-render-diagnostics |
+      python3 -c 'import json, sys
+exe = ""
+for line in sys.stdin:
+    try:
+        msg = json.loads(line)
+    except ValueError:
+        continue
+    if msg.get("reason") == "compiler-artifact" and msg.get("target", {}).get("name") == "otlp_sink" and msg.get("executable"):
+        exe = msg["executable"]
+print(exe)')" || fail "building the OTLP sink failed"
+  fi
+  [[ -x "$BENCH_SINK_BIN" ]] || fail "BENCH_SINK_BIN=$BENCH_SINK_BIN is not an executable file"
+  sink_port="$(free_port)"
+  "$BENCH_SINK_BIN" "127.0.0.1:$sink_port" >"$workdir/sink.log" 2>&1 &
+  sink_pid=$!
+  for _ in $(seq 40); do
+    [[ -s "$workdir/sink.log" ]] && break
+    sleep 0.25
+  done
+  [[ -s "$workdir/sink.log" ]] || fail "the OTLP sink did not start"
+  for variant in off 100 1; do
+    stop_keel
+    case "$variant" in
+    off) start_keel "$workdir/keel-trace-off.log" ;;
+    100) start_keel "$workdir/keel-trace-100.log" KEEL_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" KEEL_TRACE_SAMPLE_RATIO=1.0 ;;
+    1) start_keel "$workdir/keel-trace-1.log" KEEL_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" KEEL_TRACE_SAMPLE_RATIO=0.01 ;;
+    esac
+    [[ "$(check rest-me)" == "${expected_size[rest-me]}" ]] || fail "trace-$variant: rest-me reply changed"
+    measure "trace-$variant" wrk -s "$workdir/report.lua" -H "authorization: Bearer $token" "$base/v1/users/me"
+  done
+  # The last keel flushes its spans as it stops; then the sink says how many it got.
+  stop_keel
+  kill -TERM "$sink_pid" 2>/dev/null || true
+  wait "$sink_pid" 2>/dev/null || true
+  sink_pid=""
+  tracing_table="$(python3 - "$workdir" <<'EOF'
+import json, re, sys
+workdir = sys.argv[1]
+rows = {v: json.load(open(f"{workdir}/trace-{v}.json")) for v in ("off", "100", "1")}
+spans = re.findall(r"spans received: (\d+)", open(f"{workdir}/sink.log").read())
+def rate(row):
+    return row["calls"] / row["seconds"] if row.get("seconds") else 0.0
+off = rate(rows["off"])
+lines = ["| REST GetCurrentUser, tracing | req/s | ratio to off | keel CPU µs/call | p50 ms | p99 ms | target |",
+         "|---|---:|---:|---:|---:|---:|---|"]
+missed = []
+for variant, label, target in (("off", "off (no KEEL_OTLP_ENDPOINT)", None),
+                               ("100", "exported, 100 % sampled", 0.8),
+                               ("1", "exported, 1 % sampled", 0.95)):
+    row = rows[variant]
+    calls = row.get("calls") or 0
+    ratio = rate(row) / off if off else 0.0
+    cpu = 1e6 * row["probe"]["keel"] / calls if calls and row["probe"]["keel"] is not None else float("nan")
+    verdict = "" if target is None else f"ratio ≥ {target} {'PASS' if ratio >= target else 'MISS'}"
+    if target is not None and ratio < target:
+        missed.append(f"{label}: ratio {ratio:.2f} < {target}")
+    for problem in row.get("problems", []):
+        print(f"PROBLEM: trace-{variant}: {problem}", file=sys.stderr)
+    lines.append(f"| {label} | {rate(row):.0f} | {ratio:.2f} | {cpu:.0f} | {row.get('p50_ms', 0):.2f} "
+                 f"| {row.get('p99_ms', 0):.2f} | {verdict} |")
+print("\n".join(lines))
+print()
+print(f"Spans the sink received over the three rows: {spans[0] if spans else '?'}."
+      + ("" if not missed else " Missed: " + "; ".join(missed) + "."))
+EOF
+)" || fail "the tracing rows failed"
+fi
+
 # --- report ----------------------------------------------------------------------
 notes="$workdir/notes.txt"
 table="$(python3 - "$workdir" "$concurrency" "$idle_seconds" <<'EOF' 2>"$notes"
@@ -1098,11 +1214,12 @@ grep -q '^WARNING: the machine was busy' "$notes" && busy_label=", machine busy 
 pg_version="$(sql -c 'SHOW server_version' | awk '{print $1}')"
 summary_line="$when$busy_label. keel $binary_label; PostgreSQL $pg_version (a fresh $db_mode), ${BENCH_REDIS_URL:+Redis, }concurrency $concurrency (wrk -t1 -c$concurrency HTTP/1.1; h2load -t1 $h2_connections x $h2_streams streams h2c; pgbench -M prepared -c$concurrency -j1), ${warmup} s warm-up + ${duration} s per row, idle ${idle_seconds} s; keel $pin_label, load tools $load_pin_label; $(nproc) cores, load average at the end $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '\n%s\n\n%s\n\n' "$summary_line" "$table"
+[[ -z "$tracing_table" ]] || printf '%s\n\n' "$tracing_table"
 cat "$notes" >&2
 say "ratio: keel req/s / pgbench tps of the limit; each read against the two-statement read runs just before and after it"
 say "keel CPU: utime+stime of keel / successful calls; db: keel's database (transactions from pg_stat_database, CPU of its backends)"
 if [[ -n "${BENCH_OUT:-}" ]]; then
-  { printf '%s\n\n%s\n' "$summary_line" "$table"; [[ ! -s "$notes" ]] || printf '\n%s\n' "$(cat "$notes")"; } >"$BENCH_OUT"
+  { printf '%s\n\n%s\n' "$summary_line" "$table"; [[ -z "$tracing_table" ]] || printf '\n%s\n' "$tracing_table"; [[ ! -s "$notes" ]] || printf '\n%s\n' "$(cat "$notes")"; } >"$BENCH_OUT"
   say "table written to $BENCH_OUT"
 fi
 say "done in $((SECONDS - started)) s"

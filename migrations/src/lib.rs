@@ -12,6 +12,7 @@ mod m20261203_000005_events;
 mod m20261203_000006_kernel_idempotency;
 mod m20261203_000007_identity_api_keys;
 mod m20261203_000008_events;
+mod m20261203_000009_events;
 
 pub struct Migrator;
 
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000006_kernel_idempotency::Migration),
             Box::new(m20261203_000007_identity_api_keys::Migration),
             Box::new(m20261203_000008_events::Migration),
+            Box::new(m20261203_000009_events::Migration),
         ]
     }
 }

@@ -12,6 +12,7 @@ use keel_kernel::backoff::Backoff;
 use keel_kernel::{Code, Envelope, Error, EventHandler, Result, clock, id, topic_matches};
 use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use crate::hub::Hub;
 use crate::model::DeadLetter;
@@ -219,7 +220,32 @@ impl Runner {
         .await
     }
 
+    /// Runs the handler on `event`, in a span of the trace that recorded
+    /// the event when it was traced (whichever process recorded it).
     async fn deliver(&self, event: &Envelope) -> Result<()> {
+        let Some(parent) = event.trace_context.as_deref() else {
+            return self.deliver_with_retries(event).await;
+        };
+        let name = format!("{} {}", self.handler.name(), event.name);
+        let span = tracing::info_span!(
+            "events.handle",
+            otel.name = name.as_str(),
+            otel.kind = "consumer",
+            messaging.system = "keel",
+            messaging.operation.type = "process",
+            messaging.destination.name = event.name.as_str(),
+            messaging.message.id = %event.event_id,
+            keel.event.handler = self.handler.name(),
+            keel.event.sequence = event.sequence,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        keel_kernel::trace::continue_from(&span, Some(parent));
+        keel_kernel::trace::record_ids(&span);
+        self.deliver_with_retries(event).instrument(span).await
+    }
+
+    async fn deliver_with_retries(&self, event: &Envelope) -> Result<()> {
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -47,6 +47,7 @@ mod tests {
             payload_type: "google.protobuf.StringValue".into(),
             payload: vec![1, 2, 3],
             idempotency_key: None,
+            trace_context: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         };
         let listed = ListedDeadLetter {
             letter: DeadLetter {

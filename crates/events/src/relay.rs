@@ -51,10 +51,14 @@ impl Relay {
                 return Ok(total);
             }
             total += batch.len();
+            // One span per traced event, in its call's trace, for as long
+            // as the batch takes to publish.
+            let publishing: Vec<tracing::Span> = batch.iter().filter_map(publish_span).collect();
             if let Some(hub) = self.local.upgrade() {
                 hub.offer(batch.clone()).await;
             }
             self.transport.publish(&batch).await;
+            drop(publishing);
         }
     }
 
@@ -82,6 +86,27 @@ impl Relay {
             }
         })
     }
+}
+
+/// The relay's span for `event`, a child of the span that recorded it;
+/// none for an event recorded while nothing was traced.
+fn publish_span(event: &keel_kernel::Envelope) -> Option<tracing::Span> {
+    let parent = event.trace_context.as_deref()?;
+    let name = format!("publish {}", event.name);
+    let span = tracing::info_span!(
+        "events.publish",
+        otel.name = name.as_str(),
+        otel.kind = "producer",
+        messaging.system = "keel",
+        messaging.operation.type = "send",
+        messaging.destination.name = event.name.as_str(),
+        messaging.message.id = %event.event_id,
+        keel.event.sequence = event.sequence,
+    );
+    keel_kernel::trace::continue_from(&span, Some(parent));
+    // Started now (an OpenTelemetry span starts when first entered).
+    span.in_scope(|| {});
+    Some(span)
 }
 
 /// The outbox the command bus writes to: the event table, in the command's

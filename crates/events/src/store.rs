@@ -33,6 +33,7 @@ mod events {
         pub idempotency_key: Option<String>,
         pub audited: bool,
         pub published_at: Option<DateTimeUtc>,
+        pub trace_context: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -157,6 +158,7 @@ fn envelope(row: events::Model) -> Envelope {
         payload_type: row.payload_type,
         payload: row.payload,
         idempotency_key: row.idempotency_key,
+        trace_context: row.trace_context,
     }
 }
 
@@ -203,6 +205,7 @@ pub async fn insert_pending(db: &impl ConnectionTrait, pending: &[PendingEvent])
         idempotency_key: Set(event.idempotency_key.clone()),
         audited: Set(event.audited),
         published_at: Set(None),
+        trace_context: Set(event.trace_context.clone()),
         ..Default::default()
     });
     events::Entity::insert_many(rows).exec_without_returning(db).await?;
@@ -259,7 +262,8 @@ pub async fn assign_sequences(
                FROM numbered
                WHERE events.position = numbered.numbered_position
                RETURNING position, event_id, sequence, event_name, event_version, occurred_at, user_id,
-                         aggregate_id, payload_type, payload, idempotency_key, audited, published_at"#,
+                         aggregate_id, payload_type, payload, idempotency_key, audited, published_at,
+                         trace_context"#,
             [(limit as i64).into(), latest.into(), now.into()],
         ))
         .all(&tx)

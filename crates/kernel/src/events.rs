@@ -41,6 +41,8 @@ pub struct PendingEvent {
     pub payload: Vec<u8>,
     pub idempotency_key: Option<String>,
     pub audited: bool,
+    /// The W3C `traceparent` of the span that recorded it, when traced.
+    pub trace_context: Option<String>,
 }
 
 impl PendingEvent {
@@ -56,6 +58,7 @@ impl PendingEvent {
             payload: payload.encode_payload(),
             idempotency_key: None,
             audited: E::AUDITED,
+            trace_context: crate::trace::traceparent(&tracing::Span::current()),
         }
     }
 }
@@ -83,6 +86,10 @@ pub struct Envelope {
     pub payload_type: String,
     pub payload: Vec<u8>,
     pub idempotency_key: Option<String>,
+    /// The W3C `traceparent` of the span that recorded it, when traced:
+    /// the relay's publish and each handler's run continue that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
 }
 
 impl Envelope {

@@ -18,6 +18,7 @@
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
 //! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
 //! - [`secret`]: a wrapper that keeps secrets out of logs;
+//! - [`trace`]: W3C trace context across calls, the outbox and log lines;
 //! - [`grpc`]: the one adapter that knows tonic: codes, statuses with
 //!   details, the request context of a call, timestamps.
 //!
@@ -41,6 +42,7 @@ pub mod mail;
 pub mod module;
 pub mod page;
 pub mod secret;
+pub mod trace;
 
 pub use access::{AccessEnded, AccessWatch};
 pub use bus::{

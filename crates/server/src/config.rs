@@ -187,6 +187,13 @@ pub struct Config {
     /// the process aborts right after the named command (`identity.create_user`)
     /// commits, before it answers, as a crash there would.
     pub test_abort_after_commit: Option<String>,
+    /// `KEEL_OTLP_ENDPOINT`: an OpenTelemetry collector's OTLP/gRPC address
+    /// (`http://collector:4317`). Set: spans are exported to it and log
+    /// lines carry `trace_id` and `span_id`. Unset: no exporter at all.
+    pub otlp_endpoint: Option<String>,
+    /// `KEEL_TRACE_SAMPLE_RATIO`: the share of new traces recorded, 0 to 1
+    /// (parent-based: a caller's sampled `traceparent` is always followed).
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for Config {
@@ -229,6 +236,8 @@ impl Default for Config {
             idempotency_ttl_seconds: 24 * 3600,
             idempotency_required_methods: None,
             test_abort_after_commit: None,
+            otlp_endpoint: None,
+            trace_sample_ratio: 1.0,
             register_burst: 10,
             access_cache: true,
             login_burst_per_account_address: 10,
@@ -353,6 +362,15 @@ impl Config {
                 "KEEL_STREAM_TICKET_LIFETIME_SECONDS",
                 "must be at least KEEL_STREAM_TICKET_FIRST_USE_SECONDS",
             ));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !endpoint.starts_with("http://")
+            && !endpoint.starts_with("https://")
+        {
+            return Err(invalid("KEEL_OTLP_ENDPOINT", "must start with http:// or https://"));
+        }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(invalid("KEEL_TRACE_SAMPLE_RATIO", "must be between 0 and 1"));
         }
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));

@@ -109,7 +109,9 @@ where
         let request_id = keel_edge::request_id::of(request.headers());
         let oversized = Arc::new(AtomicBool::new(false));
         let mut request = request.map(|body| FrameWatch::new(body, state.max_message_bytes, oversized.clone()));
-        let span = tracing::info_span!("grpc", request_id = %request_id, path = %request.uri().path());
+        let span = server_span(&request, &request_id);
+        let traced = keel_kernel::trace::record_ids(&span);
+        let call_span = span.clone();
         Box::pin(
             async move {
                 let started = std::time::Instant::now();
@@ -198,11 +200,100 @@ where
                         HeaderValue::from_static("true"),
                     );
                 }
+                if traced {
+                    call_span.record("http.response.status_code", response.status().as_u16());
+                    // A trailers-only answer has its status in the head;
+                    // otherwise the trailers bring it, and the span lasts
+                    // until they do.
+                    match header(response.headers(), "grpc-status").and_then(|code| code.parse::<i32>().ok()) {
+                        Some(code) => record_grpc_status(&call_span, code),
+                        None => {
+                            response = response.map(|body| {
+                                Body::new(TracedBody {
+                                    inner: body,
+                                    span: call_span,
+                                })
+                            })
+                        }
+                    }
+                }
                 tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
                 Ok(response)
             }
             .instrument(span),
         )
+    }
+}
+
+/// The server span of a call, in OpenTelemetry's RPC terms, a child of
+/// the caller's W3C `traceparent` when it sent one (REST and Connect
+/// callers' headers arrive here as metadata too).
+fn server_span<B>(request: &Request<B>, request_id: &str) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = path.trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = service,
+        rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+        path = %path,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    keel_kernel::trace::continue_from(&span, header(request.headers(), keel_kernel::trace::TRACEPARENT));
+    span
+}
+
+/// gRPC's status on the server span: codes other than OK are errors
+/// (OpenTelemetry's RPC conventions leave the client-side ones to clients;
+/// a server reports what it answered).
+fn record_grpc_status(span: &tracing::Span, code: i32) {
+    span.record("rpc.grpc.status_code", code);
+    if code != 0 {
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A traced call's response body: records the trailers' grpc-status on
+    /// the call's span, which ends when the body does.
+    struct TracedBody<B> {
+        #[pin]
+        inner: B,
+        span: tracing::Span,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TracedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(code) = frame
+                .trailers_ref()
+                .and_then(|trailers| header(trailers, "grpc-status"))
+                .and_then(|code| code.parse::<i32>().ok())
+        {
+            record_grpc_status(this.span, code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

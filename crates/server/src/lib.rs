@@ -13,7 +13,7 @@
 //! - [`metrics`]: `/metrics`, calls counted and timed at the gRPC tier;
 //! - [`mail`]: the mailer adapters (SMTP, or a file in the data directory);
 //! - [`proxy`]: the client's address behind trusted reverse proxies;
-//! - [`telemetry`]: JSON or pretty logs.
+//! - [`telemetry`]: JSON or pretty logs; OTLP traces when `KEEL_OTLP_ENDPOINT` is set.
 
 pub mod app;
 pub mod config;

@@ -107,8 +107,17 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
-    telemetry::init(&config);
-    match cli.command.unwrap_or(Command::Serve) {
+    let telemetry = telemetry::init(&config);
+    let outcome = run(cli.command.unwrap_or(Command::Serve), config).await;
+    // The spans still queued go out before the process ends.
+    if telemetry.exporting() {
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    }
+    outcome
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Serve => serve(config).await,
         Command::Migrate => {
             let db = keel_server::app::connect(&config).await?;

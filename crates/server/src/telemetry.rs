@@ -1,30 +1,160 @@
-//! Logs: JSON for machines, pretty in a terminal; every line of a call
-//! carries its request id through the call's span.
+//! Logs and traces. Logs: JSON for machines, pretty in a terminal; every
+//! line of a call carries its request id through the call's span, and, when
+//! the call is traced, its `trace_id` and `span_id`. Traces: with
+//! `KEEL_OTLP_ENDPOINT` set, spans go to an OpenTelemetry collector over
+//! OTLP/gRPC, sampled parent-based at `KEEL_TRACE_SAMPLE_RATIO`. Unset,
+//! no exporter and no OpenTelemetry layer exist.
+//!
+//! The two layers filter apart: `KEEL_LOG` says which lines are written,
+//! never which spans are traced (those are the `info` spans of keel and of
+//! SeaORM's statements), so a quiet log still yields whole traces.
 
 use std::io::IsTerminal;
+use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{Layer as _, Registry};
 
 use crate::config::{Config, LogFormat};
 
-pub fn init(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let format = config.log_format.unwrap_or(if std::io::stdout().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let result = match format {
-        LogFormat::Json => builder
+/// What `init` set up; [`Telemetry::shutdown`] exports the spans still
+/// queued. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported (`KEEL_OTLP_ENDPOINT` was set and this
+    /// call installed the subscriber).
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports every finished span now. Blocks: call it off the runtime's
+    /// worker threads (`spawn_blocking`).
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(error = %error, "flushing spans to the collector");
+        }
+    }
+
+    /// Exports what is queued and stops the exporter. Blocks, as [`flush`](Self::flush).
+    pub fn shutdown(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(error) = provider.shutdown_with_timeout(Duration::from_secs(5))
+        {
+            tracing::warn!(error = %error, "shutting the span exporter down");
+        }
+    }
+}
+
+/// Installs the process's subscriber, writing logs to stdout. Must run
+/// inside the tokio runtime when `KEEL_OTLP_ENDPOINT` is set (the gRPC
+/// exporter lives on it). A second call (tests start several servers)
+/// keeps the first subscriber and returns a `Telemetry` that exports nothing.
+pub fn init(config: &Config) -> Telemetry {
+    init_with_writer(config, std::io::stdout, std::io::stdout().is_terminal())
+}
+
+/// [`init`] with another log destination; `terminal` picks the pretty
+/// format when `KEEL_LOG_FORMAT` is unset.
+pub fn init_with_writer<W>(config: &Config, writer: W, terminal: bool) -> Telemetry
+where
+    W: for<'writer> MakeWriter<'writer> + Send + Sync + 'static,
+{
+    let mut filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    // SeaORM's statement spans are for traces: a log line does not need
+    // them, and the log would pay for one span per statement.
+    if !config.log.contains("sea_orm")
+        && let Ok(directive) = "sea_orm::database=warn".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
+    let format = config
+        .log_format
+        .unwrap_or(if terminal { LogFormat::Pretty } else { LogFormat::Json });
+    let logs = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
-            // The span list carries the call's request id on every line.
+            // The span list carries the call's request id (and trace and
+            // span ids when traced) on every line.
             .with_current_span(false)
             .with_span_list(true)
             .flatten_event(true)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_writer(writer)
+            .with_filter(filter)
+            .boxed(),
     };
-    // A second init (tests start several servers) keeps the first subscriber.
-    let _ = result;
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => match tracer_provider(config, endpoint) {
+            Ok(provider) => Some(provider),
+            Err(error) => {
+                eprintln!("keel: KEEL_OTLP_ENDPOINT {endpoint}: {error}; spans are not exported");
+                None
+            }
+        },
+        None => None,
+    };
+    let traces = provider.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("keel"))
+            .with_filter(LevelFilter::INFO)
+    });
+    match Registry::default().with(logs).with(traces).try_init() {
+        Ok(()) => Telemetry { provider },
+        Err(_) => {
+            // Another subscriber is installed: this exporter would never get a span.
+            if let Some(provider) = provider {
+                let _ = provider.shutdown();
+            }
+            Telemetry::default()
+        }
+    }
+}
+
+fn tracer_provider(
+    config: &Config,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(Duration::from_secs(10))
+        .build()?;
+    let batches = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(
+            BatchConfigBuilder::default()
+                .with_max_queue_size(8192)
+                .with_scheduled_delay(Duration::from_secs(1))
+                .build(),
+        )
+        .build();
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("keel")
+        .with_attribute(opentelemetry::KeyValue::new(
+            "keel.deployment",
+            config.deployment.clone(),
+        ))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(batches)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.trace_sample_ratio,
+        ))))
+        .with_resource(resource)
+        .build())
 }
