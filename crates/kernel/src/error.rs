@@ -209,6 +209,27 @@ impl Error {
         }
     }
 
+    /// A request judged twice: by its contract's field rules (`rules`) and by
+    /// its parse into a command or query (`parsed`). A refusal names every
+    /// field either refused, the parse's own descriptions first (they are
+    /// the more precise), then the rules' for the fields it did not name.
+    pub fn with_rules<T>(rules: Vec<FieldViolation>, parsed: Result<T>) -> Result<T> {
+        if rules.is_empty() {
+            return parsed;
+        }
+        let mut violations = match parsed {
+            Err(error) if error.code == Code::InvalidArgument && !error.violations.is_empty() => error.violations,
+            // Any other outcome of the parse: the rules refuse first.
+            _ => Vec::new(),
+        };
+        for rule in rules {
+            if !violations.iter().any(|violation| violation.field == rule.field) {
+                violations.push(rule);
+            }
+        }
+        Err(Self::invalid(violations))
+    }
+
     pub fn resource_exhausted(message: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),

@@ -24,7 +24,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use prost::{Message, Name};
-use prost_reflect::{DescriptorPool, DynamicMessage, ReflectMessage, ExtensionDescriptor, FieldDescriptor, Kind, Value};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, ExtensionDescriptor, FieldDescriptor, Kind, ReflectMessage, Value,
+};
 use regex::Regex;
 
 /// One broken rule: the field's path (`user.email`) and what is wrong.
@@ -40,6 +42,7 @@ const REQUIRED: i32 = 2;
 const IGNORE_IF_ZERO_VALUE: i32 = 1;
 
 /// The rule fields this evaluator knows, per kind of `buf.validate.FieldRules`.
+#[cfg(test)]
 const KNOWN_RULES: &[(&str, &[&str])] = &[
     ("string", &["min_len", "max_len", "pattern", "uuid", "email"]),
     ("int32", &["gte", "gt", "lte", "lt"]),
@@ -188,7 +191,8 @@ fn check_message(rules: &Rules, message: &DynamicMessage, prefix: &str, found: &
             continue;
         }
         if let Some(field_rules) = &field_rules {
-            let ignored = set(field_rules, "ignore").and_then(|value| value.as_enum_number()) == Some(IGNORE_IF_ZERO_VALUE);
+            let ignored =
+                set(field_rules, "ignore").and_then(|value| value.as_enum_number()) == Some(IGNORE_IF_ZERO_VALUE);
             if present || !ignored {
                 check_field(rules, &field, field_rules, &message.get_field(&field), &mut violate);
             }
@@ -220,7 +224,9 @@ fn check_field(
     }
     match value {
         Value::String(text) => {
-            let Some(string) = kind_rules(field_rules, "string") else { return };
+            let Some(string) = kind_rules(field_rules, "string") else {
+                return;
+            };
             let length = text.chars().count() as i64;
             if let Some(min) = number_rule(&string, "min_len").filter(|min| length < *min) {
                 violate(format!("must be at least {min} characters"));
@@ -236,26 +242,47 @@ fn check_field(
             // `email`: see the module's documentation.
         }
         Value::I32(number) => {
-            let Some(int32) = kind_rules(field_rules, "int32") else { return };
+            let Some(int32) = kind_rules(field_rules, "int32") else {
+                return;
+            };
             let number = i64::from(*number);
             let bounds = [
-                ("gte", number_rule(&int32, "gte").filter(|bound| number < *bound), "at least"),
-                ("gt", number_rule(&int32, "gt").filter(|bound| number <= *bound), "greater than"),
-                ("lte", number_rule(&int32, "lte").filter(|bound| number > *bound), "at most"),
-                ("lt", number_rule(&int32, "lt").filter(|bound| number >= *bound), "less than"),
+                (
+                    "gte",
+                    number_rule(&int32, "gte").filter(|bound| number < *bound),
+                    "at least",
+                ),
+                (
+                    "gt",
+                    number_rule(&int32, "gt").filter(|bound| number <= *bound),
+                    "greater than",
+                ),
+                (
+                    "lte",
+                    number_rule(&int32, "lte").filter(|bound| number > *bound),
+                    "at most",
+                ),
+                (
+                    "lt",
+                    number_rule(&int32, "lt").filter(|bound| number >= *bound),
+                    "less than",
+                ),
             ];
             if let Some((_, Some(bound), words)) = bounds.iter().find(|(_, broken, _)| broken.is_some()) {
                 violate(format!("must be {words} {bound}"));
             }
         }
         Value::EnumNumber(number) => {
-            let Some(rules) = kind_rules(field_rules, "enum") else { return };
+            let Some(rules) = kind_rules(field_rules, "enum") else {
+                return;
+            };
             let Kind::Enum(descriptor) = field.kind() else { return };
             if flag(&rules, "defined_only") && descriptor.get_value(*number).is_none() {
                 violate(format!("must be a value of {}", descriptor.name()));
-            } else if set(&rules, "not_in")
-                .and_then(|list| list.as_list().map(|values| values.iter().any(|value| value.as_i32() == Some(*number))))
-                == Some(true)
+            } else if set(&rules, "not_in").and_then(|list| {
+                list.as_list()
+                    .map(|values| values.iter().any(|value| value.as_i32() == Some(*number)))
+            }) == Some(true)
             {
                 let name = descriptor.get_value(*number).map(|value| value.name().to_owned());
                 violate(format!("must not be {}", name.unwrap_or_else(|| number.to_string())));
@@ -279,9 +306,14 @@ fn is_uuid(text: &str) -> bool {
 /// not know (for the test that keeps the contracts within it).
 fn unknown_rules(pool: &DescriptorPool, extension: &ExtensionDescriptor) -> Vec<String> {
     let mut unknown = Vec::new();
-    for message in pool.all_messages().filter(|message| !message.package_name().starts_with("buf.")) {
+    for message in pool
+        .all_messages()
+        .filter(|message| !message.package_name().starts_with("buf."))
+    {
         for field in message.fields() {
-            let Some(rules) = field_rules_of(&field, extension) else { continue };
+            let Some(rules) = field_rules_of(&field, extension) else {
+                continue;
+            };
             for (rule, value) in rules.fields() {
                 let name = rule.name();
                 let Some((_, known)) = KNOWN_RULES.iter().find(|(kind, _)| *kind == name) else {
@@ -329,7 +361,10 @@ mod tests {
             password: "short".into(),
             display_name: "  ".into(),
         };
-        assert_eq!(fields(violations(&request).unwrap()), ["email", "password", "display_name"]);
+        assert_eq!(
+            fields(violations(&request).unwrap()),
+            ["email", "password", "display_name"]
+        );
     }
 
     #[test]
@@ -370,8 +405,15 @@ mod tests {
     #[test]
     fn required_fields_are_marked() {
         let rules = RULES.as_ref().unwrap();
-        let register = rules.pool.get_message_by_name("keel.identity.v1.RegisterRequest").unwrap();
-        let required: Vec<_> = register.fields().filter(is_required).map(|field| field.name().to_owned()).collect();
+        let register = rules
+            .pool
+            .get_message_by_name("keel.identity.v1.RegisterRequest")
+            .unwrap();
+        let required: Vec<_> = register
+            .fields()
+            .filter(is_required)
+            .map(|field| field.name().to_owned())
+            .collect();
         assert_eq!(required, ["email", "password", "display_name"]);
     }
 }
