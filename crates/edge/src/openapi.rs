@@ -322,6 +322,10 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
                 if flag(&string, "uuid") {
                     schema["format"] = json!("uuid");
                 }
+                let refused = keel_proto::validate::string_list(&string, "not_in");
+                if !refused.is_empty() {
+                    schema["not"] = json!({"enum": refused});
+                }
                 if string.has_field_by_name("pattern") {
                     if let Some(pattern) = string
                         .get_field_by_name("pattern")

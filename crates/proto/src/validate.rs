@@ -5,7 +5,7 @@
 //! - `google.api.field_behavior = REQUIRED` (AIP-203): the field is set (a
 //!   string or list not empty, an enum not 0, a message present);
 //! - protovalidate's `buf.validate.field` rules, of the kinds keel uses:
-//!   `string` `min_len`, `max_len`, `pattern`, `uuid`, `email`; `int32`
+//!   `string` `min_len`, `max_len`, `pattern`, `uuid`, `email`, `not_in`; `int32`
 //!   `gte`, `gt`, `lte`, `lt`; `enum` `defined_only`, `not_in`; `repeated`
 //!   `min_items`, `max_items`; `required`; `ignore = IGNORE_IF_ZERO_VALUE`.
 //!   A rule of another kind in a contract fails the `every_rule_in_the_contracts_is_known`
@@ -44,7 +44,7 @@ const IGNORE_IF_ZERO_VALUE: i32 = 1;
 /// The rule fields this evaluator knows, per kind of `buf.validate.FieldRules`.
 #[cfg(test)]
 const KNOWN_RULES: &[(&str, &[&str])] = &[
-    ("string", &["min_len", "max_len", "pattern", "uuid", "email"]),
+    ("string", &["min_len", "max_len", "pattern", "uuid", "email", "not_in"]),
     ("int32", &["gte", "gt", "lte", "lt"]),
     ("enum", &["defined_only", "not_in"]),
     ("repeated", &["min_items", "max_items"]),
@@ -159,6 +159,20 @@ fn string_rule(rules: &DynamicMessage, name: &str) -> Option<String> {
     set(rules, name).and_then(|value| value.as_str().map(str::to_owned))
 }
 
+/// A repeated string rule (`not_in`), empty when unset.
+pub fn string_list(rules: &DynamicMessage, name: &str) -> Vec<String> {
+    set(rules, name)
+        .and_then(|value| {
+            value.as_list().map(|values| {
+                values
+                    .iter()
+                    .filter_map(|value| value.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
 fn number_rule(rules: &DynamicMessage, name: &str) -> Option<i64> {
     set(rules, name).and_then(|value| match value.as_ref() {
         Value::I32(number) => Some(i64::from(*number)),
@@ -234,10 +248,12 @@ fn check_field(
                 violate(format!("must be at most {max} characters"));
             } else if flag(&string, "uuid") && !is_uuid(text) {
                 violate("must be a UUID (8-4-4-4-12 hexadecimal digits)".to_owned());
-            } else if let Some(pattern) = string_rule(&string, "pattern") {
-                if rules.patterns.get(&pattern).is_some_and(|regex| !regex.is_match(text)) {
-                    violate(format!("must match the pattern {pattern}"));
-                }
+            } else if let Some(pattern) = string_rule(&string, "pattern")
+                .filter(|pattern| rules.patterns.get(pattern).is_some_and(|regex| !regex.is_match(text)))
+            {
+                violate(format!("must match the pattern {pattern}"));
+            } else if string_list(&string, "not_in").iter().any(|refused| refused == text) {
+                violate("is one of the values the contract refuses".to_owned());
             }
             // `email`: see the module's documentation.
         }
