@@ -342,6 +342,19 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
                 schema["minLength"] = json!(min);
             }
         }
+        Kind::Message(message) if message.full_name() == "google.protobuf.FieldMask" => {
+            // FieldMask's JSON form: lowerCamelCase paths joined by commas.
+            let allowed: Vec<String> = kind("field_mask")
+                .map(|rules| keel_proto::validate::string_list(&rules, "in"))
+                .unwrap_or_default()
+                .iter()
+                .map(|path| lower_camel(path))
+                .collect();
+            if !allowed.is_empty() {
+                let one = format!("({})", allowed.join("|"));
+                schema["pattern"] = json!(format!("^({one}(,{one})*)?$"));
+            }
+        }
         Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
             if let Some(int32) = kind("int32") {
                 if let Some(bound) = int32_rule(&int32, "gte") {
@@ -381,6 +394,23 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
     schema
 }
 
+/// `display_name` -> `displayName` (proto3 JSON's FieldMask paths).
+fn lower_camel(path: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in path.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn int32_rule(rules: &prost_reflect::DynamicMessage, name: &str) -> Option<i32> {
     if !rules.has_field_by_name(name) {
         return None;
@@ -395,8 +425,11 @@ fn plain_leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
             json!({"type": "integer", "format": "int32"})
         }
         Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int64", "minimum": 0}),
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => json!({"type": "string", "format": "int64"}),
-        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64"}),
+        // proto3 JSON writes 64-bit integers as decimal strings.
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            json!({"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,19}$"})
+        }
+        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64", "pattern": "^[0-9]{1,20}$"}),
         Kind::Bool => json!({"type": "boolean"}),
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),

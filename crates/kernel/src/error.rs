@@ -223,7 +223,15 @@ impl Error {
             _ => Vec::new(),
         };
         for rule in rules {
-            if !violations.iter().any(|violation| violation.field == rule.field) {
+            // `update_mask.id` from the parse already names `update_mask`.
+            let named = |violation: &FieldViolation| {
+                violation.field == rule.field
+                    || violation
+                        .field
+                        .strip_prefix(rule.field.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            };
+            if !violations.iter().any(named) {
                 violations.push(rule);
             }
         }

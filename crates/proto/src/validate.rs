@@ -7,7 +7,7 @@
 //! - protovalidate's `buf.validate.field` rules, of the kinds keel uses:
 //!   `string` `min_len`, `max_len`, `pattern`, `uuid`, `email`, `not_in`; `int32`
 //!   `gte`, `gt`, `lte`, `lt`; `enum` `defined_only`, `not_in`; `repeated`
-//!   `min_items`, `max_items`; `required`; `ignore = IGNORE_IF_ZERO_VALUE`.
+//!   `min_items`, `max_items`; `field_mask` `in`; `required`; `ignore = IGNORE_IF_ZERO_VALUE`.
 //!   A rule of another kind in a contract fails the `every_rule_in_the_contracts_is_known`
 //!   test rather than being skipped silently.
 //!
@@ -48,6 +48,7 @@ const KNOWN_RULES: &[(&str, &[&str])] = &[
     ("int32", &["gte", "gt", "lte", "lt"]),
     ("enum", &["defined_only", "not_in"]),
     ("repeated", &["min_items", "max_items"]),
+    ("field_mask", &["in"]),
 ];
 
 struct Rules {
@@ -256,6 +257,30 @@ fn check_field(
                 violate("is one of the values the contract refuses".to_owned());
             }
             // `email`: see the module's documentation.
+        }
+        Value::Message(mask) if mask.descriptor().full_name() == "google.protobuf.FieldMask" => {
+            let Some(field_mask) = kind_rules(field_rules, "field_mask") else { return };
+            let allowed = string_list(&field_mask, "in");
+            if allowed.is_empty() {
+                return;
+            }
+            let paths = mask.get_field_by_name("paths");
+            let unknown: Vec<String> = paths
+                .as_deref()
+                .and_then(Value::as_list)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .filter(|path| !allowed.iter().any(|allowed| allowed == path))
+                .map(str::to_owned)
+                .collect();
+            if !unknown.is_empty() {
+                violate(format!(
+                    "names {}; only {} can be named",
+                    unknown.join(", "),
+                    allowed.join(", ")
+                ));
+            }
         }
         Value::I32(number) => {
             let Some(int32) = kind_rules(field_rules, "int32") else {
