@@ -425,11 +425,12 @@ fn plain_leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
             json!({"type": "integer", "format": "int32"})
         }
         Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int64", "minimum": 0}),
-        // proto3 JSON writes 64-bit integers as decimal strings.
+        // proto3 JSON writes 64-bit integers as decimal strings; the patterns
+        // keep to values that always fit (the server also takes larger ones).
         Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
-            json!({"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,19}$"})
+            json!({"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"})
         }
-        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64", "pattern": "^[0-9]{1,20}$"}),
+        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64", "pattern": "^[0-9]{1,19}$"}),
         Kind::Bool => json!({"type": "boolean"}),
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),

@@ -259,7 +259,9 @@ fn check_field(
             // `email`: see the module's documentation.
         }
         Value::Message(mask) if mask.descriptor().full_name() == "google.protobuf.FieldMask" => {
-            let Some(field_mask) = kind_rules(field_rules, "field_mask") else { return };
+            let Some(field_mask) = kind_rules(field_rules, "field_mask") else {
+                return;
+            };
             let allowed = string_list(&field_mask, "in");
             if allowed.is_empty() {
                 return;
