@@ -326,13 +326,12 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
                 if !refused.is_empty() {
                     schema["not"] = json!({"enum": refused});
                 }
-                if string.has_field_by_name("pattern") {
-                    if let Some(pattern) = string
+                if string.has_field_by_name("pattern")
+                    && let Some(pattern) = string
                         .get_field_by_name("pattern")
                         .and_then(|value| value.as_str().map(str::to_owned))
-                    {
-                        schema["pattern"] = json!(pattern);
-                    }
+                {
+                    schema["pattern"] = json!(pattern);
                 }
             }
             if keel_proto::validate::is_required(field) && !field.is_list() {
@@ -384,7 +383,7 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
             let refused_zero = keel_proto::validate::is_required(field) && !field.is_list();
             let names: Vec<String> = enumeration
                 .values()
-                .filter(|value| !refused.contains(&value.number()) && !(refused_zero && value.number() == 0))
+                .filter(|value| !(refused.contains(&value.number()) || refused_zero && value.number() == 0))
                 .map(|value| value.name().to_owned())
                 .collect();
             schema["enum"] = json!(names);

@@ -212,10 +212,11 @@ fn check_message(rules: &Rules, message: &DynamicMessage, prefix: &str, found: &
                 check_field(rules, &field, field_rules, &message.get_field(&field), &mut violate);
             }
         }
-        if !field.is_list() && !field.is_map() {
-            if let Value::Message(inner) = message.get_field(&field).as_ref() {
-                check_message(rules, inner, &format!("{path}."), found);
-            }
+        if !field.is_list()
+            && !field.is_map()
+            && let Value::Message(inner) = message.get_field(&field).as_ref()
+        {
+            check_message(rules, inner, &format!("{path}."), found);
         }
     }
 }
