@@ -258,3 +258,20 @@ async fn the_openapi_document_states_the_rules() {
     assert!(body.get("required").is_none(), "{body}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_literal_path_is_its_own_operations_alone() {
+    // `/v1/users/me` is GetCurrentUser's: PATCH and DELETE of `/v1/users/{id}`
+    // do not reach it, and `Allow` says what OpenAPI documents for it.
+    let app = spawn_app(Backend::Sqlite).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let request = http::Request::builder()
+        .method("PATCH")
+        .uri(format!("{}/v1/users/me", app.endpoint()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET");
+    app.stop().await;
+}
