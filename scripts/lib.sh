@@ -31,3 +31,28 @@ print(s.getsockname()[1])
 s.close()
 '
 }
+
+# wait_ready URL PID TIMEOUT: waits until GET URL answers 200 (python3, no
+# curl needed), failing when process PID exits first or after TIMEOUT seconds.
+wait_ready() {
+  local url="$1" pid="$2" timeout="$3" deadline=$((SECONDS + $3))
+  until python3 - "$url" <<'PY'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=1) as r:
+        sys.exit(0 if r.status == 200 else 1)
+except Exception:
+    sys.exit(1)
+PY
+  do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "wait_ready: process $pid exited before $url answered" >&2
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "wait_ready: $url not 200 after ${timeout}s" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}

@@ -194,12 +194,23 @@ fn operation(route: &Route, names: &[String], schemas: &mut Schemas) -> Value {
     }
     let request_schema = match &route.body {
         BodyBinding::None => None,
-        BodyBinding::Whole => Some(schemas.reference(&input)),
+        BodyBinding::Whole if path_fields.is_empty() => Some(schemas.reference(&input)),
+        // The path sets some fields: the body holds the others.
+        BodyBinding::Whole => Some(schemas.without(&input, &path_fields)),
         BodyBinding::Field(field) => Some(field_schema(field, schemas)),
     };
     if let Some(schema) = request_schema {
+        // A body is needed when the fields it carries include a required one.
+        let carried: Vec<FieldDescriptor> = match &route.body {
+            BodyBinding::Field(field) => vec![field.clone()],
+            _ => input
+                .fields()
+                .filter(|field| !path_fields.contains(field.name()))
+                .collect(),
+        };
+        let needed = carried.iter().any(keel_proto::validate::is_required);
         operation["requestBody"] = json!({
-            "required": false,
+            "required": needed,
             "content": {"application/json": {"schema": schema}}
         });
     }
@@ -273,15 +284,152 @@ fn field_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
     leaf_schema(field, schemas)
 }
 
+/// The schema of one value of `field` with the rules its contract states
+/// (`google.api.field_behavior`, `buf.validate`; see `keel_proto::validate`,
+/// which the server checks): lengths, patterns, formats, ranges, enums.
 fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
+    let mut schema = plain_leaf_schema(field, schemas);
+    let rules = keel_proto::validate::field_rules(field);
+    let kind = |name: &str| {
+        rules
+            .as_ref()
+            .and_then(|rules| keel_proto::validate::kind_rules(rules, name))
+    };
+    let number = |rules: &prost_reflect::DynamicMessage, name: &str| {
+        rules
+            .has_field_by_name(name)
+            .then(|| rules.get_field_by_name(name))
+            .flatten()
+            .and_then(|value| value.as_u64())
+    };
+    let flag = |rules: &prost_reflect::DynamicMessage, name: &str| {
+        rules.has_field_by_name(name)
+            && rules
+                .get_field_by_name(name)
+                .is_some_and(|value| value.as_bool() == Some(true))
+    };
+    match field.kind() {
+        Kind::String => {
+            let mut min_length = None;
+            if let Some(string) = kind("string") {
+                min_length = number(&string, "min_len");
+                if let Some(max) = number(&string, "max_len") {
+                    schema["maxLength"] = json!(max);
+                }
+                if flag(&string, "email") {
+                    schema["format"] = json!("email");
+                }
+                if flag(&string, "uuid") {
+                    schema["format"] = json!("uuid");
+                }
+                let refused = keel_proto::validate::string_list(&string, "not_in");
+                if !refused.is_empty() {
+                    schema["not"] = json!({"enum": refused});
+                }
+                if string.has_field_by_name("pattern")
+                    && let Some(pattern) = string
+                        .get_field_by_name("pattern")
+                        .and_then(|value| value.as_str().map(str::to_owned))
+                {
+                    schema["pattern"] = json!(pattern);
+                }
+            }
+            if keel_proto::validate::is_required(field) && !field.is_list() {
+                min_length = Some(min_length.unwrap_or(1).max(1));
+            }
+            if let Some(min) = min_length {
+                schema["minLength"] = json!(min);
+            }
+        }
+        Kind::Message(message) if message.full_name() == "google.protobuf.FieldMask" => {
+            // FieldMask's JSON form: lowerCamelCase paths joined by commas.
+            let allowed: Vec<String> = kind("field_mask")
+                .map(|rules| keel_proto::validate::string_list(&rules, "in"))
+                .unwrap_or_default()
+                .iter()
+                .map(|path| lower_camel(path))
+                .collect();
+            if !allowed.is_empty() {
+                let one = format!("({})", allowed.join("|"));
+                schema["pattern"] = json!(format!("^({one}(,{one})*)?$"));
+            }
+        }
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            if let Some(int32) = kind("int32") {
+                if let Some(bound) = int32_rule(&int32, "gte") {
+                    schema["minimum"] = json!(bound);
+                }
+                if let Some(bound) = int32_rule(&int32, "gt") {
+                    schema["exclusiveMinimum"] = json!(bound);
+                }
+                if let Some(bound) = int32_rule(&int32, "lte") {
+                    schema["maximum"] = json!(bound);
+                }
+                if let Some(bound) = int32_rule(&int32, "lt") {
+                    schema["exclusiveMaximum"] = json!(bound);
+                }
+            }
+        }
+        Kind::Enum(enumeration) => {
+            let refused: Vec<i32> = kind("enum")
+                .filter(|rules| rules.has_field_by_name("not_in"))
+                .and_then(|rules| {
+                    rules.get_field_by_name("not_in").and_then(|list| {
+                        list.as_list()
+                            .map(|values| values.iter().filter_map(|value| value.as_i32()).collect())
+                    })
+                })
+                .unwrap_or_default();
+            let refused_zero = keel_proto::validate::is_required(field) && !field.is_list();
+            let names: Vec<String> = enumeration
+                .values()
+                .filter(|value| !(refused.contains(&value.number()) || refused_zero && value.number() == 0))
+                .map(|value| value.name().to_owned())
+                .collect();
+            schema["enum"] = json!(names);
+        }
+        _ => {}
+    }
+    schema
+}
+
+/// `display_name` -> `displayName` (proto3 JSON's FieldMask paths).
+fn lower_camel(path: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in path.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn int32_rule(rules: &prost_reflect::DynamicMessage, name: &str) -> Option<i32> {
+    if !rules.has_field_by_name(name) {
+        return None;
+    }
+    rules.get_field_by_name(name)?.as_i32()
+}
+
+fn plain_leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
     match field.kind() {
         Kind::Double | Kind::Float => json!({"type": "number"}),
         Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
             json!({"type": "integer", "format": "int32"})
         }
         Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int64", "minimum": 0}),
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => json!({"type": "string", "format": "int64"}),
-        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64"}),
+        // proto3 JSON writes 64-bit integers as decimal strings; the patterns
+        // keep to values that always fit (the server also takes larger ones).
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            json!({"type": "string", "format": "int64", "pattern": "^-?[0-9]{1,18}$"})
+        }
+        Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64", "pattern": "^[0-9]{1,19}$"}),
         Kind::Bool => json!({"type": "boolean"}),
         Kind::String => json!({"type": "string"}),
         Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
@@ -315,13 +463,40 @@ impl Schemas {
                 }
                 properties.insert(field.json_name().to_owned(), schema);
             }
-            let mut schema = json!({"type": "object", "properties": properties});
+            let required: Vec<String> = message
+                .fields()
+                .filter(keel_proto::validate::is_required)
+                .map(|field| field.json_name().to_owned())
+                .collect();
+            // The edge refuses unknown fields (`deny_unknown_fields`).
+            let mut schema = json!({"type": "object", "properties": properties, "additionalProperties": false});
+            if !required.is_empty() {
+                schema["required"] = json!(required);
+            }
             if let Some(comment) = comments(message.parent_file_descriptor_proto(), message.path()) {
                 schema["description"] = json!(comment);
             }
             self.done.insert(name.clone(), schema);
         }
         json!({"$ref": format!("#/components/schemas/{name}")})
+    }
+
+    /// The schema of `message` inlined, less the fields in `omitted`.
+    fn without(&mut self, message: &MessageDescriptor, omitted: &BTreeSet<String>) -> Value {
+        self.reference(message);
+        let mut schema = self.done.get(message.full_name()).cloned().unwrap_or(Value::Null);
+        for field in message.fields().filter(|field| omitted.contains(field.name())) {
+            if let Some(properties) = schema["properties"].as_object_mut() {
+                properties.remove(field.json_name());
+            }
+            if let Some(required) = schema["required"].as_array_mut() {
+                required.retain(|name| name != field.json_name());
+                if required.is_empty() {
+                    schema.as_object_mut().map(|object| object.remove("required"));
+                }
+            }
+        }
+        schema
     }
 
     fn finish(self) -> Map<String, Value> {

@@ -100,8 +100,18 @@ impl RouteTable {
 
     pub fn find(&self, method: &Method, path: &str) -> RouteMatch<'_> {
         let mut allowed = Vec::new();
+        // The most specific template that matches owns the path: a literal
+        // `/v1/users/me` shadows `/v1/users/{id}` for every method, so that
+        // `Allow` lists what the path's own operations support (as OpenAPI
+        // documents them) and no other method reaches a variable template.
+        let mut owner = None;
         for route in &self.routes {
+            let specificity = route.template.specificity();
+            if owner.is_some_and(|owner| specificity < owner) {
+                break;
+            }
             if let Some(bindings) = route.template.matches(path) {
+                owner = Some(specificity);
                 if route.http_method == *method {
                     return RouteMatch::Found(route, bindings);
                 }

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use keel_kernel::grpc::{GrpcRoutes, context, timestamp};
+use keel_kernel::grpc::{GrpcRoutes, checked, context, timestamp};
 use keel_kernel::{Bus, Envelope, Error, Live, id::parse_id};
 use keel_proto::events as pb;
 use keel_proto::events::event_command_service_server::{EventCommandService, EventCommandServiceServer};
@@ -83,6 +83,7 @@ impl EventQueryService for QueryApi {
 
     async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<SubscribeStream>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         // SSE clients reconnect with `Last-Event-ID`; it wins over the field.
         let resume = match request.metadata().get("last-event-id") {
             Some(value) => Some(
@@ -127,6 +128,7 @@ impl EventQueryService for QueryApi {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let request = request.into_inner();
         let user_id = if request.user_id.is_empty() {
             None
@@ -158,6 +160,7 @@ impl EventQueryService for QueryApi {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let request = request.into_inner();
         let page = self
             .bus
@@ -196,6 +199,7 @@ impl EventCommandService for CommandApi {
         request: Request<pb::ReplayDeadLetterRequest>,
     ) -> Result<Response<pb::ReplayDeadLetterResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let id = parse_id("id", &request.get_ref().id)?;
         self.bus.execute(&ctx, ReplayDeadLetter { id }).await?;
         Ok(Response::new(pb::ReplayDeadLetterResponse {}))
@@ -206,6 +210,7 @@ impl EventCommandService for CommandApi {
         request: Request<pb::CreateStreamTicketRequest>,
     ) -> Result<Response<pb::CreateStreamTicketResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let issued = self.bus.execute(&ctx, CreateStreamTicket).await?;
         Ok(Response::new(pb::CreateStreamTicketResponse {
             ticket: issued.ticket.expose().clone(),

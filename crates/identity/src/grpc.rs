@@ -2,7 +2,7 @@
 //! -> proto (`From`). The field names and messages of every violation are
 //! part of the contract: clients and tests read them.
 
-use keel_kernel::grpc::{GrpcRoutes, context, timestamp};
+use keel_kernel::grpc::{GrpcRoutes, checked, context, parse, timestamp};
 use keel_kernel::{Bus, Error, Result, Role, Secret, Violations, id::parse_id};
 use keel_proto::identity as pb;
 use keel_proto::identity::identity_command_service_server::{IdentityCommandService, IdentityCommandServiceServer};
@@ -369,7 +369,7 @@ impl From<PublicJwk> for pb::JsonWebKey {
 impl IdentityCommandService for CommandApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let ctx = context(&request);
-        let command = Register::try_from(request.into_inner())?;
+        let command = parse::<_, Register>(request.into_inner())?;
         let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RegisterResponse {
             user: Some((&user).into()),
@@ -378,7 +378,7 @@ impl IdentityCommandService for CommandApi {
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let ctx = context(&request);
-        let command = Login::try_from(request.into_inner())?;
+        let command = parse::<_, Login>(request.into_inner())?;
         match self.bus.execute(&ctx, command).await? {
             LoginOutcome::SignedIn { user, tokens } => Ok(Response::new(pb::LoginResponse {
                 tokens: Some(tokens.into()),
@@ -393,7 +393,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::RefreshSessionRequest>,
     ) -> Result<Response<pb::RefreshSessionResponse>, Status> {
         let ctx = context(&request);
-        let command = RefreshSession::try_from(request.into_inner())?;
+        let command = parse::<_, RefreshSession>(request.into_inner())?;
         match self.bus.execute(&ctx, command).await? {
             RefreshOutcome::Rotated(tokens) => Ok(Response::new(pb::RefreshSessionResponse {
                 tokens: Some(tokens.into()),
@@ -406,6 +406,7 @@ impl IdentityCommandService for CommandApi {
 
     async fn logout(&self, request: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         self.bus.execute(&ctx, Logout).await?;
         Ok(Response::new(pb::LogoutResponse {}))
     }
@@ -415,7 +416,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let ctx = context(&request);
-        let command = ChangePassword::try_from(request.into_inner())?;
+        let command = parse::<_, ChangePassword>(request.into_inner())?;
         self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::ChangePasswordResponse {}))
     }
@@ -425,7 +426,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let ctx = context(&request);
-        let command = CreateUser::try_from(request.into_inner())?;
+        let command = parse::<_, CreateUser>(request.into_inner())?;
         let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some((&user).into()),
@@ -437,7 +438,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::UpdateUserRequest>,
     ) -> Result<Response<pb::UpdateUserResponse>, Status> {
         let ctx = context(&request);
-        let command = UpdateUser::try_from(request.into_inner())?;
+        let command = parse::<_, UpdateUser>(request.into_inner())?;
         let user = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::UpdateUserResponse {
             user: Some((&user).into()),
@@ -449,7 +450,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let ctx = context(&request);
-        let command = DeleteUser::try_from(request.into_inner())?;
+        let command = parse::<_, DeleteUser>(request.into_inner())?;
         self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::DeleteUserResponse {}))
     }
@@ -459,7 +460,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::RevokeSessionRequest>,
     ) -> Result<Response<pb::RevokeSessionResponse>, Status> {
         let ctx = context(&request);
-        let command = RevokeSession::try_from(request.into_inner())?;
+        let command = parse::<_, RevokeSession>(request.into_inner())?;
         self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RevokeSessionResponse {}))
     }
@@ -495,6 +496,7 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::GetCurrentUserRequest>,
     ) -> Result<Response<pb::GetCurrentUserResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let user = self.bus.ask(&ctx, GetCurrentUser).await?;
         Ok(Response::new(pb::GetCurrentUserResponse {
             user: Some((&user).into()),
@@ -503,7 +505,7 @@ impl IdentityQueryService for QueryApi {
 
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::GetUserResponse>, Status> {
         let ctx = context(&request);
-        let query = GetUser::try_from(request.into_inner())?;
+        let query = parse::<_, GetUser>(request.into_inner())?;
         let user = self.bus.ask(&ctx, query).await?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some((&user).into()),
@@ -515,6 +517,7 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let page = self.bus.ask(&ctx, ListUsers::from(request.into_inner())).await?;
         Ok(Response::new(pb::ListUsersResponse {
             users: page.users.iter().map(pb::User::from).collect(),
@@ -527,6 +530,7 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let current = ctx.principal.as_ref().map(|principal| principal.session_id);
         let sessions = self.bus.ask(&ctx, ListSessions).await?;
         Ok(Response::new(pb::ListSessionsResponse {
@@ -551,6 +555,7 @@ impl IdentityQueryService for QueryApi {
 
     async fn get_jwks(&self, request: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let keys = self.bus.ask(&ctx, GetJwks).await?;
         Ok(Response::new(pb::GetJwksResponse {
             keys: keys.into_iter().map(pb::JsonWebKey::from).collect(),

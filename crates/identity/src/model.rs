@@ -382,6 +382,33 @@ pub(crate) fn new_api_key(id: Uuid) -> (Secret<String>, Secret<String>) {
 
 #[cfg(test)]
 mod tests {
+
+    /// The contracts list the common passwords too (`not_in`, for clients and
+    /// the OpenAPI document): the same list as the one refused here.
+    #[test]
+    fn the_contracts_refuse_the_same_common_passwords() {
+        let pool = prost_reflect::DescriptorPool::decode(keel_proto::FILE_DESCRIPTOR_SET).unwrap();
+        let ours: Vec<String> = COMMON_PASSWORDS.lines().map(str::to_owned).collect();
+        for (message, field) in [
+            ("RegisterRequest", "password"),
+            ("CreateUserRequest", "password"),
+            ("ChangePasswordRequest", "new_password"),
+        ] {
+            let message = pool
+                .get_message_by_name(&format!("keel.identity.v1.{message}"))
+                .unwrap();
+            let field = message.get_field_by_name(field).unwrap();
+            let rules = keel_proto::validate::field_rules(&field).unwrap();
+            let string = keel_proto::validate::kind_rules(&rules, "string").unwrap();
+            assert_eq!(
+                keel_proto::validate::string_list(&string, "not_in"),
+                ours,
+                "{}",
+                field.full_name()
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -225,6 +225,35 @@ impl Error {
         Self::new(Code::IdempotencyKeyReused, message).with_info(IDEMPOTENCY_KEY_REUSED, &[])
     }
 
+    /// A request judged twice: by its contract's field rules (`rules`) and by
+    /// its parse into a command or query (`parsed`). A refusal names every
+    /// field either refused, the parse's own descriptions first (they are
+    /// the more precise), then the rules' for the fields it did not name.
+    pub fn with_rules<T>(rules: Vec<FieldViolation>, parsed: Result<T>) -> Result<T> {
+        if rules.is_empty() {
+            return parsed;
+        }
+        let mut violations = match parsed {
+            Err(error) if error.code == Code::InvalidArgument && !error.violations.is_empty() => error.violations,
+            // Any other outcome of the parse: the rules refuse first.
+            _ => Vec::new(),
+        };
+        for rule in rules {
+            // `update_mask.id` from the parse already names `update_mask`.
+            let named = |violation: &FieldViolation| {
+                violation.field == rule.field
+                    || violation
+                        .field
+                        .strip_prefix(rule.field.as_str())
+                        .is_some_and(|rest| rest.starts_with('.'))
+            };
+            if !violations.iter().any(named) {
+                violations.push(rule);
+            }
+        }
+        Err(Self::invalid(violations))
+    }
+
     pub fn resource_exhausted(message: impl Into<String>, retry_after: Duration) -> Self {
         Self {
             retry_after: Some(retry_after),

@@ -10,7 +10,7 @@ use tonic::server::NamedService;
 use tonic::service::{Routes, RoutesBuilder};
 
 use crate::context::RequestContext;
-use crate::error::{Code, Error};
+use crate::error::{Code, Error, FieldViolation};
 use crate::module::GrpcLimits;
 
 pub use tonic::codec::CompressionEncoding;
@@ -160,6 +160,37 @@ impl From<Error> for tonic::Status {
         }
         status
     }
+}
+
+/// A request parsed into its command or query after its contract's field
+/// rules were checked (`keel_proto::validate`: `google.api.field_behavior`
+/// and `buf.validate`). Every module's `grpc.rs` calls this (or [`checked`])
+/// first, so the rules hold for every method and protocol (REST, Connect and
+/// grpc-web reach the same service), after the access layer and after tonic
+/// decompressed and decoded the message.
+pub fn parse<R, C>(request: R) -> Result<C, Error>
+where
+    R: prost::Message + prost::Name,
+    C: TryFrom<R, Error = Error>,
+{
+    let rules = rule_violations(&request)?;
+    Error::with_rules(rules, C::try_from(request))
+}
+
+/// [`parse`] for a request that has no parse of its own.
+pub fn checked<R: prost::Message + prost::Name>(request: &R) -> Result<(), Error> {
+    Error::with_rules(rule_violations(request)?, Ok(()))
+}
+
+fn rule_violations<R: prost::Message + prost::Name>(request: &R) -> Result<Vec<FieldViolation>, Error> {
+    let violations = keel_proto::validate::violations(request).map_err(Error::internal)?;
+    Ok(violations
+        .into_iter()
+        .map(|violation| FieldViolation {
+            field: violation.field,
+            description: violation.description,
+        })
+        .collect())
 }
 
 /// The context the server's layers attached to the call, or a bare one
