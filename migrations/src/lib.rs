@@ -9,6 +9,7 @@ mod m20261121_000002_events;
 mod m20261201_000003_identity;
 mod m20261201_000004_events;
 mod m20261203_000005_events;
+mod m20261203_000010_jobs;
 
 pub struct Migrator;
 
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_identity::Migration),
             Box::new(m20261201_000004_events::Migration),
             Box::new(m20261203_000005_events::Migration),
+            Box::new(m20261203_000010_jobs::Migration),
         ]
     }
 }

@@ -8,6 +8,8 @@
 //! - [`module`]: the `Module` trait every module implements, so the
 //!   composition root wires each with one line;
 //! - [`events`]: domain events and the outbox port;
+//! - [`jobs`]: job kinds declared in code and the port that enqueues them
+//!   in a command's transaction;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`access`]: when a caller's access ends, so that streams end with it;
 //! - [`cluster`]: announcements every keel process acts on before a command
@@ -33,6 +35,7 @@ pub mod error;
 pub mod events;
 pub mod grpc;
 pub mod id;
+pub mod jobs;
 pub mod limit;
 pub mod mail;
 pub mod module;
@@ -46,5 +49,6 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
+pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob};
 pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;
