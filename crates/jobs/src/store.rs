@@ -343,3 +343,9 @@ pub async fn next_due(db: &impl ConnectionTrait, queue: &str) -> Result<Option<D
         .await?
         .map(|row| row.run_at))
 }
+
+/// How many jobs the table holds.
+pub async fn count(db: &impl ConnectionTrait) -> Result<u64> {
+    use sea_orm::PaginatorTrait;
+    Ok(jobs::Entity::find().count(db).await?)
+}
