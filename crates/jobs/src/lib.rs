@@ -151,7 +151,10 @@ impl Jobs {
     /// Enqueues outside any command, in a transaction of its own (tools,
     /// tests, start-up work).
     pub async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<Uuid>> {
-        let tx = self.db().begin_with_options(keel_kernel::bus::write_transaction()).await?;
+        let tx = self
+            .db()
+            .begin_with_options(keel_kernel::bus::write_transaction())
+            .await?;
         let ids = self.queue().enqueue(&tx, jobs).await?;
         tx.commit().await?;
         self.wake_all();

@@ -233,7 +233,12 @@ pub async fn complete(db: &impl ConnectionTrait, lease: &Lease, now: DateTime<Ut
 }
 
 /// Marks the job failed for good, keeping every attempt's error.
-pub async fn fail(db: &impl ConnectionTrait, lease: &Lease, errors: &[AttemptError], now: DateTime<Utc>) -> Result<bool> {
+pub async fn fail(
+    db: &impl ConnectionTrait,
+    lease: &Lease,
+    errors: &[AttemptError],
+    now: DateTime<Utc>,
+) -> Result<bool> {
     finish(db, lease, JobState::Failed, Some(errors), now).await
 }
 

@@ -143,7 +143,9 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     match written {
         Ok(true) => {}
         Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; outcome discarded"),
-        Err(error) => tracing::warn!(job_id = %job.id, error = %error, "writing a job's outcome failed; its lease will expire"),
+        Err(error) => {
+            tracing::warn!(job_id = %job.id, error = %error, "writing a job's outcome failed; its lease will expire")
+        }
     }
 }
 

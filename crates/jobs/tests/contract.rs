@@ -48,7 +48,12 @@ struct Runs(Arc<Mutex<HashMap<String, Vec<Instant>>>>);
 
 impl Runs {
     fn note(&self, key: &str) {
-        self.0.lock().unwrap().entry(key.to_owned()).or_default().push(Instant::now());
+        self.0
+            .lock()
+            .unwrap()
+            .entry(key.to_owned())
+            .or_default()
+            .push(Instant::now());
     }
 
     fn of(&self, key: &str) -> Vec<Instant> {
@@ -128,10 +133,7 @@ async fn rig(backend: Backend, settings: Settings) -> Rig {
     let database = TestDatabase::new(backend).await;
     let db = database.db.clone();
     let runs = Runs::default();
-    let kinds = vec![
-        JobKind::new::<Count>(runs.clone()),
-        JobKind::new::<Flaky>(runs.clone()),
-    ];
+    let kinds = vec![JobKind::new::<Count>(runs.clone()), JobKind::new::<Flaky>(runs.clone())];
     let jobs = Jobs::new(db.clone(), kinds, settings).await.unwrap();
     let mut bus = BusBuilder::new(db.clone());
     jobs.register(&mut bus);
@@ -149,7 +151,9 @@ async fn rig(backend: Backend, settings: Settings) -> Rig {
 
 impl Rig {
     async fn place(&self, job: NewJob, fail: bool) -> Result<Uuid> {
-        self.bus.execute(&RequestContext::system(), PlaceOrder { job, fail }).await
+        self.bus
+            .execute(&RequestContext::system(), PlaceOrder { job, fail })
+            .await
     }
 
     /// Polls the job until it is `state` (or ten seconds pass).
@@ -220,7 +224,11 @@ async fn a_failing_job_retries_with_backoff_then_fails_with_every_error(backend:
     assert_eq!(job.attempt, 3);
     let attempts: Vec<u32> = job.errors.iter().map(|error| error.attempt).collect();
     assert_eq!(attempts, [1, 2, 3]);
-    assert!(job.errors[2].message.contains("attempt 3 failed on purpose"), "{:?}", job.errors);
+    assert!(
+        job.errors[2].message.contains("attempt 3 failed on purpose"),
+        "{:?}",
+        job.errors
+    );
     let runs = rig.runs.of("e");
     assert_eq!(runs.len(), 3);
     // Backoff 100 ms doubling, jittered into [50%, 100%].
@@ -282,7 +290,12 @@ async fn a_worker_that_lost_its_lease_writes_nothing(backend: Backend) {
     let lease_a = a[0].lease().unwrap();
     assert_eq!(lease_a.attempt, 1);
     // Nobody else may lease a running job.
-    assert!(store::fetch(&rig.db, "default", 10, short, now).await.unwrap().is_empty());
+    assert!(
+        store::fetch(&rig.db, "default", 10, short, now)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let later = now + chrono::Duration::seconds(1);
     assert_eq!(store::rescue(&rig.db, later, 100).await.unwrap(), 1);
@@ -300,7 +313,10 @@ async fn a_worker_that_lost_its_lease_writes_nothing(backend: Backend) {
     assert!(!store::retry(&rig.db, &lease_a, later, &[], later).await.unwrap());
     assert!(!store::fail(&rig.db, &lease_a, &[], later).await.unwrap());
     let job = rig.jobs.get(id).await.unwrap().unwrap();
-    assert_eq!((job.state, job.attempt, job.lease_token), (JobState::Running, 2, Some(lease_b.token)));
+    assert_eq!(
+        (job.state, job.attempt, job.lease_token),
+        (JobState::Running, 2, Some(lease_b.token))
+    );
 
     // A stale lease of the same attempt (a token B never had) is refused too.
     let forged = keel_jobs::Lease {
@@ -313,7 +329,11 @@ async fn a_worker_that_lost_its_lease_writes_nothing(backend: Backend) {
     // After the completion: a rescue long past the lease, and A again.
     let much_later = later + chrono::Duration::hours(1);
     assert_eq!(store::rescue(&rig.db, much_later, 100).await.unwrap(), 0);
-    assert!(!store::retry(&rig.db, &lease_a, much_later, &[], much_later).await.unwrap());
+    assert!(
+        !store::retry(&rig.db, &lease_a, much_later, &[], much_later)
+            .await
+            .unwrap()
+    );
     let job = rig.jobs.get(id).await.unwrap().unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Completed, 2));
     assert_eq!(job.errors.len(), 1, "the lost lease is noted: {:?}", job.errors);
@@ -365,9 +385,15 @@ async fn priority_and_run_at_order_the_fetch(backend: Backend) {
         ])
         .await
         .unwrap();
-    let leased = store::fetch(&rig.db, "default", 10, now + chrono::Duration::seconds(30), clock::now())
-        .await
-        .unwrap();
+    let leased = store::fetch(
+        &rig.db,
+        "default",
+        10,
+        now + chrono::Duration::seconds(30),
+        clock::now(),
+    )
+    .await
+    .unwrap();
     let order: Vec<Uuid> = leased.iter().map(|job| job.id).collect();
     assert_eq!(order, [ids[1], ids[0]]);
 }
@@ -385,9 +411,13 @@ async fn postgres_wakes_workers_of_other_processes_at_the_commit() {
         },
     )
     .await;
-    let runner_jobs = Jobs::new(enqueuer.db.clone(), vec![JobKind::new::<Count>(enqueuer.runs.clone())], settings())
-        .await
-        .unwrap();
+    let runner_jobs = Jobs::new(
+        enqueuer.db.clone(),
+        vec![JobKind::new::<Count>(enqueuer.runs.clone())],
+        settings(),
+    )
+    .await
+    .unwrap();
     let _runner = BackgroundTasks::new(runner_jobs.start_tasks(&enqueuer.db));
     // Runs once the listener is connected (it wakes the queues then).
     let warm_up = enqueuer.place(count("warm-up"), false).await.unwrap();
