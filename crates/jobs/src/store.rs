@@ -199,7 +199,7 @@ pub async fn fetch(
         .await?;
     let mut leased = rows.into_iter().map(record).collect::<Result<Vec<_>>>()?;
     // RETURNING promises no order.
-    leased.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+    leased.sort_by_key(|job| (job.priority, job.run_at, job.id));
     Ok(leased)
 }
 
@@ -353,4 +353,13 @@ pub async fn next_due(db: &impl ConnectionTrait, queue: &str) -> Result<Option<D
 pub async fn count(db: &impl ConnectionTrait) -> Result<u64> {
     use sea_orm::PaginatorTrait;
     Ok(jobs::Entity::find().count(db).await?)
+}
+
+/// How many jobs are in `state`.
+pub async fn count_in_state(db: &impl ConnectionTrait, state: JobState) -> Result<u64> {
+    use sea_orm::PaginatorTrait;
+    Ok(jobs::Entity::find()
+        .filter(jobs::Column::State.eq(state.as_str()))
+        .count(db)
+        .await?)
 }

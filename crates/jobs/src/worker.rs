@@ -98,7 +98,7 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
         Some(kind) => {
             let run = kind.run(&ctx, &job.args);
             tokio::pin!(run);
-            let mut renewal = tokio::time::interval(settings.lease / 3);
+            let mut renewal = tokio::time::interval((settings.lease / 3).max(Duration::from_millis(10)));
             renewal.tick().await;
             loop {
                 tokio::select! {

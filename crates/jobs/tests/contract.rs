@@ -398,6 +398,48 @@ async fn priority_and_run_at_order_the_fetch(backend: Backend) {
     assert_eq!(order, [ids[1], ids[0]]);
 }
 
+/// Two processes' workers (and their rescuers) on one table, small
+/// concurrency: every one of many jobs runs exactly once.
+async fn two_processes_run_each_of_many_jobs_exactly_once(backend: Backend) {
+    let first = rig(
+        backend,
+        Settings {
+            concurrency: 3,
+            ..settings()
+        },
+    )
+    .await;
+    let second_jobs = Jobs::new(
+        first.db.clone(),
+        vec![JobKind::new::<Count>(first.runs.clone())],
+        Settings {
+            concurrency: 3,
+            ..settings()
+        },
+    )
+    .await
+    .unwrap();
+    let _second = BackgroundTasks::new(second_jobs.start_tasks(&first.db));
+    let total = 300;
+    let keys: Vec<String> = (0..total).map(|index| format!("many-{index}")).collect();
+    for batch in keys.chunks(50) {
+        let jobs = batch.iter().map(|key| count(key)).collect();
+        first.jobs.enqueue(jobs).await.unwrap();
+        // The other process hears of it by PostgreSQL's notification, or at
+        // its poll on SQLite: wake it as its own commit would.
+        second_jobs.enqueue(Vec::new()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store::count_in_state(&first.db, JobState::Completed).await.unwrap() < total as u64 {
+        assert!(Instant::now() < deadline, "not every job completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for key in &keys {
+        assert_eq!(first.runs.of(key).len(), 1, "{key}");
+    }
+    assert_eq!(store::count_in_state(&first.db, JobState::Running).await.unwrap(), 0);
+}
+
 /// A worker whose poll never comes in time runs a job another process
 /// enqueued: PostgreSQL's notification at the commit woke it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -460,4 +502,5 @@ on_every_backend!(
     a_worker_that_lost_its_lease_writes_nothing,
     a_rescue_of_the_last_attempt_fails_the_job,
     priority_and_run_at_order_the_fetch,
+    two_processes_run_each_of_many_jobs_exactly_once,
 );

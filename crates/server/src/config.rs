@@ -478,6 +478,25 @@ mod tests {
     }
 
     #[test]
+    fn job_queues_read_as_name_and_concurrency() {
+        let config = Config {
+            jobs_queues: Some("mail=2, default=20,".to_owned()),
+            ..Config::default()
+        };
+        let queues = config.jobs_queue_concurrency().expect("valid");
+        assert_eq!(queues.get("mail"), Some(&2));
+        assert_eq!(queues.get("default"), Some(&20));
+        for bad in ["mail", "mail=0", "=3", "mail=x"] {
+            let config = Config {
+                jobs_queues: Some(bad.to_owned()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_QUEUES"), "{error}");
+        }
+    }
+
+    #[test]
     fn production_needs_keys_and_errors_name_the_setting() {
         let config = Config {
             env: Environment::Production,
