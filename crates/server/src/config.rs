@@ -148,7 +148,9 @@ pub struct Config {
     /// renewal (its worker renews every third of it); a dead worker's job
     /// runs again after it. The rescuer looks every half lease (at most 15 s).
     pub jobs_lease_ms: u64,
-    /// `KEEL_JOBS_POLL_MS`: the safety net under commit wake-ups.
+    /// `KEEL_JOBS_POLL_MS`: the safety net under commit wake-ups (each poll
+    /// is a fetch and a look for the next due job, per queue: an idle keel
+    /// stays under a transaction a second).
     pub jobs_poll_ms: u64,
     /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
     /// (at most an hour), with jitter.
@@ -234,7 +236,7 @@ impl Default for Config {
             jobs_concurrency: 10,
             jobs_queues: None,
             jobs_lease_ms: 30_000,
-            jobs_poll_ms: 5_000,
+            jobs_poll_ms: 30_000,
             jobs_backoff_ms: 1_000,
         }
     }
