@@ -79,7 +79,7 @@ impl Default for Settings {
             queues: HashMap::new(),
             lease: Duration::from_secs(30),
             poll: Duration::from_secs(30),
-            rescue_every: Duration::from_secs(15),
+            rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
         }

@@ -121,7 +121,7 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
         queues: config.jobs_queue_concurrency()?,
         lease,
         poll: Duration::from_millis(config.jobs_poll_ms),
-        rescue_every: (lease / 2).min(Duration::from_secs(15)),
+        rescue_every: lease.min(Duration::from_secs(30)),
         backoff: keel_kernel::backoff::Backoff::new(
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),

@@ -146,7 +146,8 @@ pub struct Config {
     pub jobs_queues: Option<String>,
     /// `KEEL_JOBS_LEASE_MS`: how long a running job is held without a
     /// renewal (its worker renews every third of it); a dead worker's job
-    /// runs again after it. The rescuer looks every half lease (at most 15 s).
+    /// runs again after it (and at most one more lease: the rescuer looks
+    /// every lease, at most every 30 s).
     pub jobs_lease_ms: u64,
     /// `KEEL_JOBS_POLL_MS`: the safety net under commit wake-ups (each poll
     /// is a fetch and a look for the next due job, per queue: an idle keel
