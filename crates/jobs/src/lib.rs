@@ -78,7 +78,7 @@ impl Default for Settings {
             concurrency: 10,
             queues: HashMap::new(),
             lease: Duration::from_secs(30),
-            poll: Duration::from_secs(30),
+            poll: Duration::from_secs(60),
             rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),

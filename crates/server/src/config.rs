@@ -237,7 +237,7 @@ impl Default for Config {
             jobs_concurrency: 10,
             jobs_queues: None,
             jobs_lease_ms: 30_000,
-            jobs_poll_ms: 30_000,
+            jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
         }
     }
