@@ -13,6 +13,7 @@ mod m20261203_000006_kernel_idempotency;
 mod m20261203_000007_identity_api_keys;
 mod m20261203_000008_events;
 mod m20261203_000009_events;
+mod m20261203_000010_jobs;
 
 pub struct Migrator;
 
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000007_identity_api_keys::Migration),
             Box::new(m20261203_000008_events::Migration),
             Box::new(m20261203_000009_events::Migration),
+            Box::new(m20261203_000010_jobs::Migration),
         ]
     }
 }

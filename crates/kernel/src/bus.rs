@@ -33,6 +33,7 @@ use crate::context::RequestContext;
 use crate::error::{Code, Error, Result};
 use crate::events::{DomainEvent, Outbox, PendingEvent};
 use crate::idempotency::{Found, Idempotency};
+use crate::jobs::{JobQueue, NewJob};
 
 /// A request to change state. `NAME` names its span (`identity.register`).
 pub trait Command: Send + 'static {
@@ -124,6 +125,8 @@ pub struct CommandContext<'a> {
     pub request: &'a RequestContext,
     pub db: &'a DatabaseConnection,
     writer: Option<&'a Mutex<()>>,
+    jobs: Option<&'a Arc<dyn JobQueue>>,
+    enqueued: std::sync::atomic::AtomicBool,
     open: OnceCell<OpenTransaction<'a>>,
     // A std mutex: never held across an await.
     events: std::sync::Mutex<Vec<PendingEvent>>,
@@ -162,6 +165,32 @@ impl<'a> CommandContext<'a> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push(event);
+    }
+
+    /// Enqueues `job` in this command's transaction: it exists if and only
+    /// if the command commits. Without a user of its own, the job is the
+    /// caller's.
+    pub async fn enqueue(&self, job: NewJob) -> Result<uuid::Uuid> {
+        let mut ids = self.enqueue_all(vec![job]).await?;
+        ids.pop().ok_or_else(|| Error::internal("the job queue returned no id"))
+    }
+
+    /// Enqueues several jobs in one write (see [`CommandContext::enqueue`]).
+    pub async fn enqueue_all(&self, jobs: Vec<NewJob>) -> Result<Vec<uuid::Uuid>> {
+        let queue = self
+            .jobs
+            .ok_or_else(|| Error::internal("no job queue is wired to the bus"))?;
+        let caller = self.request.principal.as_ref().map(|principal| principal.user_id);
+        let jobs = jobs
+            .into_iter()
+            .map(|mut job| {
+                job.user_id = job.user_id.or(caller);
+                job
+            })
+            .collect();
+        let ids = queue.enqueue(self.tx().await?, jobs).await?;
+        self.enqueued.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(ids)
     }
 
     /// Runs `work` once this command has committed, before its caller gets
@@ -267,6 +296,7 @@ type ErasedQueryHandler<Q> = Arc<dyn QueryHandler<Q>>;
 pub struct BusBuilder {
     db: DatabaseConnection,
     outbox: Option<Arc<dyn Outbox>>,
+    jobs: Option<Arc<dyn JobQueue>>,
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     middleware: Vec<Arc<dyn Middleware>>,
@@ -279,6 +309,7 @@ impl BusBuilder {
         Self {
             db,
             outbox: None,
+            jobs: None,
             commands: HashMap::new(),
             queries: HashMap::new(),
             middleware: Vec::new(),
@@ -324,6 +355,13 @@ impl BusBuilder {
         self
     }
 
+    /// Where commands' jobs go ([`CommandContext::enqueue`]). Without one,
+    /// enqueueing fails.
+    pub fn jobs(&mut self, jobs: Arc<dyn JobQueue>) -> &mut Self {
+        self.jobs = Some(jobs);
+        self
+    }
+
     /// Adds a link to the chain; the first added is the outermost.
     pub fn middleware(&mut self, middleware: impl Middleware) -> &mut Self {
         self.middleware.push(Arc::new(middleware));
@@ -339,6 +377,7 @@ impl BusBuilder {
             inner: Arc::new(Inner {
                 db: self.db,
                 outbox: self.outbox,
+                jobs: self.jobs,
                 writer,
                 commands: self.commands,
                 queries: self.queries,
@@ -353,6 +392,7 @@ impl BusBuilder {
 struct Inner {
     db: DatabaseConnection,
     outbox: Option<Arc<dyn Outbox>>,
+    jobs: Option<Arc<dyn JobQueue>>,
     writer: Option<Mutex<()>>,
     commands: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     queries: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
@@ -413,6 +453,8 @@ impl Bus {
                 request: ctx,
                 db: &inner.db,
                 writer: inner.writer.as_ref(),
+                jobs: inner.jobs.as_ref(),
+                enqueued: std::sync::atomic::AtomicBool::new(false),
                 open: OnceCell::new(),
                 events: std::sync::Mutex::new(Vec::new()),
                 after_commit: std::sync::Mutex::new(Vec::new()),
@@ -470,6 +512,7 @@ impl Bus {
                 }
                 _ => false,
             };
+            let enqueued = outcome.is_ok() && command_ctx.enqueued.load(std::sync::atomic::Ordering::Relaxed);
             command_ctx.finish(outcome.is_ok()).await?;
             if outcome.is_ok() && claim.is_some() && inner.abort_after_commit.as_deref() == Some(C::NAME) {
                 tracing::error!(
@@ -480,6 +523,9 @@ impl Bus {
             }
             if wrote_events && let Some(outbox) = &inner.outbox {
                 outbox.committed();
+            }
+            if enqueued && let Some(jobs) = &inner.jobs {
+                jobs.committed();
             }
             if outcome.is_ok() {
                 for work in after_commit {

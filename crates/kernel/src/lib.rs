@@ -10,6 +10,8 @@
 //! - [`events`]: domain events and the outbox port;
 //! - [`idempotency`]: idempotency keys of commands, recorded in the
 //!   command's own transaction;
+//! - [`jobs`]: job kinds declared in code and the port that enqueues them
+//!   in a command's transaction;
 //! - [`context`]: the request context (principal, request id, deadline) and roles;
 //! - [`access`]: when a caller's access ends, so that streams end with it;
 //! - [`cluster`]: announcements every keel process acts on before a command
@@ -37,6 +39,7 @@ pub mod events;
 pub mod grpc;
 pub mod id;
 pub mod idempotency;
+pub mod jobs;
 pub mod limit;
 pub mod mail;
 pub mod module;
@@ -51,5 +54,6 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
+pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob};
 pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;

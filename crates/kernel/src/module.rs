@@ -16,6 +16,7 @@ use sea_orm::DatabaseConnection;
 use crate::bus::{Bus, BusBuilder};
 use crate::events::EventHandler;
 use crate::grpc::GrpcRoutes;
+use crate::jobs::JobKind;
 
 /// Limits every gRPC service gets, from the server's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +70,12 @@ pub trait Module: Send + Sync + 'static {
 
     /// Durable handlers of committed events (welcome emails, projections).
     fn event_handlers(&self) -> Vec<Arc<dyn EventHandler>> {
+        Vec::new()
+    }
+
+    /// The job kinds the module enqueues, with their handlers (the jobs
+    /// module runs them).
+    fn job_kinds(&self) -> Vec<JobKind> {
         Vec::new()
     }
 

@@ -116,6 +116,23 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     }
 }
 
+fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
+    let lease = Duration::from_millis(config.jobs_lease_ms);
+    Ok(keel_jobs::Settings {
+        workers: config.jobs_workers,
+        concurrency: config.jobs_concurrency,
+        queues: config.jobs_queue_concurrency()?,
+        lease,
+        poll: Duration::from_millis(config.jobs_poll_ms),
+        rescue_every: lease.min(Duration::from_secs(30)),
+        backoff: keel_kernel::backoff::Backoff::new(
+            Duration::from_millis(config.jobs_backoff_ms),
+            Duration::from_secs(3600),
+        ),
+        ..keel_jobs::Settings::default()
+    })
+}
+
 impl State {
     /// Connects, migrates, builds every module and registers it.
     pub async fn build(config: Config) -> anyhow::Result<State> {
@@ -151,6 +168,11 @@ impl State {
         // and its migration in `migrations/`. The events module is not in the
         // list: it runs the others' event handlers, so it starts after them.
         let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
+        // The jobs module runs the others' job kinds, so it follows them.
+        let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
+        modules.push(Arc::new(
+            keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config)?).await?,
+        ));
 
         let mut handlers = keel_events::handlers::Registry::default();
         for handler in modules.iter().flat_map(|module| module.event_handlers()) {

@@ -137,6 +137,25 @@ pub struct Config {
     pub event_handler_max_attempts: u32,
     /// `KEEL_EVENT_HANDLER_BACKOFF_MS`: the first retry's delay; it doubles, with jitter.
     pub event_handler_backoff_ms: u64,
+    /// `KEEL_JOBS_WORKERS`: run job workers in this process (on by default).
+    pub jobs_workers: bool,
+    /// `KEEL_JOBS_CONCURRENCY`: jobs of one queue running at once in this
+    /// process, unless `KEEL_JOBS_QUEUES` names the queue.
+    pub jobs_concurrency: usize,
+    /// `KEEL_JOBS_QUEUES`: per-queue concurrency, `mail=2,default=20`.
+    pub jobs_queues: Option<String>,
+    /// `KEEL_JOBS_LEASE_MS`: how long a running job is held without a
+    /// renewal (its worker renews every third of it); a dead worker's job
+    /// runs again after it (and at most one more lease: the rescuer looks
+    /// every lease, at most every 30 s).
+    pub jobs_lease_ms: u64,
+    /// `KEEL_JOBS_POLL_MS`: the safety net under commit wake-ups (each poll
+    /// is a fetch and a look for the next due job, per queue: an idle keel
+    /// stays under a transaction a second).
+    pub jobs_poll_ms: u64,
+    /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
+    /// (at most an hour), with jitter.
+    pub jobs_backoff_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -255,6 +274,12 @@ impl Default for Config {
             events_listen: true,
             event_handler_max_attempts: 5,
             event_handler_backoff_ms: 200,
+            jobs_workers: true,
+            jobs_concurrency: 10,
+            jobs_queues: None,
+            jobs_lease_ms: 30_000,
+            jobs_poll_ms: 60_000,
+            jobs_backoff_ms: 1_000,
         }
     }
 }
@@ -275,6 +300,28 @@ fn invalid(setting: &'static str, reason: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// `KEEL_JOBS_QUEUES` read: queue names and their concurrency.
+    pub fn jobs_queue_concurrency(&self) -> Result<std::collections::HashMap<String, usize>, ConfigError> {
+        let mut queues = std::collections::HashMap::new();
+        let Some(spec) = &self.jobs_queues else {
+            return Ok(queues);
+        };
+        for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+            let parsed = entry
+                .split_once('=')
+                .and_then(|(queue, count)| Some((queue.trim(), count.trim().parse::<usize>().ok()?)))
+                .filter(|(queue, count)| !queue.is_empty() && *count > 0);
+            let Some((queue, count)) = parsed else {
+                return Err(invalid(
+                    "KEEL_JOBS_QUEUES",
+                    format!("{entry:?} is not queue=concurrency (at least 1)"),
+                ));
+            };
+            queues.insert(queue.to_owned(), count);
+        }
+        Ok(queues)
+    }
+
     /// Defaults, then the file (`path`, or `./keel.toml` when it exists), then `KEEL_*`.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
@@ -371,6 +418,16 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
             return Err(invalid("KEEL_TRACE_SAMPLE_RATIO", "must be between 0 and 1"));
+        }
+        if self.jobs_concurrency == 0 {
+            return Err(invalid("KEEL_JOBS_CONCURRENCY", "must be at least 1"));
+        }
+        self.jobs_queue_concurrency()?;
+        if self.jobs_lease_ms < 300 {
+            return Err(invalid("KEEL_JOBS_LEASE_MS", "must be at least 300"));
+        }
+        if self.jobs_poll_ms == 0 {
+            return Err(invalid("KEEL_JOBS_POLL_MS", "must be at least 1"));
         }
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
@@ -507,6 +564,25 @@ mod tests {
         let printed = format!("{config:?}");
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("[redacted]"));
+    }
+
+    #[test]
+    fn job_queues_read_as_name_and_concurrency() {
+        let config = Config {
+            jobs_queues: Some("mail=2, default=20,".to_owned()),
+            ..Config::default()
+        };
+        let queues = config.jobs_queue_concurrency().expect("valid");
+        assert_eq!(queues.get("mail"), Some(&2));
+        assert_eq!(queues.get("default"), Some(&20));
+        for bad in ["mail", "mail=0", "=3", "mail=x"] {
+            let config = Config {
+                jobs_queues: Some(bad.to_owned()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_QUEUES"), "{error}");
+        }
     }
 
     #[test]

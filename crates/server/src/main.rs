@@ -134,6 +134,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 },
         } => {
             let password = read_password()?;
+            // A one-shot command: a job it leased would wait out its lease.
+            let config = Config {
+                jobs_workers: false,
+                ..config
+            };
             let state = State::build(config).await?;
             let id =
                 keel_identity::admin::create_user(&state.bus, &email, &password, display_name.as_deref(), role.into())

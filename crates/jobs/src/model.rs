@@ -1,0 +1,120 @@
+//! The domain of jobs: states, a stored job, the error of one attempt.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where a job is in its life. `available` covers both "due now" and
+/// "waiting for `run_at`" (a delay or a retry's backoff).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Available,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Available => "available",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<JobState> {
+        Some(match value {
+            "available" => JobState::Available,
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// No worker will touch it again.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// What went wrong in one attempt; a job keeps one per failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptError {
+    pub attempt: u32,
+    pub at: DateTime<Utc>,
+    pub message: String,
+}
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: Uuid,
+    pub queue: String,
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub state: JobState,
+    pub priority: i16,
+    pub run_at: DateTime<Utc>,
+    /// Attempts begun so far (the running one included).
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Set while running: the fence of every update the worker makes.
+    pub lease_token: Option<Uuid>,
+    pub leased_until: Option<DateTime<Utc>>,
+    pub attempted_at: Option<DateTime<Utc>>,
+    pub errors: Vec<AttemptError>,
+    pub user_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A job a worker holds: its id, and the attempt and lease token that
+/// fence what the worker may still write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub id: Uuid,
+    pub attempt: u32,
+    pub token: Uuid,
+}
+
+impl JobRecord {
+    /// The lease of a running job.
+    pub fn lease(&self) -> Option<Lease> {
+        match (self.state, self.lease_token) {
+            (JobState::Running, Some(token)) => Some(Lease {
+                id: self.id,
+                attempt: self.attempt,
+                token,
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_read_back_as_written() {
+        for state in [
+            JobState::Available,
+            JobState::Running,
+            JobState::Completed,
+            JobState::Failed,
+            JobState::Cancelled,
+        ] {
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(JobState::parse("stalled"), None);
+    }
+}

@@ -1,0 +1,200 @@
+//! Background jobs: the kinds a module declares in code, and the port
+//! through which a command enqueues one in its own transaction.
+//!
+//! A job is enqueued if and only if its command commits: the job row and the
+//! command's change share one transaction (see
+//! [`crate::CommandContext::enqueue`]). Modules know only this port; the
+//! jobs module stores, fetches, leases, retries and runs them.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseTransaction;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+
+/// The arguments of a job kind: a serde type with the kind's name, its
+/// queue and how often it may be attempted.
+pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// `<module>.<what>`, e.g. `identity.send_welcome`: stable, it is stored.
+    const KIND: &'static str;
+    /// The queue whose workers run it (each queue has its own concurrency).
+    const QUEUE: &'static str = "default";
+    /// Attempts in all, the first included, before the job is failed.
+    const MAX_ATTEMPTS: u32 = 5;
+}
+
+/// A job to enqueue: what [`JobQueue::enqueue`] writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub kind: &'static str,
+    pub queue: &'static str,
+    /// The arguments as JSON.
+    pub args: serde_json::Value,
+    /// Smaller runs first; 0 by default, negative allowed.
+    pub priority: i16,
+    /// Not before this time; `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+    pub max_attempts: u32,
+    /// Whose job it is; `None` takes the command's caller (see
+    /// [`crate::CommandContext::enqueue`]), or no user.
+    pub user_id: Option<Uuid>,
+}
+
+impl NewJob {
+    pub fn new<J: Job>(job: &J) -> Result<Self> {
+        Ok(Self {
+            kind: J::KIND,
+            queue: J::QUEUE,
+            args: serde_json::to_value(job).map_err(Error::internal)?,
+            priority: 0,
+            run_at: None,
+            max_attempts: J::MAX_ATTEMPTS.max(1),
+            user_id: None,
+        })
+    }
+
+    pub fn priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    pub fn run_at(mut self, run_at: DateTime<Utc>) -> Self {
+        self.run_at = Some(run_at);
+        self
+    }
+
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    pub fn for_user(mut self, user_id: Uuid) -> Self {
+        self.user_id = Some(user_id);
+        self
+    }
+}
+
+/// Where the bus writes a command's jobs, inside its transaction.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    /// Writes `jobs` in `tx`; their ids. An unknown kind is a wiring bug
+    /// (INTERNAL), found at the enqueue rather than by a worker.
+    async fn enqueue(&self, tx: &DatabaseTransaction, jobs: Vec<NewJob>) -> Result<Vec<Uuid>>;
+
+    /// Called after a transaction that enqueued committed: wake the workers.
+    fn committed(&self);
+}
+
+/// What a job's handler knows about the run.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub id: Uuid,
+    pub kind: String,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub user_id: Option<Uuid>,
+}
+
+/// How a run failed: retried (with backoff, while attempts remain) unless
+/// it says it must not be.
+#[derive(Debug)]
+pub struct JobError {
+    pub error: Error,
+    pub retry: bool,
+}
+
+impl JobError {
+    /// A failure no retry can mend (bad arguments, a refused request): the
+    /// job is failed at once.
+    pub fn do_not_retry(error: impl Into<Error>) -> Self {
+        Self {
+            error: error.into(),
+            retry: false,
+        }
+    }
+}
+
+impl From<Error> for JobError {
+    fn from(error: Error) -> Self {
+        Self { error, retry: true }
+    }
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Runs the jobs of kind `J`. Every run may be a repeat (a crash after the
+/// effect, before the completion): make it idempotent, for instance by the
+/// job's id.
+#[async_trait]
+pub trait JobHandler<J: Job>: Send + Sync + 'static {
+    async fn run(&self, ctx: &JobContext, job: J) -> std::result::Result<(), JobError>;
+}
+
+#[async_trait]
+trait ErasedHandler: Send + Sync + 'static {
+    async fn run(&self, ctx: &JobContext, args: &serde_json::Value) -> std::result::Result<(), JobError>;
+}
+
+struct Typed<J, H> {
+    handler: H,
+    _job: std::marker::PhantomData<fn() -> J>,
+}
+
+#[async_trait]
+impl<J: Job, H: JobHandler<J>> ErasedHandler for Typed<J, H> {
+    async fn run(&self, ctx: &JobContext, args: &serde_json::Value) -> std::result::Result<(), JobError> {
+        // Arguments that no longer parse will not parse on a retry either.
+        let job = J::deserialize(args)
+            .map_err(|error| JobError::do_not_retry(Error::internal(format!("arguments of {}: {error}", J::KIND))))?;
+        self.handler.run(ctx, job).await
+    }
+}
+
+/// A job kind with its handler, its type erased: what a module declares
+/// ([`crate::Module::job_kinds`]) and the jobs module runs.
+#[derive(Clone)]
+pub struct JobKind {
+    pub name: &'static str,
+    pub queue: &'static str,
+    pub max_attempts: u32,
+    handler: Arc<dyn ErasedHandler>,
+}
+
+impl JobKind {
+    pub fn new<J: Job>(handler: impl JobHandler<J>) -> Self {
+        Self {
+            name: J::KIND,
+            queue: J::QUEUE,
+            max_attempts: J::MAX_ATTEMPTS.max(1),
+            handler: Arc::new(Typed {
+                handler,
+                _job: std::marker::PhantomData,
+            }),
+        }
+    }
+
+    /// Parses `args` as the kind's arguments and runs the handler.
+    pub async fn run(&self, ctx: &JobContext, args: &serde_json::Value) -> std::result::Result<(), JobError> {
+        self.handler.run(ctx, args).await
+    }
+}
+
+impl std::fmt::Debug for JobKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobKind")
+            .field("name", &self.name)
+            .field("queue", &self.queue)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
