@@ -124,7 +124,10 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
         queues: config.jobs_queue_concurrency()?,
         lease,
         poll: Duration::from_millis(config.jobs_poll_ms),
-        rescue_every: lease.min(Duration::from_secs(30)),
+        // A dead worker's job is rescued within a lease and this; an idle
+        // keel pays one rescue query per period (short leases, in tests,
+        // rescue quickly).
+        rescue_every: (lease * 2).min(Duration::from_secs(60)),
         backoff: keel_kernel::backoff::Backoff::new(
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),
