@@ -90,6 +90,15 @@ pub struct Config {
     /// in effect on SQLite and with Redis (several processes on PostgreSQL
     /// without Redis could not hear each other, so there it stays off).
     pub access_cache: bool,
+    /// `KEEL_QUERY_CACHE`: keep the answers of queries that opt in (`GetUser`)
+    /// until a command changes them (`true`, the default; `false` or `off`:
+    /// never). Shared in Redis when `KEEL_REDIS_URL` is set; in process on
+    /// SQLite (one process); off on PostgreSQL without Redis, where another
+    /// process's writes could not reach this process's cache.
+    pub query_cache: bool,
+    /// `KEEL_QUERY_CACHE_TTL_SECONDS`: the longest a cached answer is used
+    /// (bounds what a change made outside keel can leave behind).
+    pub query_cache_ttl_seconds: u64,
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
@@ -259,6 +268,8 @@ impl Default for Config {
             trace_sample_ratio: 1.0,
             register_burst: 10,
             access_cache: true,
+            query_cache: true,
+            query_cache_ttl_seconds: 60,
             login_burst_per_account_address: 10,
             login_account_burst: 20,
             login_account_interval_ms: 500,
@@ -472,6 +483,9 @@ impl Config {
         self.rate_limit_policies()?;
         if self.rate_limiter == crate::limit::LimiterKind::Redis && self.redis_url.is_none() {
             return Err(invalid("KEEL_RATE_LIMITER", "redis needs KEEL_REDIS_URL"));
+        }
+        if self.query_cache_ttl_seconds == 0 {
+            return Err(invalid("KEEL_QUERY_CACHE_TTL_SECONDS", "must be at least 1"));
         }
         if self.idempotency_ttl_seconds == 0 {
             return Err(invalid("KEEL_IDEMPOTENCY_TTL_SECONDS", "must be at least 1"));
