@@ -174,7 +174,9 @@ async fn a_read_that_raced_a_write_leaves_no_stale_entry() {
     assert_eq!(reader.await.unwrap().unwrap(), 10);
     // ...but it stored nothing that a later read finds.
     assert_eq!(
-        bus.ask(&RequestContext::new("later"), ReadValue { id: 1 }).await.unwrap(),
+        bus.ask(&RequestContext::new("later"), ReadValue { id: 1 })
+            .await
+            .unwrap(),
         12
     );
 }

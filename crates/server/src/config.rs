@@ -95,6 +95,7 @@ pub struct Config {
     /// never). Shared in Redis when `KEEL_REDIS_URL` is set; in process on
     /// SQLite (one process); off on PostgreSQL without Redis, where another
     /// process's writes could not reach this process's cache.
+    #[serde(deserialize_with = "on_or_off")]
     pub query_cache: bool,
     /// `KEEL_QUERY_CACHE_TTL_SECONDS`: the longest a cached answer is used
     /// (bounds what a change made outside keel can leave behind).
@@ -292,6 +293,24 @@ impl Default for Config {
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
         }
+    }
+}
+
+/// A switch: a boolean, or `on` / `off` (what an operator writes).
+fn on_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Switch {
+        Bool(bool),
+        Text(String),
+    }
+    match Switch::deserialize(deserializer)? {
+        Switch::Bool(value) => Ok(value),
+        Switch::Text(text) => match text.to_ascii_lowercase().as_str() {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(serde::de::Error::custom("expected on, off, true or false")),
+        },
     }
 }
 
@@ -664,6 +683,25 @@ mod tests {
                 error.contains("MAX_MESSAGE_BYTES") && error.contains("KEEL_"),
                 "{error}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn the_query_cache_is_on_by_default_and_off_by_a_variable() {
+        figment::Jail::expect_with(|jail| {
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            assert!(config.query_cache);
+            assert_eq!(config.query_cache_ttl_seconds, 60);
+            jail.set_env("KEEL_QUERY_CACHE", "off");
+            jail.set_env("KEEL_QUERY_CACHE_TTL_SECONDS", "5");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            assert!(!config.query_cache);
+            assert_eq!(config.query_cache_ttl_seconds, 5);
+            jail.set_env("KEEL_QUERY_CACHE_TTL_SECONDS", "0");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_QUERY_CACHE_TTL_SECONDS"), "{error}");
             Ok(())
         });
     }

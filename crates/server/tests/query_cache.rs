@@ -56,7 +56,14 @@ async fn scraped_hits(app: &TestApp) -> f64 {
         .body(Full::new(Bytes::new()))
         .unwrap();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = client.request(request).await.unwrap().into_body().collect().await.unwrap();
+    let body = client
+        .request(request)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
     let text = String::from_utf8(body.to_bytes().to_vec()).unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix("keel_query_cache_hits_total "))
@@ -99,7 +106,10 @@ async fn a_read_after_an_update_returns_the_new_value() {
     assert_eq!(hits(&app), cached, "the update invalidated the entry");
     // The new value is cached in turn.
     assert_eq!(
-        get_user(&app, &user.id, &tokens.access_token).await.unwrap().display_name,
+        get_user(&app, &user.id, &tokens.access_token)
+            .await
+            .unwrap()
+            .display_name,
         "Renamed"
     );
     assert_eq!(hits(&app), cached + 1);
@@ -200,7 +210,10 @@ async fn a_redis_fill_that_raced_an_invalidation_is_dropped() {
     let after = cache.generations(&tags).await.unwrap();
     assert_eq!(after, vec![0, 1]);
     assert!(
-        !cache.put(&entry_key("q:1", &before), b"old".to_vec(), &tags, &before).await.unwrap(),
+        !cache
+            .put(&entry_key("q:1", &before), b"old".to_vec(), &tags, &before)
+            .await
+            .unwrap(),
         "a put under a moved generation stores nothing"
     );
     assert_eq!(cache.get(&entry_key("q:1", &after)).await.unwrap(), None);
