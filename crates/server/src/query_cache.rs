@@ -6,9 +6,10 @@
 //! limiter's: `gen:<tag>` holds a tag's generation, `entry:<key>@<generations>`
 //! an answer. A put is one Lua script that stores only if every generation is
 //! still the one the reader read before its database read; an invalidation
-//! is one script that bumps them. A generation key outlives every entry that
-//! names it (twice the TTL, refreshed by each put and invalidation), so one
-//! that expires comes back as 0 only once no entry under it is left.
+//! is one script that moves them. Generations come from Redis's clock
+//! (microseconds, never less than the last one plus one), and one that is
+//! absent, expired or evicted is created anew from the clock, so a tag never
+//! returns to a generation it had: an entry once unreachable stays so.
 //!
 //! While Redis cannot answer, every call fails at once and the bus bypasses
 //! the cache: queries read the database.
@@ -23,8 +24,25 @@ use keel_kernel::query_cache::QueryCache;
 // The features keel builds fred with have scripts, not key commands.
 const GET_SCRIPT: &str = "return redis.call('GET', KEYS[1])";
 
-// A table, so that one key answers a list of one too.
-const MGET_SCRIPT: &str = "return redis.call('MGET', unpack(KEYS))";
+// The tags' generations. An absent generation (never invalidated, expired,
+// evicted) is created from the clock, a value this tag never had: entries
+// stored under an earlier one stay unreachable.
+const GENERATIONS_SCRIPT: &str = r"
+-- KEYS: the tags' generation keys; ARGV[1]: twice the TTL in seconds.
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = string.format('%.0f', tonumber(time[1]) * 1000000 + tonumber(time[2]))
+local generations = {}
+for i = 1, #KEYS do
+  local generation = redis.call('GET', KEYS[i])
+  if not generation then
+    generation = now
+    redis.call('SET', KEYS[i], generation, 'EX', tonumber(ARGV[1]))
+  end
+  generations[i] = generation
+end
+return generations
+";
 
 const PUT_SCRIPT: &str = r"
 -- KEYS[1]: the entry; KEYS[2..]: the tags' generation keys.
@@ -43,11 +61,17 @@ end
 return 1
 ";
 
+// Moves each generation to a value it never had: the clock, or one more
+// than the current one if the clock is behind it.
 const INVALIDATE_SCRIPT: &str = r"
 -- KEYS: the tags' generation keys; ARGV[1]: twice the TTL in seconds.
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 for i = 1, #KEYS do
-  redis.call('INCR', KEYS[i])
-  redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1]))
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local generation = math.max(now, current + 1)
+  redis.call('SET', KEYS[i], string.format('%.0f', generation), 'EX', tonumber(ARGV[1]))
 end
 return #KEYS
 ";
@@ -127,13 +151,17 @@ impl QueryCache for RedisQueryCache {
         let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
         let values: Vec<Option<String>> = self
             .client
-            .eval(MGET_SCRIPT, keys, Vec::<Value>::new())
+            .eval(GENERATIONS_SCRIPT, keys, vec![2 * self.ttl_seconds])
             .await
             .map_err(unavailable)?;
         Ok(values
             .into_iter()
-            .map(|value| value.and_then(|value| value.parse().ok()).unwrap_or(0))
-            .collect())
+            .map(|value| {
+                value
+                    .and_then(|value| value.parse().ok())
+                    .ok_or_else(|| Error::internal("redis query cache: a generation that is not a number"))
+            })
+            .collect::<keel_kernel::Result<Vec<u64>>>()?)
     }
 
     async fn get(&self, key: &str) -> keel_kernel::Result<Option<Vec<u8>>> {
