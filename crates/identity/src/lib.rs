@@ -335,4 +335,14 @@ pub fn register(bus: &mut BusBuilder, identity: &Identity) {
         .query::<queries::ListSessions>(identity.clone())
         .query::<queries::ListApiKeys>(identity.clone())
         .query::<queries::GetJwks>(identity.clone());
+    // What changes a user's row forgets `GetUser`'s cached answers of that
+    // user (each event's aggregate is the user id).
+    for event in [
+        <events::UserUpdated as keel_kernel::DomainEvent>::NAME,
+        <events::RoleChanged as keel_kernel::DomainEvent>::NAME,
+        <events::UserDeleted as keel_kernel::DomainEvent>::NAME,
+        <events::PasswordChanged as keel_kernel::DomainEvent>::NAME,
+    ] {
+        bus.invalidate_on(event, queries::USER_TAG);
+    }
 }

@@ -23,9 +23,22 @@ pub struct GetUser {
     pub id: Uuid,
 }
 
+/// The query-cache tag of one user's row: `identity.user:<id>`.
+pub const USER_TAG: &str = "identity.user";
+
 impl Query for GetUser {
     const NAME: &'static str = "identity.get_user";
     type Output = User;
+
+    // Keyed by the id; the bus adds the caller, so the access check's
+    // answer (own row, or admin) is the same for every hit of an entry.
+    fn cache_key(&self) -> Option<String> {
+        Some(self.id.to_string())
+    }
+
+    fn cache_tags(&self) -> Vec<String> {
+        vec![format!("{USER_TAG}:{}", self.id)]
+    }
 }
 
 pub struct ListUsers {

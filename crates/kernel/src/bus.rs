@@ -34,6 +34,7 @@ use crate::error::{Code, Error, Result};
 use crate::events::{DomainEvent, Outbox, PendingEvent};
 use crate::idempotency::{Found, Idempotency};
 use crate::jobs::{JobQueue, NewJob};
+use crate::query_cache::{CacheStats, QueryCache, entry_key};
 
 /// A request to change state. `NAME` names its span (`identity.register`).
 pub trait Command: Send + 'static {
@@ -45,6 +46,21 @@ pub trait Command: Send + 'static {
 pub trait Query: Send + 'static {
     const NAME: &'static str;
     type Output: Reply;
+
+    /// Opts into the query cache ([`crate::query_cache`]): what tells this
+    /// query's answers apart (`GetUser { id }`: the id). The bus adds the
+    /// query's name and the caller (user, role, trusted), so an answer never
+    /// reaches a caller with other rights; anything else the answer depends
+    /// on belongs in the key. `None` (the default): never cached.
+    fn cache_key(&self) -> Option<String> {
+        None
+    }
+
+    /// The tags whose invalidation makes a cached answer stale
+    /// (`identity.user:<id>`); see [`BusBuilder::invalidate_on`].
+    fn cache_tags(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What a command or query returns, in a form that middleware can keep:
@@ -302,6 +318,8 @@ pub struct BusBuilder {
     middleware: Vec<Arc<dyn Middleware>>,
     idempotency: Option<std::time::Duration>,
     abort_after_commit: Option<String>,
+    query_cache: Option<Arc<dyn QueryCache>>,
+    invalidations: HashMap<&'static str, Vec<&'static str>>,
 }
 
 impl BusBuilder {
@@ -315,7 +333,22 @@ impl BusBuilder {
             middleware: Vec::new(),
             idempotency: None,
             abort_after_commit: None,
+            query_cache: None,
+            invalidations: HashMap::new(),
         }
+    }
+
+    /// Keeps the answers of queries that opt in ([`Query::cache_key`]).
+    pub fn query_cache(&mut self, cache: Arc<dyn QueryCache>) -> &mut Self {
+        self.query_cache = Some(cache);
+        self
+    }
+
+    /// A committed command that recorded event `event` invalidates the tag
+    /// `<tag_prefix>:<the event's aggregate id>`, before it answers.
+    pub fn invalidate_on(&mut self, event: &'static str, tag_prefix: &'static str) -> &mut Self {
+        self.invalidations.entry(event).or_default().push(tag_prefix);
+        self
     }
 
     /// Honours commands' idempotency keys, keeping each record for `ttl`
@@ -384,6 +417,9 @@ impl BusBuilder {
                 middleware: self.middleware,
                 idempotency: self.idempotency.map(Idempotency::new),
                 abort_after_commit: self.abort_after_commit,
+                query_cache: self.query_cache,
+                invalidations: self.invalidations,
+                cache_stats: CacheStats::default(),
             }),
         }
     }
@@ -399,6 +435,9 @@ struct Inner {
     middleware: Vec<Arc<dyn Middleware>>,
     idempotency: Option<Idempotency>,
     abort_after_commit: Option<String>,
+    query_cache: Option<Arc<dyn QueryCache>>,
+    invalidations: HashMap<&'static str, Vec<&'static str>>,
+    cache_stats: CacheStats,
 }
 
 /// The command bus and the query bus, cheap to clone.
@@ -410,6 +449,11 @@ pub struct Bus {
 impl Bus {
     pub fn db(&self) -> &DatabaseConnection {
         &self.inner.db
+    }
+
+    /// The query cache's hits and misses in this process.
+    pub fn query_cache_stats(&self) -> &CacheStats {
+        &self.inner.cache_stats
     }
 
     /// Runs `command` in one transaction through the middleware chain.
@@ -531,6 +575,7 @@ impl Bus {
                 for work in after_commit {
                     work.await;
                 }
+                invalidate(inner, &events).await;
             }
             outcome.map(Output::new)
         });
@@ -550,8 +595,50 @@ impl Bus {
             .cloned()
             .ok_or_else(|| unregistered(Q::NAME))?;
         let db = &self.inner.db;
+        let cached = match (&self.inner.query_cache, query.cache_key()) {
+            (Some(cache), Some(key)) => Some((
+                cache,
+                format!("{}:{key}:{}", Q::NAME, caller_key(ctx)),
+                query.cache_tags(),
+            )),
+            _ => None,
+        };
+        let stats = &self.inner.cache_stats;
         let terminal: BoxFuture<'_, Result<Output>> = Box::pin(async move {
+            let Some((cache, key, tags)) = cached else {
+                let output = handler.handle(&QueryContext { request: ctx, db }, query).await?;
+                return Ok(Output::new(output));
+            };
+            // The generations are read before the database: a write that
+            // commits after this point makes the put below a no-op.
+            let generations = cache
+                .generations(&tags)
+                .await
+                .inspect_err(|error| tracing::debug!(error = %error, "query cache bypassed"))
+                .ok();
+            if let Some(generations) = &generations {
+                match cache.get(&entry_key(&key, generations)).await {
+                    Ok(Some(bytes)) => match Q::Output::from_bytes(&bytes) {
+                        Ok(reply) => {
+                            stats.hit();
+                            return Ok(Output::new(reply));
+                        }
+                        Err(error) => tracing::warn!(error = %error, query = Q::NAME, "query cache: unreadable entry"),
+                    },
+                    Ok(None) => {}
+                    Err(error) => tracing::debug!(error = %error, "query cache bypassed"),
+                }
+            }
+            stats.miss();
             let output = handler.handle(&QueryContext { request: ctx, db }, query).await?;
+            if let Some(generations) = generations
+                && let Some(Ok(bytes)) = Reply::to_bytes(&output)
+                && let Err(error) = cache
+                    .put(&entry_key(&key, &generations), bytes, &tags, &generations)
+                    .await
+            {
+                tracing::debug!(error = %error, "query cache: not stored");
+            }
             Ok(Output::new(output))
         });
         let output = self
@@ -629,6 +716,42 @@ pub fn write_transaction() -> sea_orm::TransactionOptions {
     sea_orm::TransactionOptions {
         sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
         ..sea_orm::TransactionOptions::default()
+    }
+}
+
+/// Who asks, as far as a cached answer is concerned: user, role, trusted.
+fn caller_key(ctx: &RequestContext) -> String {
+    let trusted = if ctx.is_trusted() { "+trusted" } else { "" };
+    match &ctx.principal {
+        Some(principal) => format!("{}.{}{trusted}", principal.user_id.simple(), principal.role.as_str()),
+        None => format!("anonymous{trusted}"),
+    }
+}
+
+/// Invalidates the tags of a committed command's events (see
+/// [`BusBuilder::invalidate_on`]). A failure is logged: the command has
+/// committed, and a cache that cannot be reached is bypassed by readers too.
+async fn invalidate(inner: &Inner, events: &[PendingEvent]) {
+    let Some(cache) = &inner.query_cache else {
+        return;
+    };
+    let mut tags: Vec<String> = events
+        .iter()
+        .flat_map(|event| {
+            inner
+                .invalidations
+                .get(event.name)
+                .into_iter()
+                .flatten()
+                .map(move |prefix| format!("{prefix}:{}", event.aggregate_id))
+        })
+        .collect();
+    tags.sort();
+    tags.dedup();
+    if !tags.is_empty()
+        && let Err(error) = cache.invalidate(&tags).await
+    {
+        tracing::warn!(error = %error, ?tags, "query cache: invalidation failed; entries expire after their TTL");
     }
 }
 

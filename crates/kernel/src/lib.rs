@@ -17,6 +17,7 @@
 //! - [`cluster`]: announcements every keel process acts on before a command
 //!   answers (how per-process caches stay exact);
 //! - [`id`]: UUIDv7 ids; [`page`]: page sizes and opaque page tokens;
+//! - [`query_cache`]: queries' answers kept until a command invalidates them;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
 //! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
 //! - [`secret`]: a wrapper that keeps secrets out of logs;
@@ -44,6 +45,7 @@ pub mod limit;
 pub mod mail;
 pub mod module;
 pub mod page;
+pub mod query_cache;
 pub mod secret;
 pub mod trace;
 

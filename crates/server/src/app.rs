@@ -200,6 +200,9 @@ impl State {
         for module in &modules {
             module.register(&mut bus);
         }
+        if let Some(cache) = query_cache(&config, &db).await? {
+            bus.query_cache(cache);
+        }
         let mut tasks: Vec<_> = modules.iter().flat_map(|module| module.start_tasks(&db)).collect();
         let sessions = keel_identity::access::SessionWatch::new(db.clone());
         tasks.push(watch_sessions(&events, sessions.clone()));
@@ -241,6 +244,38 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// The query cache (`KEEL_QUERY_CACHE`): Redis when `KEEL_REDIS_URL` is
+/// set, shared by every process; in process on SQLite (one process); none on
+/// PostgreSQL without Redis, where another process's commands could not
+/// reach this process's cache. Its keys live under the events' namespace.
+async fn query_cache(
+    config: &Config,
+    db: &Db,
+) -> anyhow::Result<Option<Arc<dyn keel_kernel::query_cache::QueryCache>>> {
+    if !config.query_cache {
+        return Ok(None);
+    }
+    let ttl = Duration::from_secs(config.query_cache_ttl_seconds);
+    if let Some(url) = &config.redis_url {
+        let instance = keel_events::store::instance_id(db)
+            .await
+            .context("reading the database's instance id")?;
+        let namespace = format!("{}:{}", config.deployment, instance.simple());
+        let redis = crate::query_cache::RedisQueryCache::connect(url.expose(), &namespace, ttl)
+            .context("KEEL_REDIS_URL (query cache)")?;
+        if !redis.connected(Duration::from_secs(2)).await {
+            tracing::warn!("redis is unreachable for the query cache; queries read the database until it is");
+        }
+        return Ok(Some(Arc::new(redis)));
+    }
+    if keel_db::backend_name(db) == "sqlite" {
+        return Ok(Some(Arc::new(keel_kernel::query_cache::InProcessQueryCache::new(
+            ttl, 10_000,
+        ))));
+    }
+    Ok(None)
 }
 
 /// The limiter every rate limit counts on: Redis (with

@@ -90,6 +90,16 @@ pub struct Config {
     /// in effect on SQLite and with Redis (several processes on PostgreSQL
     /// without Redis could not hear each other, so there it stays off).
     pub access_cache: bool,
+    /// `KEEL_QUERY_CACHE`: keep the answers of queries that opt in (`GetUser`)
+    /// until a command changes them (`true`, the default; `false` or `off`:
+    /// never). Shared in Redis when `KEEL_REDIS_URL` is set; in process on
+    /// SQLite (one process); off on PostgreSQL without Redis, where another
+    /// process's writes could not reach this process's cache.
+    #[serde(deserialize_with = "on_or_off")]
+    pub query_cache: bool,
+    /// `KEEL_QUERY_CACHE_TTL_SECONDS`: the longest a cached answer is used
+    /// (bounds what a change made outside keel can leave behind).
+    pub query_cache_ttl_seconds: u64,
     /// `KEEL_REGISTER_BURST`: registrations one client address may make at
     /// once; one more every 30 s after that.
     pub register_burst: u32,
@@ -259,6 +269,8 @@ impl Default for Config {
             trace_sample_ratio: 1.0,
             register_burst: 10,
             access_cache: true,
+            query_cache: true,
+            query_cache_ttl_seconds: 60,
             login_burst_per_account_address: 10,
             login_account_burst: 20,
             login_account_interval_ms: 500,
@@ -281,6 +293,24 @@ impl Default for Config {
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
         }
+    }
+}
+
+/// A switch: a boolean, or `on` / `off` (what an operator writes).
+fn on_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Switch {
+        Bool(bool),
+        Text(String),
+    }
+    match Switch::deserialize(deserializer)? {
+        Switch::Bool(value) => Ok(value),
+        Switch::Text(text) => match text.to_ascii_lowercase().as_str() {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(serde::de::Error::custom("expected on, off, true or false")),
+        },
     }
 }
 
@@ -473,6 +503,9 @@ impl Config {
         if self.rate_limiter == crate::limit::LimiterKind::Redis && self.redis_url.is_none() {
             return Err(invalid("KEEL_RATE_LIMITER", "redis needs KEEL_REDIS_URL"));
         }
+        if self.query_cache_ttl_seconds == 0 {
+            return Err(invalid("KEEL_QUERY_CACHE_TTL_SECONDS", "must be at least 1"));
+        }
         if self.idempotency_ttl_seconds == 0 {
             return Err(invalid("KEEL_IDEMPOTENCY_TTL_SECONDS", "must be at least 1"));
         }
@@ -650,6 +683,25 @@ mod tests {
                 error.contains("MAX_MESSAGE_BYTES") && error.contains("KEEL_"),
                 "{error}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn the_query_cache_is_on_by_default_and_off_by_a_variable() {
+        figment::Jail::expect_with(|jail| {
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            assert!(config.query_cache);
+            assert_eq!(config.query_cache_ttl_seconds, 60);
+            jail.set_env("KEEL_QUERY_CACHE", "off");
+            jail.set_env("KEEL_QUERY_CACHE_TTL_SECONDS", "5");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            assert!(!config.query_cache);
+            assert_eq!(config.query_cache_ttl_seconds, 5);
+            jail.set_env("KEEL_QUERY_CACHE_TTL_SECONDS", "0");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_QUERY_CACHE_TTL_SECONDS"), "{error}");
             Ok(())
         });
     }

@@ -25,6 +25,7 @@ pub mod listen;
 pub mod mail;
 pub mod metrics;
 pub mod proxy;
+pub mod query_cache;
 pub mod telemetry;
 
 pub use app::{Application, State};

@@ -80,6 +80,8 @@ pub struct Metrics {
     dead_letters: Gauge,
     subscribers: Gauge,
     shed: Counter,
+    query_cache_hits: Counter,
+    query_cache_misses: Counter,
     rate_limited: Family<OnlyMethodLabels, Counter>,
     cpu: Counter<f64, AtomicU64>,
     resident: Gauge,
@@ -144,6 +146,18 @@ impl Metrics {
         );
         let shed = Counter::default();
         registry.register("shed_requests", "Calls refused by load shedding", shed.clone());
+        let query_cache_hits = Counter::default();
+        registry.register(
+            "query_cache_hits",
+            "Queries answered from the query cache",
+            query_cache_hits.clone(),
+        );
+        let query_cache_misses = Counter::default();
+        registry.register(
+            "query_cache_misses",
+            "Cacheable queries that ran their handler",
+            query_cache_misses.clone(),
+        );
         let rate_limited = Family::<OnlyMethodLabels, Counter>::default();
         registry.register(
             "rate_limited",
@@ -172,6 +186,8 @@ impl Metrics {
             dead_letters,
             subscribers,
             shed,
+            query_cache_hits,
+            query_cache_misses,
             rate_limited,
             cpu,
             resident,
@@ -205,6 +221,11 @@ impl Metrics {
             let total = shedder.shed_total();
             self.shed.inc_by(total.saturating_sub(self.shed.get()));
         }
+        let stats = state.bus.query_cache_stats();
+        self.query_cache_hits
+            .inc_by(stats.hits().saturating_sub(self.query_cache_hits.get()));
+        self.query_cache_misses
+            .inc_by(stats.misses().saturating_sub(self.query_cache_misses.get()));
         if let Some((cpu_seconds, resident_bytes)) = process_usage() {
             self.cpu.inc_by((cpu_seconds - self.cpu.get()).max(0.0));
             self.resident.set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));
