@@ -82,7 +82,7 @@ fn closed_port_url() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_get_user_is_answered_from_the_cache() {
-    let app = spawn_app(Backend::Sqlite).await;
+    let app = spawn_app_with(Backend::Sqlite, |config| config.query_cache = true).await;
     let (user, tokens) = app.signed_in("cached@example.com").await;
     let before = hits(&app);
     let first = get_user(&app, &user.id, &tokens.access_token).await.unwrap();
@@ -95,7 +95,7 @@ async fn a_second_get_user_is_answered_from_the_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_after_an_update_returns_the_new_value() {
-    let app = spawn_app(Backend::Sqlite).await;
+    let app = spawn_app_with(Backend::Sqlite, |config| config.query_cache = true).await;
     let (user, tokens) = app.signed_in("renamed@example.com").await;
     get_user(&app, &user.id, &tokens.access_token).await.unwrap();
     get_user(&app, &user.id, &tokens.access_token).await.unwrap();
@@ -117,7 +117,7 @@ async fn a_read_after_an_update_returns_the_new_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_cached_for_one_caller_never_reaches_another() {
-    let app = spawn_app(Backend::Sqlite).await;
+    let app = spawn_app_with(Backend::Sqlite, |config| config.query_cache = true).await;
     let (owner, owner_tokens) = app.signed_in("owner@example.com").await;
     let (_, other_tokens) = app.signed_in("other@example.com").await;
     get_user(&app, &owner.id, &owner_tokens.access_token).await.unwrap();
@@ -146,6 +146,7 @@ async fn with_redis_down_queries_read_the_database() {
     let url = closed_port_url();
     let app = spawn_app_with(Backend::Sqlite, move |config| {
         config.redis_url = Some(Secret::new(url));
+        config.query_cache = true;
     })
     .await;
     let (user, tokens) = app.signed_in("down@example.com").await;
@@ -166,6 +167,7 @@ async fn an_update_on_one_keel_is_read_at_once_on_another() {
     let redis = keel_testkit::redis_url();
     let a = spawn_app_with(Backend::Postgres, move |config| {
         config.redis_url = Some(Secret::new(redis));
+        config.query_cache = true;
     })
     .await;
     let b = keel_testkit::second_process(&a).await;

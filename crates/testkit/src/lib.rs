@@ -248,10 +248,12 @@ pub async fn second_process(first: &TestApp) -> TestApp {
     let schema = first.state.config.database_schema.clone();
     let redis = first.state.config.redis_url.clone();
     let keys = first.data_dir.path().join("auth-keys.json");
+    let query_cache = first.state.config.query_cache;
     spawn_app_with(Backend::Postgres, move |config| {
         config.database_schema = schema;
         config.auth_keys_file = Some(keys);
         config.redis_url = redis;
+        config.query_cache = query_cache;
     })
     .await
 }
