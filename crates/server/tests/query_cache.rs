@@ -15,7 +15,7 @@ use keel_kernel::query_cache::{QueryCache, entry_key};
 use keel_proto::identity as pb;
 use keel_server::config::Secret;
 use keel_server::query_cache::RedisQueryCache;
-use keel_testkit::{Backend, TestApp, authed, spawn_app, spawn_app_with};
+use keel_testkit::{Backend, TestApp, authed, spawn_app_with};
 
 async fn get_user(app: &TestApp, id: &str, token: &str) -> Result<pb::User, tonic::Status> {
     app.queries()
