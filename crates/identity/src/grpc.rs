@@ -470,7 +470,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::CreateApiKeyRequest>,
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         let ctx = context(&request);
-        let command = CreateApiKey::try_from(request.into_inner())?;
+        let command = parse::<_, CreateApiKey>(request.into_inner())?;
         let created = self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             api_key: Some((&created.api_key).into()),
@@ -483,7 +483,7 @@ impl IdentityCommandService for CommandApi {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let ctx = context(&request);
-        let command = RevokeApiKey::try_from(request.into_inner())?;
+        let command = parse::<_, RevokeApiKey>(request.into_inner())?;
         self.bus.execute(&ctx, command).await?;
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
     }
@@ -546,6 +546,7 @@ impl IdentityQueryService for QueryApi {
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
         let ctx = context(&request);
+        checked(request.get_ref())?;
         let page = self.bus.ask(&ctx, ListApiKeys::from(request.into_inner())).await?;
         Ok(Response::new(pb::ListApiKeysResponse {
             api_keys: page.api_keys.iter().map(pb::ApiKey::from).collect(),
