@@ -72,7 +72,9 @@
 #   BENCH_LOAD_CPUS       taskset -c list for wrk, h2load, pgbench [unset: not pinned]
 #   BENCH_OUT             also write the table (Markdown) to this file
 #   BENCH_KEEP            1: keep the work dir (server log, tool outputs) [0]
-#   BENCH_TRACING         1: the tracing rows (below) [1]; 0 skips them
+#   BENCH_TRACING         1: the tracing rows (below) [1]; 0 skips them;
+#                         only: the tracing rows alone (no other row or table)
+#   BENCH_TRACING_ROUNDS  rounds of the three tracing rows [1]
 #   BENCH_SINK_BIN        the OTLP sink binary [built: cargo build --release
 #                         -p keel-server --example otlp_sink]
 #
@@ -81,7 +83,9 @@
 # spans exported (KEEL_OTLP_ENDPOINT) at KEEL_TRACE_SAMPLE_RATIO 1.0 and 0.01
 # to a local OTLP sink that accepts and drops them
 # (crates/server/examples/otlp_sink.rs). Each traced row's ratio is against
-# the off row of the same section. A second table prints them.
+# the off row of the same round; with BENCH_TRACING_ROUNDS > 1 the rows
+# are the means of the rounds and the per-round ratios are printed too.
+# A second table prints them.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,6 +109,8 @@ idle_settle="${BENCH_IDLE_SETTLE:-12}"
 write_users="${BENCH_WRITE_USERS:-$((2 * concurrency))}"
 keel_cpus="${BENCH_KEEL_CPUS:-}"
 load_cpus="${BENCH_LOAD_CPUS:-}"
+tracing="${BENCH_TRACING:-1}"
+tracing_rounds="${BENCH_TRACING_ROUNDS:-1}"
 started=$SECONDS
 
 say() { printf 'bench-hotpath: %s\n' "$*" >&2; }
@@ -859,6 +865,7 @@ flood_rate="${BENCH_FLOOD_RATE:-20}"
 say "wrk $(wrk -v 2>&1 | head -n 1 | awk '{print $2}'), $(h2load --version | head -n 1), $(pgbench --version)"
 say "concurrency $concurrency (wrk -t1 -c$concurrency; h2load $h2_connections connections x $h2_streams streams; pgbench -c$concurrency -j1), ${warmup} s warm-up + ${duration} s per row"
 
+if [[ "$tracing" != only ]]; then
 # 1. Idle, first: later the relay would still have the write's events to publish.
 say "idle: keel rests ${idle_settle} s, then ${idle_seconds} s are measured"
 sleep "$idle_settle"
@@ -925,6 +932,9 @@ for name in rest-me grpc grpc-web rest-get-user rest-update-user; do
   [[ "$(check "$name")" == "${expected_size[$name]}" ]] || fail "$name: reply size changed after the load"
 done
 errors_logged="$(grep -c '"level":"\(ERROR\|WARN\)"' "$server_log" || true)"
+else
+  errors_logged=0
+fi
 
 # 4. Tracing: keel restarted with tracing off, then exported at 100 % and 1 %.
 stop_keel() {
@@ -955,7 +965,7 @@ start_keel() {
   fail "keel ($log) not ready after 60 s"
 }
 tracing_table=""
-if [[ "${BENCH_TRACING:-1}" == 1 ]]; then
+if [[ "$tracing" == 1 || "$tracing" == only ]]; then
   if [[ -z "${BENCH_SINK_BIN:-}" ]]; then
     say "building the OTLP sink (cargo build --release -p keel-server --example otlp_sink)"
     BENCH_SINK_BIN="$(cargo build --release -p keel-server --example otlp_sink --message-format=json-render-diagnostics |
@@ -979,6 +989,7 @@ print(exe)')" || fail "building the OTLP sink failed"
     sleep 0.25
   done
   [[ -s "$workdir/sink.log" ]] || fail "the OTLP sink did not start"
+  for round in $(seq 1 "$tracing_rounds"); do
   for variant in off 100 1; do
     stop_keel
     case "$variant" in
@@ -987,23 +998,35 @@ print(exe)')" || fail "building the OTLP sink failed"
     1) start_keel "$workdir/keel-trace-1.log" KEEL_OTLP_ENDPOINT="http://127.0.0.1:$sink_port" KEEL_TRACE_SAMPLE_RATIO=0.01 ;;
     esac
     [[ "$(check rest-me)" == "${expected_size[rest-me]}" ]] || fail "trace-$variant: rest-me reply changed"
-    measure "trace-$variant" wrk -s "$workdir/report.lua" -H "authorization: Bearer $token" "$base/v1/users/me"
+    measure "trace-$variant-$round" wrk -s "$workdir/report.lua" -H "authorization: Bearer $token" "$base/v1/users/me"
+  done
   done
   # The last keel flushes its spans as it stops; then the sink says how many it got.
   stop_keel
   kill -TERM "$sink_pid" 2>/dev/null || true
   wait "$sink_pid" 2>/dev/null || true
   sink_pid=""
-  tracing_table="$(python3 - "$workdir" <<'EOF'
+  tracing_table="$(python3 - "$workdir" "$tracing_rounds" <<'EOF'
 import json, re, sys
-workdir = sys.argv[1]
-rows = {v: json.load(open(f"{workdir}/trace-{v}.json")) for v in ("off", "100", "1")}
-spans = re.findall(r"spans received: (\d+)", open(f"{workdir}/sink.log").read())
+workdir, rounds = sys.argv[1], int(sys.argv[2])
 def rate(row):
     return row["calls"] / row["seconds"] if row.get("seconds") else 0.0
+def merged(variant):
+    """The rounds of a variant as one row: calls, seconds and CPU summed, latencies averaged."""
+    parts = [json.load(open(f"{workdir}/trace-{variant}-{r}.json")) for r in range(1, rounds + 1)]
+    row = {"calls": sum(p.get("calls") or 0 for p in parts), "seconds": sum(p.get("seconds") or 0 for p in parts),
+           "p50_ms": sum(p.get("p50_ms", 0) for p in parts) / rounds,
+           "p99_ms": sum(p.get("p99_ms", 0) for p in parts) / rounds,
+           "problems": [q for p in parts for q in p.get("problems", [])],
+           "rates": [rate(p) for p in parts]}
+    keel = [p["probe"]["keel"] for p in parts]
+    row["probe"] = {"keel": None if None in keel else sum(keel)}
+    return row
+rows = {v: merged(v) for v in ("off", "100", "1")}
+spans = re.findall(r"spans received: (\d+)", open(f"{workdir}/sink.log").read())
 off = rate(rows["off"])
-lines = ["| REST GetCurrentUser, tracing | req/s | ratio to off | keel CPU µs/call | p50 ms | p99 ms | target |",
-         "|---|---:|---:|---:|---:|---:|---|"]
+lines = ["| REST GetCurrentUser, tracing | req/s | ratio to off | ratio, per round | keel CPU µs/call | p50 ms | p99 ms | target |",
+         "|---|---:|---:|---|---:|---:|---:|---|"]
 missed = []
 for variant, label, target in (("off", "off (no KEEL_OTLP_ENDPOINT)", None),
                                ("100", "exported, 100 % sampled", 0.8),
@@ -1017,7 +1040,8 @@ for variant, label, target in (("off", "off (no KEEL_OTLP_ENDPOINT)", None),
         missed.append(f"{label}: ratio {ratio:.2f} < {target}")
     for problem in row.get("problems", []):
         print(f"PROBLEM: trace-{variant}: {problem}", file=sys.stderr)
-    lines.append(f"| {label} | {rate(row):.0f} | {ratio:.2f} | {cpu:.0f} | {row.get('p50_ms', 0):.2f} "
+    per_round = ", ".join(f"{r / o:.2f}" if o else "?" for r, o in zip(row["rates"], rows["off"]["rates"]))
+    lines.append(f"| {label} | {rate(row):.0f} | {ratio:.2f} | {per_round} | {cpu:.0f} | {row.get('p50_ms', 0):.2f} "
                  f"| {row.get('p99_ms', 0):.2f} | {verdict} |")
 print("\n".join(lines))
 print()
@@ -1029,6 +1053,9 @@ fi
 
 # --- report ----------------------------------------------------------------------
 notes="$workdir/notes.txt"
+: >"$notes"
+table=""
+if [[ "$tracing" != only ]]; then
 table="$(python3 - "$workdir" "$concurrency" "$idle_seconds" <<'EOF' 2>"$notes"
 import json, sys
 workdir, concurrency, idle_seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -1185,6 +1212,7 @@ for problem in problems:
 sys.exit(1 if problems else 0)
 EOF
 )" || { printf '%s\n' "$table"; cat "$notes" >&2; fail "failed calls or checks (above)"; }
+fi
 
 if [[ "$db_mode" == schema ]]; then
   echo "WARNING: keel ran in a schema of the shared database $db_name (no CREATE DATABASE): other clients of it count in 'db xacts' and the idle row" >>"$notes"

@@ -4,13 +4,15 @@
 # in process and on Redis, side by side in one run, and each as a ratio to
 # the same call with it off. Targets: 0.9 in process, 0.8 with Redis.
 #
-# Three keels (embedded SQLite, each its own data dir, all with the same
+# Four keels (embedded SQLite, each its own data dir, all with the same
 # KEEL_REDIS_URL so the bus and caches are the same) differ only in
-# KEEL_RATE_LIMITER (off | local | redis); the limit is set so high that
+# KEEL_RATE_LIMITER (off | local | redis) and, on Redis, in
+# KEEL_RATE_LIMIT_SHARE_MAX: 1 (a round trip per call) or the default (a
+# hot key takes shares of its allowance); the limit is set so high that
 # every call is counted and none is refused. The rows are measured in
-# BENCH_ROUNDS rounds of off, local, redis (each round's warm-up first), and
-# each mode's figure is the mean of its rounds, so drift of the machine
-# falls on all three alike.
+# BENCH_ROUNDS rounds of off, local, redis-1, redis (each round's warm-up
+# first), and each mode's figure is the mean of its rounds, so drift of the
+# machine falls on all alike.
 #
 # Installs wrk when missing (apt-get). Builds the release binary unless
 # KEEL_BIN is set.
@@ -22,6 +24,8 @@
 #   BENCH_WARMUP        seconds of warm-up per row and round [2]
 #   BENCH_ROUNDS        rounds [2]
 #   BENCH_CONCURRENCY   connections of wrk [50]
+#   BENCH_KEEL_CPUS     taskset -c list for the keels [unset: not pinned]
+#   BENCH_LOAD_CPUS     taskset -c list for wrk [unset: not pinned]
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,6 +41,10 @@ duration="${BENCH_DURATION:-8}"
 warmup="${BENCH_WARMUP:-2}"
 rounds="${BENCH_ROUNDS:-2}"
 concurrency="${BENCH_CONCURRENCY:-50}"
+keel_pin=()
+[[ -z "${BENCH_KEEL_CPUS:-}" ]] || keel_pin=(taskset -c "$BENCH_KEEL_CPUS")
+load_pin=()
+[[ -z "${BENCH_LOAD_CPUS:-}" ]] || load_pin=(taskset -c "$BENCH_LOAD_CPUS")
 
 say() { printf 'bench-ratelimit: %s\n' "$*" >&2; }
 fail() {
@@ -81,16 +89,18 @@ for key in sys.argv[1:]:
     value = value[key]
 print(value)' "$@"; }
 
-modes=(off local redis)
+modes=(off local redis-1 redis)
 declare -A base token
 for mode in "${modes[@]}"; do
   port="$(free_port)"
   mkdir -p "$workdir/$mode"
+  share_max=64
+  [[ "$mode" != redis-1 ]] || share_max=1
   env KEEL_LISTEN="127.0.0.1:$port" KEEL_DATA_DIR="$workdir/$mode" KEEL_REDIS_URL="$redis_url" \
-    KEEL_DEPLOYMENT="bench-ratelimit-$$-$mode" KEEL_RATE_LIMITER="$mode" \
+    KEEL_DEPLOYMENT="bench-ratelimit-$$-$mode" KEEL_RATE_LIMITER="${mode%-1}" KEEL_RATE_LIMIT_SHARE_MAX="$share_max" \
     KEEL_RATE_LIMITS="default=1000000000/60" KEEL_ACCESS_TOKEN_TTL_SECONDS=86400 \
     KEEL_LOG=warn KEEL_LOG_FORMAT=json \
-    "$KEEL_BIN" serve >"$workdir/$mode.log" 2>&1 &
+    "${keel_pin[@]}" "$KEEL_BIN" serve >"$workdir/$mode.log" 2>&1 &
   pids+=("$!")
   base[$mode]="http://127.0.0.1:$port"
 done
@@ -140,10 +150,11 @@ for round in $(seq 1 "$rounds"); do
     url="${base[$mode]}/v1/users/me"
     auth="authorization: Bearer ${token[$mode]}"
     if ((warmup > 0)); then
-      wrk -t1 -c"$concurrency" -d"${warmup}s" -H "$auth" "$url" >/dev/null 2>&1 || fail "wrk warm-up ($mode) failed"
+      "${load_pin[@]}" wrk -t1 -c"$concurrency" -d"${warmup}s" -H "$auth" "$url" >/dev/null 2>&1 ||
+        fail "wrk warm-up ($mode) failed"
     fi
     out="$workdir/wrk-$mode-$round.txt"
-    wrk -t1 -c"$concurrency" -d"${duration}s" --latency --timeout 10s -H "$auth" "$url" >"$out" 2>&1 ||
+    "${load_pin[@]}" wrk -t1 -c"$concurrency" -d"${duration}s" --latency --timeout 10s -H "$auth" "$url" >"$out" 2>&1 ||
       fail "wrk ($mode) failed: $(tail -n 5 "$out")"
     read -r rps bad p50 p99 <<<"$(parse "$out")"
     ((bad == 0)) || fail "$mode, round $round: $bad calls failed or were refused"
@@ -161,17 +172,19 @@ for line in open(sys.argv[1]):
     rows[mode].append((float(rps), float(p50), float(p99)))
 mean = lambda values: sum(values) / len(values)
 off = mean([r[0] for r in rows["off"]])
-targets = {"off": None, "local": 0.9, "redis": 0.8}
-labels = {"off": "limiter off", "local": "in process", "redis": "Redis"}
-print("| GET /v1/users/me | req/s | p50 ms | p99 ms | ratio to off | target |")
-print("|---|---:|---:|---:|---:|---:|")
+targets = {"off": None, "local": 0.9, "redis-1": 0.8, "redis": 0.8}
+labels = {"off": "limiter off", "local": "in process", "redis-1": "Redis, a round trip per call (share max 1)",
+          "redis": "Redis, hot keys take shares (default)"}
+print("| GET /v1/users/me | req/s | p50 ms | p99 ms | ratio to off | ratio, per round | target |")
+print("|---|---:|---:|---:|---:|---|---:|")
 missed = False
-for mode in ("off", "local", "redis"):
+for mode in ("off", "local", "redis-1", "redis"):
     rps = mean([r[0] for r in rows[mode]])
     ratio = rps / off
     target = targets[mode]
     verdict = "" if target is None else f"{target} {'met' if ratio >= target else 'MISSED'}"
     missed |= target is not None and ratio < target
+    per_round = ", ".join(f"{r[0] / o[0]:.2f}" for r, o in zip(rows[mode], rows["off"]))
     print(f"| {labels[mode]} | {rps:.0f} | {mean([r[1] for r in rows[mode]]):.2f} | "
-          f"{mean([r[2] for r in rows[mode]]):.2f} | {ratio:.2f} | {verdict} |")
+          f"{mean([r[2] for r in rows[mode]]):.2f} | {ratio:.2f} | {per_round} | {verdict} |")
 EOF

@@ -46,16 +46,39 @@ pub fn ids(span: &tracing::Span) -> Option<(String, String)> {
 
 /// Records [`ids`] on `span`'s `trace_id` and `span_id` fields (declared
 /// `Empty` by the span), so its log lines carry them; returns whether
-/// `span` is sampled.
+/// `span` is sampled. A span the tracer decided not to sample is marked
+/// [`Unsampled`], so that the spans it contains are never built for the
+/// tracer (the server's trace filter reads the mark).
 pub fn record_ids(span: &tracing::Span) -> bool {
-    match ids(span) {
-        Some((trace_id, span_id)) => {
-            span.record("trace_id", trace_id.as_str());
-            span.record("span_id", span_id.as_str());
-            true
-        }
-        None => false,
+    let context = span.context();
+    let span_ref = context.span();
+    let span_context = span_ref.span_context();
+    if !span_context.is_valid() {
+        return false;
     }
+    if !span_context.is_sampled() {
+        mark_unsampled(span);
+        return false;
+    }
+    span.record("trace_id", span_context.trace_id().to_string().as_str());
+    span.record("span_id", span_context.span_id().to_string().as_str());
+    true
+}
+
+/// The mark of a span whose trace is not sampled, in the span's
+/// extensions (tracing-subscriber's registry).
+#[derive(Debug, Clone, Copy)]
+pub struct Unsampled;
+
+fn mark_unsampled(span: &tracing::Span) {
+    use tracing_subscriber::registry::{LookupSpan as _, SpanData as _};
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
+            && let Some(data) = registry.span_data(id)
+        {
+            data.extensions_mut().insert(Unsampled);
+        }
+    });
 }
 
 fn parse(traceparent: &str) -> Option<opentelemetry::Context> {

@@ -292,8 +292,9 @@ async fn rate_limiter(config: &Config, db: &Db) -> anyhow::Result<Arc<dyn keel_k
         .await
         .context("reading the database's instance id")?;
     let namespace = format!("{}:{}", config.deployment, instance.simple());
-    let redis =
-        crate::limit::RedisRateLimiter::connect(url.expose(), &namespace).context("KEEL_REDIS_URL (rate limits)")?;
+    let redis = crate::limit::RedisRateLimiter::connect(url.expose(), &namespace)
+        .context("KEEL_REDIS_URL (rate limits)")?
+        .with_share_max(config.rate_limit_share_max);
     // Counted in Redis from the first call when it is there; if not, the
     // fallback answers until it is.
     if !redis.connected(Duration::from_secs(2)).await {

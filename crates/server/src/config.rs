@@ -199,6 +199,10 @@ pub struct Config {
     /// (default: each process limits alone), `open` (nothing is limited) or
     /// `closed` (every limited call is refused).
     pub rate_limit_fallback: crate::limit::Fallback,
+    /// `KEEL_RATE_LIMIT_SHARE_MAX`: on Redis, the most actions of a hot key
+    /// one round trip reserves for this process (64 by default; 1: a round
+    /// trip per call). See `crate::limit::RedisRateLimiter`.
+    pub rate_limit_share_max: u32,
     /// `KEEL_RATE_LIMITS` (or a `[rate_limits]` table): per-method limits
     /// over the built-in `default` (1000 calls per 60 s per caller), e.g.
     /// `default=600/60;keel.identity.v1.IdentityQueryService/ListUsers=60/60@address`
@@ -262,6 +266,7 @@ impl Default for Config {
             metrics: true,
             rate_limiter: crate::limit::LimiterKind::Auto,
             rate_limit_fallback: crate::limit::Fallback::Local,
+            rate_limit_share_max: crate::limit::SHARE_MAX,
             rate_limits: crate::limit::RateLimitsSetting::default(),
             idempotency_ttl_seconds: 24 * 3600,
             idempotency_required_methods: None,

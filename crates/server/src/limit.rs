@@ -36,33 +36,123 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 
 /// GCRA in one step, atomic in Redis. KEYS[1]: the limited key; ARGV[1]:
-/// the emission interval (µs between actions); ARGV[2]: the burst. The
-/// clock is Redis's own, so processes with skewed clocks agree. Returns
-/// `{allowed, µs the theoretical arrival time lies ahead of now}` (with
-/// this action counted when allowed).
+/// the emission interval (µs between actions); ARGV[2]: the burst; ARGV[3]:
+/// how many more actions to reserve for the caller's process besides this
+/// one (a share, see [`RedisRateLimiter`]); ARGV[4]: the share's lifetime
+/// (µs). The clock is Redis's own, so processes with skewed clocks agree.
+/// Returns `{allowed, µs the theoretical arrival time lies ahead of now
+/// (with this action and the share counted when allowed), actions reserved}`.
+///
+/// Every action GCRA admits owns one slot of `interval` on the key's
+/// timeline, starting no earlier than the action and ending at most a
+/// burst's time after it; slots never overlap, which is what bounds the
+/// admitted actions in any window. A reserved action is taken later (at
+/// most the share's lifetime later), so its slot starts no earlier than
+/// now + lifetime: the slots between are left unused, and the bound holds
+/// for the actions as they are taken.
 const GCRA_SCRIPT: &str = r"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3] or '0')
+local lifetime = tonumber(ARGV[4] or '0')
 local tat = tonumber(redis.call('GET', KEYS[1])) or now
 if tat < now then tat = now end
 local next_tat = tat + interval
-if next_tat - now > interval * burst then
-  return {0, tat - now}
+local limit = now + interval * burst
+if next_tat > limit then
+  return {0, tat - now, 0}
+end
+local reserved = 0
+if wanted > 0 then
+  local start = math.max(next_tat, now + lifetime)
+  reserved = math.min(wanted, math.floor((limit - start) / interval))
+  if reserved > 0 then
+    next_tat = start + reserved * interval
+  else
+    reserved = 0
+  end
 end
 redis.call('SET', KEYS[1], string.format('%.0f', next_tat), 'PX', math.ceil((next_tat - now) / 1000) + 1)
-return {1, next_tat - now}
+return {1, next_tat - now, reserved}
 ";
 
 /// The limiter port on Redis, shared by every process of a deployment.
+///
+/// A round trip per call is what this costs (Redis is often on the same
+/// machine, sharing its CPU), so a hot key takes a *share* of its
+/// allowance per round trip: besides the call that asks, up to
+/// `KEEL_RATE_LIMIT_SHARE_MAX` - 1 more actions (64 by default, at most a
+/// sixteenth of the burst),
+/// which this process hands out without asking for [`share_lifetime`]
+/// (50 ms at most). The script places the share's slots after that
+/// lifetime, so all processes together never admit more than the quota,
+/// whenever the actions are taken; a share that is not used up in time is
+/// dropped (the quota loses it, and never gains). The share's size follows
+/// the key's demand in this process: one (no share) for a key that is not
+/// hot, doubled while shares run out before their time, shrunk to what was
+/// used when they do not. Small quotas (a burst under 32) never take a
+/// share: every call is one round trip, exact to the action.
 pub struct RedisRateLimiter {
     client: Client,
     /// `<deployment>:<database instance>:ratelimit:`, like the events' channels.
     prefix: String,
     /// The script's SHA-1 once loaded (`SCRIPT LOAD` answers it).
     script: std::sync::Mutex<Option<String>>,
+    /// This process's shares, by limited key. A std mutex: held only to find
+    /// a key's share, never across an await.
+    shares: std::sync::Mutex<HashMap<String, Arc<Share>>>,
+    /// Calls on the shared path, to forget idle keys now and then.
+    calls: std::sync::atomic::AtomicU64,
+    round_trips: std::sync::atomic::AtomicU64,
+    share_max: u32,
     connecting: tokio::task::AbortHandle,
+}
+
+/// The largest share by default, in actions per round trip
+/// (`KEEL_RATE_LIMIT_SHARE_MAX`).
+pub const SHARE_MAX: u32 = 64;
+
+/// How long a share may be used: 50 ms, or a hundredth of the quota's
+/// window when that is shorter, so the slots a share leaves unused (its
+/// lifetime's worth when the key was idle) stay a small part of the burst.
+pub fn share_lifetime(quota: Quota) -> Duration {
+    (quota.window() / 100).min(Duration::from_millis(50))
+}
+
+/// The most a key may take at once under `quota`; 1: no shares.
+fn share_cap(quota: Quota, max: u32) -> u32 {
+    if share_lifetime(quota) < Duration::from_millis(1) {
+        return 1;
+    }
+    (quota.burst / 16).clamp(1, max.max(1))
+}
+
+/// One key's share in this process. The async mutex makes the round trips
+/// of one key single-flight: callers that find the share empty queue behind
+/// the one refilling it, and take from what it brings.
+struct Share {
+    state: tokio::sync::Mutex<ShareState>,
+    /// Callers queued on `state`: the demand the next share is sized for.
+    waiting: std::sync::atomic::AtomicU32,
+}
+
+struct ShareState {
+    quota: Quota,
+    /// Reserved actions not handed out yet.
+    tokens: u32,
+    /// Until when they may be (the round trip's start + the lifetime).
+    until: tokio::time::Instant,
+    /// When the key's allowance is whole again, as last heard from Redis
+    /// (measured from the round trip's start: early by its length at most).
+    whole_at: tokio::time::Instant,
+    /// Refused by Redis: no call passes before this (the key's theoretical
+    /// arrival time only moves forward), so none asks again before it.
+    refused_until: tokio::time::Instant,
+    /// The size of the last share (1: none) and of the next one.
+    last: u32,
+    next: u32,
 }
 
 impl Drop for RedisRateLimiter {
@@ -93,8 +183,19 @@ impl RedisRateLimiter {
             client,
             prefix: format!("{namespace}:ratelimit:"),
             script: std::sync::Mutex::new(None),
+            shares: std::sync::Mutex::new(HashMap::new()),
+            calls: std::sync::atomic::AtomicU64::new(0),
+            round_trips: std::sync::atomic::AtomicU64::new(0),
+            share_max: SHARE_MAX,
             connecting,
         })
+    }
+
+    /// The largest share a hot key takes per round trip ([`SHARE_MAX`] by
+    /// default; 1: none, a round trip per call).
+    pub fn with_share_max(mut self, max: u32) -> Self {
+        self.share_max = max.max(1);
+        self
     }
 
     /// Waits at most `within` for the connection; whether it is up.
@@ -119,23 +220,149 @@ impl RedisRateLimiter {
         Ok(sha)
     }
 
-    async fn evaluate(&self, key: &str, quota: Quota) -> Result<Vec<i64>, fred::error::Error> {
+    /// One round trip: this action, and `extra` more reserved for `lifetime`.
+    async fn evaluate(
+        &self,
+        key: &str,
+        quota: Quota,
+        extra: u32,
+        lifetime: Duration,
+    ) -> Result<Vec<i64>, fred::error::Error> {
         let interval = i64::try_from(quota.period.as_micros()).unwrap_or(i64::MAX).max(1);
         let burst = i64::from(quota.burst.max(1));
+        let lifetime = i64::try_from(lifetime.as_micros()).unwrap_or(i64::MAX);
         let key = format!("{}{key}", self.prefix);
+        let args = [interval, burst, i64::from(extra), lifetime];
         let sha = self.script_sha(false).await?;
-        match self
-            .client
-            .evalsha::<Vec<i64>, _, _, _>(sha, key.as_str(), vec![interval, burst])
-            .await
-        {
+        match self.client.evalsha::<Vec<i64>, _, _, _>(sha, key.as_str(), args.to_vec()).await {
             // Redis restarted or flushed its scripts: load it again, once.
             Err(error) if error.details().starts_with("NOSCRIPT") => {
                 let sha = self.script_sha(true).await?;
-                self.client.evalsha(sha, key.as_str(), vec![interval, burst]).await
+                self.client.evalsha(sha, key.as_str(), args.to_vec()).await
             }
             answered => answered,
         }
+    }
+
+    /// How many times this limiter has asked Redis (tests and benchmarks).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// `(allowed, ahead, reserved)` from Redis.
+    async fn ask(&self, key: &str, quota: Quota, extra: u32, lifetime: Duration) -> Result<(bool, Duration, u32), Error> {
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let answer = self
+            .evaluate(key, quota, extra, lifetime)
+            .await
+            .map_err(|error| Error::unavailable(format!("redis rate limiter: {error}")))?;
+        let [allowed, ahead_micros, reserved] = answer[..] else {
+            return Err(Error::internal(format!(
+                "redis rate limiter: unexpected answer {answer:?}"
+            )));
+        };
+        let ahead = Duration::from_micros(u64::try_from(ahead_micros).unwrap_or(0));
+        Ok((allowed == 1, ahead, u32::try_from(reserved).unwrap_or(0).min(extra)))
+    }
+
+    fn share(&self, key: &str) -> Arc<Share> {
+        let mut shares = self.shares.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Forget idle keys now and then so the map stays bounded: one no
+        // caller holds and whose share is spent or out of time.
+        if self.calls.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            let now = tokio::time::Instant::now();
+            shares.retain(|_, share| {
+                Arc::strong_count(share) > 1
+                    || share
+                        .state
+                        .try_lock()
+                        .map_or(true, |state| state.tokens > 0 && state.until > now)
+            });
+        }
+        if let Some(share) = shares.get(key) {
+            return share.clone();
+        }
+        let now = tokio::time::Instant::now();
+        let share = Arc::new(Share {
+            state: tokio::sync::Mutex::new(ShareState {
+                quota: Quota::new(0, Duration::ZERO),
+                tokens: 0,
+                until: now,
+                whole_at: now,
+                refused_until: now,
+                last: 1,
+                next: 1,
+            }),
+            waiting: std::sync::atomic::AtomicU32::new(0),
+        });
+        shares.insert(key.to_owned(), share.clone());
+        share
+    }
+
+    /// A hot key's path: from this process's share, else one round trip
+    /// that takes this action and refills the share.
+    async fn check_shared(&self, key: &str, quota: Quota, cap: u32) -> Result<Decision, Error> {
+        let share = self.share(key);
+        share.waiting.fetch_add(1, Ordering::Relaxed);
+        let mut state = share.state.lock().await;
+        let waiting = share.waiting.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        let now = tokio::time::Instant::now();
+        if state.quota != quota {
+            // The policy changed under the key: what was reserved was for another quota.
+            state.quota = quota;
+            state.tokens = 0;
+            state.refused_until = now;
+        }
+        if state.tokens > 0 && now < state.until {
+            state.tokens -= 1;
+            let ahead = state.whole_at.saturating_duration_since(now);
+            let mut decision = Decision::from_gcra(quota, true, ahead);
+            // What this process holds may go at once too.
+            decision.remaining = decision.remaining.saturating_add(state.tokens).min(quota.burst);
+            return Ok(decision);
+        }
+        if now < state.refused_until {
+            return Ok(Decision {
+                allowed: false,
+                remaining: 0,
+                reset: state.whole_at.saturating_duration_since(now),
+                retry_after: state.refused_until.saturating_duration_since(now),
+            });
+        }
+        if state.last > 1 {
+            // Spent before its time: the key is hotter than the share. Out of
+            // time with some left: it needed what it used.
+            state.next = if state.tokens == 0 {
+                state.last.saturating_mul(2)
+            } else {
+                state.last - state.tokens
+            };
+        } else if now < state.until {
+            // Called again within a share's lifetime of the last round trip:
+            // one caller at a time, but hot.
+            state.next = 2;
+        }
+        state.tokens = 0;
+        let wanted = state.next.max(waiting.saturating_add(1)).clamp(1, cap);
+        let lifetime = share_lifetime(quota);
+        let sent = tokio::time::Instant::now();
+        let answer = self.ask(key, quota, wanted - 1, lifetime).await;
+        // A failed round trip leaves the share empty; the fallback answers.
+        let (allowed, ahead, reserved) = answer?;
+        state.tokens = reserved;
+        state.until = sent + lifetime;
+        state.whole_at = sent + ahead;
+        state.last = 1 + reserved;
+        let mut decision = Decision::from_gcra(quota, allowed, ahead);
+        if !allowed {
+            // The key is spent: refuse here until it may pass, then ask one by one.
+            state.refused_until = sent + decision.retry_after;
+            state.next = 1;
+        }
+        if allowed {
+            decision.remaining = decision.remaining.saturating_add(reserved).min(quota.burst);
+        }
+        Ok(decision)
     }
 }
 
@@ -146,17 +373,12 @@ impl RateLimiter for RedisRateLimiter {
         if !self.client.is_connected() {
             return Err(Error::unavailable("redis rate limiter: not connected"));
         }
-        let answer = self
-            .evaluate(key, quota)
-            .await
-            .map_err(|error| Error::unavailable(format!("redis rate limiter: {error}")))?;
-        let [allowed, ahead_micros] = answer[..] else {
-            return Err(Error::internal(format!(
-                "redis rate limiter: unexpected answer {answer:?}"
-            )));
-        };
-        let ahead = Duration::from_micros(u64::try_from(ahead_micros).unwrap_or(0));
-        Ok(Decision::from_gcra(quota, allowed == 1, ahead))
+        let cap = share_cap(quota, self.share_max);
+        if cap > 1 {
+            return self.check_shared(key, quota, cap).await;
+        }
+        let (allowed, ahead, _) = self.ask(key, quota, 0, Duration::ZERO).await?;
+        Ok(Decision::from_gcra(quota, allowed, ahead))
     }
 }
 

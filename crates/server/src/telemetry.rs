@@ -8,6 +8,12 @@
 //! The two layers filter apart: `KEEL_LOG` says which lines are written,
 //! never which spans are traced (those are the `info` spans of keel and of
 //! SeaORM's statements), so a quiet log still yields whole traces.
+//!
+//! Sampling is decided when a call's span is made (the sampler runs as the
+//! server layer asks for the span's ids), and the spans inside a call that
+//! is not sampled are never built for the tracer ([`SampledTraces`]): an
+//! unsampled call pays for one span, not for one per bus call and
+//! statement.
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -15,7 +21,10 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
+use tracing::{Metadata, Subscriber};
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing_subscriber::layer::{Context, Filter};
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -112,7 +121,13 @@ where
     let traces = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("keel"))
-            .with_filter(LevelFilter::INFO)
+            // Per span, these would add a source location, a thread and
+            // busy/idle timings (two clock reads per poll) that no keel
+            // dashboard reads.
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_filter(SampledTraces)
     });
     match Registry::default().with(logs).with(traces).try_init() {
         Ok(()) => Telemetry { provider },
@@ -123,6 +138,35 @@ where
             }
             Telemetry::default()
         }
+    }
+}
+
+/// The tracer's filter: `info` and above, and nothing inside a span that is
+/// not traced: a span of an unsampled call (marked
+/// [`keel_kernel::trace::Unsampled`] when its sampling was decided) or one
+/// this filter left out already. Spans without a parent (a call, a relay
+/// batch, a handler run) are always built: the sampler decides them.
+struct SampledTraces;
+
+impl<S> Filter<S> for SampledTraces
+where
+    S: Subscriber + for<'lookup> LookupSpan<'lookup>,
+{
+    fn enabled(&self, metadata: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
+        if *metadata.level() > tracing::Level::INFO {
+            return false;
+        }
+        let current = cx.current_span();
+        let Some(parent) = current.id() else {
+            return true;
+        };
+        // `cx` sees only the spans this filter let through.
+        cx.span(parent)
+            .is_some_and(|parent| parent.extensions().get::<keel_kernel::trace::Unsampled>().is_none())
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::INFO)
     }
 }
 

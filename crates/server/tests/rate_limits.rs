@@ -99,6 +99,56 @@ async fn the_redis_limiter_keeps_the_contract() {
     contract(Arc::new(redis), &prefix()).await;
 }
 
+/// A hot key on two Redis limiters (two processes' worth: two connections,
+/// two sets of shares): each takes shares of the allowance, so it asks
+/// Redis far less than once a call, and the two together still never admit
+/// more than the burst. What they hold and do not use is lost, so a little
+/// less may pass, never more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis"]
+async fn shares_of_a_hot_key_never_admit_more_than_its_quota() {
+    let namespace = prefix();
+    let connect = || {
+        let redis = RedisRateLimiter::connect(&keel_testkit::redis_url(), &namespace).unwrap();
+        Arc::new(redis)
+    };
+    let (first, second) = (connect(), connect());
+    for limiter in [&first, &second] {
+        assert!(limiter.connected(Duration::from_secs(5)).await, "redis never connected");
+    }
+    // A burst of 400 over 20 minutes: nothing comes back during the test.
+    let quota = Quota::per_window(400, Duration::from_secs(1200));
+    let calls = 1000;
+    let tasks = (0..50).map(|task| {
+        let limiter = if task % 2 == 0 { first.clone() } else { second.clone() };
+        tokio::spawn(async move {
+            let mut allowed = 0;
+            for _ in 0..calls / 50 {
+                allowed += usize::from(limiter.check("hot", quota).await.unwrap().allowed);
+            }
+            allowed
+        })
+    });
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    let shares = keel_server::limit::SHARE_MAX.min(400 / 16) as usize;
+    assert!(allowed <= 400, "two processes let {allowed} through a burst of 400");
+    assert!(
+        allowed >= 400 - 2 * shares,
+        "{allowed} of a burst of 400: more was lost in unused shares than two shares"
+    );
+    let round_trips = first.round_trips() + second.round_trips();
+    assert!(
+        round_trips < calls as u64 / 4,
+        "{round_trips} round trips for {calls} calls: the hot key took no shares"
+    );
+    // Refused calls say when to come back, as without shares.
+    let refused = first.check("hot", quota).await.unwrap();
+    assert!(!refused.allowed && refused.retry_after > Duration::from_secs(1), "{refused:?}");
+}
+
 /// A Redis URL where nothing listens.
 fn closed_port_url() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
