@@ -234,7 +234,11 @@ impl RedisRateLimiter {
         let key = format!("{}{key}", self.prefix);
         let args = [interval, burst, i64::from(extra), lifetime];
         let sha = self.script_sha(false).await?;
-        match self.client.evalsha::<Vec<i64>, _, _, _>(sha, key.as_str(), args.to_vec()).await {
+        match self
+            .client
+            .evalsha::<Vec<i64>, _, _, _>(sha, key.as_str(), args.to_vec())
+            .await
+        {
             // Redis restarted or flushed its scripts: load it again, once.
             Err(error) if error.details().starts_with("NOSCRIPT") => {
                 let sha = self.script_sha(true).await?;
@@ -250,7 +254,13 @@ impl RedisRateLimiter {
     }
 
     /// `(allowed, ahead, reserved)` from Redis.
-    async fn ask(&self, key: &str, quota: Quota, extra: u32, lifetime: Duration) -> Result<(bool, Duration, u32), Error> {
+    async fn ask(
+        &self,
+        key: &str,
+        quota: Quota,
+        extra: u32,
+        lifetime: Duration,
+    ) -> Result<(bool, Duration, u32), Error> {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let answer = self
             .evaluate(key, quota, extra, lifetime)

@@ -146,7 +146,10 @@ async fn shares_of_a_hot_key_never_admit_more_than_its_quota() {
     );
     // Refused calls say when to come back, as without shares.
     let refused = first.check("hot", quota).await.unwrap();
-    assert!(!refused.allowed && refused.retry_after > Duration::from_secs(1), "{refused:?}");
+    assert!(
+        !refused.allowed && refused.retry_after > Duration::from_secs(1),
+        "{refused:?}"
+    );
 }
 
 /// A Redis URL where nothing listens.
