@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use keel_kernel::{Error, NewJob, Result};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, Statement, TransactionTrait,
 };
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -230,6 +231,60 @@ pub async fn renew(db: &impl ConnectionTrait, lease: &Lease, until: DateTime<Utc
 /// longer holds its lease.
 pub async fn complete(db: &impl ConnectionTrait, lease: &Lease, now: DateTime<Utc>) -> Result<bool> {
     finish(db, lease, JobState::Completed, None, now).await
+}
+
+/// Marks completed, at its own time, every job of `done` whose lease its
+/// worker still holds — each fenced exactly as [`complete`] is — and leaves
+/// the others unchanged. Which of `done` were completed, in their order.
+///
+/// PostgreSQL: one statement for the whole batch (the leases as arrays, so
+/// it is one prepared statement whatever the batch's size). SQLite: the
+/// single updates in one transaction (its one writer pays a commit, not a
+/// statement, per job).
+pub async fn complete_many(db: &DatabaseConnection, done: &[(Lease, DateTime<Utc>)]) -> Result<Vec<bool>> {
+    if done.is_empty() {
+        return Ok(Vec::new());
+    }
+    if db.get_database_backend() != DatabaseBackend::Postgres {
+        let tx = db.begin().await?;
+        let mut completed = Vec::with_capacity(done.len());
+        for (lease, at) in done {
+            completed.push(complete(&tx, lease, *at).await?);
+        }
+        tx.commit().await?;
+        return Ok(completed);
+    }
+    // Array literals, cast by PostgreSQL: uuids, integers and RFC 3339
+    // times need no quoting inside them.
+    let list = |items: Vec<String>| format!("{{{}}}", items.join(","));
+    let ids = list(done.iter().map(|(lease, _)| lease.id.to_string()).collect());
+    let attempts = list(done.iter().map(|(lease, _)| lease.attempt.to_string()).collect());
+    let tokens = list(done.iter().map(|(lease, _)| lease.token.to_string()).collect());
+    let times = list(done.iter().map(|(_, at)| at.to_rfc3339()).collect());
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            r#"UPDATE jobs
+               SET state = 'completed', lease_token = NULL, leased_until = NULL,
+                   finished_at = done.at, updated_at = done.at
+               FROM unnest($1::uuid[], $2::int4[], $3::uuid[], $4::timestamptz[]) AS done(id, attempt, token, at)
+               WHERE jobs.id = done.id AND jobs.state = 'running' AND jobs.attempt = done.attempt
+                 AND jobs.lease_token = done.token
+               RETURNING done.id, done.attempt, done.token"#,
+            [ids.into(), attempts.into(), tokens.into(), times.into()],
+        ))
+        .await?;
+    let mut written = std::collections::HashSet::with_capacity(rows.len());
+    for row in rows {
+        let id: Uuid = row.try_get("", "id")?;
+        let attempt: i32 = row.try_get("", "attempt")?;
+        let token: Uuid = row.try_get("", "token")?;
+        written.insert((id, attempt, token));
+    }
+    Ok(done
+        .iter()
+        .map(|(lease, _)| written.contains(&(lease.id, i32::try_from(lease.attempt).unwrap_or(i32::MAX), lease.token)))
+        .collect())
 }
 
 /// Marks the job failed for good, keeping every attempt's error.
