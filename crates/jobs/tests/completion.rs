@@ -28,9 +28,13 @@ async fn jobs_without_workers(database: &TestDatabase) -> Jobs {
     .unwrap()
 }
 
-/// Leases of every available job of the default queue (up to 100).
-async fn lease_all(db: &sea_orm::DatabaseConnection, until: chrono::DateTime<chrono::Utc>) -> Vec<Lease> {
-    store::fetch(db, "default", 100, until, clock::now())
+/// Leases of every job of the default queue due at `now` (up to 100).
+async fn lease_all(
+    db: &sea_orm::DatabaseConnection,
+    until: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<Lease> {
+    store::fetch(db, "default", 100, until, now)
         .await
         .unwrap()
         .iter()
@@ -44,7 +48,7 @@ async fn a_batch_completes_only_the_leases_still_held(backend: Backend) {
     let jobs = jobs_without_workers(&database).await;
     jobs.enqueue(vec![noop(), noop(), noop(), noop()]).await.unwrap();
     let now = clock::now();
-    let leases = lease_all(db, now + chrono::Duration::milliseconds(1)).await;
+    let leases = lease_all(db, now + chrono::Duration::milliseconds(1), now).await;
     let [held, forged, stale, rescued] = leases[..] else {
         panic!("four leases: {leases:?}")
     };
@@ -66,7 +70,7 @@ async fn a_batch_completes_only_the_leases_still_held(backend: Backend) {
             .unwrap()
     );
     assert_eq!(store::rescue(db, later, 100).await.unwrap(), 1);
-    let [again] = lease_all(db, later + chrono::Duration::seconds(60)).await[..] else {
+    let [again] = lease_all(db, later + chrono::Duration::seconds(60), later).await[..] else {
         panic!("the rescued job leased again")
     };
     assert_eq!((again.id, again.attempt), (rescued.id, 2));
