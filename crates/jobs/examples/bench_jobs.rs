@@ -19,6 +19,9 @@
 //! - CPU over the throughput run: this process (`/proc/self/stat`) and the
 //!   PostgreSQL backends connected to the bench database.
 //!
+//! `BENCH_BATCH_COMPLETION=0` writes each completion alone (as before the
+//! completer), for the comparison.
+//!
 //! With `BENCH_FINISHED=n` it then inserts n finished (completed) jobs into
 //! the same queue, vacuums and analyses the table, and measures again.
 //! Prints one JSON line per phase on stdout, progress on stderr.
@@ -309,8 +312,10 @@ async fn main() {
         runs: AtomicU64::new(0),
         started: started_tx,
     });
+    let batch_completion = setting("BENCH_BATCH_COMPLETION", 1) == 1;
     let settings = Settings {
         concurrency,
+        batch_completion,
         ..Settings::default()
     };
     let workers = Jobs::new(
@@ -393,6 +398,7 @@ async fn main() {
             serde_json::json!({
                 "system": "keel",
                 "phase": phase,
+                "batch_completion": batch_completion,
                 "table_rows": table_rows,
                 "jobs": total,
                 "batch": batch,

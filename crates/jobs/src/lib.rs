@@ -21,6 +21,7 @@
 //! - `commands.rs`: the enqueue port the bus writes jobs through;
 //! - `queries.rs`: reading a job (its owner or an admin);
 //! - `worker.rs`: queue loops, running a job, the rescuer;
+//! - `completer.rs`: completions of many jobs written in one fenced statement;
 //! - `store.rs`: the job table, the only SQL of the module;
 //! - `grpc.rs`: the gRPC services (none yet: admin services are to come);
 //! - `module.rs`: the module as the composition root wires it;
@@ -40,6 +41,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 pub mod commands;
+mod completer;
 pub mod grpc;
 pub mod model;
 mod module;
@@ -69,6 +71,10 @@ pub struct Settings {
     pub listen: bool,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Write completions in batches, one fenced statement for many jobs
+    /// (`completer.rs`); off, one statement and commit per job, as before
+    /// (`just bench-jobs` measures both).
+    pub batch_completion: bool,
 }
 
 impl Default for Settings {
@@ -82,6 +88,7 @@ impl Default for Settings {
             rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
+            batch_completion: true,
         }
     }
 }
@@ -100,6 +107,7 @@ struct Inner {
     wake: HashMap<&'static str, Arc<Notify>>,
     /// PostgreSQL's channel for this job table.
     channel: Option<String>,
+    completer: completer::Completer,
 }
 
 impl Jobs {
@@ -120,6 +128,7 @@ impl Jobs {
             .map(|kind| (kind.queue, Arc::new(Notify::new())))
             .collect();
         let channel = store::channel(&db).await?;
+        let completer = completer::Completer::start(db.clone());
         Ok(Jobs {
             inner: Arc::new(Inner {
                 db,
@@ -127,6 +136,7 @@ impl Jobs {
                 kinds: by_name,
                 wake,
                 channel,
+                completer,
             }),
         })
     }

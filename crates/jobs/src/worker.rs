@@ -121,7 +121,7 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     };
     let now = clock::now();
     let written = match outcome {
-        Ok(()) => store::complete(jobs.db(), &lease, now).await,
+        Ok(()) => jobs.complete(lease, now).await,
         Err(failure) => {
             let mut errors = job.errors.clone();
             errors.push(AttemptError {
