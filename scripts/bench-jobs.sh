@@ -5,12 +5,14 @@
 #   | system | jobs/s | ratio to BullMQ | enqueue jobs/s | CPU µs/job | idle p50/p99 | targets |
 #   | keel, job table | jobs/s | idle p50/p99 | empty fetch µs | ratio to the empty table |
 #
-# Each round runs both sides one after the other (keel first in odd rounds,
-# BullMQ first in even ones, so a change of the machine's load hits both):
+# Each round runs three sides one after the other, the order rotated each
+# round so that a change of the machine's load hits all three:
 #
 # - keel: crates/jobs/examples/bench_jobs.rs (a fresh PostgreSQL database;
 #   workers and producer in one process, as BullMQ's Worker and Queue share
-#   one node process below);
+#   one node process below), with batched completion (the default);
+# - keel-single: the same with each completion written alone
+#   (Settings::batch_completion off: the code before the completer);
 # - BullMQ: scripts/bench-jobs/bullmq.mjs (npm bullmq + ioredis, installed by
 #   this script into scripts/bench-jobs/node_modules, gitignored) on the local
 #   Redis, a queue of its own removed at the end.
@@ -136,12 +138,14 @@ run() {
 }
 
 for round in $(seq "$rounds"); do
-  order=(keel bullmq)
-  ((round % 2 == 1)) || order=(bullmq keel)
+  # Rotated each round: keel, keel-single, bullmq; then keel-single, bullmq, keel; ...
+  order=(keel keel-single bullmq)
+  for ((turn = 1; turn < round; turn++)); do order=("${order[@]:1}" "${order[0]}"); done
   for side in "${order[@]}"; do
     say "round $round of $rounds: $side"
     case "$side" in
-    keel) run "keel-$round" env BENCH_FINISHED=0 "$example" ;;
+    keel) run "keel-$round" env BENCH_FINISHED=0 BENCH_BATCH_COMPLETION=1 "$example" ;;
+    keel-single) run "keel-single-$round" env BENCH_FINISHED=0 BENCH_BATCH_COMPLETION=0 "$example" ;;
     bullmq) run "bullmq-$round" node "$node_dir/bullmq.mjs" ;;
     esac
   done
@@ -164,10 +168,10 @@ def busy(name):
     return int(open(f"{workdir}/{name}.busy").read()) / 100.0
 
 keel = [load(f"keel-{r}")[0] for r in range(1, rounds + 1)]
+single = [load(f"keel-single-{r}")[0] for r in range(1, rounds + 1)]
 bull = [load(f"bullmq-{r}")[0] for r in range(1, rounds + 1)]
-warnings = []
 for r in range(1, rounds + 1):
-    for name, row in ((f"keel-{r}", keel[r - 1]), (f"bullmq-{r}", bull[r - 1])):
+    for name, row in ((f"keel-{r}", keel[r - 1]), (f"keel-single-{r}", single[r - 1]), (f"bullmq-{r}", bull[r - 1])):
         known = row["cpu_self_s"] + (row["cpu_store_s"] or 0)
         # Busy time covers the whole run (set-up and latency too): only a
         # rough bound on what others used during the throughput run.
@@ -199,18 +203,34 @@ targets = [
     ("idle p50 < 5 ms (both keel rows)", max(k_p50, n_p50) < 5),
     ("idle p99 < 10 ms (both keel rows)", max(k_p99, n_p99) < 10),
 ]
-k_own, k_store = split(keel)
-b_own, b_store = split(bull)
 enq = lambda rows: statistics.median(row["jobs"] / row["enqueue_seconds"] for row in rows)
+
+def row_line(label, rows):
+    rate = med(rows, "rate")
+    per_round = [a["rate"] / b["rate"] for a, b in zip(rows, bull)]
+    own, store = split(rows)
+    if rows is bull:
+        ratio = "1.00"
+        latency = f"{med(rows, 'p50_ms'):.2f} / {med(rows, 'p99_ms'):.2f} / {med(rows, 'max_ms'):.2f}"
+    else:
+        ratio = f"{rate / b_rate:.2f} ({min(per_round):.2f}–{max(per_round):.2f})"
+        latency = (f"in process {med(rows, 'p50_ms'):.2f} / {med(rows, 'p99_ms'):.2f} / {med(rows, 'max_ms'):.2f}; "
+                   f"by NOTIFY {med(rows, 'notify_p50_ms'):.2f} / {med(rows, 'notify_p99_ms'):.2f} / {med(rows, 'notify_max_ms'):.2f}")
+    return (f"| {label} | {rate:.0f} ({spread(rows, 'rate')}) | {ratio} | {enq(rows):.0f} "
+            f"| {own:.0f} + {store:.0f} = {cpu_per_job(rows):.0f} | {latency} |")
+
+s_rate = med(single, "rate")
 lines = [
     f"| system | jobs/s (median of {rounds}; min–max) | ratio to BullMQ (per round) | enqueue jobs/s | CPU µs/job: process + store = total | idle enqueue-to-start p50 / p99 / max ms |",
     "|---|---:|---:|---:|---:|---|",
-    f"| keel, PostgreSQL | {k_rate:.0f} ({spread(keel, 'rate')}) | {k_rate / b_rate:.2f} ({min(ratios):.2f}–{max(ratios):.2f}) "
-    f"| {enq(keel):.0f} | {k_own:.0f} + {k_store:.0f} = {cpu_per_job(keel):.0f} "
-    f"| in process {k_p50:.2f} / {k_p99:.2f} / {med(keel, 'max_ms'):.2f}; by NOTIFY {n_p50:.2f} / {n_p99:.2f} / {med(keel, 'notify_max_ms'):.2f} |",
-    f"| BullMQ {{version}}, Redis | {b_rate:.0f} ({spread(bull, 'rate')}) | 1.00 | {enq(bull):.0f} "
-    f"| {b_own:.0f} + {b_store:.0f} = {cpu_per_job(bull):.0f} | {med(bull, 'p50_ms'):.2f} / {med(bull, 'p99_ms'):.2f} / {med(bull, 'max_ms'):.2f} |",
+    row_line("keel, PostgreSQL, batched completion", keel),
+    row_line("keel, PostgreSQL, one completion per statement (before)", single),
+    row_line("BullMQ {version}, Redis", bull),
 ]
+lines.append("")
+lines.append(f"Batched completion: {k_rate / s_rate:.2f}× the jobs/s of one statement per completion "
+             f"(per round {min(k['rate'] / s['rate'] for k, s in zip(keel, single)):.2f}–"
+             f"{max(k['rate'] / s['rate'] for k, s in zip(keel, single)):.2f}).")
 lines.append("")
 lines.append("Targets: " + " · ".join(f"{what} {'PASS' if ok else 'MISS'}" for what, ok in targets))
 
@@ -232,7 +252,7 @@ if finished > 0:
                  f"empty fetch {full['empty_fetch_us'] / empty['empty_fetch_us']:.2f}× "
                  f"({'PASS' if slow >= 0.9 else 'MISS'}: within 10 %)")
 print("\n".join(lines))
-busy_rows = [f"{name} {row['others']:.2f}" for name, rows in (("keel", keel), ("bullmq", bull)) for row in rows if row["others"] > 0.2]
+busy_rows = [f"{name} {row['others']:.2f}" for name, rows in (("keel", keel), ("keel-single", single), ("bullmq", bull)) for row in rows if row["others"] > 0.2]
 if busy_rows:
     print("WARNING: other processes were busy (cores, rough): " + ", ".join(busy_rows) + "; jobs/s and latencies are noisy", file=sys.stderr)
 EOF
