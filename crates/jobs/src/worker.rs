@@ -123,20 +123,25 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     let written = match outcome {
         Ok(()) => store::complete(jobs.db(), &lease, now).await,
         Err(failure) => {
+            // The kernel's retry decision, the one durable event handlers take.
+            let policy = keel_kernel::retry::RetryPolicy::new(settings.backoff, job.max_attempts);
+            let decision = policy.decide(job.attempt, &failure.error, failure.retry, now);
+            let recorded = decision.failure();
             let mut errors = job.errors.clone();
             errors.push(AttemptError {
-                attempt: job.attempt,
-                at: now,
-                message: failure.error.to_string(),
+                attempt: recorded.attempt,
+                at: recorded.at,
+                message: recorded.message.clone(),
             });
-            if failure.retry && job.attempt < job.max_attempts {
-                let delay = settings.backoff.delay(job.attempt);
-                let run_at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-                tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
-                store::retry(jobs.db(), &lease, run_at, &errors, now).await
-            } else {
-                tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
-                store::fail(jobs.db(), &lease, &errors, now).await
+            match decision {
+                keel_kernel::retry::Decision::Retry { at: run_at, .. } => {
+                    tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
+                    store::retry(jobs.db(), &lease, run_at, &errors, now).await
+                }
+                keel_kernel::retry::Decision::GiveUp { .. } => {
+                    tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
+                    store::fail(jobs.db(), &lease, &errors, now).await
+                }
             }
         }
     };
