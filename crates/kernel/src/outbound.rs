@@ -100,9 +100,13 @@ pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
 enum Phase {
     Closed,
-    Open { since: Instant },
+    Open {
+        since: Instant,
+    },
     /// Half-open with the trial call in flight.
-    Trial { opened: Instant },
+    Trial {
+        opened: Instant,
+    },
 }
 
 struct Inner {
@@ -410,7 +414,11 @@ mod tests {
         let refused = outbound.call(|| failing(&calls)).await.unwrap_err();
         assert_eq!(refused.code(), Code::Unavailable);
         assert!(refused.to_string().contains("circuit open"), "{refused}");
-        assert_eq!(calls.load(Ordering::SeqCst), 3, "an open breaker does not call the target");
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "an open breaker does not call the target"
+        );
         assert_eq!(outbound.breaker().snapshot().rejected_total, 1);
     }
 

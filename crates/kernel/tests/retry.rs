@@ -26,7 +26,11 @@ fn policy(max_attempts: u32) -> RetryPolicy {
 fn retry_delay(decision: &Decision, now: DateTime<Utc>) -> Duration {
     match decision {
         Decision::Retry { at, delay, .. } => {
-            assert_eq!((*at - now).to_std().unwrap(), *delay, "the retry falls due `delay` after the failure");
+            assert_eq!(
+                (*at - now).to_std().unwrap(),
+                *delay,
+                "the retry falls due `delay` after the failure"
+            );
             *delay
         }
         Decision::GiveUp { .. } => panic!("expected a retry, got {decision:?}"),

@@ -39,6 +39,9 @@ pub struct State {
     /// The limiter of the per-method limits and identity's sign-in limits
     /// (Redis with its fallback when configured, in process otherwise).
     pub limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
+    /// The circuit breakers of outbound targets (the mailer's), shown by
+    /// `/readyz` and `/metrics`.
+    pub breakers: Arc<[Arc<keel_kernel::outbound::Breaker>]>,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -116,6 +119,19 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     }
 }
 
+/// The outbound policy of the SMTP relay.
+fn mail_policy(config: &Config) -> keel_kernel::outbound::OutboundPolicy {
+    keel_kernel::outbound::OutboundPolicy {
+        timeout: Duration::from_millis(config.mail_timeout_ms),
+        attempts: config.mail_attempts,
+        breaker: keel_kernel::outbound::BreakerSettings {
+            failures: config.mail_breaker_failures,
+            cool_down: Duration::from_millis(config.mail_breaker_cool_down_ms),
+        },
+        ..keel_kernel::outbound::OutboundPolicy::default()
+    }
+}
+
 fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
     let lease = Duration::from_millis(config.jobs_lease_ms);
     Ok(keel_jobs::Settings {
@@ -148,17 +164,30 @@ impl State {
         let db = connect(&config).await?;
         keel_db::migrate(&db).await.context("applying migrations")?;
 
-        let mailer: Arc<dyn keel_kernel::mail::Mailer> = match &config.smtp_url {
-            Some(url) => Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?),
+        // The relay is an outbound call, under its policy and breaker; the
+        // mail file is local (its failures are the disk's, retried by the
+        // handlers that send).
+        let (mailer, breakers): (
+            Arc<dyn keel_kernel::mail::Mailer>,
+            Vec<Arc<keel_kernel::outbound::Breaker>>,
+        ) = match &config.smtp_url {
+            Some(url) => {
+                let relay = Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?);
+                let outbound = keel_kernel::outbound::Outbound::new("mail", mail_policy(&config));
+                let guarded = crate::mail::GuardedMailer::new(relay, outbound);
+                let breakers = vec![guarded.breaker().clone()];
+                (Arc::new(guarded), breakers)
+            }
             None => {
                 let path = config
                     .mail_file
                     .clone()
                     .unwrap_or_else(|| config.data_dir.join("mail.jsonl"));
                 crate::files::tighten_if_exists(&path)?;
-                Arc::new(crate::mail::FileMailer::new(path))
+                (Arc::new(crate::mail::FileMailer::new(path)), Vec::new())
             }
         };
+        let breakers: Arc<[Arc<keel_kernel::outbound::Breaker>]> = breakers.into();
         let limiter = rate_limiter(&config, &db).await?;
         let ports = Ports {
             mailer,
@@ -225,6 +254,7 @@ impl State {
             modules: modules.into(),
             metrics,
             limiter,
+            breakers,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
@@ -505,7 +535,9 @@ impl State {
             .metrics
             .clone()
             .map(|metrics| crate::metrics::route(metrics, self.clone(), shedder.clone()));
-        edge_service(&self.config, upstream, shedder, routes)
+        let breakers = self.breakers.clone();
+        let details: keel_edge::ReadinessDetails = Arc::new(move || crate::health::readiness_details(&breakers));
+        edge_service(&self.config, upstream, shedder, routes, Some(details))
     }
 }
 
@@ -516,6 +548,7 @@ pub fn edge_service(
     upstream: Upstream,
     shedder: Arc<keel_edge::shed::Shedder>,
     routes: Option<axum::Router>,
+    readiness_details: Option<keel_edge::ReadinessDetails>,
 ) -> anyhow::Result<keel_edge::listener::ListenerService> {
     let mut edge = keel_edge::Edge::new(
         keel_proto::FILE_DESCRIPTOR_SET,
@@ -526,6 +559,9 @@ pub fn edge_service(
     .with_shedder(shedder);
     if let Some(routes) = routes {
         edge = edge.with_routes(routes);
+    }
+    if let Some(details) = readiness_details {
+        edge = edge.with_readiness_details(details);
     }
     Ok(keel_edge::listener_service(
         Arc::new(edge),

@@ -124,6 +124,17 @@ pub struct Config {
     pub mail_from: String,
     /// `KEEL_MAIL_FILE`: where email goes without SMTP (default `<data dir>/mail.jsonl`).
     pub mail_file: Option<PathBuf>,
+    /// `KEEL_MAIL_TIMEOUT_MS`: the longest one attempt to send an email
+    /// may take.
+    pub mail_timeout_ms: u64,
+    /// `KEEL_MAIL_ATTEMPTS`: attempts of one send on a transient failure,
+    /// the first included (the handler that sends retries later on its own).
+    pub mail_attempts: u32,
+    /// `KEEL_MAIL_BREAKER_FAILURES`: consecutive transient failures after
+    /// which sends fail at once, without reaching the relay, for
+    /// `KEEL_MAIL_BREAKER_COOL_DOWN_MS`; then one send is tried.
+    pub mail_breaker_failures: u32,
+    pub mail_breaker_cool_down_ms: u64,
     /// `KEEL_EVENTS_RETENTION_HOURS`: numbered events older than this are pruned.
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
@@ -279,6 +290,10 @@ impl Default for Config {
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
             mail_file: None,
+            mail_timeout_ms: 10_000,
+            mail_attempts: 2,
+            mail_breaker_failures: 5,
+            mail_breaker_cool_down_ms: 30_000,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
             stream_ticket_first_use_seconds: 60,
@@ -462,6 +477,15 @@ impl Config {
         }
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        for (name, value) in [
+            ("KEEL_MAIL_TIMEOUT_MS", self.mail_timeout_ms),
+            ("KEEL_MAIL_ATTEMPTS", u64::from(self.mail_attempts)),
+            ("KEEL_MAIL_BREAKER_FAILURES", u64::from(self.mail_breaker_failures)),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
         }
         if let Some(url) = &self.smtp_url {
             crate::mail::SmtpSettings::parse(url.expose()).map_err(|reason| invalid("KEEL_SMTP_URL", reason))?;

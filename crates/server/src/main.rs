@@ -173,7 +173,7 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
         .map_request(keel_server::proxy::forward_client_address::<tonic::body::Body>)
         .service(channel);
     let shedder = std::sync::Arc::new(keel_edge::shed::Shedder::new(config.max_in_flight));
-    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None)?;
+    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None, None)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding KEEL_LISTEN {}", config.listen))?;
