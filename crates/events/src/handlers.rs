@@ -2,8 +2,8 @@
 //! least once. Failures are retried with exponential backoff and jitter;
 //! after the last attempt the event goes to the dead-letter table and the
 //! handler moves on. Whether and when to retry is the kernel's
-//! [`RetryPolicy`], the decision jobs take too. One process runs a handler at a time (a lease with
-//! fencing on the checkpoint).
+//! [`RetryPolicy`], the decision jobs take too. One process runs a handler
+//! at a time (a lease with fencing on the checkpoint).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keel_kernel::mail::{Mailer, OutgoingEmail};
 use keel_kernel::outbound::{Breaker, Outbound};
-use keel_kernel::{Error, Result, Secret};
+use keel_kernel::{Code, Error, Result, Secret};
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::io::AsyncWriteExt;
@@ -187,11 +187,16 @@ impl Mailer for SmtpMailer {
             .subject(email.subject.clone())
             .body(email.text.clone())
             .map_err(|error| Error::internal(format!("unbuildable email: {error}")))?;
-        self.transport
-            .send(message)
-            .await
-            .map(|_| ())
-            .map_err(|error| Error::unavailable(format!("smtp: {error}")))
+        self.transport.send(message).await.map(|_| ()).map_err(|error| {
+            // A 5xx is the relay refusing this message: not the relay being
+            // down, so not a failure for the circuit breaker.
+            if error.is_permanent() {
+                Error::new(Code::FailedPrecondition, "the mail relay refused the message")
+                    .with_cause(format!("smtp: {error}"))
+            } else {
+                Error::unavailable(format!("smtp: {error}"))
+            }
+        })
     }
 }
 
