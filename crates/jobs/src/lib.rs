@@ -15,6 +15,10 @@
 //! rescuer makes jobs of dead workers available again. Failures retry with
 //! the kernel's one [`keel_kernel::backoff::Backoff`] up to the kind's
 //! attempts, then the job is kept as failed with every attempt's error.
+//! A run past its timeout fails its attempt; a snooze puts the job back
+//! without using one; a queue with a rate limit starts jobs only with the
+//! limiter's permits; [`Jobs::shutdown`] drains the workers and hands back
+//! what is still running.
 //!
 //! # Layout
 //! - `model.rs`: states, a stored job, an attempt's error, a lease;
@@ -250,7 +254,16 @@ impl Jobs {
     /// (or, if writing the hand-backs hangs, a few seconds after the grace:
     /// the leases cover what was not written).
     pub async fn shutdown(&self) {
-        if self.inner.phase.send_replace(Phase::Draining) != Phase::Running {
+        // Only the first call shuts down; a later one (the server stops
+        // twice: at the signal and at the end) must not undo a HandBack.
+        let first = self.inner.phase.send_if_modified(|phase| {
+            let running = *phase == Phase::Running;
+            if running {
+                *phase = Phase::Draining;
+            }
+            running
+        });
+        if !first {
             return;
         }
         let grace = self.settings().shutdown_grace;
