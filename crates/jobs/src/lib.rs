@@ -15,6 +15,10 @@
 //! rescuer makes jobs of dead workers available again. Failures retry with
 //! the kernel's one [`keel_kernel::backoff::Backoff`] up to the kind's
 //! attempts, then the job is kept as failed with every attempt's error.
+//! A run past its timeout fails its attempt; a snooze puts the job back
+//! without using one; a queue with a rate limit starts jobs only with the
+//! limiter's permits; [`Jobs::shutdown`] drains the workers and hands back
+//! what is still running.
 //!
 //! # Layout
 //! - `model.rs`: states, a stored job, an attempt's error, a lease;
@@ -33,10 +37,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_kernel::backoff::Backoff;
+use keel_kernel::limit::{InProcessRateLimiter, Quota, RateLimiter};
 use keel_kernel::{BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob, Result, clock};
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 pub mod commands;
@@ -69,6 +74,45 @@ pub struct Settings {
     pub listen: bool,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Per-queue rate limits on job starts, counted on the kernel's limiter
+    /// port (Redis in a cluster: one allowance for every process).
+    pub rate_limits: RateLimits,
+    /// At a graceful shutdown, how long running jobs may take to finish
+    /// before the rest are handed back.
+    pub shutdown_grace: Duration,
+}
+
+/// Per-queue limits on how fast jobs start, and the limiter that counts
+/// them. A worker takes a job of a limited queue only with a permit; a job
+/// it could not start stays available, untouched.
+#[derive(Clone)]
+pub struct RateLimits {
+    pub quotas: HashMap<String, Quota>,
+    pub limiter: Arc<dyn RateLimiter>,
+}
+
+impl RateLimits {
+    /// The limiter's key for `queue` (the limiter adds its namespace).
+    pub fn key(queue: &str) -> String {
+        format!("jobs:{queue}")
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            quotas: HashMap::new(),
+            limiter: Arc::new(InProcessRateLimiter::new()),
+        }
+    }
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("quotas", &self.quotas)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Settings {
@@ -82,6 +126,8 @@ impl Default for Settings {
             rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
+            rate_limits: RateLimits::default(),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +146,20 @@ struct Inner {
     wake: HashMap<&'static str, Arc<Notify>>,
     /// PostgreSQL's channel for this job table.
     channel: Option<String>,
+    /// Where the workers are in their life: running, or shutting down.
+    phase: watch::Sender<Phase>,
+    /// Queue loops still running (each holds a [`worker::LoopGuard`]).
+    loops: watch::Sender<usize>,
+}
+
+/// The workers' phase. Shutting down goes Running → Draining (no more
+/// fetches; running jobs go on) → HandBack (the jobs still running are
+/// dropped and handed back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    Draining,
+    HandBack,
 }
 
 impl Jobs {
@@ -127,6 +187,8 @@ impl Jobs {
                 kinds: by_name,
                 wake,
                 channel,
+                phase: watch::Sender::new(Phase::Running),
+                loops: watch::Sender::new(0),
             }),
         })
     }
@@ -176,6 +238,55 @@ impl Jobs {
         }
     }
 
+    pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
+        self.inner.phase.subscribe()
+    }
+
+    pub(crate) fn loops(&self) -> &watch::Sender<usize> {
+        &self.inner.loops
+    }
+
+    /// Stops this process's workers gracefully: no more fetches; running
+    /// jobs may finish within `shutdown_grace`; the ones still running then
+    /// are dropped and handed back at once (available again, their attempt
+    /// given back, fenced on their lease), so another process runs them
+    /// without waiting out the lease. Returns when every queue loop ended
+    /// (or, if writing the hand-backs hangs, a few seconds after the grace:
+    /// the leases cover what was not written).
+    pub async fn shutdown(&self) {
+        // Only the first call shuts down; a later one (the server stops
+        // twice: at the signal and at the end) must not undo a HandBack.
+        let first = self.inner.phase.send_if_modified(|phase| {
+            let running = *phase == Phase::Running;
+            if running {
+                *phase = Phase::Draining;
+            }
+            running
+        });
+        if !first {
+            return;
+        }
+        let grace = self.settings().shutdown_grace;
+        let mut loops = self.inner.loops.subscribe();
+        let started = std::time::Instant::now();
+        if tokio::time::timeout(grace, loops.wait_for(|running| *running == 0))
+            .await
+            .is_ok()
+        {
+            tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "job workers stopped");
+            return;
+        }
+        self.inner.phase.send_replace(Phase::HandBack);
+        let handed_back = tokio::time::timeout(Duration::from_secs(5), loops.wait_for(|running| *running == 0))
+            .await
+            .is_ok();
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            handed_back,
+            "job workers stopped; jobs still running were handed back"
+        );
+    }
+
     /// The worker loops, the rescuer and the PostgreSQL listener.
     pub(crate) fn spawn_tasks(&self) -> Vec<keel_kernel::BackgroundTask> {
         let settings = self.settings();
@@ -188,12 +299,10 @@ impl Jobs {
             .iter()
             .map(|(queue, wake)| {
                 let concurrency = settings.queues.get(*queue).copied().unwrap_or(settings.concurrency);
-                tokio::spawn(worker::run_queue(
-                    self.clone(),
-                    (*queue).to_owned(),
-                    concurrency,
-                    wake.clone(),
-                ))
+                // Counted before it is spawned: a shutdown right after this
+                // waits for it.
+                let guard = worker::LoopGuard::new(self.clone());
+                tokio::spawn(worker::run_queue(guard, (*queue).to_owned(), concurrency, wake.clone()))
             })
             .collect();
         tasks.push(tokio::spawn(worker::run_rescuer(self.clone(), settings.rescue_every)));

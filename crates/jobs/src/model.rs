@@ -63,7 +63,8 @@ pub struct JobRecord {
     pub state: JobState,
     pub priority: i16,
     pub run_at: DateTime<Utc>,
-    /// Attempts begun so far (the running one included).
+    /// Attempts begun so far (the running one included), snoozes and
+    /// shutdown hand-backs not counted: they give their attempt back.
     pub attempt: u32,
     pub max_attempts: u32,
     /// Set while running: the fence of every update the worker makes.
@@ -75,6 +76,10 @@ pub struct JobRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// This job's own run timeout; `None`: its kind's.
+    pub timeout: Option<std::time::Duration>,
+    /// How often it was snoozed (a snooze gives back its attempt).
+    pub snoozes: u32,
 }
 
 /// A job a worker holds: its id, and the attempt and lease token that

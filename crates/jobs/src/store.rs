@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Utc};
 use keel_kernel::{Error, NewJob, Result};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
 };
@@ -42,6 +42,8 @@ mod jobs {
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
         pub finished_at: Option<DateTimeUtc>,
+        pub timeout_ms: Option<i64>,
+        pub snoozes: i32,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -71,6 +73,11 @@ fn record(row: jobs::Model) -> Result<JobRecord> {
         created_at: row.created_at,
         updated_at: row.updated_at,
         finished_at: row.finished_at,
+        timeout: row
+            .timeout_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(std::time::Duration::from_millis),
+        snoozes: u32::try_from(row.snoozes).unwrap_or_default(),
     })
 }
 
@@ -128,6 +135,10 @@ pub async fn insert(
             created_at: Set(now),
             updated_at: Set(now),
             finished_at: Set(None),
+            timeout_ms: Set(job
+                .timeout
+                .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX))),
+            snoozes: Set(0),
         });
     }
     if rows.is_empty() {
@@ -180,7 +191,8 @@ pub async fn fetch(
                {lock}
            )
            RETURNING id, queue, kind, args, state, priority, run_at, attempt, max_attempts, lease_token,
-                     leased_until, attempted_at, errors, user_id, created_at, updated_at, finished_at"#
+                     leased_until, attempted_at, errors, user_id, created_at, updated_at, finished_at,
+                     timeout_ms, snoozes"#
     );
     let token = keel_kernel::id::new_id();
     let rows = jobs::Entity::find()
@@ -284,6 +296,46 @@ pub async fn retry(
     Ok(result.rows_affected == 1)
 }
 
+/// Puts a snoozed job back, available at `run_at`, giving back the
+/// attempt its run took (a snooze is not a failure: it uses up no attempt
+/// and adds no error) and counting the snooze.
+pub async fn snooze(
+    db: &impl ConnectionTrait,
+    lease: &Lease,
+    run_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let result = jobs::Entity::update_many()
+        .col_expr(jobs::Column::State, Expr::value(JobState::Available.as_str()))
+        .col_expr(jobs::Column::Attempt, Expr::col(jobs::Column::Attempt).sub(1))
+        .col_expr(jobs::Column::Snoozes, Expr::col(jobs::Column::Snoozes).add(1))
+        .col_expr(jobs::Column::LeaseToken, Expr::value(Option::<Uuid>::None))
+        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::RunAt, Expr::value(run_at))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(fenced(lease))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Hands a running job back at a graceful shutdown: available again at
+/// once, for any worker, with the attempt it took given back (the job did
+/// not fail; its run was cut short). Fenced like every other update.
+pub async fn hand_back(db: &impl ConnectionTrait, lease: &Lease, now: DateTime<Utc>) -> Result<bool> {
+    let result = jobs::Entity::update_many()
+        .col_expr(jobs::Column::State, Expr::value(JobState::Available.as_str()))
+        .col_expr(jobs::Column::Attempt, Expr::col(jobs::Column::Attempt).sub(1))
+        .col_expr(jobs::Column::LeaseToken, Expr::value(Option::<Uuid>::None))
+        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::RunAt, Expr::value(now))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(fenced(lease))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
 /// Running jobs whose lease ran out before `now` (their worker died or
 /// stalled): each becomes available again at once, or failed when it used
 /// its last attempt, with the lost lease noted among its errors. Each
@@ -347,6 +399,22 @@ pub async fn next_due(db: &impl ConnectionTrait, queue: &str) -> Result<Option<D
         .one(db)
         .await?
         .map(|row| row.run_at))
+}
+
+/// How many jobs of `queue` are due at `now`, counting at most `limit`: a
+/// rate-limited queue takes no more permits than it has jobs to start.
+pub async fn due(db: &impl ConnectionTrait, queue: &str, now: DateTime<Utc>, limit: u32) -> Result<u32> {
+    let rows = jobs::Entity::find()
+        .select_only()
+        .column(jobs::Column::Id)
+        .filter(jobs::Column::Queue.eq(queue))
+        .filter(jobs::Column::State.eq(JobState::Available.as_str()))
+        .filter(jobs::Column::RunAt.lte(now))
+        .limit(u64::from(limit))
+        .into_tuple::<Uuid>()
+        .all(db)
+        .await?;
+    Ok(u32::try_from(rows.len()).unwrap_or(u32::MAX))
 }
 
 /// How many jobs the table holds.

@@ -7,6 +7,7 @@
 //! jobs module stores, fetches, leases, retries and runs them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,7 +27,15 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     const QUEUE: &'static str = "default";
     /// Attempts in all, the first included, before the job is failed.
     const MAX_ATTEMPTS: u32 = 5;
+    /// How long one run may take: past it the run is dropped and the
+    /// attempt fails (retried while attempts remain). A job may say
+    /// otherwise ([`NewJob::timeout`]).
+    const TIMEOUT: Duration = DEFAULT_JOB_TIMEOUT;
 }
+
+/// The timeout of a kind that declares none: long enough for real work,
+/// short enough that a hung handler does not hold its slot for ever.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// A job to enqueue: what [`JobQueue::enqueue`] writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +52,9 @@ pub struct NewJob {
     /// Whose job it is; `None` takes the command's caller (see
     /// [`crate::CommandContext::enqueue`]), or no user.
     pub user_id: Option<Uuid>,
+    /// This job's run timeout; `None`: its kind's [`Job::TIMEOUT`] (read
+    /// when it runs, so a new release's value applies to waiting jobs).
+    pub timeout: Option<Duration>,
 }
 
 impl NewJob {
@@ -55,6 +67,7 @@ impl NewJob {
             run_at: None,
             max_attempts: J::MAX_ATTEMPTS.max(1),
             user_id: None,
+            timeout: None,
         })
     }
 
@@ -75,6 +88,12 @@ impl NewJob {
 
     pub fn for_user(mut self, user_id: Uuid) -> Self {
         self.user_id = Some(user_id);
+        self
+    }
+
+    /// Overrides the kind's [`Job::TIMEOUT`] for this job (at least 1 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout.max(Duration::from_millis(1)));
         self
     }
 }
@@ -102,27 +121,48 @@ pub struct JobContext {
 }
 
 /// How a run failed: retried (with backoff, while attempts remain) unless
-/// it says it must not be.
+/// it says it must not be; or, snoozed, not failed at all.
 #[derive(Debug)]
 pub struct JobError {
     pub error: Error,
     pub retry: bool,
+    /// "Not now": run again after this, without using up an attempt (see
+    /// [`JobError::snooze`]).
+    pub snooze: Option<Duration>,
 }
 
 impl JobError {
+    /// Not a failure: the job cannot do its work yet (a resource is busy, a
+    /// partner asked to come back later). It becomes available again after
+    /// `delay`; the snooze uses up no attempt (the attempt it took is given
+    /// back, so the next run sees the same `ctx.attempt`) and adds no error;
+    /// the job counts its snoozes.
+    pub fn snooze(delay: Duration) -> Self {
+        Self {
+            error: Error::unavailable(format!("snoozed for {} ms", delay.as_millis())),
+            retry: true,
+            snooze: Some(delay),
+        }
+    }
+
     /// A failure no retry can mend (bad arguments, a refused request): the
     /// job is failed at once.
     pub fn do_not_retry(error: impl Into<Error>) -> Self {
         Self {
             error: error.into(),
             retry: false,
+            snooze: None,
         }
     }
 }
 
 impl From<Error> for JobError {
     fn from(error: Error) -> Self {
-        Self { error, retry: true }
+        Self {
+            error,
+            retry: true,
+            snooze: None,
+        }
     }
 }
 
@@ -167,6 +207,8 @@ pub struct JobKind {
     pub name: &'static str,
     pub queue: &'static str,
     pub max_attempts: u32,
+    /// The kind's [`Job::TIMEOUT`].
+    pub timeout: Duration,
     handler: Arc<dyn ErasedHandler>,
 }
 
@@ -176,6 +218,7 @@ impl JobKind {
             name: J::KIND,
             queue: J::QUEUE,
             max_attempts: J::MAX_ATTEMPTS.max(1),
+            timeout: J::TIMEOUT.max(Duration::from_millis(1)),
             handler: Arc::new(Typed {
                 handler,
                 _job: std::marker::PhantomData,
@@ -195,6 +238,7 @@ impl std::fmt::Debug for JobKind {
             .field("name", &self.name)
             .field("queue", &self.queue)
             .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }

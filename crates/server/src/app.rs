@@ -42,6 +42,8 @@ pub struct State {
     /// The circuit breakers of outbound targets (the mailer's), shown by
     /// `/readyz` and `/metrics`.
     pub breakers: Arc<[Arc<keel_kernel::outbound::Breaker>]>,
+    /// The jobs module, for its graceful shutdown.
+    pub jobs: keel_jobs::Jobs,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -132,7 +134,10 @@ fn mail_policy(config: &Config) -> keel_kernel::outbound::OutboundPolicy {
     }
 }
 
-fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
+fn job_settings(
+    config: &Config,
+    limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
+) -> anyhow::Result<keel_jobs::Settings> {
     let lease = Duration::from_millis(config.jobs_lease_ms);
     Ok(keel_jobs::Settings {
         workers: config.jobs_workers,
@@ -148,6 +153,13 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),
         ),
+        // The limiter of the per-method limits: Redis is shared by every
+        // keel, so a queue's limit holds across processes.
+        rate_limits: keel_jobs::RateLimits {
+            quotas: config.jobs_rate_limits()?,
+            limiter,
+        },
+        shutdown_grace: config.jobs_shutdown_grace()?,
         ..keel_jobs::Settings::default()
     })
 }
@@ -202,9 +214,8 @@ impl State {
         let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
         // The jobs module runs the others' job kinds, so it follows them.
         let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
-        modules.push(Arc::new(
-            keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config)?).await?,
-        ));
+        let jobs = keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config, limiter.clone())?).await?;
+        modules.push(Arc::new(jobs.clone()));
 
         let mut handlers = keel_events::handlers::Registry::default();
         for handler in modules.iter().flat_map(|module| module.event_handlers()) {
@@ -255,6 +266,7 @@ impl State {
             metrics,
             limiter,
             breakers,
+            jobs,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
@@ -444,22 +456,45 @@ impl Application {
         let readiness = tokio::spawn(watch_database(state.db.clone(), health.clone()));
 
         let service = state.listener_service(health.service())?;
-        crate::listen::serve(
-            listener,
-            service,
-            shutdown,
-            crate::listen::Limits::from_config(&config)?,
-        )
-        .await;
+        // At the signal the listener drains its calls and the job workers
+        // drain their jobs, side by side: one grace does not follow the other.
+        let shutdown = futures::FutureExt::shared(shutdown);
+        let jobs = state.jobs.clone();
+        let jobs_stopped = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.await;
+                jobs.shutdown().await;
+            }
+        };
+        tokio::join!(
+            crate::listen::serve(
+                listener,
+                service,
+                shutdown,
+                crate::listen::Limits::from_config(&config)?,
+            ),
+            jobs_stopped
+        );
 
         readiness.abort();
-        state.tasks.stop();
-        state.events.stop();
-        if let Err(error) = state.db.clone().close().await {
+        state.stop().await;
+        Ok(())
+    }
+}
+
+impl State {
+    /// Stops what `build` started: the job workers gracefully (see
+    /// `keel_jobs::Jobs::shutdown`), then every background task, then the
+    /// pool.
+    pub async fn stop(&self) {
+        self.jobs.shutdown().await;
+        self.tasks.stop();
+        self.events.stop();
+        if let Err(error) = self.db.clone().close().await {
             tracing::warn!(error = %error, "closing the database pool");
         }
         tracing::info!("stopped");
-        Ok(())
     }
 }
 

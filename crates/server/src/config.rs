@@ -178,6 +178,17 @@ pub struct Config {
     /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
     /// (at most an hour), with jitter.
     pub jobs_backoff_ms: u64,
+    /// `KEEL_JOBS_RATE_LIMITS`: per-queue limits on job starts,
+    /// `mail=10/1s,reports=100/1m` (`QUEUE=LIMIT/WINDOW`, the window in
+    /// `ms`, `s`, `m` or `h`, bare numbers are seconds): a burst of LIMIT,
+    /// refilled evenly over the window (GCRA), counted on the rate limiter
+    /// (Redis when `KEEL_REDIS_URL` is set: one allowance for every keel).
+    pub jobs_rate_limits: Option<String>,
+    /// `KEEL_JOBS_SHUTDOWN_GRACE`: at SIGTERM or ctrl-c, how long running
+    /// jobs may take to finish (`10s`, `500ms`; bare numbers are seconds);
+    /// the ones still running then are handed back at once.
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_shutdown_grace: String,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -308,6 +319,8 @@ impl Default for Config {
             jobs_lease_ms: 30_000,
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
+            jobs_rate_limits: None,
+            jobs_shutdown_grace: "10s".to_owned(),
         }
     }
 }
@@ -328,6 +341,36 @@ fn on_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, 
             _ => Err(serde::de::Error::custom("expected on, off, true or false")),
         },
     }
+}
+
+/// A setting written either way: `10s`, or `10` (a TOML or variable number).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match TextOrNumber::deserialize(deserializer)? {
+        TextOrNumber::Number(number) => number.to_string(),
+        TextOrNumber::Text(text) => text,
+    })
+}
+
+/// `500ms`, `10s`, `1m`, `1h`, or a bare number of seconds.
+fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let text = text.trim();
+    let split = text.find(|char: char| !char.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit_ms = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(number.checked_mul(unit_ms)?))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -366,6 +409,43 @@ impl Config {
             queues.insert(queue.to_owned(), count);
         }
         Ok(queues)
+    }
+
+    /// `KEEL_JOBS_RATE_LIMITS` read: each queue's quota.
+    pub fn jobs_rate_limits(
+        &self,
+    ) -> Result<std::collections::HashMap<String, keel_kernel::limit::Quota>, ConfigError> {
+        let mut quotas = std::collections::HashMap::new();
+        let Some(spec) = &self.jobs_rate_limits else {
+            return Ok(quotas);
+        };
+        for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+            let parsed = entry
+                .split_once('=')
+                .and_then(|(queue, rate)| {
+                    let (limit, window) = rate.split_once('/')?;
+                    Some((queue.trim(), limit.trim().parse::<u32>().ok()?, parse_duration(window)?))
+                })
+                .filter(|(queue, limit, window)| !queue.is_empty() && *limit > 0 && !window.is_zero());
+            let Some((queue, limit, window)) = parsed else {
+                return Err(invalid(
+                    "KEEL_JOBS_RATE_LIMITS",
+                    format!("{entry:?} is not queue=limit/window (e.g. mail=10/1s; limit at least 1)"),
+                ));
+            };
+            quotas.insert(queue.to_owned(), keel_kernel::limit::Quota::per_window(limit, window));
+        }
+        Ok(quotas)
+    }
+
+    /// `KEEL_JOBS_SHUTDOWN_GRACE` read.
+    pub fn jobs_shutdown_grace(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_duration(&self.jobs_shutdown_grace).ok_or_else(|| {
+            invalid(
+                "KEEL_JOBS_SHUTDOWN_GRACE",
+                format!("{:?} is not a duration (10s, 500ms, 1m)", self.jobs_shutdown_grace),
+            )
+        })
     }
 
     /// Defaults, then the file (`path`, or `./keel.toml` when it exists), then `KEEL_*`.
@@ -469,6 +549,8 @@ impl Config {
             return Err(invalid("KEEL_JOBS_CONCURRENCY", "must be at least 1"));
         }
         self.jobs_queue_concurrency()?;
+        self.jobs_rate_limits()?;
+        self.jobs_shutdown_grace()?;
         if self.jobs_lease_ms < 300 {
             return Err(invalid("KEEL_JOBS_LEASE_MS", "must be at least 300"));
         }
@@ -641,6 +723,49 @@ mod tests {
             let error = config.validate().expect_err(bad).to_string();
             assert!(error.contains("KEEL_JOBS_QUEUES"), "{error}");
         }
+    }
+
+    #[test]
+    fn job_rate_limits_and_shutdown_grace_read_back() {
+        let config = Config {
+            jobs_rate_limits: Some("mail=10/1s, reports=6/1m,".to_owned()),
+            jobs_shutdown_grace: "1500ms".to_owned(),
+            ..Config::default()
+        };
+        let quotas = config.jobs_rate_limits().expect("valid");
+        assert_eq!(
+            quotas.get("mail"),
+            Some(&keel_kernel::limit::Quota::per_window(
+                10,
+                std::time::Duration::from_secs(1)
+            ))
+        );
+        assert_eq!(
+            quotas.get("reports").map(|quota| quota.period),
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            config.jobs_shutdown_grace().ok(),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            Config::default().jobs_shutdown_grace().ok(),
+            Some(std::time::Duration::from_secs(10))
+        );
+        for bad in ["mail", "mail=0/1s", "mail=10", "mail=10/0s", "mail=10/1d", "=1/1s"] {
+            let config = Config {
+                jobs_rate_limits: Some(bad.to_owned()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_RATE_LIMITS"), "{error}");
+        }
+        let config = Config {
+            jobs_shutdown_grace: "soon".to_owned(),
+            ..Config::default()
+        };
+        let error = config.validate().expect_err("soon").to_string();
+        assert!(error.contains("KEEL_JOBS_SHUTDOWN_GRACE"), "{error}");
     }
 
     #[test]
