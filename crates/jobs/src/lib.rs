@@ -21,6 +21,8 @@
 //! - `commands.rs`: the enqueue port the bus writes jobs through;
 //! - `queries.rs`: reading a job (its owner or an admin);
 //! - `worker.rs`: queue loops, running a job, the rescuer;
+//! - `schedule.rs`: cron schedules, one enqueue per tick across processes;
+//! - `prune.rs`: deleting finished jobs past their retention;
 //! - `store.rs`: the job table, the only SQL of the module;
 //! - `grpc.rs`: the gRPC services (none yet: admin services are to come);
 //! - `module.rs`: the module as the composition root wires it;
@@ -33,7 +35,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_kernel::backoff::Backoff;
-use keel_kernel::{BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob, Result, clock};
+use keel_kernel::{
+    BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobSchedule, NewJob, Result, clock,
+};
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -43,7 +47,9 @@ pub mod commands;
 pub mod grpc;
 pub mod model;
 mod module;
+pub mod prune;
 pub mod queries;
+pub mod schedule;
 pub mod store;
 mod worker;
 
@@ -69,6 +75,16 @@ pub struct Settings {
     pub listen: bool,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Cron schedules declared in code (the composition root gathers the
+    /// modules' [`keel_kernel::Module::job_schedules`]).
+    pub schedules: Vec<JobSchedule>,
+    /// Cron schedules of configuration (`KEEL_JOBS_CRON`); one named like a
+    /// schedule of code replaces it.
+    pub cron: Vec<schedule::CronEntry>,
+    /// How long finished jobs are kept.
+    pub retention: prune::Retention,
+    /// How often finished jobs past their retention are deleted.
+    pub prune_every: Duration,
 }
 
 impl Default for Settings {
@@ -82,6 +98,10 @@ impl Default for Settings {
             rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
+            schedules: Vec::new(),
+            cron: Vec::new(),
+            retention: prune::Retention::default(),
+            prune_every: Duration::from_secs(60),
         }
     }
 }
@@ -100,6 +120,8 @@ struct Inner {
     wake: HashMap<&'static str, Arc<Notify>>,
     /// PostgreSQL's channel for this job table.
     channel: Option<String>,
+    /// The cron schedules this process runs.
+    schedules: Vec<schedule::Schedule>,
 }
 
 impl Jobs {
@@ -120,6 +142,7 @@ impl Jobs {
             .map(|kind| (kind.queue, Arc::new(Notify::new())))
             .collect();
         let channel = store::channel(&db).await?;
+        let schedules = schedule::resolve(&settings.schedules, &settings.cron, &by_name)?;
         Ok(Jobs {
             inner: Arc::new(Inner {
                 db,
@@ -127,6 +150,7 @@ impl Jobs {
                 kinds: by_name,
                 wake,
                 channel,
+                schedules,
             }),
         })
     }
@@ -141,6 +165,19 @@ impl Jobs {
 
     pub fn kind(&self, name: &str) -> Option<&JobKind> {
         self.inner.kinds.get(name)
+    }
+
+    /// The kinds of `queue` this process runs.
+    pub(crate) fn kinds_of(&self, queue: &str) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self
+            .inner
+            .kinds
+            .values()
+            .filter(|kind| kind.queue == queue)
+            .map(|kind| kind.name)
+            .collect();
+        kinds.sort_unstable();
+        kinds
     }
 
     /// What the command bus enqueues through.
@@ -165,6 +202,10 @@ impl Jobs {
         store::get(self.db(), id).await
     }
 
+    pub(crate) fn schedules(&self) -> &[schedule::Schedule] {
+        &self.inner.schedules
+    }
+
     pub(crate) fn channel(&self) -> Option<&str> {
         self.inner.channel.as_deref()
     }
@@ -176,7 +217,8 @@ impl Jobs {
         }
     }
 
-    /// The worker loops, the rescuer and the PostgreSQL listener.
+    /// The worker loops, the rescuer, the scheduler, the pruner and the
+    /// PostgreSQL listener.
     pub(crate) fn spawn_tasks(&self) -> Vec<keel_kernel::BackgroundTask> {
         let settings = self.settings();
         if !settings.workers {
@@ -197,6 +239,12 @@ impl Jobs {
             })
             .collect();
         tasks.push(tokio::spawn(worker::run_rescuer(self.clone(), settings.rescue_every)));
+        tasks.push(tokio::spawn(schedule::run_scheduler(self.clone())));
+        tasks.push(tokio::spawn(prune::run_pruner(
+            self.db().clone(),
+            settings.retention,
+            settings.prune_every,
+        )));
         if let Some(channel) = self.channel().filter(|_| settings.listen) {
             tasks.push(tokio::spawn(worker::listen(self.clone(), channel.to_owned())));
         }

@@ -25,6 +25,8 @@ pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wak
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut running = JoinSet::new();
     let settings = jobs.settings();
+    // Only the kinds this process can run: others' jobs stay for them.
+    let kinds = jobs.kinds_of(&queue);
     loop {
         while running.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -33,7 +35,7 @@ pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wak
         let free = 1 + slots.available_permits();
         let now = clock::now();
         let leased_until = now + chrono::Duration::from_std(settings.lease).unwrap_or(chrono::Duration::seconds(30));
-        match store::fetch(jobs.db(), &queue, free as u32, leased_until, now).await {
+        match store::fetch_of_kinds(jobs.db(), &queue, Some(&kinds), free as u32, leased_until, now).await {
             Ok(leased) if !leased.is_empty() => {
                 let full = leased.len() == free;
                 let mut first = Some(slot);
@@ -66,7 +68,7 @@ pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wak
             }
         }
         let mut sleep = settings.poll;
-        if let Ok(Some(next)) = store::next_due(jobs.db(), &queue).await {
+        if let Ok(Some(next)) = store::next_due_of_kinds(jobs.db(), &queue, &kinds).await {
             let until = (next - clock::now()).to_std().unwrap_or(Duration::ZERO);
             sleep = sleep.min(until.max(Duration::from_millis(1)));
         }

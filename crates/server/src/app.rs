@@ -132,6 +132,8 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),
         ),
+        cron: config.jobs_cron_entries()?,
+        retention: config.jobs_retention()?,
         ..keel_jobs::Settings::default()
     })
 }
@@ -173,9 +175,11 @@ impl State {
         let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
         // The jobs module runs the others' job kinds, so it follows them.
         let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
-        modules.push(Arc::new(
-            keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config)?).await?,
-        ));
+        let job_settings = keel_jobs::Settings {
+            schedules: modules.iter().flat_map(|module| module.job_schedules()).collect(),
+            ..job_settings(&config)?
+        };
+        modules.push(Arc::new(keel_jobs::Jobs::new(db.clone(), kinds, job_settings).await?));
 
         let mut handlers = keel_events::handlers::Registry::default();
         for handler in modules.iter().flat_map(|module| module.event_handlers()) {

@@ -167,6 +167,20 @@ pub struct Config {
     /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
     /// (at most an hour), with jitter.
     pub jobs_backoff_ms: u64,
+    /// `KEEL_JOBS_CRON`: cron schedules, `NAME|CRON|KIND[|ARGS_JSON]`
+    /// separated by `;` (see `keel_jobs::schedule::parse_cron_setting`),
+    /// e.g. `digest|0 7 * * MON-FRI|mail.digest|{"team":true}`. Times are
+    /// UTC; one named like a module's schedule replaces it.
+    pub jobs_cron: Option<String>,
+    /// `KEEL_JOBS_RETAIN_COMPLETED`: completed and cancelled jobs are
+    /// deleted this long after they finished (`24h`; `s`, `m`, `h`, `d`, or
+    /// a number of seconds).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_completed: String,
+    /// `KEEL_JOBS_RETAIN_FAILED`: failed jobs (the dead letters) are
+    /// deleted this long after they failed (`7d`).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_failed: String,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -293,6 +307,9 @@ impl Default for Config {
             jobs_lease_ms: 30_000,
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
+            jobs_cron: None,
+            jobs_retain_completed: "24h".to_owned(),
+            jobs_retain_failed: "7d".to_owned(),
         }
     }
 }
@@ -312,6 +329,43 @@ fn on_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, 
             "off" | "false" => Ok(false),
             _ => Err(serde::de::Error::custom("expected on, off, true or false")),
         },
+    }
+}
+
+/// Text, or a number an operator wrote bare (`KEEL_X=3600`), as text.
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Text(String),
+        Number(u64),
+    }
+    Ok(match TextOrNumber::deserialize(deserializer)? {
+        TextOrNumber::Text(text) => text,
+        TextOrNumber::Number(number) => number.to_string(),
+    })
+}
+
+/// A duration as an operator writes it: `90s`, `15m`, `24h`, `7d`, or a
+/// number of seconds; at least a second.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text.find(|char: char| !char.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_seconds = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => return Err(format!("{text:?} is not a duration (90s, 15m, 24h, 7d)")),
+    };
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (90s, 15m, 24h, 7d)"))?;
+    match number.checked_mul(unit_seconds) {
+        Some(seconds) if seconds > 0 => Ok(std::time::Duration::from_secs(seconds)),
+        Some(_) => Err(format!("{text:?} must be at least a second")),
+        None => Err(format!("{text:?} is too long")),
     }
 }
 
@@ -351,6 +405,22 @@ impl Config {
             queues.insert(queue.to_owned(), count);
         }
         Ok(queues)
+    }
+
+    /// `KEEL_JOBS_CRON` read (each kind is checked when the jobs module starts).
+    pub fn jobs_cron_entries(&self) -> Result<Vec<keel_jobs::schedule::CronEntry>, ConfigError> {
+        keel_jobs::schedule::parse_cron_setting(self.jobs_cron.as_deref().unwrap_or_default())
+            .map_err(|error| invalid("KEEL_JOBS_CRON", error))
+    }
+
+    /// `KEEL_JOBS_RETAIN_COMPLETED` and `KEEL_JOBS_RETAIN_FAILED` read.
+    pub fn jobs_retention(&self) -> Result<keel_jobs::prune::Retention, ConfigError> {
+        Ok(keel_jobs::prune::Retention {
+            completed: parse_duration(&self.jobs_retain_completed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_COMPLETED", error))?,
+            failed: parse_duration(&self.jobs_retain_failed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_FAILED", error))?,
+        })
     }
 
     /// Defaults, then the file (`path`, or `./keel.toml` when it exists), then `KEEL_*`.
@@ -460,6 +530,8 @@ impl Config {
         if self.jobs_poll_ms == 0 {
             return Err(invalid("KEEL_JOBS_POLL_MS", "must be at least 1"));
         }
+        self.jobs_cron_entries()?;
+        self.jobs_retention()?;
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
         }
@@ -617,6 +689,57 @@ mod tests {
             let error = config.validate().expect_err(bad).to_string();
             assert!(error.contains("KEEL_JOBS_QUEUES"), "{error}");
         }
+    }
+
+    #[test]
+    fn job_retention_reads_durations_and_names_the_setting() {
+        let retention = Config::default().jobs_retention().expect("defaults");
+        assert_eq!(retention.completed, std::time::Duration::from_secs(24 * 3600));
+        assert_eq!(retention.failed, std::time::Duration::from_secs(7 * 24 * 3600));
+        for (text, seconds) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("3d", 3 * 86400),
+            ("3600", 3600),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(std::time::Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "0", "0h", "h", "5w", "-1d", "1.5h"] {
+            let config = Config {
+                jobs_retain_failed: bad.to_owned(),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_RETAIN_FAILED"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn job_schedules_and_retention_come_from_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "KEEL_JOBS_CRON",
+                "tick|*/10 * * * * *|jobs.noop|{\"sleep_ms\":1};nightly|@daily|jobs.noop",
+            );
+            jail.set_env("KEEL_JOBS_RETAIN_COMPLETED", "3600");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            let entries = config.jobs_cron_entries().map_err(|error| error.to_string())?;
+            assert_eq!(entries.len(), 2);
+            assert_eq!(entries[0].cron, "*/10 * * * * *");
+            assert_eq!(entries[1].name, "nightly");
+            let retention = config.jobs_retention().map_err(|error| error.to_string())?;
+            assert_eq!(retention.completed, std::time::Duration::from_secs(3600));
+            jail.set_env("KEEL_JOBS_CRON", "tick|every second|jobs.noop");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_JOBS_CRON"), "{error}");
+            Ok(())
+        });
     }
 
     #[test]
