@@ -192,7 +192,9 @@ async fn fifty_concurrent_unique_enqueues_leave_one_job(backend: Backend) {
         let start = start.clone();
         tasks.spawn(async move {
             start.wait().await;
-            rig.place(count("order-1").unique(Unique::key("order-1"))).await.unwrap()
+            rig.place(count("order-1").unique(Unique::key("order-1")))
+                .await
+                .unwrap()
         });
     }
     let ids: Vec<Uuid> = tasks.join_all().await;
@@ -202,7 +204,10 @@ async fn fifty_concurrent_unique_enqueues_leave_one_job(backend: Backend) {
     let job = rig.jobs.get(ids[0]).await.unwrap().unwrap();
     assert_eq!(job.state, JobState::Available);
     // Another key, and the same key for another kind, are other jobs.
-    let other_key = rig.place(count("order-2").unique(Unique::key("order-2"))).await.unwrap();
+    let other_key = rig
+        .place(count("order-2").unique(Unique::key("order-2")))
+        .await
+        .unwrap();
     let other_kind = rig
         .place(
             NewJob::new(&Rare { key: "order-1".into() })
@@ -238,15 +243,35 @@ async fn a_unique_job_counts_in_its_states(backend: Backend) {
     let reported = store::insert_reporting(db, vec![count("a").unique(Unique::key("a"))], clock::now(), None)
         .await
         .unwrap();
-    assert_eq!(reported[0], store::Enqueued { id: ids[0], duplicate: true });
+    assert_eq!(
+        reported[0],
+        store::Enqueued {
+            id: ids[0],
+            duplicate: true
+        }
+    );
 
     // Running still counts.
     let leased = store::fetch(db, "default", 1, later(), clock::now()).await.unwrap();
     assert_eq!(leased[0].id, ids[0]);
-    assert_eq!(rig.jobs.enqueue(vec![count("a").unique(Unique::key("a"))]).await.unwrap(), [ids[0]]);
+    assert_eq!(
+        rig.jobs
+            .enqueue(vec![count("a").unique(Unique::key("a"))])
+            .await
+            .unwrap(),
+        [ids[0]]
+    );
     // Completed does not, by default.
-    assert!(store::complete(db, &leased[0].lease().unwrap(), clock::now()).await.unwrap());
-    let next = rig.jobs.enqueue(vec![count("a").unique(Unique::key("a"))]).await.unwrap()[0];
+    assert!(
+        store::complete(db, &leased[0].lease().unwrap(), clock::now())
+            .await
+            .unwrap()
+    );
+    let next = rig
+        .jobs
+        .enqueue(vec![count("a").unique(Unique::key("a"))])
+        .await
+        .unwrap()[0];
     assert_ne!(next, ids[0]);
 
     // Counting completed jobs: once ever (until pruned).
@@ -274,7 +299,10 @@ async fn a_unique_period_lets_a_second_job_in_after_the_period(backend: Backend)
     assert_eq!(store::insert(db, vec![hourly()], at(59), None).await.unwrap(), [first]);
     let second = store::insert(db, vec![hourly()], at(60), None).await.unwrap()[0];
     assert_ne!(second, first);
-    assert_eq!(store::insert(db, vec![hourly()], at(119), None).await.unwrap(), [second]);
+    assert_eq!(
+        store::insert(db, vec![hourly()], at(119), None).await.unwrap(),
+        [second]
+    );
     let third = store::insert(db, vec![hourly()], at(125), None).await.unwrap()[0];
     assert_ne!(third, second);
     assert_eq!(store::count_in_state(db, JobState::Available).await.unwrap(), 3);
@@ -292,12 +320,8 @@ async fn a_schedule_in_two_processes_fires_once_per_tick(backend: Backend) {
         ..settings()
     };
     let first = rig(backend, every_second()).await;
-    let (_second, _second_tasks) = another_process(
-        &first,
-        vec![JobKind::new::<Count>(first.runs.clone())],
-        every_second(),
-    )
-    .await;
+    let (_second, _second_tasks) =
+        another_process(&first, vec![JobKind::new::<Count>(first.runs.clone())], every_second()).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let ticks = loop {
         let ticks = first.jobs_of(Count::KIND).await;
@@ -411,16 +435,24 @@ async fn pruning_deletes_exactly_the_old_finished_jobs(backend: Backend) {
         finished_job(&rig, "recent-failed", JobState::Failed, ago(6 * 24)).await,
     ];
     // Unfinished jobs created long ago: running, and waiting.
-    let running = store::insert(rig.db(), vec![count("running")], ago(30 * 24), None).await.unwrap()[0];
+    let running = store::insert(rig.db(), vec![count("running")], ago(30 * 24), None)
+        .await
+        .unwrap()[0];
     let leased = store::fetch(rig.db(), "default", 1, now + chrono::Duration::hours(1), ago(30 * 24))
         .await
         .unwrap();
     assert_eq!(leased[0].id, running);
     kept.push(running);
-    kept.extend(store::insert(rig.db(), vec![count("waiting")], ago(30 * 24), None).await.unwrap());
+    kept.extend(
+        store::insert(rig.db(), vec![count("waiting")], ago(30 * 24), None)
+            .await
+            .unwrap(),
+    );
     let total = store::count(rig.db()).await.unwrap();
 
-    let pruned = keel_jobs::prune::prune(rig.db(), now, Retention::default(), 2).await.unwrap();
+    let pruned = keel_jobs::prune::prune(rig.db(), now, Retention::default(), 2)
+        .await
+        .unwrap();
     assert_eq!(
         pruned,
         Pruned {
@@ -436,7 +468,9 @@ async fn pruning_deletes_exactly_the_old_finished_jobs(backend: Backend) {
         assert!(rig.jobs.get(*id).await.unwrap().is_some(), "{id} was deleted");
     }
     assert_eq!(store::count(rig.db()).await.unwrap(), total - 6);
-    let again = keel_jobs::prune::prune(rig.db(), now, Retention::default(), 2).await.unwrap();
+    let again = keel_jobs::prune::prune(rig.db(), now, Retention::default(), 2)
+        .await
+        .unwrap();
     assert_eq!(again.total(), 0);
 }
 
@@ -548,12 +582,19 @@ async fn bad_schedules_are_refused_at_start(backend: Backend) {
         }
     };
     let unknown = NewJob::new(&Rare { key: "x".into() }).unwrap();
-    let error = start(vec![JobSchedule::new("rare", "@hourly", unknown)], "").await.unwrap();
+    let error = start(vec![JobSchedule::new("rare", "@hourly", unknown)], "")
+        .await
+        .unwrap();
     assert!(error.contains("rare") && error.contains("not registered"), "{error}");
-    let error = start(vec![JobSchedule::new("count", "every hour", count("x"))], "").await.unwrap();
+    let error = start(vec![JobSchedule::new("count", "every hour", count("x"))], "")
+        .await
+        .unwrap();
     assert!(error.contains("count") && error.contains("cron"), "{error}");
     let error = start(Vec::new(), "nightly|@daily|test.nobody").await.unwrap();
-    assert!(error.contains("KEEL_JOBS_CRON") && error.contains("test.nobody"), "{error}");
+    assert!(
+        error.contains("KEEL_JOBS_CRON") && error.contains("test.nobody"),
+        "{error}"
+    );
     // Configuration may replace a schedule of code by its name.
     assert_eq!(
         start(

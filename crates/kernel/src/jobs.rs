@@ -57,6 +57,10 @@ pub struct NewJob {
 /// itself (fetch, retry, rescue), and a second job of the key in one of them
 /// would make that move collide. Finished states count when asked
 /// (`counting_completed`: "once ever", within the pruning's retention).
+///
+/// The key is global to the kind, not per user: put the user in it when
+/// uniqueness is per user (otherwise one user's enqueue returns the id of
+/// another's job, which they cannot see).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unique {
     pub key: String,
