@@ -278,50 +278,54 @@ async fn insert_unique(
     rows: Vec<(Uuid, NewJob, String, String)>,
     now: DateTime<Utc>,
 ) -> Result<std::collections::HashMap<String, Uuid>> {
+    /// Rows per statement: 15 parameters each stays far below both
+    /// backends' limits (PostgreSQL 65535, SQLite 32766).
+    const CHUNK: usize = 1000;
     let mut holders = std::collections::HashMap::with_capacity(rows.len());
-    if rows.is_empty() {
-        return Ok(holders);
-    }
     let backend = tx.get_database_backend();
-    let mut values: Vec<sea_orm::Value> = Vec::with_capacity(rows.len() * 15);
-    let mut tuples = Vec::with_capacity(rows.len());
-    for (id, job, key, states) in rows {
-        let first = values.len();
-        values.extend([
-            id.into(),
-            job.queue.into(),
-            job.kind.into(),
-            job.args.to_string().into(),
-            JobState::Available.as_str().into(),
-            job.priority.into(),
-            job.run_at.unwrap_or(now).into(),
-            0_i32.into(),
-            i32::try_from(job.max_attempts).unwrap_or(i32::MAX).into(),
-            "[]".into(),
-            job.user_id.into(),
-            now.into(),
-            now.into(),
-            key.into(),
-            states.into(),
-        ]);
-        let placeholders: Vec<String> = (first + 1..=values.len()).map(|index| format!("${index}")).collect();
-        tuples.push(format!("({})", placeholders.join(", ")));
-    }
-    let sql = format!(
-        "INSERT INTO jobs (id, queue, kind, args, state, priority, run_at, attempt, max_attempts, errors, user_id, \
-         created_at, updated_at, unique_key, unique_states) VALUES {} \
-         ON CONFLICT (unique_key) WHERE {} DO UPDATE SET kind = excluded.kind \
-         RETURNING id, unique_key",
-        tuples.join(", "),
-        unique_predicate(backend)
-    );
-    for row in tx
-        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
-        .await?
-    {
-        let id: Uuid = row.try_get("", "id")?;
-        let key: String = row.try_get("", "unique_key")?;
-        holders.insert(key, id);
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        let chunk: Vec<_> = rows.by_ref().take(CHUNK).collect();
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 15);
+        let mut tuples = Vec::with_capacity(chunk.len());
+        for (id, job, key, states) in chunk {
+            let first = values.len();
+            values.extend([
+                id.into(),
+                job.queue.into(),
+                job.kind.into(),
+                job.args.to_string().into(),
+                JobState::Available.as_str().into(),
+                job.priority.into(),
+                job.run_at.unwrap_or(now).into(),
+                0_i32.into(),
+                i32::try_from(job.max_attempts).unwrap_or(i32::MAX).into(),
+                "[]".into(),
+                job.user_id.into(),
+                now.into(),
+                now.into(),
+                key.into(),
+                states.into(),
+            ]);
+            let placeholders: Vec<String> = (first + 1..=values.len()).map(|index| format!("${index}")).collect();
+            tuples.push(format!("({})", placeholders.join(", ")));
+        }
+        let sql = format!(
+            "INSERT INTO jobs (id, queue, kind, args, state, priority, run_at, attempt, max_attempts, errors, user_id, \
+             created_at, updated_at, unique_key, unique_states) VALUES {} \
+             ON CONFLICT (unique_key) WHERE {} DO UPDATE SET kind = excluded.kind \
+             RETURNING id, unique_key",
+            tuples.join(", "),
+            unique_predicate(backend)
+        );
+        for row in tx
+            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?
+        {
+            let id: Uuid = row.try_get("", "id")?;
+            let key: String = row.try_get("", "unique_key")?;
+            holders.insert(key, id);
+        }
     }
     Ok(holders)
 }

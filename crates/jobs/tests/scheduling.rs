@@ -286,6 +286,23 @@ async fn a_unique_job_counts_in_its_states(backend: Backend) {
     assert_eq!(rig.jobs.get(first).await.unwrap().unwrap().state, JobState::Completed);
 }
 
+/// A batch of more unique jobs than one statement takes: each key is
+/// written once and both its enqueues get its id.
+async fn a_large_batch_of_unique_jobs_keeps_each_key_once(backend: Backend) {
+    let rig = rig(backend, idle()).await;
+    let keys: Vec<String> = (0..1250).map(|index| format!("bulk-{index}")).collect();
+    let jobs = keys
+        .iter()
+        .chain(keys.iter())
+        .map(|key| count(key).unique(Unique::key(key.clone())))
+        .collect();
+    let ids = rig.jobs.enqueue(jobs).await.unwrap();
+    assert_eq!(ids.len(), 2500);
+    assert_eq!(ids[..1250], ids[1250..]);
+    assert_eq!(ids[..1250].iter().collect::<std::collections::HashSet<_>>().len(), 1250);
+    assert_eq!(store::count(rig.db()).await.unwrap(), 1250);
+}
+
 /// With a period, the key holds within one period (aligned to the epoch):
 /// the next period admits a second job though the first still waits.
 async fn a_unique_period_lets_a_second_job_in_after_the_period(backend: Backend) {
@@ -631,6 +648,7 @@ macro_rules! on_every_backend {
 on_every_backend!(
     fifty_concurrent_unique_enqueues_leave_one_job,
     a_unique_job_counts_in_its_states,
+    a_large_batch_of_unique_jobs_keeps_each_key_once,
     a_unique_period_lets_a_second_job_in_after_the_period,
     a_schedule_in_two_processes_fires_once_per_tick,
     a_process_that_was_down_catches_up_one_tick,
