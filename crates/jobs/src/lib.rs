@@ -25,6 +25,8 @@
 //! - `commands.rs`: the enqueue port the bus writes jobs through;
 //! - `queries.rs`: reading a job (its owner or an admin);
 //! - `worker.rs`: queue loops, running a job, the rescuer;
+//! - `schedule.rs`: cron schedules, one enqueue per tick across processes;
+//! - `prune.rs`: deleting finished jobs past their retention;
 //! - `store.rs`: the job table, the only SQL of the module;
 //! - `grpc.rs`: the gRPC services (none yet: admin services are to come);
 //! - `module.rs`: the module as the composition root wires it;
@@ -38,7 +40,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_kernel::backoff::Backoff;
 use keel_kernel::limit::{InProcessRateLimiter, Quota, RateLimiter};
-use keel_kernel::{BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob, Result, clock};
+use keel_kernel::{
+    BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobSchedule, NewJob, Result, clock,
+};
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -48,7 +52,9 @@ pub mod commands;
 pub mod grpc;
 pub mod model;
 mod module;
+pub mod prune;
 pub mod queries;
+pub mod schedule;
 pub mod store;
 mod worker;
 
@@ -80,6 +86,16 @@ pub struct Settings {
     /// At a graceful shutdown, how long running jobs may take to finish
     /// before the rest are handed back.
     pub shutdown_grace: Duration,
+    /// Cron schedules declared in code (the composition root gathers the
+    /// modules' [`keel_kernel::Module::job_schedules`]).
+    pub schedules: Vec<JobSchedule>,
+    /// Cron schedules of configuration (`KEEL_JOBS_CRON`); one named like a
+    /// schedule of code replaces it.
+    pub cron: Vec<schedule::CronEntry>,
+    /// How long finished jobs are kept.
+    pub retention: prune::Retention,
+    /// How often finished jobs past their retention are deleted.
+    pub prune_every: Duration,
 }
 
 /// Per-queue limits on how fast jobs start, and the limiter that counts
@@ -128,6 +144,10 @@ impl Default for Settings {
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
             rate_limits: RateLimits::default(),
             shutdown_grace: Duration::from_secs(10),
+            schedules: Vec::new(),
+            cron: Vec::new(),
+            retention: prune::Retention::default(),
+            prune_every: Duration::from_secs(60),
         }
     }
 }
@@ -150,6 +170,8 @@ struct Inner {
     phase: watch::Sender<Phase>,
     /// Queue loops still running (each holds a [`worker::LoopGuard`]).
     loops: watch::Sender<usize>,
+    /// The cron schedules this process runs.
+    schedules: Vec<schedule::Schedule>,
 }
 
 /// The workers' phase. Shutting down goes Running → Draining (no more
@@ -180,6 +202,7 @@ impl Jobs {
             .map(|kind| (kind.queue, Arc::new(Notify::new())))
             .collect();
         let channel = store::channel(&db).await?;
+        let schedules = schedule::resolve(&settings.schedules, &settings.cron, &by_name)?;
         Ok(Jobs {
             inner: Arc::new(Inner {
                 db,
@@ -189,6 +212,7 @@ impl Jobs {
                 channel,
                 phase: watch::Sender::new(Phase::Running),
                 loops: watch::Sender::new(0),
+                schedules,
             }),
         })
     }
@@ -203,6 +227,19 @@ impl Jobs {
 
     pub fn kind(&self, name: &str) -> Option<&JobKind> {
         self.inner.kinds.get(name)
+    }
+
+    /// The kinds of `queue` this process runs.
+    pub(crate) fn kinds_of(&self, queue: &str) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self
+            .inner
+            .kinds
+            .values()
+            .filter(|kind| kind.queue == queue)
+            .map(|kind| kind.name)
+            .collect();
+        kinds.sort_unstable();
+        kinds
     }
 
     /// What the command bus enqueues through.
@@ -225,6 +262,10 @@ impl Jobs {
 
     pub async fn get(&self, id: Uuid) -> Result<Option<JobRecord>> {
         store::get(self.db(), id).await
+    }
+
+    pub(crate) fn schedules(&self) -> &[schedule::Schedule] {
+        &self.inner.schedules
     }
 
     pub(crate) fn channel(&self) -> Option<&str> {
@@ -287,7 +328,8 @@ impl Jobs {
         );
     }
 
-    /// The worker loops, the rescuer and the PostgreSQL listener.
+    /// The worker loops, the rescuer, the scheduler, the pruner and the
+    /// PostgreSQL listener.
     pub(crate) fn spawn_tasks(&self) -> Vec<keel_kernel::BackgroundTask> {
         let settings = self.settings();
         if !settings.workers {
@@ -306,6 +348,12 @@ impl Jobs {
             })
             .collect();
         tasks.push(tokio::spawn(worker::run_rescuer(self.clone(), settings.rescue_every)));
+        tasks.push(tokio::spawn(schedule::run_scheduler(self.clone())));
+        tasks.push(tokio::spawn(prune::run_pruner(
+            self.db().clone(),
+            settings.retention,
+            settings.prune_every,
+        )));
         if let Some(channel) = self.channel().filter(|_| settings.listen) {
             tasks.push(tokio::spawn(worker::listen(self.clone(), channel.to_owned())));
         }

@@ -52,6 +52,8 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
     let settings = jobs.settings();
     let quota = settings.rate_limits.quotas.get(&queue).copied();
     let limiter_key = crate::RateLimits::key(&queue);
+    // Only the kinds this process can run: others' jobs stay for them.
+    let kinds = jobs.kinds_of(&queue);
     loop {
         while running.try_join_next().is_some() {}
         let slot = tokio::select! {
@@ -74,7 +76,7 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
         let mut want = free;
         let mut refused_for = None;
         if let Some(quota) = quota {
-            let due = match store::due(jobs.db(), &queue, now, free as u32).await {
+            let due = match store::due(jobs.db(), &queue, &kinds, now, free as u32).await {
                 Ok(due) => due as usize,
                 Err(error) => {
                     tracing::warn!(error = %error, queue = %queue, "counting due jobs failed");
@@ -96,7 +98,7 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
         let fetched = if want == 0 {
             Ok(Vec::new())
         } else {
-            store::fetch(jobs.db(), &queue, want as u32, leased_until, now).await
+            store::fetch_of_kinds(jobs.db(), &queue, Some(&kinds), want as u32, leased_until, now).await
         };
         match fetched {
             Ok(leased) if !leased.is_empty() => {
@@ -140,7 +142,7 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
             continue;
         }
         let mut sleep = settings.poll;
-        if let Ok(Some(next)) = store::next_due(jobs.db(), &queue).await {
+        if let Ok(Some(next)) = store::next_due_of_kinds(jobs.db(), &queue, &kinds).await {
             let until = (next - clock::now()).to_std().unwrap_or(Duration::ZERO);
             sleep = sleep.min(until.max(Duration::from_millis(1)));
         }

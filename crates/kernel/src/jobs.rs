@@ -55,6 +55,102 @@ pub struct NewJob {
     /// This job's run timeout; `None`: its kind's [`Job::TIMEOUT`] (read
     /// when it runs, so a new release's value applies to waiting jobs).
     pub timeout: Option<Duration>,
+    /// At most one such job at a time (see [`Unique`]); `None`: any number.
+    pub unique: Option<Unique>,
+}
+
+/// What makes a job unique: its kind and `key`, within a `period` when one
+/// is set. An enqueue while a job of the same kind and key is in one of the
+/// counted states writes nothing and returns that job's id. The database
+/// enforces it (a unique index), so concurrent enqueues, in any number of
+/// processes, leave one job.
+///
+/// `available` and `running` always count: a job moves between them by
+/// itself (fetch, retry, rescue), and a second job of the key in one of them
+/// would make that move collide. Finished states count when asked
+/// (`counting_completed`: "once ever", within the pruning's retention).
+///
+/// The key is global to the kind, not per user: put the user in it when
+/// uniqueness is per user (otherwise one user's enqueue returns the id of
+/// another's job, which they cannot see).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unique {
+    pub key: String,
+    /// Uniqueness holds within one period, aligned to the Unix epoch (an
+    /// hour is a clock hour, UTC): the next period admits a new job even
+    /// while the previous one waits. `None`: for as long as the job counts.
+    pub period: Option<std::time::Duration>,
+    pub completed: bool,
+    pub failed: bool,
+    pub cancelled: bool,
+}
+
+impl Unique {
+    /// Unique by `key` (with the kind) while a job is available or running.
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            period: None,
+            completed: false,
+            failed: false,
+            cancelled: false,
+        }
+    }
+
+    pub fn period(mut self, period: std::time::Duration) -> Self {
+        self.period = Some(period);
+        self
+    }
+
+    /// A completed job of the key counts too.
+    pub fn counting_completed(mut self) -> Self {
+        self.completed = true;
+        self
+    }
+
+    /// A failed job of the key counts too.
+    pub fn counting_failed(mut self) -> Self {
+        self.failed = true;
+        self
+    }
+
+    /// A cancelled job of the key counts too.
+    pub fn counting_cancelled(mut self) -> Self {
+        self.cancelled = true;
+        self
+    }
+
+    /// Every state counts: one job of the key (and period), ever, until
+    /// it is pruned.
+    pub fn counting_finished(self) -> Self {
+        self.counting_completed().counting_failed().counting_cancelled()
+    }
+}
+
+/// A job enqueued on a cron schedule, declared in code
+/// ([`crate::Module::job_schedules`]) or in configuration. Every keel
+/// process with workers runs the schedules; each tick enqueues `job` once
+/// across all of them (its `run_at` is the tick, its uniqueness the
+/// schedule's name and the tick).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSchedule {
+    /// Stable (it identifies the ticks already enqueued): letters, digits,
+    /// `.`, `-`, `_`.
+    pub name: String,
+    /// A cron expression in UTC: five fields (minutes), six (seconds first)
+    /// or an alias such as `@hourly`.
+    pub cron: String,
+    pub job: NewJob,
+}
+
+impl JobSchedule {
+    pub fn new(name: impl Into<String>, cron: impl Into<String>, job: NewJob) -> Self {
+        Self {
+            name: name.into(),
+            cron: cron.into(),
+            job,
+        }
+    }
 }
 
 impl NewJob {
@@ -68,7 +164,15 @@ impl NewJob {
             max_attempts: J::MAX_ATTEMPTS.max(1),
             user_id: None,
             timeout: None,
+            unique: None,
         })
+    }
+
+    /// At most one job of this kind and key (see [`Unique`]); an enqueue
+    /// that finds one returns its id.
+    pub fn unique(mut self, unique: Unique) -> Self {
+        self.unique = Some(unique);
+        self
     }
 
     pub fn priority(mut self, priority: i16) -> Self {

@@ -160,6 +160,8 @@ fn job_settings(
             limiter,
         },
         shutdown_grace: config.jobs_shutdown_grace()?,
+        cron: config.jobs_cron_entries()?,
+        retention: config.jobs_retention()?,
         ..keel_jobs::Settings::default()
     })
 }
@@ -214,7 +216,11 @@ impl State {
         let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
         // The jobs module runs the others' job kinds, so it follows them.
         let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
-        let jobs = keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config, limiter.clone())?).await?;
+        let job_settings = keel_jobs::Settings {
+            schedules: modules.iter().flat_map(|module| module.job_schedules()).collect(),
+            ..job_settings(&config, limiter.clone())?
+        };
+        let jobs = keel_jobs::Jobs::new(db.clone(), kinds, job_settings).await?;
         modules.push(Arc::new(jobs.clone()));
 
         let mut handlers = keel_events::handlers::Registry::default();

@@ -189,6 +189,20 @@ pub struct Config {
     /// the ones still running then are handed back at once.
     #[serde(deserialize_with = "text_or_number")]
     pub jobs_shutdown_grace: String,
+    /// `KEEL_JOBS_CRON`: cron schedules, `NAME|CRON|KIND[|ARGS_JSON]`
+    /// separated by `;` (see `keel_jobs::schedule::parse_cron_setting`),
+    /// e.g. `digest|0 7 * * MON-FRI|mail.digest|{"team":true}`. Times are
+    /// UTC; one named like a module's schedule replaces it.
+    pub jobs_cron: Option<String>,
+    /// `KEEL_JOBS_RETAIN_COMPLETED`: completed and cancelled jobs are
+    /// deleted this long after they finished (`24h`; `s`, `m`, `h`, `d`, or
+    /// a number of seconds).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_completed: String,
+    /// `KEEL_JOBS_RETAIN_FAILED`: failed jobs (the dead letters) are
+    /// deleted this long after they failed (`7d`).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_failed: String,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -321,6 +335,9 @@ impl Default for Config {
             jobs_backoff_ms: 1_000,
             jobs_rate_limits: None,
             jobs_shutdown_grace: "10s".to_owned(),
+            jobs_cron: None,
+            jobs_retain_completed: "24h".to_owned(),
+            jobs_retain_failed: "7d".to_owned(),
         }
     }
 }
@@ -357,20 +374,27 @@ fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<S
     })
 }
 
-/// `500ms`, `10s`, `1m`, `1h`, or a bare number of seconds.
-fn parse_duration(text: &str) -> Option<std::time::Duration> {
+/// A duration as an operator writes it: `500ms`, `90s`, `15m`, `24h`,
+/// `7d`, or a bare number of seconds; longer than zero.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
+    let refused = || format!("{text:?} is not a duration (500ms, 90s, 15m, 24h, 7d)");
     let split = text.find(|char: char| !char.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let unit_ms = match unit.trim() {
+    let unit_ms: u64 = match unit.trim() {
         "ms" => 1,
         "" | "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
-        _ => return None,
+        "d" => 86_400_000,
+        _ => return Err(refused()),
     };
-    Some(std::time::Duration::from_millis(number.checked_mul(unit_ms)?))
+    let number: u64 = number.parse().map_err(|_| refused())?;
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err(format!("{text:?} must be longer than zero")),
+        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
+        None => Err(format!("{text:?} is too long")),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -424,7 +448,7 @@ impl Config {
                 .split_once('=')
                 .and_then(|(queue, rate)| {
                     let (limit, window) = rate.split_once('/')?;
-                    Some((queue.trim(), limit.trim().parse::<u32>().ok()?, parse_duration(window)?))
+                    Some((queue.trim(), limit.trim().parse::<u32>().ok()?, parse_duration(window).ok()?))
                 })
                 .filter(|(queue, limit, window)| !queue.is_empty() && *limit > 0 && !window.is_zero());
             let Some((queue, limit, window)) = parsed else {
@@ -440,11 +464,22 @@ impl Config {
 
     /// `KEEL_JOBS_SHUTDOWN_GRACE` read.
     pub fn jobs_shutdown_grace(&self) -> Result<std::time::Duration, ConfigError> {
-        parse_duration(&self.jobs_shutdown_grace).ok_or_else(|| {
-            invalid(
-                "KEEL_JOBS_SHUTDOWN_GRACE",
-                format!("{:?} is not a duration (10s, 500ms, 1m)", self.jobs_shutdown_grace),
-            )
+        parse_duration(&self.jobs_shutdown_grace).map_err(|error| invalid("KEEL_JOBS_SHUTDOWN_GRACE", error))
+    }
+
+    /// `KEEL_JOBS_CRON` read (each kind is checked when the jobs module starts).
+    pub fn jobs_cron_entries(&self) -> Result<Vec<keel_jobs::schedule::CronEntry>, ConfigError> {
+        keel_jobs::schedule::parse_cron_setting(self.jobs_cron.as_deref().unwrap_or_default())
+            .map_err(|error| invalid("KEEL_JOBS_CRON", error))
+    }
+
+    /// `KEEL_JOBS_RETAIN_COMPLETED` and `KEEL_JOBS_RETAIN_FAILED` read.
+    pub fn jobs_retention(&self) -> Result<keel_jobs::prune::Retention, ConfigError> {
+        Ok(keel_jobs::prune::Retention {
+            completed: parse_duration(&self.jobs_retain_completed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_COMPLETED", error))?,
+            failed: parse_duration(&self.jobs_retain_failed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_FAILED", error))?,
         })
     }
 
@@ -557,6 +592,8 @@ impl Config {
         if self.jobs_poll_ms == 0 {
             return Err(invalid("KEEL_JOBS_POLL_MS", "must be at least 1"));
         }
+        self.jobs_cron_entries()?;
+        self.jobs_retention()?;
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
         }
@@ -752,7 +789,7 @@ mod tests {
             Config::default().jobs_shutdown_grace().ok(),
             Some(std::time::Duration::from_secs(10))
         );
-        for bad in ["mail", "mail=0/1s", "mail=10", "mail=10/0s", "mail=10/1d", "=1/1s"] {
+        for bad in ["mail", "mail=0/1s", "mail=10", "mail=10/0s", "=1/1s"] {
             let config = Config {
                 jobs_rate_limits: Some(bad.to_owned()),
                 ..Config::default()
@@ -766,6 +803,57 @@ mod tests {
         };
         let error = config.validate().expect_err("soon").to_string();
         assert!(error.contains("KEEL_JOBS_SHUTDOWN_GRACE"), "{error}");
+    }
+
+    #[test]
+    fn job_retention_reads_durations_and_names_the_setting() {
+        let retention = Config::default().jobs_retention().expect("defaults");
+        assert_eq!(retention.completed, std::time::Duration::from_secs(24 * 3600));
+        assert_eq!(retention.failed, std::time::Duration::from_secs(7 * 24 * 3600));
+        for (text, seconds) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("3d", 3 * 86400),
+            ("3600", 3600),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(std::time::Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "0", "0h", "h", "5w", "-1d", "1.5h"] {
+            let config = Config {
+                jobs_retain_failed: bad.to_owned(),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_RETAIN_FAILED"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn job_schedules_and_retention_come_from_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "KEEL_JOBS_CRON",
+                "tick|*/10 * * * * *|jobs.noop|{\"sleep_ms\":1};nightly|@daily|jobs.noop",
+            );
+            jail.set_env("KEEL_JOBS_RETAIN_COMPLETED", "3600");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            let entries = config.jobs_cron_entries().map_err(|error| error.to_string())?;
+            assert_eq!(entries.len(), 2);
+            assert_eq!(entries[0].cron, "*/10 * * * * *");
+            assert_eq!(entries[1].name, "nightly");
+            let retention = config.jobs_retention().map_err(|error| error.to_string())?;
+            assert_eq!(retention.completed, std::time::Duration::from_secs(3600));
+            jail.set_env("KEEL_JOBS_CRON", "tick|every second|jobs.noop");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_JOBS_CRON"), "{error}");
+            Ok(())
+        });
     }
 
     #[test]

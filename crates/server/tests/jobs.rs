@@ -308,3 +308,71 @@ async fn sqlite_a_job_of_a_killed_keel_runs_again_after_its_lease() {
 async fn postgres_a_job_of_a_killed_keel_runs_again_after_its_lease() {
     a_job_of_a_killed_keel_runs_again_after_its_lease(Backend::Postgres).await;
 }
+
+/// `(run_at, state, attempt)` of every `jobs.noop` job.
+async fn noop_jobs(jobs: &Jobs) -> Vec<(chrono::DateTime<chrono::Utc>, String, i32)> {
+    use sea_orm::{ConnectionTrait, Statement};
+
+    let db = jobs.db();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT run_at, state, attempt FROM jobs WHERE kind = 'jobs.noop' ORDER BY run_at",
+        ))
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|row| {
+            (
+                row.try_get("", "run_at").unwrap(),
+                row.try_get("", "state").unwrap(),
+                row.try_get("", "attempt").unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Two keels with the same `KEEL_JOBS_CRON` schedule, ticking every second:
+/// each tick is enqueued once, and each of its jobs runs once.
+async fn two_keels_enqueue_each_tick_of_a_schedule_once(backend: Backend) {
+    let shared = shared(backend).await;
+    let mut env = shared.env.clone();
+    env.push(("KEEL_JOBS_CRON", "tick|* * * * * *|jobs.noop".to_owned()));
+    let _first = start(&env);
+    let _second = start(&env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ticks = loop {
+        let ticks = noop_jobs(&shared.jobs).await;
+        if ticks.len() >= 4 {
+            break ticks;
+        }
+        assert!(Instant::now() < deadline, "the schedule fired {} times", ticks.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut runs_at: Vec<_> = ticks.iter().map(|(run_at, _, _)| *run_at).collect();
+    runs_at.dedup();
+    assert_eq!(runs_at.len(), ticks.len(), "a tick was enqueued twice: {ticks:#?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = noop_jobs(&shared.jobs).await;
+        let first_ticks = &done[..ticks.len()];
+        if first_ticks.iter().all(|(_, state, _)| state == "completed") {
+            // Run once each: one attempt, no lost lease.
+            assert!(first_ticks.iter().all(|(_, _, attempt)| *attempt == 1), "{done:#?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not every tick's job ran: {done:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_keels_enqueue_each_tick_of_a_schedule_once() {
+    two_keels_enqueue_each_tick_of_a_schedule_once(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn postgres_two_keels_enqueue_each_tick_of_a_schedule_once() {
+    two_keels_enqueue_each_tick_of_a_schedule_once(Backend::Postgres).await;
+}
