@@ -14,6 +14,7 @@ mod m20261203_000007_identity_api_keys;
 mod m20261203_000008_events;
 mod m20261203_000009_events;
 mod m20261203_000010_jobs;
+mod m20261203_000011_jobs_api;
 
 pub struct Migrator;
 
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000008_events::Migration),
             Box::new(m20261203_000009_events::Migration),
             Box::new(m20261203_000010_jobs::Migration),
+            Box::new(m20261203_000011_jobs_api::Migration),
         ]
     }
 }

@@ -56,6 +56,6 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
-pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob};
+pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobReporter, JobSignals, NewJob};
 pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;

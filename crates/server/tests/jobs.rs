@@ -121,7 +121,7 @@ async fn until(jobs: &Jobs, id: Uuid, what: &str, done: impl Fn(&JobRecord) -> b
 async fn a_job_of_a_killed_keel_runs_again_after_its_lease(backend: Backend) {
     let shared = shared(backend).await;
     // Long enough to be killed in the middle of it, short enough to finish next time.
-    let job = NewJob::new(&Noop { sleep_ms: 3000 }).unwrap();
+    let job = NewJob::new(&Noop { sleep_ms: 3000, ..Noop::default() }).unwrap();
     let [id] = shared.jobs.enqueue(vec![job]).await.unwrap()[..] else {
         panic!("one id")
     };
