@@ -132,6 +132,7 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),
         ),
+        cancel_grace: Duration::from_millis(config.jobs_cancel_grace_ms),
         ..keel_jobs::Settings::default()
     })
 }

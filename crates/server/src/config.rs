@@ -167,6 +167,9 @@ pub struct Config {
     /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
     /// (at most an hour), with jitter.
     pub jobs_backoff_ms: u64,
+    /// `KEEL_JOBS_CANCEL_GRACE_MS`: how long a cancelled job's handler may
+    /// take to stop before it is dropped.
+    pub jobs_cancel_grace_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -293,6 +296,7 @@ impl Default for Config {
             jobs_lease_ms: 30_000,
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
+            jobs_cancel_grace_ms: 5_000,
         }
     }
 }
