@@ -58,7 +58,7 @@ pub mod schedule;
 pub mod store;
 mod worker;
 
-pub use model::{AttemptError, JobRecord, JobState, Lease};
+pub use model::{AttemptError, JobRecord, JobState, Lease, Progress, QueueStats};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -96,6 +96,12 @@ pub struct Settings {
     pub retention: prune::Retention,
     /// How often finished jobs past their retention are deleted.
     pub prune_every: Duration,
+    /// How long a cancelled job's handler may take to stop before it is
+    /// dropped.
+    pub cancel_grace: Duration,
+    /// How often a `WatchJob` stream reads the job for changes made by
+    /// other processes (this process's changes arrive at once).
+    pub watch_poll: Duration,
 }
 
 /// Per-queue limits on how fast jobs start, and the limiter that counts
@@ -148,6 +154,8 @@ impl Default for Settings {
             cron: Vec::new(),
             retention: prune::Retention::default(),
             prune_every: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(5),
+            watch_poll: Duration::from_secs(1),
         }
     }
 }
@@ -172,6 +180,11 @@ struct Inner {
     loops: watch::Sender<usize>,
     /// The cron schedules this process runs.
     schedules: Vec<schedule::Schedule>,
+    /// The cancellation signals of the runs in this process, by job and attempt.
+    running: std::sync::Mutex<HashMap<(Uuid, u32), tokio::sync::watch::Sender<bool>>>,
+    /// Jobs as this process changed them, for its `WatchJob` streams (sent
+    /// only while one listens).
+    changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
 }
 
 /// The workers' phase. Shutting down goes Running → Draining (no more
@@ -213,6 +226,8 @@ impl Jobs {
                 phase: watch::Sender::new(Phase::Running),
                 loops: watch::Sender::new(0),
                 schedules,
+                running: std::sync::Mutex::default(),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -266,6 +281,67 @@ impl Jobs {
 
     pub(crate) fn schedules(&self) -> &[schedule::Schedule] {
         &self.inner.schedules
+    }
+
+    /// Every registered kind.
+    pub fn kinds(&self) -> impl Iterator<Item = &JobKind> {
+        self.inner.kinds.values()
+    }
+
+    /// The queues that have kinds here.
+    pub fn queues(&self) -> Vec<&'static str> {
+        let mut queues: Vec<_> = self.inner.wake.keys().copied().collect();
+        queues.sort_unstable();
+        queues
+    }
+
+    /// Registers a run's cancellation signal; removed by [`Jobs::run_ended`].
+    pub(crate) fn run_started(&self, id: Uuid, attempt: u32) -> tokio::sync::watch::Receiver<bool> {
+        let (sender, receiver) = tokio::sync::watch::channel(false);
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((id, attempt), sender);
+        receiver
+    }
+
+    pub(crate) fn run_ended(&self, id: Uuid, attempt: u32) {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&(id, attempt));
+    }
+
+    /// Signals every run of `id` in this process that the job was cancelled.
+    pub(crate) fn signal_cancelled(&self, id: Uuid) {
+        let running = self.inner.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for ((job, _), sender) in running.iter() {
+            if *job == id {
+                sender.send_replace(true);
+            }
+        }
+    }
+
+    /// This process's job changes, for a watcher.
+    pub(crate) fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<JobRecord>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Tells this process's watchers that `id` changed (reads it once, and
+    /// only while someone watches: the hot path pays nothing).
+    pub(crate) async fn publish(&self, id: Uuid) {
+        if self.inner.changes.receiver_count() == 0 {
+            return;
+        }
+        match store::get(self.db(), id).await {
+            Ok(Some(job)) => {
+                let _ = self.inner.changes.send(Arc::new(job));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed"),
+        }
     }
 
     pub(crate) fn channel(&self) -> Option<&str> {
@@ -364,15 +440,35 @@ impl Jobs {
 /// Registers the module's queries.
 pub fn register(bus: &mut BusBuilder, jobs: &Jobs) {
     bus.jobs(jobs.queue());
+    commands::register(bus, jobs);
     queries::register(bus, jobs);
 }
 
-/// `jobs.noop`: does nothing (after `sleep_ms`, if set). For benchmarks
-/// and for trying out the machinery.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// `jobs.noop`: does nothing (after `sleep_ms`, if set), or, with
+/// `steps`, reports progress `steps` times, `step_ms` apart (stopping when
+/// cancelled), and sets `{"steps": n}` as its result. For benchmarks, tests
+/// and demos. `sleep_ms` ignores cancellation (a handler that must be
+/// dropped).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Noop {
     #[serde(default)]
     pub sleep_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub steps: u32,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub step_ms: u64,
+    /// Fail (and retry) every attempt with this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail: Option<String>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 impl Job for Noop {
@@ -380,8 +476,10 @@ impl Job for Noop {
     const MAX_ATTEMPTS: u32 = 3;
 }
 
-/// The longest a `jobs.noop` sleeps.
+/// The longest a `jobs.noop` sleeps (and each of its steps waits).
 const NOOP_MAX_SLEEP: Duration = Duration::from_secs(600);
+/// The most steps a `jobs.noop` reports.
+const NOOP_MAX_STEPS: u32 = 1000;
 
 struct RunNoop;
 
@@ -390,6 +488,21 @@ impl JobHandler<Noop> for RunNoop {
     async fn run(&self, ctx: &JobContext, job: Noop) -> std::result::Result<(), JobError> {
         if job.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(job.sleep_ms).min(NOOP_MAX_SLEEP)).await;
+        }
+        let steps = job.steps.min(NOOP_MAX_STEPS);
+        for step in 1..=steps {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(job.step_ms).min(NOOP_MAX_SLEEP)) => {}
+                () = ctx.cancelled() => return Err(keel_kernel::Error::new(keel_kernel::Code::Cancelled, "cancelled").into()),
+            }
+            let percent = u8::try_from(u64::from(step) * 100 / u64::from(steps)).unwrap_or(100);
+            ctx.progress(percent, format!("step {step} of {steps}")).await?;
+        }
+        if let Some(message) = job.fail {
+            return Err(keel_kernel::Error::internal(message).into());
+        }
+        if steps > 0 {
+            ctx.set_result(&serde_json::json!({ "steps": steps }))?;
         }
         tracing::debug!(job_id = %ctx.id, attempt = ctx.attempt, at = %clock::now(), "jobs.noop ran");
         Ok(())

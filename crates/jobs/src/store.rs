@@ -16,7 +16,7 @@ use sea_orm::{
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::model::{AttemptError, JobRecord, JobState, Lease};
+use crate::model::{AttemptError, JobRecord, JobState, Lease, Progress, QueueStats};
 
 mod jobs {
     use sea_orm::entity::prelude::*;
@@ -44,6 +44,28 @@ mod jobs {
         pub finished_at: Option<DateTimeUtc>,
         pub timeout_ms: Option<i64>,
         pub snoozes: i32,
+        pub progress_percent: Option<i16>,
+        pub progress_message: Option<String>,
+        pub result: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A queue's pause, shared by every process (the fetch reads it).
+mod job_queues {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_queues")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub queue: String,
+        pub paused_at: Option<DateTimeUtc>,
+        pub updated_at: DateTimeUtc,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -78,6 +100,16 @@ fn record(row: jobs::Model) -> Result<JobRecord> {
             .and_then(|ms| u64::try_from(ms).ok())
             .map(std::time::Duration::from_millis),
         snoozes: u32::try_from(row.snoozes).unwrap_or_default(),
+        progress: row.progress_percent.map(|percent| Progress {
+            percent: u8::try_from(percent.clamp(0, 100)).unwrap_or(100),
+            message: row.progress_message.unwrap_or_default(),
+        }),
+        result: row
+            .result
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(Error::internal)?,
     })
 }
 
@@ -220,6 +252,9 @@ fn new_row(id: Uuid, job: &NewJob, now: DateTime<Utc>) -> jobs::ActiveModel {
             .timeout
             .map(|timeout| i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX))),
         snoozes: Set(0),
+        progress_percent: Set(None),
+        progress_message: Set(None),
+        result: Set(None),
     }
 }
 
@@ -397,13 +432,14 @@ pub async fn fetch_of_kinds(
            WHERE id IN (
                SELECT id FROM jobs
                WHERE queue = $4 AND state = 'available' AND run_at <= $3{kind_filter}
+                 AND NOT EXISTS (SELECT 1 FROM job_queues WHERE job_queues.queue = $4 AND paused_at IS NOT NULL)
                ORDER BY priority, run_at, id
                LIMIT $5
                {lock}
            )
            RETURNING id, queue, kind, args, state, priority, run_at, attempt, max_attempts, lease_token,
                      leased_until, attempted_at, errors, user_id, created_at, updated_at, finished_at,
-                     timeout_ms, snoozes"#
+                     timeout_ms, snoozes, progress_percent, progress_message, result"#
     );
     let token = keel_kernel::id::new_id();
     let mut values: Vec<sea_orm::Value> = vec![
@@ -612,7 +648,7 @@ pub async fn next_due(db: &impl ConnectionTrait, queue: &str) -> Result<Option<D
 
 /// How many jobs of `kinds` in `queue` are due at `now`, counting at most
 /// `limit`: a rate-limited queue takes no more permits than it has jobs to
-/// start (of the kinds this process runs).
+/// start (of the kinds this process runs; none while it is paused).
 pub async fn due(
     db: &impl ConnectionTrait,
     queue: &str,
@@ -620,7 +656,7 @@ pub async fn due(
     now: DateTime<Utc>,
     limit: u32,
 ) -> Result<u32> {
-    if kinds.is_empty() {
+    if kinds.is_empty() || is_paused(db, queue).await? {
         return Ok(0);
     }
     let rows = jobs::Entity::find()
@@ -734,4 +770,295 @@ pub async fn delete_finished(
         ))
         .await?;
     Ok(result.rows_affected())
+}
+
+/// Stores a running job's progress, fenced on its lease; false when the
+/// worker no longer holds it (cancelled, lease lost).
+pub async fn progress(
+    db: &impl ConnectionTrait,
+    lease: &Lease,
+    percent: u8,
+    message: &str,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let result = jobs::Entity::update_many()
+        .col_expr(jobs::Column::ProgressPercent, Expr::value(i16::from(Ord::min(percent, 100))))
+        .col_expr(jobs::Column::ProgressMessage, Expr::value(message))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(fenced(lease))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// [`complete`] with the handler's result (JSON), in the same fenced update.
+pub async fn complete_with_result(
+    db: &impl ConnectionTrait,
+    lease: &Lease,
+    result: &serde_json::Value,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let updated = jobs::Entity::update_many()
+        .col_expr(jobs::Column::State, Expr::value(JobState::Completed.as_str()))
+        .col_expr(jobs::Column::LeaseToken, Expr::value(Option::<Uuid>::None))
+        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::FinishedAt, Expr::value(now))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .col_expr(jobs::Column::Result, Expr::value(result.to_string()))
+        .filter(fenced(lease))
+        .exec(db)
+        .await?;
+    Ok(updated.rows_affected == 1)
+}
+
+/// Cancels a job that is waiting or running: it is `cancelled` at once and
+/// its lease is cleared, so whatever its worker writes later is refused by
+/// the fence. False when it was neither (finished meanwhile).
+pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
+    let result = jobs::Entity::update_many()
+        .col_expr(jobs::Column::State, Expr::value(JobState::Cancelled.as_str()))
+        .col_expr(jobs::Column::LeaseToken, Expr::value(Option::<Uuid>::None))
+        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::FinishedAt, Expr::value(now))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(jobs::Column::Id.eq(id))
+        .filter(jobs::Column::State.is_in([JobState::Available.as_str(), JobState::Running.as_str()]))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Makes a failed or cancelled job available again at once, with at least
+/// one attempt left; its errors stay. Fenced on the state and attempt it
+/// was read with; false when it changed meanwhile.
+pub async fn run_again(db: &impl ConnectionTrait, job: &JobRecord, now: DateTime<Utc>) -> Result<bool> {
+    let attempt = i32::try_from(job.attempt).unwrap_or(i32::MAX);
+    let max_attempts = Ord::max(job.max_attempts, job.attempt.saturating_add(1));
+    let result = jobs::Entity::update_many()
+        .col_expr(jobs::Column::State, Expr::value(JobState::Available.as_str()))
+        .col_expr(jobs::Column::RunAt, Expr::value(now))
+        .col_expr(
+            jobs::Column::MaxAttempts,
+            Expr::value(i32::try_from(max_attempts).unwrap_or(i32::MAX)),
+        )
+        .col_expr(jobs::Column::FinishedAt, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::ProgressPercent, Expr::value(Option::<i16>::None))
+        .col_expr(jobs::Column::ProgressMessage, Expr::value(Option::<String>::None))
+        .col_expr(jobs::Column::Result, Expr::value(Option::<String>::None))
+        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
+        .filter(jobs::Column::Id.eq(job.id))
+        .filter(jobs::Column::State.eq(job.state.as_str()))
+        .filter(jobs::Column::Attempt.eq(attempt))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Deletes a job unless it is running; false when nothing was deleted.
+pub async fn delete_unless_running(db: &impl ConnectionTrait, id: Uuid) -> Result<bool> {
+    let result = jobs::Entity::delete_many()
+        .filter(jobs::Column::Id.eq(id))
+        .filter(jobs::Column::State.ne(JobState::Running.as_str()))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Wakes the workers of every process on PostgreSQL when the transaction
+/// commits (what an enqueue sends; a retry or a resume sends it too).
+pub async fn notify(db: &impl ConnectionTrait, channel: Option<&str>) -> Result<()> {
+    if let Some(channel) = channel
+        && db.get_database_backend() == DatabaseBackend::Postgres
+    {
+        db.execute_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            "SELECT pg_notify($1, '')",
+            [channel.into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Pauses (`paused`) or resumes `queue` for every process.
+pub async fn set_paused(db: &impl ConnectionTrait, queue: &str, paused: bool, now: DateTime<Utc>) -> Result<()> {
+    use sea_orm::sea_query::OnConflict;
+
+    let row = job_queues::ActiveModel {
+        queue: Set(queue.to_owned()),
+        paused_at: Set(paused.then_some(now)),
+        updated_at: Set(now),
+    };
+    job_queues::Entity::insert(row)
+        .on_conflict(
+            OnConflict::column(job_queues::Column::Queue)
+                .update_columns([job_queues::Column::PausedAt, job_queues::Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec_without_returning(db)
+        .await?;
+    Ok(())
+}
+
+/// Whether `queue` is paused.
+pub async fn is_paused(db: &impl ConnectionTrait, queue: &str) -> Result<bool> {
+    Ok(job_queues::Entity::find_by_id(queue.to_owned())
+        .one(db)
+        .await?
+        .is_some_and(|row| row.paused_at.is_some()))
+}
+
+/// Every queue with a row in `job_queues` and whether it is paused.
+async fn queue_rows(db: &impl ConnectionTrait) -> Result<Vec<(String, bool)>> {
+    Ok(job_queues::Entity::find()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| (row.queue, row.paused_at.is_some()))
+        .collect())
+}
+
+/// What [`list`] returns: the filters of `ListJobs`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    pub state: Option<JobState>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    /// Only this user's jobs (a caller who is not an admin).
+    pub owner: Option<Uuid>,
+}
+
+/// Jobs matching `filter`, newest first (ids are time-ordered), with ids
+/// below `before`, at most `limit`.
+pub async fn list(
+    db: &impl ConnectionTrait,
+    filter: &ListFilter,
+    before: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<JobRecord>> {
+    let mut select = jobs::Entity::find();
+    if let Some(queue) = &filter.queue {
+        select = select.filter(jobs::Column::Queue.eq(queue.as_str()));
+    }
+    if let Some(kind) = &filter.kind {
+        select = select.filter(jobs::Column::Kind.eq(kind.as_str()));
+    }
+    if let Some(state) = filter.state {
+        select = select.filter(jobs::Column::State.eq(state.as_str()));
+    }
+    if let Some(after) = filter.created_after {
+        select = select.filter(jobs::Column::CreatedAt.gte(after));
+    }
+    if let Some(before) = filter.created_before {
+        select = select.filter(jobs::Column::CreatedAt.lt(before));
+    }
+    if let Some(owner) = filter.owner {
+        select = select.filter(jobs::Column::UserId.eq(owner));
+    }
+    if let Some(before) = before {
+        select = select.filter(jobs::Column::Id.lt(before));
+    }
+    select
+        .order_by_desc(jobs::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(record)
+        .collect()
+}
+
+/// Statistics of every queue in `known` (the queues of this keel's kinds),
+/// in the table, or paused, by name.
+pub async fn stats(db: &impl ConnectionTrait, known: &[&str], now: DateTime<Utc>) -> Result<Vec<QueueStats>> {
+    use std::collections::BTreeMap;
+
+    let mut queues: BTreeMap<String, QueueStats> = BTreeMap::new();
+    fn stats_of<'a>(queues: &'a mut BTreeMap<String, QueueStats>, queue: &str) -> &'a mut QueueStats {
+        queues.entry(queue.to_owned()).or_insert_with(|| QueueStats {
+            queue: queue.to_owned(),
+            ..QueueStats::default()
+        })
+    }
+    for queue in known {
+        stats_of(&mut queues, queue);
+    }
+    for (queue, paused) in queue_rows(db).await? {
+        stats_of(&mut queues, &queue).paused = paused;
+    }
+    let count = |n: i64| u64::try_from(n).unwrap_or_default();
+    // Finished jobs other than failed ones are left out: the table may hold
+    // many completed jobs, and they are no queue's load.
+    let by_state: Vec<(String, String, i64)> = jobs::Entity::find()
+        .select_only()
+        .column(jobs::Column::Queue)
+        .column(jobs::Column::State)
+        .column_as(jobs::Column::Id.count(), "n")
+        .filter(jobs::Column::State.is_in([
+            JobState::Available.as_str(),
+            JobState::Running.as_str(),
+            JobState::Failed.as_str(),
+        ]))
+        .group_by(jobs::Column::Queue)
+        .group_by(jobs::Column::State)
+        .into_tuple()
+        .all(db)
+        .await?;
+    for (queue, state, n) in by_state {
+        let stats = stats_of(&mut queues, &queue);
+        match JobState::parse(&state) {
+            Some(JobState::Available) => stats.depth = count(n),
+            Some(JobState::Running) => stats.running = count(n),
+            Some(JobState::Failed) => stats.failed = count(n),
+            _ => {}
+        }
+    }
+    let due: Vec<(String, i64)> = jobs::Entity::find()
+        .select_only()
+        .column(jobs::Column::Queue)
+        .column_as(jobs::Column::Id.count(), "n")
+        .filter(jobs::Column::State.eq(JobState::Available.as_str()))
+        .filter(jobs::Column::RunAt.lte(now))
+        .group_by(jobs::Column::Queue)
+        .into_tuple()
+        .all(db)
+        .await?;
+    for (queue, n) in due {
+        stats_of(&mut queues, &queue).available = count(n);
+    }
+    let completed: Vec<(String, i64)> = jobs::Entity::find()
+        .select_only()
+        .column(jobs::Column::Queue)
+        .column_as(jobs::Column::Id.count(), "n")
+        .filter(jobs::Column::State.eq(JobState::Completed.as_str()))
+        .filter(jobs::Column::FinishedAt.gte(now - chrono::Duration::minutes(1)))
+        .group_by(jobs::Column::Queue)
+        .into_tuple()
+        .all(db)
+        .await?;
+    for (queue, n) in completed {
+        stats_of(&mut queues, &queue).completed_last_minute = count(n);
+    }
+    let waiting: Vec<String> = queues
+        .values()
+        .filter(|stats| stats.available > 0)
+        .map(|stats| stats.queue.clone())
+        .collect();
+    for queue in waiting {
+        // The oldest due job: the fetch index has the queue's available
+        // jobs; few queues, one row each.
+        let oldest = jobs::Entity::find()
+            .filter(jobs::Column::Queue.eq(queue.as_str()))
+            .filter(jobs::Column::State.eq(JobState::Available.as_str()))
+            .filter(jobs::Column::RunAt.lte(now))
+            .order_by_asc(jobs::Column::RunAt)
+            .one(db)
+            .await?;
+        if let Some(oldest) = oldest {
+            stats_of(&mut queues, &queue).oldest_waiting = Some((now - oldest.run_at).to_std().unwrap_or_default());
+        }
+    }
+    Ok(queues.into_values().collect())
 }

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keel_kernel::{Code, Error, JobContext, JobError, clock};
+use keel_kernel::{Code, Error, JobContext, JobError, JobReporter, JobSignals, clock};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::model::{AttemptError, JobRecord};
+use crate::model::{AttemptError, JobRecord, JobState, Lease};
 use crate::{Jobs, Phase, store};
 
 /// Counts a running queue loop for [`Jobs::shutdown`]; dropped when the
@@ -142,7 +142,9 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
             continue;
         }
         let mut sleep = settings.poll;
-        if let Ok(Some(next)) = store::next_due_of_kinds(jobs.db(), &queue, &kinds).await {
+        // A paused queue waits for its resume's wake-up (or the poll).
+        let paused = store::is_paused(jobs.db(), &queue).await.unwrap_or(false);
+        if !paused && let Ok(Some(next)) = store::next_due_of_kinds(jobs.db(), &queue, &kinds).await {
             let until = (next - clock::now()).to_std().unwrap_or(Duration::ZERO);
             sleep = sleep.min(until.max(Duration::from_millis(1)));
         }
@@ -181,13 +183,23 @@ async fn handing_back(phase: &mut watch::Receiver<Phase>) {
 async fn run_job(jobs: &Jobs, job: JobRecord) {
     let Some(lease) = job.lease() else { return };
     let settings = jobs.settings();
+    let mut cancelled = jobs.run_started(job.id, job.attempt);
+    let _registered = RunRegistration { jobs, lease };
     let ctx = JobContext {
         id: job.id,
         kind: job.kind.clone(),
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         user_id: job.user_id,
+        signals: JobSignals::new(
+            Arc::new(Reporter {
+                jobs: jobs.clone(),
+                lease,
+            }),
+            cancelled.clone(),
+        ),
     };
+    jobs.publish(job.id).await;
     let outcome = match jobs.kind(&job.kind) {
         None => Err(JobError::do_not_retry(Error::internal(format!(
             "no handler for job kind {} in this keel",
@@ -220,11 +232,21 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
                         }
                         return;
                     }
+                    true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => {
+                        drain_cancelled(jobs, &job, run.as_mut()).await;
+                        return;
+                    }
                     _ = renewal.tick() => {
                         let now = clock::now();
                         match store::renew(jobs.db(), &lease, lease_end(now, settings.lease), now).await {
                             Ok(true) => {}
                             Ok(false) => {
+                                // Cancelled in another process: this run hears it here.
+                                if cancelled_in_table(jobs, job.id).await {
+                                    jobs.signal_cancelled(job.id);
+                                    drain_cancelled(jobs, &job, run.as_mut()).await;
+                                    return;
+                                }
                                 tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
                                 return;
                             }
@@ -238,7 +260,10 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     };
     let now = clock::now();
     let written = match outcome {
-        Ok(()) => store::complete(jobs.db(), &lease, now).await,
+        Ok(()) => match ctx.signals.take_result() {
+            Some(result) => store::complete_with_result(jobs.db(), &lease, &result, now).await,
+            None => store::complete(jobs.db(), &lease, now).await,
+        },
         Err(JobError {
             snooze: Some(delay), ..
         }) => {
@@ -270,11 +295,60 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
         }
     };
     match written {
-        Ok(true) => {}
+        Ok(true) => jobs.publish(job.id).await,
         Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; outcome discarded"),
         Err(error) => {
             tracing::warn!(job_id = %job.id, error = %error, "writing a job's outcome failed; its lease will expire")
         }
+    }
+}
+
+/// Removes a run's cancellation signal when the run ends, however it ends.
+struct RunRegistration<'a> {
+    jobs: &'a Jobs,
+    lease: Lease,
+}
+
+impl Drop for RunRegistration<'_> {
+    fn drop(&mut self) {
+        self.jobs.run_ended(self.lease.id, self.lease.attempt);
+    }
+}
+
+/// Stores a handler's progress fenced on its run's lease.
+struct Reporter {
+    jobs: Jobs,
+    lease: Lease,
+}
+
+#[async_trait::async_trait]
+impl JobReporter for Reporter {
+    async fn progress(&self, percent: u8, message: &str) -> keel_kernel::Result<()> {
+        if store::progress(self.jobs.db(), &self.lease, percent, message, clock::now()).await? {
+            self.jobs.publish(self.lease.id).await;
+            Ok(())
+        } else {
+            Err(Error::new(
+                Code::FailedPrecondition,
+                "the job is no longer this run's (cancelled or its lease lost)",
+            ))
+        }
+    }
+}
+
+/// Whether the job was cancelled (checked when a renewal found the lease gone).
+async fn cancelled_in_table(jobs: &Jobs, id: uuid::Uuid) -> bool {
+    matches!(store::get(jobs.db(), id).await, Ok(Some(job)) if job.state == JobState::Cancelled)
+}
+
+/// A cancelled job's handler has the grace period to stop; then it is
+/// dropped. Its outcome is never written: the table says cancelled already
+/// (and the fence would refuse it).
+async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, run: std::pin::Pin<&mut F>) {
+    let grace = jobs.settings().cancel_grace;
+    match tokio::time::timeout(grace, run).await {
+        Ok(_) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job cancelled; its handler stopped"),
+        Err(_) => tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped"),
     }
 }
 

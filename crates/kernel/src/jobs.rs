@@ -213,7 +213,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn committed(&self);
 }
 
-/// What a job's handler knows about the run.
+/// What a job's handler knows about the run, and how it talks to its
+/// worker: progress reports, a result, the cancellation signal.
 #[derive(Debug, Clone)]
 pub struct JobContext {
     pub id: Uuid,
@@ -222,6 +223,112 @@ pub struct JobContext {
     pub attempt: u32,
     pub max_attempts: u32,
     pub user_id: Option<Uuid>,
+    /// The worker's side of the run ([`JobSignals::detached`] outside a worker).
+    pub signals: JobSignals,
+}
+
+impl JobContext {
+    /// Reports how far the run got (`percent` is capped at 100), stored on
+    /// the job fenced on the run's lease, so watchers see it. An error
+    /// (FAILED_PRECONDITION) when the run no longer holds the job: it was
+    /// cancelled or its lease lost; the handler should stop.
+    pub async fn progress(&self, percent: u8, message: impl Into<String>) -> Result<()> {
+        match &self.signals.reporter {
+            Some(reporter) => reporter.progress(percent.min(100), &message.into()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the run's result (any serde value, stored as JSON with the
+    /// completion; a later call replaces it). Kept only if the run completes.
+    pub fn set_result(&self, result: &impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(result).map_err(Error::internal)?;
+        *self
+            .signals
+            .result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(value);
+        Ok(())
+    }
+
+    /// True once the job was cancelled: stop, the outcome is discarded.
+    pub fn is_cancelled(&self) -> bool {
+        *self.signals.cancelled.borrow()
+    }
+
+    /// Resolves when the job is cancelled (never, if it is not). A handler
+    /// that does not stop within the worker's grace period is dropped.
+    pub async fn cancelled(&self) {
+        let mut cancelled = self.signals.cancelled.clone();
+        if cancelled.wait_for(|cancelled| *cancelled).await.is_err() {
+            // The worker went away without cancelling: nothing will.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Where a running job's progress goes: the jobs module stores it fenced
+/// on the run's lease.
+#[async_trait]
+pub trait JobReporter: Send + Sync + 'static {
+    async fn progress(&self, percent: u8, message: &str) -> Result<()>;
+}
+
+/// The worker's side of a run, held by its [`JobContext`].
+#[derive(Clone)]
+pub struct JobSignals {
+    reporter: Option<Arc<dyn JobReporter>>,
+    cancelled: tokio::sync::watch::Receiver<bool>,
+    result: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    // Keeps a detached context's channel open, so it is never cancelled.
+    _detached: Option<Arc<tokio::sync::watch::Sender<bool>>>,
+}
+
+impl JobSignals {
+    /// A run's signals: progress through `reporter`, cancellation when
+    /// `cancelled` turns true.
+    pub fn new(reporter: Arc<dyn JobReporter>, cancelled: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            reporter: Some(reporter),
+            cancelled,
+            result: Arc::default(),
+            _detached: None,
+        }
+    }
+
+    /// No worker behind it (a handler called directly): progress goes
+    /// nowhere, it is never cancelled.
+    pub fn detached() -> Self {
+        let (sender, cancelled) = tokio::sync::watch::channel(false);
+        Self {
+            reporter: None,
+            cancelled,
+            result: Arc::default(),
+            _detached: Some(Arc::new(sender)),
+        }
+    }
+
+    /// The result the handler set, taken (for the completion to store).
+    pub fn take_result(&self) -> Option<serde_json::Value> {
+        self.result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+impl Default for JobSignals {
+    fn default() -> Self {
+        Self::detached()
+    }
+}
+
+impl std::fmt::Debug for JobSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSignals")
+            .field("cancelled", &*self.cancelled.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a run failed: retried (with backoff, while attempts remain) unless
@@ -287,6 +394,7 @@ pub trait JobHandler<J: Job>: Send + Sync + 'static {
 #[async_trait]
 trait ErasedHandler: Send + Sync + 'static {
     async fn run(&self, ctx: &JobContext, args: &serde_json::Value) -> std::result::Result<(), JobError>;
+    fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String>;
 }
 
 struct Typed<J, H> {
@@ -301,6 +409,10 @@ impl<J: Job, H: JobHandler<J>> ErasedHandler for Typed<J, H> {
         let job = J::deserialize(args)
             .map_err(|error| JobError::do_not_retry(Error::internal(format!("arguments of {}: {error}", J::KIND))))?;
         self.handler.run(ctx, job).await
+    }
+
+    fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String> {
+        J::deserialize(args).map(|_| ()).map_err(|error| error.to_string())
     }
 }
 
@@ -328,6 +440,11 @@ impl JobKind {
                 _job: std::marker::PhantomData,
             }),
         }
+    }
+
+    /// Whether `args` parse as the kind's arguments; why not, if they do not.
+    pub fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String> {
+        self.handler.check(args)
     }
 
     /// Parses `args` as the kind's arguments and runs the handler.

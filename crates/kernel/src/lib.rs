@@ -61,6 +61,8 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
-pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobSchedule, NewJob, Unique};
+pub use jobs::{
+    Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobReporter, JobSchedule, JobSignals, NewJob, Unique,
+};
 pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;

@@ -162,6 +162,7 @@ fn job_settings(
         shutdown_grace: config.jobs_shutdown_grace()?,
         cron: config.jobs_cron_entries()?,
         retention: config.jobs_retention()?,
+        cancel_grace: Duration::from_millis(config.jobs_cancel_grace_ms),
         ..keel_jobs::Settings::default()
     })
 }

@@ -203,6 +203,9 @@ pub struct Config {
     /// deleted this long after they failed (`7d`).
     #[serde(deserialize_with = "text_or_number")]
     pub jobs_retain_failed: String,
+    /// `KEEL_JOBS_CANCEL_GRACE_MS`: how long a cancelled job's handler may
+    /// take to stop before it is dropped.
+    pub jobs_cancel_grace_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -338,6 +341,7 @@ impl Default for Config {
             jobs_cron: None,
             jobs_retain_completed: "24h".to_owned(),
             jobs_retain_failed: "7d".to_owned(),
+            jobs_cancel_grace_ms: 5_000,
         }
     }
 }
