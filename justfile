@@ -68,6 +68,10 @@ bench-events:
     cargo build --release -p keel-events --example bench_events
     KEEL_BENCH_DATABASE_URL="${KEEL_BENCH_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}" taskset -c 0,1 target/release/examples/bench_events
 
+# No-op jobs on PostgreSQL beside BullMQ on Redis, same jobs and concurrency: jobs/s, idle enqueue-to-start, CPU/job, 1M finished jobs (scripts/bench-jobs.sh)
+bench-jobs:
+    scripts/bench-jobs.sh
+
 # Build the debug binary and call it over grpc-web from the TypeScript client (clients/ts)
 ts-client:
     scripts/ts-client.sh

@@ -14,6 +14,9 @@ mod m20261203_000007_identity_api_keys;
 mod m20261203_000008_events;
 mod m20261203_000009_events;
 mod m20261203_000010_jobs;
+mod m20261203_000011_jobs_api;
+mod m20261203_000012_jobs_scheduling;
+mod m20261203_000013_jobs_execution;
 
 pub struct Migrator;
 
@@ -31,6 +34,9 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000008_events::Migration),
             Box::new(m20261203_000009_events::Migration),
             Box::new(m20261203_000010_jobs::Migration),
+            Box::new(m20261203_000011_jobs_api::Migration),
+            Box::new(m20261203_000012_jobs_scheduling::Migration),
+            Box::new(m20261203_000013_jobs_execution::Migration),
         ]
     }
 }

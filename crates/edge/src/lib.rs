@@ -58,8 +58,13 @@ pub struct Edge {
     /// Sheds calls beyond a bound (none: every call is admitted).
     pub shedder: Option<Arc<shed::Shedder>>,
     routes_of_server: Option<axum::Router>,
+    /// What `/readyz` adds under `details` (the server's circuit breakers).
+    readiness_details: Option<ReadinessDetails>,
     openapi: serde_json::Value,
 }
+
+/// Reads the details `/readyz` shows beside its status, at each request.
+pub type ReadinessDetails = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl Edge {
     /// Reads the routes of every annotated method in `descriptor_set`.
@@ -73,6 +78,7 @@ impl Edge {
             upstream,
             max_body_bytes,
             shedder: None,
+            readiness_details: None,
             routes_of_server: None,
             openapi,
         })
@@ -82,6 +88,16 @@ impl Edge {
     pub fn with_shedder(mut self, shedder: Arc<shed::Shedder>) -> Edge {
         self.shedder = Some(shedder);
         self
+    }
+
+    /// `/readyz` shows what `details` reads, under `details`.
+    pub fn with_readiness_details(mut self, details: ReadinessDetails) -> Edge {
+        self.readiness_details = Some(details);
+        self
+    }
+
+    pub fn readiness_details(&self) -> Option<serde_json::Value> {
+        self.readiness_details.as_ref().map(|details| details())
     }
 
     /// Plain HTTP routes of the server's own (`/metrics`) beside the edge's.

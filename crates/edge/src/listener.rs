@@ -365,21 +365,26 @@ pub async fn readiness(edge: Arc<Edge>) -> axum::response::Response {
         .ok()
         .and_then(|reply| HealthCheckResponse::decode(reply.message).ok())
         .is_some_and(|health| health.status == 1);
+    // Details inform (an open circuit breaker of the mailer); they do not
+    // decide readiness: keel still answers every call that needs no mail.
+    let body = |status: &str| {
+        let mut body = serde_json::json!({ "status": status });
+        if let Some(details) = edge.readiness_details() {
+            body["details"] = details;
+        }
+        axum::Json(body)
+    };
     if edge.shedder.as_ref().is_some_and(|shedder| shedder.overloaded()) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
-            axum::Json(serde_json::json!({"status": "overloaded"})),
+            body("overloaded"),
         )
             .into_response();
     }
     if serving {
-        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
+        (StatusCode::OK, body("ready")).into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({"status": "unavailable"})),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, body("unavailable")).into_response()
     }
 }

@@ -1,14 +1,16 @@
 //! Durable internal handlers: every matching committed event, in order, at
 //! least once. Failures are retried with exponential backoff and jitter;
 //! after the last attempt the event goes to the dead-letter table and the
-//! handler moves on. One process runs a handler at a time (a lease with
-//! fencing on the checkpoint).
+//! handler moves on. Whether and when to retry is the kernel's
+//! [`RetryPolicy`], the decision jobs take too. One process runs a handler
+//! at a time (a lease with fencing on the checkpoint).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel_kernel::backoff::Backoff;
+use keel_kernel::retry::{Decision, RetryPolicy};
 use keel_kernel::{Code, Envelope, Error, EventHandler, Result, clock, id, topic_matches};
 use sea_orm::DatabaseConnection;
 use tokio::sync::broadcast;
@@ -35,6 +37,13 @@ impl Default for Settings {
             max_backoff: Duration::from_secs(30),
             lease: Duration::from_secs(30),
         }
+    }
+}
+
+impl Settings {
+    /// The kernel's retry / dead-letter decision with these numbers.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::new(Backoff::new(self.base_backoff, self.max_backoff), self.max_attempts)
     }
 }
 
@@ -245,14 +254,21 @@ impl Runner {
         self.deliver_with_retries(event).instrument(span).await
     }
 
+    /// Runs the handler until it succeeds or the kernel's retry policy (the
+    /// one jobs use) gives up, then dead-letters the event.
     async fn deliver_with_retries(&self, event: &Envelope) -> Result<()> {
+        let policy = self.settings.retry_policy();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.handler.handle(event).await {
-                Ok(()) => return Ok(()),
-                Err(error) if attempt >= self.settings.max_attempts => {
-                    tracing::error!(handler = self.handler.name(), event_id = %event.event_id, attempts = attempt, error = %error, "event dead-lettered");
+            let Err(error) = self.handler.handle(event).await else {
+                return Ok(());
+            };
+            // Every handler error may be transient: a handler says nothing
+            // else (unlike a job's "do not retry").
+            match policy.decide(attempt, &error, true, clock::now()) {
+                Decision::GiveUp { failure } => {
+                    tracing::error!(handler = self.handler.name(), event_id = %event.event_id, attempts = failure.attempt, error = %error, "event dead-lettered");
                     return store::insert_dead_letter(
                         &self.db,
                         DeadLetter {
@@ -261,16 +277,15 @@ impl Runner {
                             event_id: event.event_id,
                             sequence: event.sequence,
                             user_id: event.user_id,
-                            attempts: attempt,
-                            last_error: error.to_string(),
-                            failed_at: clock::now(),
+                            attempts: failure.attempt,
+                            last_error: failure.message,
+                            failed_at: failure.at,
                             replayed_at: None,
                         },
                     )
                     .await;
                 }
-                Err(error) => {
-                    let delay = Backoff::new(self.settings.base_backoff, self.settings.max_backoff).delay(attempt);
+                Decision::Retry { delay, .. } => {
                     tracing::warn!(handler = self.handler.name(), event_id = %event.event_id, attempt, retry_in_ms = delay.as_millis() as u64, error = %error, "event handler failed; retrying");
                     tokio::time::sleep(delay).await;
                 }

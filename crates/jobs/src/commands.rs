@@ -1,11 +1,13 @@
 //! Enqueueing: the kernel's [`JobQueue`] port, which the bus calls inside
-//! a command's transaction.
+//! a command's transaction; and the admin commands (enqueue by hand,
+//! cancel, retry, delete, pause and resume a queue).
 
 use async_trait::async_trait;
-use keel_kernel::{Error, JobQueue, NewJob, Result, clock};
+use keel_kernel::{BusBuilder, Code, Command, CommandContext, CommandHandler, Error, JobQueue, NewJob, Result, clock};
 use sea_orm::DatabaseTransaction;
 use uuid::Uuid;
 
+use crate::model::{JobRecord, JobState, QueueStats};
 use crate::{Jobs, store};
 
 pub struct Enqueuer {
@@ -39,4 +41,227 @@ impl JobQueue for Enqueuer {
     fn committed(&self) {
         self.jobs.wake_all();
     }
+}
+
+/// Admin: enqueue a job of a registered kind by hand.
+pub struct EnqueueJob {
+    pub kind: String,
+    pub args: serde_json::Value,
+    pub priority: i16,
+    pub run_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// 0: the kind's.
+    pub max_attempts: u32,
+    /// `None`: a job of no user.
+    pub user_id: Option<Uuid>,
+}
+
+impl Command for EnqueueJob {
+    const NAME: &'static str = "jobs.enqueue_job";
+    type Output = JobRecord;
+}
+
+/// Cancel a waiting or running job (its owner or an admin).
+pub struct CancelJob {
+    pub id: Uuid,
+}
+
+impl Command for CancelJob {
+    const NAME: &'static str = "jobs.cancel_job";
+    type Output = JobRecord;
+}
+
+/// Admin: run a failed or cancelled job again.
+pub struct RetryJob {
+    pub id: Uuid,
+}
+
+impl Command for RetryJob {
+    const NAME: &'static str = "jobs.retry_job";
+    type Output = JobRecord;
+}
+
+/// Admin: remove a job that is not running.
+pub struct DeleteJob {
+    pub id: Uuid,
+}
+
+impl Command for DeleteJob {
+    const NAME: &'static str = "jobs.delete_job";
+    type Output = ();
+}
+
+/// Admin: pause (or resume) a queue in every process.
+pub struct SetQueuePaused {
+    pub queue: String,
+    pub paused: bool,
+}
+
+impl Command for SetQueuePaused {
+    const NAME: &'static str = "jobs.set_queue_paused";
+    type Output = QueueStats;
+}
+
+fn not_found() -> Error {
+    Error::new(Code::NotFound, "job not found")
+}
+
+/// The job if the caller may act on it; anyone else is told it does not
+/// exist. A job of no user is an admin's.
+pub(crate) fn visible_to(request: &keel_kernel::RequestContext, job: &JobRecord) -> bool {
+    match job.user_id {
+        Some(owner) => request.may_act_for(owner),
+        None => request.require_admin().is_ok(),
+    }
+}
+
+struct Handlers {
+    jobs: Jobs,
+}
+
+#[async_trait]
+impl CommandHandler<EnqueueJob> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: EnqueueJob) -> Result<JobRecord> {
+        ctx.request.require_admin()?;
+        let kind = self
+            .jobs
+            .kind(&command.kind)
+            .ok_or_else(|| Error::invalid_field("kind", format!("{:?} is not a registered job kind", command.kind)))?;
+        kind.check(&command.args)
+            .map_err(|why| Error::invalid_field("args", format!("are not the arguments of {}: {why}", kind.name)))?;
+        let job = NewJob {
+            kind: kind.name,
+            queue: kind.queue,
+            args: command.args,
+            priority: command.priority,
+            run_at: command.run_at,
+            max_attempts: if command.max_attempts == 0 {
+                kind.max_attempts
+            } else {
+                command.max_attempts
+            },
+            user_id: command.user_id,
+            timeout: None,
+            unique: None,
+        };
+        // Through the queue itself, not `ctx.enqueue`: a job without a user
+        // stays without one (it would become the admin's).
+        let tx = ctx.tx().await?;
+        let id = self
+            .jobs
+            .queue()
+            .enqueue(tx, vec![job])
+            .await?
+            .pop()
+            .ok_or_else(|| Error::internal("the job queue returned no id"))?;
+        let jobs = self.jobs.clone();
+        ctx.after_commit(async move { jobs.wake_all() });
+        store::get(tx, id).await?.ok_or_else(not_found)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<CancelJob> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: CancelJob) -> Result<JobRecord> {
+        ctx.request.require_caller()?;
+        let tx = ctx.tx().await?;
+        let job = store::get(tx, command.id).await?.ok_or_else(not_found)?;
+        if !visible_to(ctx.request, &job) {
+            return Err(not_found());
+        }
+        if job.state.is_finished() || !store::cancel(tx, job.id, clock::now()).await? {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("the job is {}; only a waiting or running job can be cancelled", job.state.as_str()),
+            ));
+        }
+        let jobs = self.jobs.clone();
+        let id = job.id;
+        ctx.after_commit(async move {
+            jobs.signal_cancelled(id);
+            jobs.publish(id).await;
+        });
+        store::get(tx, command.id).await?.ok_or_else(not_found)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<RetryJob> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: RetryJob) -> Result<JobRecord> {
+        ctx.request.require_admin()?;
+        let tx = ctx.tx().await?;
+        let job = store::get(tx, command.id).await?.ok_or_else(not_found)?;
+        let retryable = matches!(job.state, JobState::Failed | JobState::Cancelled);
+        if !retryable || !store::run_again(tx, &job, clock::now()).await? {
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!("the job is {}; only a failed or cancelled job can be retried", job.state.as_str()),
+            ));
+        }
+        store::notify(tx, self.jobs.channel()).await?;
+        let jobs = self.jobs.clone();
+        let id = job.id;
+        ctx.after_commit(async move {
+            jobs.wake_all();
+            jobs.publish(id).await;
+        });
+        store::get(tx, command.id).await?.ok_or_else(not_found)
+    }
+}
+
+#[async_trait]
+impl CommandHandler<DeleteJob> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: DeleteJob) -> Result<()> {
+        ctx.request.require_admin()?;
+        let tx = ctx.tx().await?;
+        if store::delete_unless_running(tx, command.id).await? {
+            return Ok(());
+        }
+        match store::get(tx, command.id).await? {
+            Some(_) => Err(Error::new(
+                Code::FailedPrecondition,
+                "the job is running; cancel it first",
+            )),
+            None => Err(not_found()),
+        }
+    }
+}
+
+#[async_trait]
+impl CommandHandler<SetQueuePaused> for Handlers {
+    async fn handle(&self, ctx: &CommandContext<'_>, command: SetQueuePaused) -> Result<QueueStats> {
+        ctx.request.require_admin()?;
+        let tx = ctx.tx().await?;
+        let known = self.jobs.queues();
+        // A queue that no kind uses is a typo when pausing; resuming one
+        // that was paused stays possible.
+        if !known.contains(&command.queue.as_str()) && !(store::is_paused(tx, &command.queue).await? && !command.paused) {
+            return Err(Error::invalid_field(
+                "queue",
+                format!("{:?} is not a queue of this keel's job kinds", command.queue),
+            ));
+        }
+        let now = clock::now();
+        store::set_paused(tx, &command.queue, command.paused, now).await?;
+        // Every process's loops re-read the pause when woken.
+        store::notify(tx, self.jobs.channel()).await?;
+        let jobs = self.jobs.clone();
+        ctx.after_commit(async move { jobs.wake_all() });
+        let stats = store::stats(tx, &known, now).await?;
+        Ok(stats
+            .into_iter()
+            .find(|stats| stats.queue == command.queue)
+            .unwrap_or(QueueStats {
+                queue: command.queue,
+                paused: command.paused,
+                ..QueueStats::default()
+            }))
+    }
+}
+
+pub(crate) fn register(bus: &mut BusBuilder, jobs: &Jobs) {
+    bus.command::<EnqueueJob>(Handlers { jobs: jobs.clone() });
+    bus.command::<CancelJob>(Handlers { jobs: jobs.clone() });
+    bus.command::<RetryJob>(Handlers { jobs: jobs.clone() });
+    bus.command::<DeleteJob>(Handlers { jobs: jobs.clone() });
+    bus.command::<SetQueuePaused>(Handlers { jobs: jobs.clone() });
 }

@@ -15,12 +15,19 @@
 //! rescuer makes jobs of dead workers available again. Failures retry with
 //! the kernel's one [`keel_kernel::backoff::Backoff`] up to the kind's
 //! attempts, then the job is kept as failed with every attempt's error.
+//! A run past its timeout fails its attempt; a snooze puts the job back
+//! without using one; a queue with a rate limit starts jobs only with the
+//! limiter's permits; [`Jobs::shutdown`] drains the workers and hands back
+//! what is still running.
 //!
 //! # Layout
 //! - `model.rs`: states, a stored job, an attempt's error, a lease;
 //! - `commands.rs`: the enqueue port the bus writes jobs through;
 //! - `queries.rs`: reading a job (its owner or an admin);
 //! - `worker.rs`: queue loops, running a job, the rescuer;
+//! - `completer.rs`: completions of many jobs written in one fenced statement;
+//! - `schedule.rs`: cron schedules, one enqueue per tick across processes;
+//! - `prune.rs`: deleting finished jobs past their retention;
 //! - `store.rs`: the job table, the only SQL of the module;
 //! - `grpc.rs`: the gRPC services (none yet: admin services are to come);
 //! - `module.rs`: the module as the composition root wires it;
@@ -33,21 +40,27 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_kernel::backoff::Backoff;
-use keel_kernel::{BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob, Result, clock};
+use keel_kernel::limit::{InProcessRateLimiter, Quota, RateLimiter};
+use keel_kernel::{
+    BusBuilder, Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobSchedule, NewJob, Result, clock,
+};
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
 pub mod commands;
+mod completer;
 pub mod grpc;
 pub mod model;
 mod module;
+pub mod prune;
 pub mod queries;
+pub mod schedule;
 pub mod store;
 mod worker;
 
-pub use model::{AttemptError, JobRecord, JobState, Lease};
+pub use model::{AttemptError, JobRecord, JobState, Lease, Progress, QueueStats};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -69,6 +82,65 @@ pub struct Settings {
     pub listen: bool,
     /// Delays between attempts.
     pub backoff: Backoff,
+    /// Write completions in batches, one fenced statement for many jobs
+    /// (`completer.rs`); off, one statement and commit per job, as before
+    /// (`just bench-jobs` measures both).
+    pub batch_completion: bool,
+    /// Per-queue rate limits on job starts, counted on the kernel's limiter
+    /// port (Redis in a cluster: one allowance for every process).
+    pub rate_limits: RateLimits,
+    /// At a graceful shutdown, how long running jobs may take to finish
+    /// before the rest are handed back.
+    pub shutdown_grace: Duration,
+    /// Cron schedules declared in code (the composition root gathers the
+    /// modules' [`keel_kernel::Module::job_schedules`]).
+    pub schedules: Vec<JobSchedule>,
+    /// Cron schedules of configuration (`KEEL_JOBS_CRON`); one named like a
+    /// schedule of code replaces it.
+    pub cron: Vec<schedule::CronEntry>,
+    /// How long finished jobs are kept.
+    pub retention: prune::Retention,
+    /// How often finished jobs past their retention are deleted.
+    pub prune_every: Duration,
+    /// How long a cancelled job's handler may take to stop before it is
+    /// dropped.
+    pub cancel_grace: Duration,
+    /// How often a `WatchJob` stream reads the job for changes made by
+    /// other processes (this process's changes arrive at once).
+    pub watch_poll: Duration,
+}
+
+/// Per-queue limits on how fast jobs start, and the limiter that counts
+/// them. A worker takes a job of a limited queue only with a permit; a job
+/// it could not start stays available, untouched.
+#[derive(Clone)]
+pub struct RateLimits {
+    pub quotas: HashMap<String, Quota>,
+    pub limiter: Arc<dyn RateLimiter>,
+}
+
+impl RateLimits {
+    /// The limiter's key for `queue` (the limiter adds its namespace).
+    pub fn key(queue: &str) -> String {
+        format!("jobs:{queue}")
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            quotas: HashMap::new(),
+            limiter: Arc::new(InProcessRateLimiter::new()),
+        }
+    }
+}
+
+impl std::fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("quotas", &self.quotas)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Settings {
@@ -82,6 +154,15 @@ impl Default for Settings {
             rescue_every: Duration::from_secs(30),
             listen: true,
             backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(3600)),
+            batch_completion: true,
+            rate_limits: RateLimits::default(),
+            shutdown_grace: Duration::from_secs(10),
+            schedules: Vec::new(),
+            cron: Vec::new(),
+            retention: prune::Retention::default(),
+            prune_every: Duration::from_secs(60),
+            cancel_grace: Duration::from_secs(5),
+            watch_poll: Duration::from_secs(1),
         }
     }
 }
@@ -100,6 +181,28 @@ struct Inner {
     wake: HashMap<&'static str, Arc<Notify>>,
     /// PostgreSQL's channel for this job table.
     channel: Option<String>,
+    completer: completer::Completer,
+    /// Where the workers are in their life: running, or shutting down.
+    phase: watch::Sender<Phase>,
+    /// Queue loops still running (each holds a [`worker::LoopGuard`]).
+    loops: watch::Sender<usize>,
+    /// The cron schedules this process runs.
+    schedules: Vec<schedule::Schedule>,
+    /// The cancellation signals of the runs in this process, by job and attempt.
+    running: std::sync::Mutex<HashMap<(Uuid, u32), tokio::sync::watch::Sender<bool>>>,
+    /// Jobs as this process changed them, for its `WatchJob` streams (sent
+    /// only while one listens).
+    changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
+}
+
+/// The workers' phase. Shutting down goes Running → Draining (no more
+/// fetches; running jobs go on) → HandBack (the jobs still running are
+/// dropped and handed back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    Draining,
+    HandBack,
 }
 
 impl Jobs {
@@ -120,6 +223,8 @@ impl Jobs {
             .map(|kind| (kind.queue, Arc::new(Notify::new())))
             .collect();
         let channel = store::channel(&db).await?;
+        let completer = completer::Completer::start(db.clone());
+        let schedules = schedule::resolve(&settings.schedules, &settings.cron, &by_name)?;
         Ok(Jobs {
             inner: Arc::new(Inner {
                 db,
@@ -127,6 +232,12 @@ impl Jobs {
                 kinds: by_name,
                 wake,
                 channel,
+                completer,
+                phase: watch::Sender::new(Phase::Running),
+                loops: watch::Sender::new(0),
+                schedules,
+                running: std::sync::Mutex::default(),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -141,6 +252,19 @@ impl Jobs {
 
     pub fn kind(&self, name: &str) -> Option<&JobKind> {
         self.inner.kinds.get(name)
+    }
+
+    /// The kinds of `queue` this process runs.
+    pub(crate) fn kinds_of(&self, queue: &str) -> Vec<&'static str> {
+        let mut kinds: Vec<_> = self
+            .inner
+            .kinds
+            .values()
+            .filter(|kind| kind.queue == queue)
+            .map(|kind| kind.name)
+            .collect();
+        kinds.sort_unstable();
+        kinds
     }
 
     /// What the command bus enqueues through.
@@ -165,6 +289,71 @@ impl Jobs {
         store::get(self.db(), id).await
     }
 
+    pub(crate) fn schedules(&self) -> &[schedule::Schedule] {
+        &self.inner.schedules
+    }
+
+    /// Every registered kind.
+    pub fn kinds(&self) -> impl Iterator<Item = &JobKind> {
+        self.inner.kinds.values()
+    }
+
+    /// The queues that have kinds here.
+    pub fn queues(&self) -> Vec<&'static str> {
+        let mut queues: Vec<_> = self.inner.wake.keys().copied().collect();
+        queues.sort_unstable();
+        queues
+    }
+
+    /// Registers a run's cancellation signal; removed by [`Jobs::run_ended`].
+    pub(crate) fn run_started(&self, id: Uuid, attempt: u32) -> tokio::sync::watch::Receiver<bool> {
+        let (sender, receiver) = tokio::sync::watch::channel(false);
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((id, attempt), sender);
+        receiver
+    }
+
+    pub(crate) fn run_ended(&self, id: Uuid, attempt: u32) {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&(id, attempt));
+    }
+
+    /// Signals every run of `id` in this process that the job was cancelled.
+    pub(crate) fn signal_cancelled(&self, id: Uuid) {
+        let running = self.inner.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for ((job, _), sender) in running.iter() {
+            if *job == id {
+                sender.send_replace(true);
+            }
+        }
+    }
+
+    /// This process's job changes, for a watcher.
+    pub(crate) fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<JobRecord>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Tells this process's watchers that `id` changed (reads it once, and
+    /// only while someone watches: the hot path pays nothing).
+    pub(crate) async fn publish(&self, id: Uuid) {
+        if self.inner.changes.receiver_count() == 0 {
+            return;
+        }
+        match store::get(self.db(), id).await {
+            Ok(Some(job)) => {
+                let _ = self.inner.changes.send(Arc::new(job));
+            }
+            Ok(None) => {}
+            Err(error) => tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed"),
+        }
+    }
+
     pub(crate) fn channel(&self) -> Option<&str> {
         self.inner.channel.as_deref()
     }
@@ -176,7 +365,57 @@ impl Jobs {
         }
     }
 
-    /// The worker loops, the rescuer and the PostgreSQL listener.
+    pub(crate) fn phase(&self) -> watch::Receiver<Phase> {
+        self.inner.phase.subscribe()
+    }
+
+    pub(crate) fn loops(&self) -> &watch::Sender<usize> {
+        &self.inner.loops
+    }
+
+    /// Stops this process's workers gracefully: no more fetches; running
+    /// jobs may finish within `shutdown_grace`; the ones still running then
+    /// are dropped and handed back at once (available again, their attempt
+    /// given back, fenced on their lease), so another process runs them
+    /// without waiting out the lease. Returns when every queue loop ended
+    /// (or, if writing the hand-backs hangs, a few seconds after the grace:
+    /// the leases cover what was not written).
+    pub async fn shutdown(&self) {
+        // Only the first call shuts down; a later one (the server stops
+        // twice: at the signal and at the end) must not undo a HandBack.
+        let first = self.inner.phase.send_if_modified(|phase| {
+            let running = *phase == Phase::Running;
+            if running {
+                *phase = Phase::Draining;
+            }
+            running
+        });
+        if !first {
+            return;
+        }
+        let grace = self.settings().shutdown_grace;
+        let mut loops = self.inner.loops.subscribe();
+        let started = std::time::Instant::now();
+        if tokio::time::timeout(grace, loops.wait_for(|running| *running == 0))
+            .await
+            .is_ok()
+        {
+            tracing::info!(waited_ms = started.elapsed().as_millis() as u64, "job workers stopped");
+            return;
+        }
+        self.inner.phase.send_replace(Phase::HandBack);
+        let handed_back = tokio::time::timeout(Duration::from_secs(5), loops.wait_for(|running| *running == 0))
+            .await
+            .is_ok();
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            handed_back,
+            "job workers stopped; jobs still running were handed back"
+        );
+    }
+
+    /// The worker loops, the rescuer, the scheduler, the pruner and the
+    /// PostgreSQL listener.
     pub(crate) fn spawn_tasks(&self) -> Vec<keel_kernel::BackgroundTask> {
         let settings = self.settings();
         if !settings.workers {
@@ -188,15 +427,19 @@ impl Jobs {
             .iter()
             .map(|(queue, wake)| {
                 let concurrency = settings.queues.get(*queue).copied().unwrap_or(settings.concurrency);
-                tokio::spawn(worker::run_queue(
-                    self.clone(),
-                    (*queue).to_owned(),
-                    concurrency,
-                    wake.clone(),
-                ))
+                // Counted before it is spawned: a shutdown right after this
+                // waits for it.
+                let guard = worker::LoopGuard::new(self.clone());
+                tokio::spawn(worker::run_queue(guard, (*queue).to_owned(), concurrency, wake.clone()))
             })
             .collect();
         tasks.push(tokio::spawn(worker::run_rescuer(self.clone(), settings.rescue_every)));
+        tasks.push(tokio::spawn(schedule::run_scheduler(self.clone())));
+        tasks.push(tokio::spawn(prune::run_pruner(
+            self.db().clone(),
+            settings.retention,
+            settings.prune_every,
+        )));
         if let Some(channel) = self.channel().filter(|_| settings.listen) {
             tasks.push(tokio::spawn(worker::listen(self.clone(), channel.to_owned())));
         }
@@ -207,15 +450,35 @@ impl Jobs {
 /// Registers the module's queries.
 pub fn register(bus: &mut BusBuilder, jobs: &Jobs) {
     bus.jobs(jobs.queue());
+    commands::register(bus, jobs);
     queries::register(bus, jobs);
 }
 
-/// `jobs.noop`: does nothing (after `sleep_ms`, if set). For benchmarks
-/// and for trying out the machinery.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// `jobs.noop`: does nothing (after `sleep_ms`, if set), or, with
+/// `steps`, reports progress `steps` times, `step_ms` apart (stopping when
+/// cancelled), and sets `{"steps": n}` as its result. For benchmarks, tests
+/// and demos. `sleep_ms` ignores cancellation (a handler that must be
+/// dropped).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct Noop {
     #[serde(default)]
     pub sleep_ms: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub steps: u32,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub step_ms: u64,
+    /// Fail (and retry) every attempt with this message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail: Option<String>,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
 }
 
 impl Job for Noop {
@@ -223,8 +486,10 @@ impl Job for Noop {
     const MAX_ATTEMPTS: u32 = 3;
 }
 
-/// The longest a `jobs.noop` sleeps.
+/// The longest a `jobs.noop` sleeps (and each of its steps waits).
 const NOOP_MAX_SLEEP: Duration = Duration::from_secs(600);
+/// The most steps a `jobs.noop` reports.
+const NOOP_MAX_STEPS: u32 = 1000;
 
 struct RunNoop;
 
@@ -233,6 +498,21 @@ impl JobHandler<Noop> for RunNoop {
     async fn run(&self, ctx: &JobContext, job: Noop) -> std::result::Result<(), JobError> {
         if job.sleep_ms > 0 {
             tokio::time::sleep(Duration::from_millis(job.sleep_ms).min(NOOP_MAX_SLEEP)).await;
+        }
+        let steps = job.steps.min(NOOP_MAX_STEPS);
+        for step in 1..=steps {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(job.step_ms).min(NOOP_MAX_SLEEP)) => {}
+                () = ctx.cancelled() => return Err(keel_kernel::Error::new(keel_kernel::Code::Cancelled, "cancelled").into()),
+            }
+            let percent = u8::try_from(u64::from(step) * 100 / u64::from(steps)).unwrap_or(100);
+            ctx.progress(percent, format!("step {step} of {steps}")).await?;
+        }
+        if let Some(message) = job.fail {
+            return Err(keel_kernel::Error::internal(message).into());
+        }
+        if steps > 0 {
+            ctx.set_result(&serde_json::json!({ "steps": steps }))?;
         }
         tracing::debug!(job_id = %ctx.id, attempt = ctx.attempt, at = %clock::now(), "jobs.noop ran");
         Ok(())

@@ -63,7 +63,8 @@ pub struct JobRecord {
     pub state: JobState,
     pub priority: i16,
     pub run_at: DateTime<Utc>,
-    /// Attempts begun so far (the running one included).
+    /// Attempts begun so far (the running one included), snoozes and
+    /// shutdown hand-backs not counted: they give their attempt back.
     pub attempt: u32,
     pub max_attempts: u32,
     /// Set while running: the fence of every update the worker makes.
@@ -75,6 +76,38 @@ pub struct JobRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// This job's own run timeout; `None`: its kind's.
+    pub timeout: Option<std::time::Duration>,
+    /// How often it was snoozed (a snooze gives back its attempt).
+    pub snoozes: u32,
+    /// What the handler last reported.
+    pub progress: Option<Progress>,
+    /// What the handler set as its result, stored with the completion.
+    pub result: Option<serde_json::Value>,
+}
+
+/// A handler's report of how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: u8,
+    pub message: String,
+}
+
+/// What a queue holds and does now (see `GetQueueStats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub queue: String,
+    /// Due now, waiting for a worker.
+    pub available: u64,
+    /// Every waiting job (due, delayed, backing off).
+    pub depth: u64,
+    /// Since the oldest due job became due.
+    pub oldest_waiting: Option<std::time::Duration>,
+    pub running: u64,
+    pub failed: u64,
+    pub completed_last_minute: u64,
+    pub paused: bool,
 }
 
 /// A job a worker holds: its id, and the attempt and lease token that

@@ -20,7 +20,9 @@ impl Module for Jobs {
         crate::register(bus, self);
     }
 
-    fn grpc(&self, _bus: &Bus, _routes: &mut GrpcRoutes) {}
+    fn grpc(&self, bus: &Bus, routes: &mut GrpcRoutes) {
+        crate::grpc::add_services(bus, routes);
+    }
 
     /// Workers on the module's own connection (the one it was built with).
     fn start_tasks(&self, _db: &DatabaseConnection) -> Vec<BackgroundTask> {

@@ -11,29 +11,96 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use keel_kernel::{Error, JobContext, JobError, clock};
-use tokio::sync::{Notify, Semaphore};
+use keel_kernel::{Code, Error, JobContext, JobError, JobReporter, JobSignals, clock};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::model::{AttemptError, JobRecord};
-use crate::{Jobs, store};
+use crate::model::{AttemptError, JobRecord, JobState, Lease};
+use crate::{Jobs, Phase, store};
 
-/// Runs the jobs of `queue`, at most `concurrency` at once. Aborting the
-/// loop aborts its running jobs (their leases expire; the rescuer hands
-/// them to another worker).
-pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wake: Arc<Notify>) {
+/// Counts a running queue loop for [`Jobs::shutdown`]; dropped when the
+/// loop ends, however it ends (an abort included).
+pub(crate) struct LoopGuard {
+    jobs: Jobs,
+}
+
+impl LoopGuard {
+    pub(crate) fn new(jobs: Jobs) -> LoopGuard {
+        jobs.loops().send_modify(|running| *running += 1);
+        LoopGuard { jobs }
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        self.jobs
+            .loops()
+            .send_modify(|running| *running = running.saturating_sub(1));
+    }
+}
+
+/// Runs the jobs of `queue`, at most `concurrency` at once, and, when the
+/// queue has a rate limit, only as many as its limiter allows. Aborting
+/// the loop aborts its running jobs (their leases expire; the rescuer
+/// hands them to another worker); a graceful shutdown ([`Jobs::shutdown`])
+/// stops its fetches and waits for its jobs instead.
+pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usize, wake: Arc<Notify>) {
+    let jobs = guard.jobs.clone();
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut running = JoinSet::new();
+    let mut phase = jobs.phase();
     let settings = jobs.settings();
+    let quota = settings.rate_limits.quotas.get(&queue).copied();
+    let limiter_key = crate::RateLimits::key(&queue);
+    // Only the kinds this process can run: others' jobs stay for them.
+    let kinds = jobs.kinds_of(&queue);
     loop {
         while running.try_join_next().is_some() {}
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stopping(&mut phase) => break,
         };
+        if stopping_now(&phase) {
+            break;
+        }
         let free = 1 + slots.available_permits();
         let now = clock::now();
-        let leased_until = now + chrono::Duration::from_std(settings.lease).unwrap_or(chrono::Duration::seconds(30));
-        match store::fetch(jobs.db(), &queue, free as u32, leased_until, now).await {
+        // A limited queue starts no more jobs than its limiter allows: a
+        // permit per job, taken before the fetch, so a job it may not start
+        // is never leased (nor marked). Permits are asked only for jobs that
+        // are due; one taken for a job another process fetched first is
+        // spent (the limit holds; the rate may fall short of it).
+        let mut want = free;
+        let mut refused_for = None;
+        if let Some(quota) = quota {
+            let due = match store::due(jobs.db(), &queue, &kinds, now, free as u32).await {
+                Ok(due) => due as usize,
+                Err(error) => {
+                    tracing::warn!(error = %error, queue = %queue, "counting due jobs failed");
+                    0
+                }
+            };
+            want = 0;
+            while want < due {
+                match settings.rate_limits.limiter.acquire(&limiter_key, quota).await {
+                    Ok(()) => want += 1,
+                    Err(retry_after) => {
+                        refused_for = Some(retry_after);
+                        break;
+                    }
+                }
+            }
+        }
+        let leased_until = lease_end(now, settings.lease);
+        let fetched = if want == 0 {
+            Ok(Vec::new())
+        } else {
+            store::fetch_of_kinds(jobs.db(), &queue, Some(&kinds), want as u32, leased_until, now).await
+        };
+        match fetched {
             Ok(leased) if !leased.is_empty() => {
                 let full = leased.len() == free;
                 let mut first = Some(slot);
@@ -55,7 +122,7 @@ pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wak
                         wake.notify_one();
                     });
                 }
-                if full {
+                if full && refused_for.is_none() {
                     continue;
                 }
             }
@@ -65,49 +132,121 @@ pub(crate) async fn run_queue(jobs: Jobs, queue: String, concurrency: usize, wak
                 drop(slot);
             }
         }
+        if let Some(retry_after) = refused_for {
+            // The limiter is what holds the queue back: a wake-up changes
+            // nothing before it allows the next start.
+            tokio::select! {
+                _ = tokio::time::sleep(retry_after) => {}
+                _ = stopping(&mut phase) => break,
+            }
+            continue;
+        }
         let mut sleep = settings.poll;
-        if let Ok(Some(next)) = store::next_due(jobs.db(), &queue).await {
+        // A paused queue waits for its resume's wake-up (or the poll).
+        let paused = store::is_paused(jobs.db(), &queue).await.unwrap_or(false);
+        if !paused && let Ok(Some(next)) = store::next_due_of_kinds(jobs.db(), &queue, &kinds).await {
             let until = (next - clock::now()).to_std().unwrap_or(Duration::ZERO);
             sleep = sleep.min(until.max(Duration::from_millis(1)));
         }
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(sleep) => {}
+            _ = stopping(&mut phase) => break,
         }
     }
+    // Shutting down: no more fetches. The running jobs finish, or, at the
+    // end of the grace, hand themselves back.
+    while running.join_next().await.is_some() {}
+    drop(guard);
+}
+
+fn stopping_now(phase: &watch::Receiver<Phase>) -> bool {
+    *phase.borrow() != Phase::Running
+}
+
+/// Resolves once the workers shut down (at once if they are).
+async fn stopping(phase: &mut watch::Receiver<Phase>) {
+    // The sender lives as long as the module: an error cannot come first.
+    let _ = phase.wait_for(|phase| *phase != Phase::Running).await;
+}
+
+/// Resolves once running jobs must be handed back.
+async fn handing_back(phase: &mut watch::Receiver<Phase>) {
+    let _ = phase.wait_for(|phase| *phase == Phase::HandBack).await;
 }
 
 /// Runs one leased job to its outcome. The lease is renewed every third of
 /// its length; when a renewal finds it lost, the run is dropped (another
-/// worker may have the job by now) and nothing is written.
+/// worker may have the job by now) and nothing is written. A run past its
+/// timeout is dropped and fails the attempt; at the end of a shutdown's
+/// grace it is dropped and the job handed back.
 async fn run_job(jobs: &Jobs, job: JobRecord) {
     let Some(lease) = job.lease() else { return };
     let settings = jobs.settings();
+    let mut cancelled = jobs.run_started(job.id, job.attempt);
+    let _registered = RunRegistration { jobs, lease };
     let ctx = JobContext {
         id: job.id,
         kind: job.kind.clone(),
         attempt: job.attempt,
         max_attempts: job.max_attempts,
         user_id: job.user_id,
+        signals: JobSignals::new(
+            Arc::new(Reporter {
+                jobs: jobs.clone(),
+                lease,
+            }),
+            cancelled.clone(),
+        ),
     };
+    jobs.publish(job.id).await;
     let outcome = match jobs.kind(&job.kind) {
         None => Err(JobError::do_not_retry(Error::internal(format!(
             "no handler for job kind {} in this keel",
             job.kind
         )))),
         Some(kind) => {
+            let timeout = job.timeout.unwrap_or(kind.timeout);
             let run = kind.run(&ctx, &job.args);
             tokio::pin!(run);
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut phase = jobs.phase();
             let mut renewal = tokio::time::interval((settings.lease / 3).max(Duration::from_millis(10)));
             renewal.tick().await;
             loop {
                 tokio::select! {
                     outcome = &mut run => break outcome,
+                    _ = &mut deadline => {
+                        // Leaving the loop drops the handler's future.
+                        break Err(JobError::from(Error::new(
+                            Code::DeadlineExceeded,
+                            format!("the job ran past its timeout of {} ms", timeout.as_millis()),
+                        )));
+                    }
+                    _ = handing_back(&mut phase) => {
+                        match store::hand_back(jobs.db(), &lease, clock::now()).await {
+                            Ok(true) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job handed back at shutdown"),
+                            Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; not handed back"),
+                            Err(error) => tracing::warn!(job_id = %job.id, error = %error, "handing a job back failed; its lease will expire"),
+                        }
+                        return;
+                    }
+                    true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => {
+                        drain_cancelled(jobs, &job, run.as_mut()).await;
+                        return;
+                    }
                     _ = renewal.tick() => {
                         let now = clock::now();
                         match store::renew(jobs.db(), &lease, lease_end(now, settings.lease), now).await {
                             Ok(true) => {}
                             Ok(false) => {
+                                // Cancelled in another process: this run hears it here.
+                                if cancelled_in_table(jobs, job.id).await {
+                                    jobs.signal_cancelled(job.id);
+                                    drain_cancelled(jobs, &job, run.as_mut()).await;
+                                    return;
+                                }
                                 tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
                                 return;
                             }
@@ -121,31 +260,95 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     };
     let now = clock::now();
     let written = match outcome {
-        Ok(()) => store::complete(jobs.db(), &lease, now).await,
+        Ok(()) => match ctx.signals.take_result() {
+            Some(result) => store::complete_with_result(jobs.db(), &lease, &result, now).await,
+            None => jobs.complete(lease, now).await,
+        },
+        Err(JobError {
+            snooze: Some(delay), ..
+        }) => {
+            let run_at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
+            tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, delay_ms = delay.as_millis() as u64, "job snoozed");
+            store::snooze(jobs.db(), &lease, run_at, now).await
+        }
         Err(failure) => {
+            // The kernel's retry decision, the one durable event handlers take.
+            let policy = keel_kernel::retry::RetryPolicy::new(settings.backoff, job.max_attempts);
+            let decision = policy.decide(job.attempt, &failure.error, failure.retry, now);
+            let recorded = decision.failure();
             let mut errors = job.errors.clone();
             errors.push(AttemptError {
-                attempt: job.attempt,
-                at: now,
-                message: failure.error.to_string(),
+                attempt: recorded.attempt,
+                at: recorded.at,
+                message: recorded.message.clone(),
             });
-            if failure.retry && job.attempt < job.max_attempts {
-                let delay = settings.backoff.delay(job.attempt);
-                let run_at = now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::hours(1));
-                tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
-                store::retry(jobs.db(), &lease, run_at, &errors, now).await
-            } else {
-                tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
-                store::fail(jobs.db(), &lease, &errors, now).await
+            match decision {
+                keel_kernel::retry::Decision::Retry { at: run_at, .. } => {
+                    tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
+                    store::retry(jobs.db(), &lease, run_at, &errors, now).await
+                }
+                keel_kernel::retry::Decision::GiveUp { .. } => {
+                    tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
+                    store::fail(jobs.db(), &lease, &errors, now).await
+                }
             }
         }
     };
     match written {
-        Ok(true) => {}
+        Ok(true) => jobs.publish(job.id).await,
         Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; outcome discarded"),
         Err(error) => {
             tracing::warn!(job_id = %job.id, error = %error, "writing a job's outcome failed; its lease will expire")
         }
+    }
+}
+
+/// Removes a run's cancellation signal when the run ends, however it ends.
+struct RunRegistration<'a> {
+    jobs: &'a Jobs,
+    lease: Lease,
+}
+
+impl Drop for RunRegistration<'_> {
+    fn drop(&mut self) {
+        self.jobs.run_ended(self.lease.id, self.lease.attempt);
+    }
+}
+
+/// Stores a handler's progress fenced on its run's lease.
+struct Reporter {
+    jobs: Jobs,
+    lease: Lease,
+}
+
+#[async_trait::async_trait]
+impl JobReporter for Reporter {
+    async fn progress(&self, percent: u8, message: &str) -> keel_kernel::Result<()> {
+        if store::progress(self.jobs.db(), &self.lease, percent, message, clock::now()).await? {
+            self.jobs.publish(self.lease.id).await;
+            Ok(())
+        } else {
+            Err(Error::new(
+                Code::FailedPrecondition,
+                "the job is no longer this run's (cancelled or its lease lost)",
+            ))
+        }
+    }
+}
+
+/// Whether the job was cancelled (checked when a renewal found the lease gone).
+async fn cancelled_in_table(jobs: &Jobs, id: uuid::Uuid) -> bool {
+    matches!(store::get(jobs.db(), id).await, Ok(Some(job)) if job.state == JobState::Cancelled)
+}
+
+/// A cancelled job's handler has the grace period to stop; then it is
+/// dropped. Its outcome is never written: the table says cancelled already
+/// (and the fence would refuse it).
+async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, run: std::pin::Pin<&mut F>) {
+    let grace = jobs.settings().cancel_grace;
+    match tokio::time::timeout(grace, run).await {
+        Ok(_) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job cancelled; its handler stopped"),
+        Err(_) => tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped"),
     }
 }
 

@@ -7,6 +7,7 @@
 //! jobs module stores, fetches, leases, retries and runs them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -26,7 +27,15 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     const QUEUE: &'static str = "default";
     /// Attempts in all, the first included, before the job is failed.
     const MAX_ATTEMPTS: u32 = 5;
+    /// How long one run may take: past it the run is dropped and the
+    /// attempt fails (retried while attempts remain). A job may say
+    /// otherwise ([`NewJob::timeout`]).
+    const TIMEOUT: Duration = DEFAULT_JOB_TIMEOUT;
 }
+
+/// The timeout of a kind that declares none: long enough for real work,
+/// short enough that a hung handler does not hold its slot for ever.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 /// A job to enqueue: what [`JobQueue::enqueue`] writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +52,105 @@ pub struct NewJob {
     /// Whose job it is; `None` takes the command's caller (see
     /// [`crate::CommandContext::enqueue`]), or no user.
     pub user_id: Option<Uuid>,
+    /// This job's run timeout; `None`: its kind's [`Job::TIMEOUT`] (read
+    /// when it runs, so a new release's value applies to waiting jobs).
+    pub timeout: Option<Duration>,
+    /// At most one such job at a time (see [`Unique`]); `None`: any number.
+    pub unique: Option<Unique>,
+}
+
+/// What makes a job unique: its kind and `key`, within a `period` when one
+/// is set. An enqueue while a job of the same kind and key is in one of the
+/// counted states writes nothing and returns that job's id. The database
+/// enforces it (a unique index), so concurrent enqueues, in any number of
+/// processes, leave one job.
+///
+/// `available` and `running` always count: a job moves between them by
+/// itself (fetch, retry, rescue), and a second job of the key in one of them
+/// would make that move collide. Finished states count when asked
+/// (`counting_completed`: "once ever", within the pruning's retention).
+///
+/// The key is global to the kind, not per user: put the user in it when
+/// uniqueness is per user (otherwise one user's enqueue returns the id of
+/// another's job, which they cannot see).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unique {
+    pub key: String,
+    /// Uniqueness holds within one period, aligned to the Unix epoch (an
+    /// hour is a clock hour, UTC): the next period admits a new job even
+    /// while the previous one waits. `None`: for as long as the job counts.
+    pub period: Option<std::time::Duration>,
+    pub completed: bool,
+    pub failed: bool,
+    pub cancelled: bool,
+}
+
+impl Unique {
+    /// Unique by `key` (with the kind) while a job is available or running.
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            period: None,
+            completed: false,
+            failed: false,
+            cancelled: false,
+        }
+    }
+
+    pub fn period(mut self, period: std::time::Duration) -> Self {
+        self.period = Some(period);
+        self
+    }
+
+    /// A completed job of the key counts too.
+    pub fn counting_completed(mut self) -> Self {
+        self.completed = true;
+        self
+    }
+
+    /// A failed job of the key counts too.
+    pub fn counting_failed(mut self) -> Self {
+        self.failed = true;
+        self
+    }
+
+    /// A cancelled job of the key counts too.
+    pub fn counting_cancelled(mut self) -> Self {
+        self.cancelled = true;
+        self
+    }
+
+    /// Every state counts: one job of the key (and period), ever, until
+    /// it is pruned.
+    pub fn counting_finished(self) -> Self {
+        self.counting_completed().counting_failed().counting_cancelled()
+    }
+}
+
+/// A job enqueued on a cron schedule, declared in code
+/// ([`crate::Module::job_schedules`]) or in configuration. Every keel
+/// process with workers runs the schedules; each tick enqueues `job` once
+/// across all of them (its `run_at` is the tick, its uniqueness the
+/// schedule's name and the tick).
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSchedule {
+    /// Stable (it identifies the ticks already enqueued): letters, digits,
+    /// `.`, `-`, `_`.
+    pub name: String,
+    /// A cron expression in UTC: five fields (minutes), six (seconds first)
+    /// or an alias such as `@hourly`.
+    pub cron: String,
+    pub job: NewJob,
+}
+
+impl JobSchedule {
+    pub fn new(name: impl Into<String>, cron: impl Into<String>, job: NewJob) -> Self {
+        Self {
+            name: name.into(),
+            cron: cron.into(),
+            job,
+        }
+    }
 }
 
 impl NewJob {
@@ -55,7 +163,16 @@ impl NewJob {
             run_at: None,
             max_attempts: J::MAX_ATTEMPTS.max(1),
             user_id: None,
+            timeout: None,
+            unique: None,
         })
+    }
+
+    /// At most one job of this kind and key (see [`Unique`]); an enqueue
+    /// that finds one returns its id.
+    pub fn unique(mut self, unique: Unique) -> Self {
+        self.unique = Some(unique);
+        self
     }
 
     pub fn priority(mut self, priority: i16) -> Self {
@@ -77,6 +194,12 @@ impl NewJob {
         self.user_id = Some(user_id);
         self
     }
+
+    /// Overrides the kind's [`Job::TIMEOUT`] for this job (at least 1 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout.max(Duration::from_millis(1)));
+        self
+    }
 }
 
 /// Where the bus writes a command's jobs, inside its transaction.
@@ -90,7 +213,8 @@ pub trait JobQueue: Send + Sync + 'static {
     fn committed(&self);
 }
 
-/// What a job's handler knows about the run.
+/// What a job's handler knows about the run, and how it talks to its
+/// worker: progress reports, a result, the cancellation signal.
 #[derive(Debug, Clone)]
 pub struct JobContext {
     pub id: Uuid,
@@ -99,30 +223,157 @@ pub struct JobContext {
     pub attempt: u32,
     pub max_attempts: u32,
     pub user_id: Option<Uuid>,
+    /// The worker's side of the run ([`JobSignals::detached`] outside a worker).
+    pub signals: JobSignals,
+}
+
+impl JobContext {
+    /// Reports how far the run got (`percent` is capped at 100), stored on
+    /// the job fenced on the run's lease, so watchers see it. An error
+    /// (FAILED_PRECONDITION) when the run no longer holds the job: it was
+    /// cancelled or its lease lost; the handler should stop.
+    pub async fn progress(&self, percent: u8, message: impl Into<String>) -> Result<()> {
+        match &self.signals.reporter {
+            Some(reporter) => reporter.progress(percent.min(100), &message.into()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the run's result (any serde value, stored as JSON with the
+    /// completion; a later call replaces it). Kept only if the run completes.
+    pub fn set_result(&self, result: &impl Serialize) -> Result<()> {
+        let value = serde_json::to_value(result).map_err(Error::internal)?;
+        *self
+            .signals
+            .result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(value);
+        Ok(())
+    }
+
+    /// True once the job was cancelled: stop, the outcome is discarded.
+    pub fn is_cancelled(&self) -> bool {
+        *self.signals.cancelled.borrow()
+    }
+
+    /// Resolves when the job is cancelled (never, if it is not). A handler
+    /// that does not stop within the worker's grace period is dropped.
+    pub async fn cancelled(&self) {
+        let mut cancelled = self.signals.cancelled.clone();
+        if cancelled.wait_for(|cancelled| *cancelled).await.is_err() {
+            // The worker went away without cancelling: nothing will.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Where a running job's progress goes: the jobs module stores it fenced
+/// on the run's lease.
+#[async_trait]
+pub trait JobReporter: Send + Sync + 'static {
+    async fn progress(&self, percent: u8, message: &str) -> Result<()>;
+}
+
+/// The worker's side of a run, held by its [`JobContext`].
+#[derive(Clone)]
+pub struct JobSignals {
+    reporter: Option<Arc<dyn JobReporter>>,
+    cancelled: tokio::sync::watch::Receiver<bool>,
+    result: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    // Keeps a detached context's channel open, so it is never cancelled.
+    _detached: Option<Arc<tokio::sync::watch::Sender<bool>>>,
+}
+
+impl JobSignals {
+    /// A run's signals: progress through `reporter`, cancellation when
+    /// `cancelled` turns true.
+    pub fn new(reporter: Arc<dyn JobReporter>, cancelled: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self {
+            reporter: Some(reporter),
+            cancelled,
+            result: Arc::default(),
+            _detached: None,
+        }
+    }
+
+    /// No worker behind it (a handler called directly): progress goes
+    /// nowhere, it is never cancelled.
+    pub fn detached() -> Self {
+        let (sender, cancelled) = tokio::sync::watch::channel(false);
+        Self {
+            reporter: None,
+            cancelled,
+            result: Arc::default(),
+            _detached: Some(Arc::new(sender)),
+        }
+    }
+
+    /// The result the handler set, taken (for the completion to store).
+    pub fn take_result(&self) -> Option<serde_json::Value> {
+        self.result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+    }
+}
+
+impl Default for JobSignals {
+    fn default() -> Self {
+        Self::detached()
+    }
+}
+
+impl std::fmt::Debug for JobSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSignals")
+            .field("cancelled", &*self.cancelled.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a run failed: retried (with backoff, while attempts remain) unless
-/// it says it must not be.
+/// it says it must not be; or, snoozed, not failed at all.
 #[derive(Debug)]
 pub struct JobError {
     pub error: Error,
     pub retry: bool,
+    /// "Not now": run again after this, without using up an attempt (see
+    /// [`JobError::snooze`]).
+    pub snooze: Option<Duration>,
 }
 
 impl JobError {
+    /// Not a failure: the job cannot do its work yet (a resource is busy, a
+    /// partner asked to come back later). It becomes available again after
+    /// `delay`; the snooze uses up no attempt (the attempt it took is given
+    /// back, so the next run sees the same `ctx.attempt`) and adds no error;
+    /// the job counts its snoozes.
+    pub fn snooze(delay: Duration) -> Self {
+        Self {
+            error: Error::unavailable(format!("snoozed for {} ms", delay.as_millis())),
+            retry: true,
+            snooze: Some(delay),
+        }
+    }
+
     /// A failure no retry can mend (bad arguments, a refused request): the
     /// job is failed at once.
     pub fn do_not_retry(error: impl Into<Error>) -> Self {
         Self {
             error: error.into(),
             retry: false,
+            snooze: None,
         }
     }
 }
 
 impl From<Error> for JobError {
     fn from(error: Error) -> Self {
-        Self { error, retry: true }
+        Self {
+            error,
+            retry: true,
+            snooze: None,
+        }
     }
 }
 
@@ -143,6 +394,7 @@ pub trait JobHandler<J: Job>: Send + Sync + 'static {
 #[async_trait]
 trait ErasedHandler: Send + Sync + 'static {
     async fn run(&self, ctx: &JobContext, args: &serde_json::Value) -> std::result::Result<(), JobError>;
+    fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String>;
 }
 
 struct Typed<J, H> {
@@ -158,6 +410,10 @@ impl<J: Job, H: JobHandler<J>> ErasedHandler for Typed<J, H> {
             .map_err(|error| JobError::do_not_retry(Error::internal(format!("arguments of {}: {error}", J::KIND))))?;
         self.handler.run(ctx, job).await
     }
+
+    fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String> {
+        J::deserialize(args).map(|_| ()).map_err(|error| error.to_string())
+    }
 }
 
 /// A job kind with its handler, its type erased: what a module declares
@@ -167,6 +423,8 @@ pub struct JobKind {
     pub name: &'static str,
     pub queue: &'static str,
     pub max_attempts: u32,
+    /// The kind's [`Job::TIMEOUT`].
+    pub timeout: Duration,
     handler: Arc<dyn ErasedHandler>,
 }
 
@@ -176,11 +434,17 @@ impl JobKind {
             name: J::KIND,
             queue: J::QUEUE,
             max_attempts: J::MAX_ATTEMPTS.max(1),
+            timeout: J::TIMEOUT.max(Duration::from_millis(1)),
             handler: Arc::new(Typed {
                 handler,
                 _job: std::marker::PhantomData,
             }),
         }
+    }
+
+    /// Whether `args` parse as the kind's arguments; why not, if they do not.
+    pub fn check(&self, args: &serde_json::Value) -> std::result::Result<(), String> {
+        self.handler.check(args)
     }
 
     /// Parses `args` as the kind's arguments and runs the handler.
@@ -195,6 +459,7 @@ impl std::fmt::Debug for JobKind {
             .field("name", &self.name)
             .field("queue", &self.queue)
             .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }

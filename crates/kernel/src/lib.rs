@@ -20,6 +20,9 @@
 //! - [`query_cache`]: queries' answers kept until a command invalidates them;
 //! - [`limit`]: the rate-limiter port and its in-process adapter;
 //! - [`backoff`]: the one retry schedule (exponential, capped, jittered);
+//! - [`retry`]: the one retry / dead-letter decision of durable handlers and jobs;
+//! - [`outbound`]: the policy of calls to the outside (timeout, retries,
+//!   circuit breaker);
 //! - [`secret`]: a wrapper that keeps secrets out of logs;
 //! - [`trace`]: W3C trace context across calls, the outbox and log lines;
 //! - [`grpc`]: the one adapter that knows tonic: codes, statuses with
@@ -44,8 +47,10 @@ pub mod jobs;
 pub mod limit;
 pub mod mail;
 pub mod module;
+pub mod outbound;
 pub mod page;
 pub mod query_cache;
+pub mod retry;
 pub mod secret;
 pub mod trace;
 
@@ -56,6 +61,8 @@ pub use bus::{
 pub use context::{Principal, RequestContext, Role};
 pub use error::{Code, Error, FieldViolation, Result, Violations};
 pub use events::{DomainEvent, Envelope, EventHandler, Outbox, PendingEvent, topic_matches};
-pub use jobs::{Job, JobContext, JobError, JobHandler, JobKind, JobQueue, NewJob};
+pub use jobs::{
+    Job, JobContext, JobError, JobHandler, JobKind, JobQueue, JobReporter, JobSchedule, JobSignals, NewJob, Unique,
+};
 pub use module::{BackgroundTask, BackgroundTasks, GrpcLimits, Module};
 pub use secret::Secret;

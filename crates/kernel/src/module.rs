@@ -16,7 +16,7 @@ use sea_orm::DatabaseConnection;
 use crate::bus::{Bus, BusBuilder};
 use crate::events::EventHandler;
 use crate::grpc::GrpcRoutes;
-use crate::jobs::JobKind;
+use crate::jobs::{JobKind, JobSchedule};
 
 /// Limits every gRPC service gets, from the server's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +76,12 @@ pub trait Module: Send + Sync + 'static {
     /// The job kinds the module enqueues, with their handlers (the jobs
     /// module runs them).
     fn job_kinds(&self) -> Vec<JobKind> {
+        Vec::new()
+    }
+
+    /// The module's cron schedules, next to its job kinds: each tick
+    /// enqueues its job once across every keel process.
+    fn job_schedules(&self) -> Vec<JobSchedule> {
         Vec::new()
     }
 

@@ -48,7 +48,14 @@ pub mod keel {
             tonic::include_proto!("keel.identity.v1");
         }
     }
+
+    pub mod jobs {
+        pub mod v1 {
+            tonic::include_proto!("keel.jobs.v1");
+        }
+    }
 }
 
 pub use keel::events::v1 as events;
 pub use keel::identity::v1 as identity;
+pub use keel::jobs::v1 as jobs;

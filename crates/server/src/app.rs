@@ -39,6 +39,11 @@ pub struct State {
     /// The limiter of the per-method limits and identity's sign-in limits
     /// (Redis with its fallback when configured, in process otherwise).
     pub limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
+    /// The circuit breakers of outbound targets (the mailer's), shown by
+    /// `/readyz` and `/metrics`.
+    pub breakers: Arc<[Arc<keel_kernel::outbound::Breaker>]>,
+    /// The jobs module, for its graceful shutdown.
+    pub jobs: keel_jobs::Jobs,
     tasks: Arc<BackgroundTasks>,
 }
 
@@ -116,7 +121,23 @@ fn event_settings(config: &Config) -> keel_events::Settings {
     }
 }
 
-fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
+/// The outbound policy of the SMTP relay.
+fn mail_policy(config: &Config) -> keel_kernel::outbound::OutboundPolicy {
+    keel_kernel::outbound::OutboundPolicy {
+        timeout: Duration::from_millis(config.mail_timeout_ms),
+        attempts: config.mail_attempts,
+        breaker: keel_kernel::outbound::BreakerSettings {
+            failures: config.mail_breaker_failures,
+            cool_down: Duration::from_millis(config.mail_breaker_cool_down_ms),
+        },
+        ..keel_kernel::outbound::OutboundPolicy::default()
+    }
+}
+
+fn job_settings(
+    config: &Config,
+    limiter: Arc<dyn keel_kernel::limit::RateLimiter>,
+) -> anyhow::Result<keel_jobs::Settings> {
     let lease = Duration::from_millis(config.jobs_lease_ms);
     Ok(keel_jobs::Settings {
         workers: config.jobs_workers,
@@ -132,6 +153,16 @@ fn job_settings(config: &Config) -> anyhow::Result<keel_jobs::Settings> {
             Duration::from_millis(config.jobs_backoff_ms),
             Duration::from_secs(3600),
         ),
+        // The limiter of the per-method limits: Redis is shared by every
+        // keel, so a queue's limit holds across processes.
+        rate_limits: keel_jobs::RateLimits {
+            quotas: config.jobs_rate_limits()?,
+            limiter,
+        },
+        shutdown_grace: config.jobs_shutdown_grace()?,
+        cron: config.jobs_cron_entries()?,
+        retention: config.jobs_retention()?,
+        cancel_grace: Duration::from_millis(config.jobs_cancel_grace_ms),
         ..keel_jobs::Settings::default()
     })
 }
@@ -148,17 +179,30 @@ impl State {
         let db = connect(&config).await?;
         keel_db::migrate(&db).await.context("applying migrations")?;
 
-        let mailer: Arc<dyn keel_kernel::mail::Mailer> = match &config.smtp_url {
-            Some(url) => Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?),
+        // The relay is an outbound call, under its policy and breaker; the
+        // mail file is local (its failures are the disk's, retried by the
+        // handlers that send).
+        let (mailer, breakers): (
+            Arc<dyn keel_kernel::mail::Mailer>,
+            Vec<Arc<keel_kernel::outbound::Breaker>>,
+        ) = match &config.smtp_url {
+            Some(url) => {
+                let relay = Arc::new(crate::mail::SmtpMailer::new(url.expose(), &config.mail_from)?);
+                let outbound = keel_kernel::outbound::Outbound::new("mail", mail_policy(&config));
+                let guarded = crate::mail::GuardedMailer::new(relay, outbound);
+                let breakers = vec![guarded.breaker().clone()];
+                (Arc::new(guarded), breakers)
+            }
             None => {
                 let path = config
                     .mail_file
                     .clone()
                     .unwrap_or_else(|| config.data_dir.join("mail.jsonl"));
                 crate::files::tighten_if_exists(&path)?;
-                Arc::new(crate::mail::FileMailer::new(path))
+                (Arc::new(crate::mail::FileMailer::new(path)), Vec::new())
             }
         };
+        let breakers: Arc<[Arc<keel_kernel::outbound::Breaker>]> = breakers.into();
         let limiter = rate_limiter(&config, &db).await?;
         let ports = Ports {
             mailer,
@@ -173,9 +217,12 @@ impl State {
         let mut modules: Vec<Arc<dyn Module>> = vec![Arc::new(identity.clone())];
         // The jobs module runs the others' job kinds, so it follows them.
         let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
-        modules.push(Arc::new(
-            keel_jobs::Jobs::new(db.clone(), kinds, job_settings(&config)?).await?,
-        ));
+        let job_settings = keel_jobs::Settings {
+            schedules: modules.iter().flat_map(|module| module.job_schedules()).collect(),
+            ..job_settings(&config, limiter.clone())?
+        };
+        let jobs = keel_jobs::Jobs::new(db.clone(), kinds, job_settings).await?;
+        modules.push(Arc::new(jobs.clone()));
 
         let mut handlers = keel_events::handlers::Registry::default();
         for handler in modules.iter().flat_map(|module| module.event_handlers()) {
@@ -225,6 +272,8 @@ impl State {
             modules: modules.into(),
             metrics,
             limiter,
+            breakers,
+            jobs,
             tasks: Arc::new(BackgroundTasks::new(tasks)),
         };
         state.bootstrap_admin().await?;
@@ -415,22 +464,45 @@ impl Application {
         let readiness = tokio::spawn(watch_database(state.db.clone(), health.clone()));
 
         let service = state.listener_service(health.service())?;
-        crate::listen::serve(
-            listener,
-            service,
-            shutdown,
-            crate::listen::Limits::from_config(&config)?,
-        )
-        .await;
+        // At the signal the listener drains its calls and the job workers
+        // drain their jobs, side by side: one grace does not follow the other.
+        let shutdown = futures::FutureExt::shared(shutdown);
+        let jobs = state.jobs.clone();
+        let jobs_stopped = {
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.await;
+                jobs.shutdown().await;
+            }
+        };
+        tokio::join!(
+            crate::listen::serve(
+                listener,
+                service,
+                shutdown,
+                crate::listen::Limits::from_config(&config)?,
+            ),
+            jobs_stopped
+        );
 
         readiness.abort();
-        state.tasks.stop();
-        state.events.stop();
-        if let Err(error) = state.db.clone().close().await {
+        state.stop().await;
+        Ok(())
+    }
+}
+
+impl State {
+    /// Stops what `build` started: the job workers gracefully (see
+    /// `keel_jobs::Jobs::shutdown`), then every background task, then the
+    /// pool.
+    pub async fn stop(&self) {
+        self.jobs.shutdown().await;
+        self.tasks.stop();
+        self.events.stop();
+        if let Err(error) = self.db.clone().close().await {
             tracing::warn!(error = %error, "closing the database pool");
         }
         tracing::info!("stopped");
-        Ok(())
     }
 }
 
@@ -506,7 +578,9 @@ impl State {
             .metrics
             .clone()
             .map(|metrics| crate::metrics::route(metrics, self.clone(), shedder.clone()));
-        edge_service(&self.config, upstream, shedder, routes)
+        let breakers = self.breakers.clone();
+        let details: keel_edge::ReadinessDetails = Arc::new(move || crate::health::readiness_details(&breakers));
+        edge_service(&self.config, upstream, shedder, routes, Some(details))
     }
 }
 
@@ -517,6 +591,7 @@ pub fn edge_service(
     upstream: Upstream,
     shedder: Arc<keel_edge::shed::Shedder>,
     routes: Option<axum::Router>,
+    readiness_details: Option<keel_edge::ReadinessDetails>,
 ) -> anyhow::Result<keel_edge::listener::ListenerService> {
     let mut edge = keel_edge::Edge::new(
         keel_proto::FILE_DESCRIPTOR_SET,
@@ -527,6 +602,9 @@ pub fn edge_service(
     .with_shedder(shedder);
     if let Some(routes) = routes {
         edge = edge.with_routes(routes);
+    }
+    if let Some(details) = readiness_details {
+        edge = edge.with_readiness_details(details);
     }
     Ok(keel_edge::listener_service(
         Arc::new(edge),

@@ -124,6 +124,17 @@ pub struct Config {
     pub mail_from: String,
     /// `KEEL_MAIL_FILE`: where email goes without SMTP (default `<data dir>/mail.jsonl`).
     pub mail_file: Option<PathBuf>,
+    /// `KEEL_MAIL_TIMEOUT_MS`: the longest one attempt to send an email
+    /// may take.
+    pub mail_timeout_ms: u64,
+    /// `KEEL_MAIL_ATTEMPTS`: attempts of one send on a transient failure,
+    /// the first included (the handler that sends retries later on its own).
+    pub mail_attempts: u32,
+    /// `KEEL_MAIL_BREAKER_FAILURES`: consecutive transient failures after
+    /// which sends fail at once, without reaching the relay, for
+    /// `KEEL_MAIL_BREAKER_COOL_DOWN_MS`; then one send is tried.
+    pub mail_breaker_failures: u32,
+    pub mail_breaker_cool_down_ms: u64,
     /// `KEEL_EVENTS_RETENTION_HOURS`: numbered events older than this are pruned.
     pub events_retention_hours: u64,
     /// `KEEL_EVENTS_HEARTBEAT_SECONDS`: idle subscriptions get a heartbeat this often.
@@ -167,6 +178,34 @@ pub struct Config {
     /// `KEEL_JOBS_BACKOFF_MS`: a failed job's first retry delay; it doubles
     /// (at most an hour), with jitter.
     pub jobs_backoff_ms: u64,
+    /// `KEEL_JOBS_RATE_LIMITS`: per-queue limits on job starts,
+    /// `mail=10/1s,reports=100/1m` (`QUEUE=LIMIT/WINDOW`, the window in
+    /// `ms`, `s`, `m` or `h`, bare numbers are seconds): a burst of LIMIT,
+    /// refilled evenly over the window (GCRA), counted on the rate limiter
+    /// (Redis when `KEEL_REDIS_URL` is set: one allowance for every keel).
+    pub jobs_rate_limits: Option<String>,
+    /// `KEEL_JOBS_SHUTDOWN_GRACE`: at SIGTERM or ctrl-c, how long running
+    /// jobs may take to finish (`10s`, `500ms`; bare numbers are seconds);
+    /// the ones still running then are handed back at once.
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_shutdown_grace: String,
+    /// `KEEL_JOBS_CRON`: cron schedules, `NAME|CRON|KIND[|ARGS_JSON]`
+    /// separated by `;` (see `keel_jobs::schedule::parse_cron_setting`),
+    /// e.g. `digest|0 7 * * MON-FRI|mail.digest|{"team":true}`. Times are
+    /// UTC; one named like a module's schedule replaces it.
+    pub jobs_cron: Option<String>,
+    /// `KEEL_JOBS_RETAIN_COMPLETED`: completed and cancelled jobs are
+    /// deleted this long after they finished (`24h`; `s`, `m`, `h`, `d`, or
+    /// a number of seconds).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_completed: String,
+    /// `KEEL_JOBS_RETAIN_FAILED`: failed jobs (the dead letters) are
+    /// deleted this long after they failed (`7d`).
+    #[serde(deserialize_with = "text_or_number")]
+    pub jobs_retain_failed: String,
+    /// `KEEL_JOBS_CANCEL_GRACE_MS`: how long a cancelled job's handler may
+    /// take to stop before it is dropped.
+    pub jobs_cancel_grace_ms: u64,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -284,6 +323,10 @@ impl Default for Config {
             smtp_url: None,
             mail_from: "Keel <keel@localhost>".to_owned(),
             mail_file: None,
+            mail_timeout_ms: 10_000,
+            mail_attempts: 2,
+            mail_breaker_failures: 5,
+            mail_breaker_cool_down_ms: 30_000,
             events_retention_hours: 7 * 24,
             events_heartbeat_seconds: 15,
             stream_ticket_first_use_seconds: 60,
@@ -298,6 +341,12 @@ impl Default for Config {
             jobs_lease_ms: 30_000,
             jobs_poll_ms: 60_000,
             jobs_backoff_ms: 1_000,
+            jobs_rate_limits: None,
+            jobs_shutdown_grace: "10s".to_owned(),
+            jobs_cron: None,
+            jobs_retain_completed: "24h".to_owned(),
+            jobs_retain_failed: "7d".to_owned(),
+            jobs_cancel_grace_ms: 5_000,
         }
     }
 }
@@ -317,6 +366,43 @@ fn on_or_off<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, 
             "off" | "false" => Ok(false),
             _ => Err(serde::de::Error::custom("expected on, off, true or false")),
         },
+    }
+}
+
+/// A setting written either way: `10s`, or `10` (a TOML or variable number).
+fn text_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TextOrNumber {
+        Number(u64),
+        Text(String),
+    }
+    Ok(match TextOrNumber::deserialize(deserializer)? {
+        TextOrNumber::Number(number) => number.to_string(),
+        TextOrNumber::Text(text) => text,
+    })
+}
+
+/// A duration as an operator writes it: `500ms`, `90s`, `15m`, `24h`,
+/// `7d`, or a bare number of seconds; longer than zero.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let refused = || format!("{text:?} is not a duration (500ms, 90s, 15m, 24h, 7d)");
+    let split = text.find(|char: char| !char.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(refused()),
+    };
+    let number: u64 = number.parse().map_err(|_| refused())?;
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err(format!("{text:?} must be longer than zero")),
+        Some(ms) => Ok(std::time::Duration::from_millis(ms)),
+        None => Err(format!("{text:?} is too long")),
     }
 }
 
@@ -356,6 +442,54 @@ impl Config {
             queues.insert(queue.to_owned(), count);
         }
         Ok(queues)
+    }
+
+    /// `KEEL_JOBS_RATE_LIMITS` read: each queue's quota.
+    pub fn jobs_rate_limits(
+        &self,
+    ) -> Result<std::collections::HashMap<String, keel_kernel::limit::Quota>, ConfigError> {
+        let mut quotas = std::collections::HashMap::new();
+        let Some(spec) = &self.jobs_rate_limits else {
+            return Ok(quotas);
+        };
+        for entry in spec.split(',').map(str::trim).filter(|entry| !entry.is_empty()) {
+            let parsed = entry
+                .split_once('=')
+                .and_then(|(queue, rate)| {
+                    let (limit, window) = rate.split_once('/')?;
+                    Some((queue.trim(), limit.trim().parse::<u32>().ok()?, parse_duration(window).ok()?))
+                })
+                .filter(|(queue, limit, window)| !queue.is_empty() && *limit > 0 && !window.is_zero());
+            let Some((queue, limit, window)) = parsed else {
+                return Err(invalid(
+                    "KEEL_JOBS_RATE_LIMITS",
+                    format!("{entry:?} is not queue=limit/window (e.g. mail=10/1s; limit at least 1)"),
+                ));
+            };
+            quotas.insert(queue.to_owned(), keel_kernel::limit::Quota::per_window(limit, window));
+        }
+        Ok(quotas)
+    }
+
+    /// `KEEL_JOBS_SHUTDOWN_GRACE` read.
+    pub fn jobs_shutdown_grace(&self) -> Result<std::time::Duration, ConfigError> {
+        parse_duration(&self.jobs_shutdown_grace).map_err(|error| invalid("KEEL_JOBS_SHUTDOWN_GRACE", error))
+    }
+
+    /// `KEEL_JOBS_CRON` read (each kind is checked when the jobs module starts).
+    pub fn jobs_cron_entries(&self) -> Result<Vec<keel_jobs::schedule::CronEntry>, ConfigError> {
+        keel_jobs::schedule::parse_cron_setting(self.jobs_cron.as_deref().unwrap_or_default())
+            .map_err(|error| invalid("KEEL_JOBS_CRON", error))
+    }
+
+    /// `KEEL_JOBS_RETAIN_COMPLETED` and `KEEL_JOBS_RETAIN_FAILED` read.
+    pub fn jobs_retention(&self) -> Result<keel_jobs::prune::Retention, ConfigError> {
+        Ok(keel_jobs::prune::Retention {
+            completed: parse_duration(&self.jobs_retain_completed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_COMPLETED", error))?,
+            failed: parse_duration(&self.jobs_retain_failed)
+                .map_err(|error| invalid("KEEL_JOBS_RETAIN_FAILED", error))?,
+        })
     }
 
     /// Defaults, then the file (`path`, or `./keel.toml` when it exists), then `KEEL_*`.
@@ -459,14 +593,27 @@ impl Config {
             return Err(invalid("KEEL_JOBS_CONCURRENCY", "must be at least 1"));
         }
         self.jobs_queue_concurrency()?;
+        self.jobs_rate_limits()?;
+        self.jobs_shutdown_grace()?;
         if self.jobs_lease_ms < 300 {
             return Err(invalid("KEEL_JOBS_LEASE_MS", "must be at least 300"));
         }
         if self.jobs_poll_ms == 0 {
             return Err(invalid("KEEL_JOBS_POLL_MS", "must be at least 1"));
         }
+        self.jobs_cron_entries()?;
+        self.jobs_retention()?;
         if self.event_handler_max_attempts == 0 {
             return Err(invalid("KEEL_EVENT_HANDLER_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        for (name, value) in [
+            ("KEEL_MAIL_TIMEOUT_MS", self.mail_timeout_ms),
+            ("KEEL_MAIL_ATTEMPTS", u64::from(self.mail_attempts)),
+            ("KEEL_MAIL_BREAKER_FAILURES", u64::from(self.mail_breaker_failures)),
+        ] {
+            if value == 0 {
+                return Err(invalid(name, "must be at least 1"));
+            }
         }
         if let Some(url) = &self.smtp_url {
             crate::mail::SmtpSettings::parse(url.expose()).map_err(|reason| invalid("KEEL_SMTP_URL", reason))?;
@@ -622,6 +769,100 @@ mod tests {
             let error = config.validate().expect_err(bad).to_string();
             assert!(error.contains("KEEL_JOBS_QUEUES"), "{error}");
         }
+    }
+
+    #[test]
+    fn job_rate_limits_and_shutdown_grace_read_back() {
+        let config = Config {
+            jobs_rate_limits: Some("mail=10/1s, reports=6/1m,".to_owned()),
+            jobs_shutdown_grace: "1500ms".to_owned(),
+            ..Config::default()
+        };
+        let quotas = config.jobs_rate_limits().expect("valid");
+        assert_eq!(
+            quotas.get("mail"),
+            Some(&keel_kernel::limit::Quota::per_window(
+                10,
+                std::time::Duration::from_secs(1)
+            ))
+        );
+        assert_eq!(
+            quotas.get("reports").map(|quota| quota.period),
+            Some(std::time::Duration::from_secs(10))
+        );
+        assert_eq!(
+            config.jobs_shutdown_grace().ok(),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            Config::default().jobs_shutdown_grace().ok(),
+            Some(std::time::Duration::from_secs(10))
+        );
+        for bad in ["mail", "mail=0/1s", "mail=10", "mail=10/0s", "=1/1s"] {
+            let config = Config {
+                jobs_rate_limits: Some(bad.to_owned()),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_RATE_LIMITS"), "{error}");
+        }
+        let config = Config {
+            jobs_shutdown_grace: "soon".to_owned(),
+            ..Config::default()
+        };
+        let error = config.validate().expect_err("soon").to_string();
+        assert!(error.contains("KEEL_JOBS_SHUTDOWN_GRACE"), "{error}");
+    }
+
+    #[test]
+    fn job_retention_reads_durations_and_names_the_setting() {
+        let retention = Config::default().jobs_retention().expect("defaults");
+        assert_eq!(retention.completed, std::time::Duration::from_secs(24 * 3600));
+        assert_eq!(retention.failed, std::time::Duration::from_secs(7 * 24 * 3600));
+        for (text, seconds) in [
+            ("90s", 90),
+            ("15m", 900),
+            ("2h", 7200),
+            ("3d", 3 * 86400),
+            ("3600", 3600),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(std::time::Duration::from_secs(seconds)),
+                "{text}"
+            );
+        }
+        for bad in ["", "0", "0h", "h", "5w", "-1d", "1.5h"] {
+            let config = Config {
+                jobs_retain_failed: bad.to_owned(),
+                ..Config::default()
+            };
+            let error = config.validate().expect_err(bad).to_string();
+            assert!(error.contains("KEEL_JOBS_RETAIN_FAILED"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn job_schedules_and_retention_come_from_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "KEEL_JOBS_CRON",
+                "tick|*/10 * * * * *|jobs.noop|{\"sleep_ms\":1};nightly|@daily|jobs.noop",
+            );
+            jail.set_env("KEEL_JOBS_RETAIN_COMPLETED", "3600");
+            let config = Config::load(None).map_err(|error| error.to_string())?;
+            let entries = config.jobs_cron_entries().map_err(|error| error.to_string())?;
+            assert_eq!(entries.len(), 2);
+            assert_eq!(entries[0].cron, "*/10 * * * * *");
+            assert_eq!(entries[1].name, "nightly");
+            let retention = config.jobs_retention().map_err(|error| error.to_string())?;
+            assert_eq!(retention.completed, std::time::Duration::from_secs(3600));
+            jail.set_env("KEEL_JOBS_CRON", "tick|every second|jobs.noop");
+            let error = Config::load(None).expect_err("refused").to_string();
+            assert!(error.contains("KEEL_JOBS_CRON"), "{error}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! set of names is fixed when the server starts (every module's services),
 //! so a name is known from the first call on, and the statuses need no lock:
 //! one watch channel per name.
+//!
+//! [`readiness_details`] is what `/readyz` adds: the outbound targets'
+//! circuit breakers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
@@ -101,4 +104,26 @@ impl Health for HealthService {
         };
         Ok(Response::new(stream))
     }
+}
+
+/// `/readyz`'s `details`: each outbound target's circuit breaker, by
+/// target (`{"breakers": {"mail": {"state": "open", ...}}}`).
+pub fn readiness_details(breakers: &[std::sync::Arc<keel_kernel::outbound::Breaker>]) -> serde_json::Value {
+    let breakers: serde_json::Map<String, serde_json::Value> = breakers
+        .iter()
+        .map(|breaker| {
+            let snapshot = breaker.snapshot();
+            (
+                snapshot.target.to_owned(),
+                serde_json::json!({
+                    "state": snapshot.state.as_str(),
+                    "consecutive_failures": snapshot.consecutive_failures,
+                    "opened_total": snapshot.opened_total,
+                    "rejected_total": snapshot.rejected_total,
+                    "half_open_in_ms": snapshot.half_open_in.map(|left| left.as_millis() as u64),
+                }),
+            )
+        })
+        .collect();
+    serde_json::json!({ "breakers": breakers })
 }

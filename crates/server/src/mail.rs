@@ -1,15 +1,44 @@
 //! Mailer adapters: SMTP (lettre, `KEEL_SMTP_URL`) or, by default, a file in
-//! the data directory with one JSON message per line.
+//! the data directory with one JSON message per line; either behind
+//! [`GuardedMailer`], the kernel's outbound policy (timeout, retries,
+//! circuit breaker).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use keel_kernel::mail::{Mailer, OutgoingEmail};
-use keel_kernel::{Error, Result, Secret};
+use keel_kernel::outbound::{Breaker, Outbound};
+use keel_kernel::{Code, Error, Result, Secret};
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
+
+/// A mailer under the outbound policy: each send is timed out, retried on
+/// transient failures, and refused at once while the relay's breaker is
+/// open (the handler or job that sends retries later, by its own policy).
+pub struct GuardedMailer {
+    inner: Arc<dyn Mailer>,
+    outbound: Outbound,
+}
+
+impl GuardedMailer {
+    pub fn new(inner: Arc<dyn Mailer>, outbound: Outbound) -> Self {
+        Self { inner, outbound }
+    }
+
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        self.outbound.breaker()
+    }
+}
+
+#[async_trait]
+impl Mailer for GuardedMailer {
+    async fn send(&self, email: &OutgoingEmail) -> Result<()> {
+        self.outbound.call(|| self.inner.send(email)).await
+    }
+}
 
 /// Appends each message to a file as a JSON line. A message id already in
 /// the file is not written again, so redelivery is harmless.
@@ -158,11 +187,16 @@ impl Mailer for SmtpMailer {
             .subject(email.subject.clone())
             .body(email.text.clone())
             .map_err(|error| Error::internal(format!("unbuildable email: {error}")))?;
-        self.transport
-            .send(message)
-            .await
-            .map(|_| ())
-            .map_err(|error| Error::unavailable(format!("smtp: {error}")))
+        self.transport.send(message).await.map(|_| ()).map_err(|error| {
+            // A 5xx is the relay refusing this message: not the relay being
+            // down, so not a failure for the circuit breaker.
+            if error.is_permanent() {
+                Error::new(Code::FailedPrecondition, "the mail relay refused the message")
+                    .with_cause(format!("smtp: {error}"))
+            } else {
+                Error::unavailable(format!("smtp: {error}"))
+            }
+        })
     }
 }
 

@@ -26,8 +26,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve gRPC on KEEL_LISTEN (the default).
+    /// Serve gRPC on KEEL_LISTEN (the default); runs job workers too unless KEEL_JOBS_WORKERS=false.
     Serve,
+    /// Run the job workers (and the other background work: event relay, handlers, pruning) without serving the API.
+    Worker,
     /// Apply pending database migrations and exit.
     Migrate,
     /// Manage accounts.
@@ -119,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => serve(config).await,
+        Command::Worker => worker(config).await,
         Command::Migrate => {
             let db = keel_server::app::connect(&config).await?;
             keel_db::migrate(&db).await.context("applying migrations")?;
@@ -153,6 +156,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal();
     let started = std::time::Instant::now();
     let app = Application::build(config).await?;
     tracing::info!(
@@ -162,7 +166,28 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         startup_ms = started.elapsed().as_millis() as u64,
         "keel is serving gRPC"
     );
-    app.run_until_stopped(shutdown_signal()).await
+    app.run_until_stopped(shutdown).await
+}
+
+/// `keel worker`: the workers whatever `KEEL_JOBS_WORKERS` says (running
+/// them is the command's point), no listener; a signal stops them
+/// gracefully, as it stops `keel serve`'s.
+async fn worker(config: Config) -> anyhow::Result<()> {
+    let config = Config {
+        jobs_workers: true,
+        ..config
+    };
+    let shutdown = shutdown_signal();
+    let started = std::time::Instant::now();
+    let state = State::build(config).await?;
+    tracing::info!(
+        database = keel_db::backend_name(&state.db),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "keel is running job workers"
+    );
+    shutdown.await;
+    state.stop().await;
+    Ok(())
 }
 
 async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
@@ -173,7 +198,7 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
         .map_request(keel_server::proxy::forward_client_address::<tonic::body::Body>)
         .service(channel);
     let shedder = std::sync::Arc::new(keel_edge::shed::Shedder::new(config.max_in_flight));
-    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None)?;
+    let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None, None)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding KEEL_LISTEN {}", config.listen))?;
@@ -188,24 +213,33 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves at the first SIGTERM or SIGINT (ctrl-c). The handlers are
+/// installed when this is called, not when it is first polled: called
+/// before start-up, so a signal during start-up (job workers already
+/// running) is a graceful stop, not the default kill.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut terminate), Ok(mut interrupt)) => tokio::select! {
+                    _ = terminate.recv() => tracing::info!("SIGTERM received"),
+                    _ = interrupt.recv() => tracing::info!("SIGINT received"),
+                },
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    tracing::info!("SIGINT received");
+                }
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => tracing::info!("SIGINT received"),
-        _ = terminate => tracing::info!("SIGTERM received"),
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("ctrl-c received");
     }
 }
 

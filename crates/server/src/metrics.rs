@@ -55,6 +55,17 @@ struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetStateLabels {
+    target: &'static str,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -83,6 +94,10 @@ pub struct Metrics {
     query_cache_hits: Counter,
     query_cache_misses: Counter,
     rate_limited: Family<OnlyMethodLabels, Counter>,
+    breaker_state: Family<TargetStateLabels, Gauge>,
+    breaker_failures: Family<TargetLabels, Gauge>,
+    breaker_opened: Family<TargetLabels, Counter>,
+    breaker_rejected: Family<TargetLabels, Counter>,
     cpu: Counter<f64, AtomicU64>,
     resident: Gauge,
 }
@@ -164,6 +179,30 @@ impl Metrics {
             "Calls refused by their rate limit (KEEL_RATE_LIMITS), by method",
             rate_limited.clone(),
         );
+        let breaker_state = Family::<TargetStateLabels, Gauge>::default();
+        registry.register(
+            "outbound_breaker_state",
+            "1 for the state each outbound target's circuit breaker is in (closed, open, half_open), 0 for the others",
+            breaker_state.clone(),
+        );
+        let breaker_failures = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "outbound_breaker_consecutive_failures",
+            "Consecutive transient failures of an outbound target",
+            breaker_failures.clone(),
+        );
+        let breaker_opened = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "outbound_breaker_opened",
+            "Times an outbound target's circuit breaker opened",
+            breaker_opened.clone(),
+        );
+        let breaker_rejected = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "outbound_rejected",
+            "Outbound calls refused by an open circuit breaker, without reaching the target",
+            breaker_rejected.clone(),
+        );
         let cpu = Counter::<f64, AtomicU64>::default();
         registry.register_with_unit("process_cpu", "CPU time used by keel", Unit::Seconds, cpu.clone());
         let resident = Gauge::default();
@@ -189,6 +228,10 @@ impl Metrics {
             query_cache_hits,
             query_cache_misses,
             rate_limited,
+            breaker_state,
+            breaker_failures,
+            breaker_opened,
+            breaker_rejected,
             cpu,
             resident,
         })
@@ -226,6 +269,29 @@ impl Metrics {
             .inc_by(stats.hits().saturating_sub(self.query_cache_hits.get()));
         self.query_cache_misses
             .inc_by(stats.misses().saturating_sub(self.query_cache_misses.get()));
+        for breaker in state.breakers.iter() {
+            let snapshot = breaker.snapshot();
+            let target = snapshot.target;
+            for candidate in [
+                keel_kernel::outbound::BreakerState::Closed,
+                keel_kernel::outbound::BreakerState::Open,
+                keel_kernel::outbound::BreakerState::HalfOpen,
+            ] {
+                self.breaker_state
+                    .get_or_create(&TargetStateLabels {
+                        target,
+                        state: candidate.as_str(),
+                    })
+                    .set(i64::from(candidate == snapshot.state));
+            }
+            self.breaker_failures
+                .get_or_create(&TargetLabels { target })
+                .set(i64::from(snapshot.consecutive_failures));
+            let opened = self.breaker_opened.get_or_create(&TargetLabels { target });
+            opened.inc_by(snapshot.opened_total.saturating_sub(opened.get()));
+            let rejected = self.breaker_rejected.get_or_create(&TargetLabels { target });
+            rejected.inc_by(snapshot.rejected_total.saturating_sub(rejected.get()));
+        }
         if let Some((cpu_seconds, resident_bytes)) = process_usage() {
             self.cpu.inc_by((cpu_seconds - self.cpu.get()).max(0.0));
             self.resident.set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));
