@@ -56,17 +56,8 @@ impl MigrationTrait for Migration {
                 "CREATE UNIQUE INDEX jobs_unique ON jobs (unique_key) WHERE {predicate}"
             ))
             .await?;
-        // Pruning: completed, cancelled and failed jobs, oldest first.
-        manager
-            .create_index(
-                Index::create()
-                    .name("jobs_state_finished_at")
-                    .table(Jobs::Table)
-                    .col(Jobs::State)
-                    .col(Jobs::FinishedAt)
-                    .to_owned(),
-            )
-            .await?;
+        // Pruning walks completed, cancelled and failed jobs oldest first on
+        // `jobs_state_finished_at`, which `m20261203_000011_jobs_api` made.
         manager
             .create_table(
                 Table::create()
@@ -107,14 +98,6 @@ impl MigrationTrait for Migration {
             .drop_table(Table::drop().table(JobSchedules::Table).to_owned())
             .await?;
         manager
-            .drop_index(
-                Index::drop()
-                    .name("jobs_state_finished_at")
-                    .table(Jobs::Table)
-                    .to_owned(),
-            )
-            .await?;
-        manager
             .drop_index(Index::drop().name("jobs_unique").table(Jobs::Table).to_owned())
             .await?;
         for column in [Jobs::UniqueStates, Jobs::UniqueKey] {
@@ -131,8 +114,6 @@ enum Jobs {
     Table,
     UniqueKey,
     UniqueStates,
-    FinishedAt,
-    State,
 }
 
 #[derive(DeriveIden)]
