@@ -12,7 +12,7 @@ use keel_testkit::{Backend, TestDatabase};
 use uuid::Uuid;
 
 fn noop() -> NewJob {
-    NewJob::new(&Noop { sleep_ms: 0 }).unwrap()
+    NewJob::new(&Noop { sleep_ms: 0, ..Default::default() }).unwrap()
 }
 
 async fn jobs_without_workers(database: &TestDatabase) -> Jobs {
