@@ -354,19 +354,22 @@ fn leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {
                 schema["pattern"] = json!(format!("^({one}(,{one})*)?$"));
             }
         }
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
-            if let Some(int32) = kind("int32") {
-                if let Some(bound) = int32_rule(&int32, "gte") {
-                    schema["minimum"] = json!(bound);
-                }
-                if let Some(bound) = int32_rule(&int32, "gt") {
-                    schema["exclusiveMinimum"] = json!(bound);
-                }
-                if let Some(bound) = int32_rule(&int32, "lte") {
-                    schema["maximum"] = json!(bound);
-                }
-                if let Some(bound) = int32_rule(&int32, "lt") {
-                    schema["exclusiveMaximum"] = json!(bound);
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 | Kind::Uint32 | Kind::Fixed32 => {
+            let name = if matches!(field.kind(), Kind::Uint32 | Kind::Fixed32) {
+                "uint32"
+            } else {
+                "int32"
+            };
+            if let Some(rules) = kind(name) {
+                for (rule, keyword) in [
+                    ("gte", "minimum"),
+                    ("gt", "exclusiveMinimum"),
+                    ("lte", "maximum"),
+                    ("lt", "exclusiveMaximum"),
+                ] {
+                    if let Some(bound) = number_rule(&rules, rule) {
+                        schema[keyword] = json!(bound);
+                    }
                 }
             }
         }
@@ -410,11 +413,16 @@ fn lower_camel(path: &str) -> String {
     out
 }
 
-fn int32_rule(rules: &prost_reflect::DynamicMessage, name: &str) -> Option<i32> {
+/// An `int32` or `uint32` bound of `rules`, when set.
+fn number_rule(rules: &prost_reflect::DynamicMessage, name: &str) -> Option<i64> {
     if !rules.has_field_by_name(name) {
         return None;
     }
-    rules.get_field_by_name(name)?.as_i32()
+    let value = rules.get_field_by_name(name)?;
+    value
+        .as_i32()
+        .map(i64::from)
+        .or_else(|| value.as_u32().map(i64::from))
 }
 
 fn plain_leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {

@@ -6,7 +6,7 @@
 //!   string or list not empty, an enum not 0, a message present);
 //! - protovalidate's `buf.validate.field` rules, of the kinds keel uses:
 //!   `string` `min_len`, `max_len`, `pattern`, `uuid`, `email`, `not_in`; `int32`
-//!   `gte`, `gt`, `lte`, `lt`; `enum` `defined_only`, `not_in`; `repeated`
+//!   and `uint32` `gte`, `gt`, `lte`, `lt`; `enum` `defined_only`, `not_in`; `repeated`
 //!   `min_items`, `max_items`; `field_mask` `in`; `required`; `ignore = IGNORE_IF_ZERO_VALUE`.
 //!   A rule of another kind in a contract fails the `every_rule_in_the_contracts_is_known`
 //!   test rather than being skipped silently.
@@ -46,6 +46,7 @@ const IGNORE_IF_ZERO_VALUE: i32 = 1;
 const KNOWN_RULES: &[(&str, &[&str])] = &[
     ("string", &["min_len", "max_len", "pattern", "uuid", "email", "not_in"]),
     ("int32", &["gte", "gt", "lte", "lt"]),
+    ("uint32", &["gte", "gt", "lte", "lt"]),
     ("enum", &["defined_only", "not_in"]),
     ("repeated", &["min_items", "max_items"]),
     ("field_mask", &["in"]),
@@ -285,11 +286,15 @@ fn check_field(
                 ));
             }
         }
-        Value::I32(number) => {
-            let Some(int32) = kind_rules(field_rules, "int32") else {
+        Value::I32(_) | Value::U32(_) => {
+            let (name, number) = match value {
+                Value::U32(number) => ("uint32", i64::from(*number)),
+                Value::I32(number) => ("int32", i64::from(*number)),
+                _ => return,
+            };
+            let Some(int32) = kind_rules(field_rules, name) else {
                 return;
             };
-            let number = i64::from(*number);
             let bounds = [
                 (
                     "gte",
@@ -438,6 +443,17 @@ mod tests {
         assert_eq!(fields(violations(&negative).unwrap()), ["page_size"]);
         let no_user = pb::UpdateUserRequest::default();
         assert_eq!(fields(violations(&no_user).unwrap()), ["user"]);
+    }
+
+    #[test]
+    fn uint32_bounds_hold() {
+        let request = |max_attempts| crate::jobs::EnqueueJobRequest {
+            kind: "jobs.noop".into(),
+            max_attempts,
+            ..Default::default()
+        };
+        assert_eq!(violations(&request(100)).unwrap(), []);
+        assert_eq!(fields(violations(&request(101)).unwrap()), ["max_attempts"]);
     }
 
     #[test]
