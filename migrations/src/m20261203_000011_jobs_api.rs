@@ -37,7 +37,11 @@ impl MigrationTrait for Migration {
                     ))
                     // Set while the queue is paused.
                     .col(ColumnDef::new(JobQueues::PausedAt).timestamp_with_time_zone())
-                    .col(ColumnDef::new(JobQueues::UpdatedAt).timestamp_with_time_zone().not_null())
+                    .col(
+                        ColumnDef::new(JobQueues::UpdatedAt)
+                            .timestamp_with_time_zone()
+                            .not_null(),
+                    )
                     .to_owned(),
             )
             .await?;

@@ -419,10 +419,7 @@ fn number_rule(rules: &prost_reflect::DynamicMessage, name: &str) -> Option<i64>
         return None;
     }
     let value = rules.get_field_by_name(name)?;
-    value
-        .as_i32()
-        .map(i64::from)
-        .or_else(|| value.as_u32().map(i64::from))
+    value.as_i32().map(i64::from).or_else(|| value.as_u32().map(i64::from))
 }
 
 fn plain_leaf_schema(field: &FieldDescriptor, schemas: &mut Schemas) -> Value {

@@ -125,7 +125,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 /// The URL of `database` on the server of `url`.
 fn database_url(url: &str, database: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(base, query)| (base, Some(query)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(base, query)| (base, Some(query)));
     let authority_start = base.find("://").map_or(0, |at| at + 3);
     let path_start = base[authority_start..]
         .find('/')
@@ -264,10 +266,7 @@ impl Rig {
             ))
             .await
             .expect("insert finished jobs");
-        self.db
-            .execute_unprepared("VACUUM ANALYZE jobs")
-            .await
-            .expect("vacuum");
+        self.db.execute_unprepared("VACUUM ANALYZE jobs").await.expect("vacuum");
     }
 }
 

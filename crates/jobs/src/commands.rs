@@ -171,7 +171,10 @@ impl CommandHandler<CancelJob> for Handlers {
         if job.state.is_finished() || !store::cancel(tx, job.id, clock::now()).await? {
             return Err(Error::new(
                 Code::FailedPrecondition,
-                format!("the job is {}; only a waiting or running job can be cancelled", job.state.as_str()),
+                format!(
+                    "the job is {}; only a waiting or running job can be cancelled",
+                    job.state.as_str()
+                ),
             ));
         }
         let jobs = self.jobs.clone();
@@ -194,7 +197,10 @@ impl CommandHandler<RetryJob> for Handlers {
         if !retryable || !store::run_again(tx, &job, clock::now()).await? {
             return Err(Error::new(
                 Code::FailedPrecondition,
-                format!("the job is {}; only a failed or cancelled job can be retried", job.state.as_str()),
+                format!(
+                    "the job is {}; only a failed or cancelled job can be retried",
+                    job.state.as_str()
+                ),
             ));
         }
         store::notify(tx, self.jobs.channel()).await?;
@@ -234,7 +240,8 @@ impl CommandHandler<SetQueuePaused> for Handlers {
         let known = self.jobs.queues();
         // A queue that no kind uses is a typo when pausing; resuming one
         // that was paused stays possible.
-        if !known.contains(&command.queue.as_str()) && !(store::is_paused(tx, &command.queue).await? && !command.paused) {
+        if !known.contains(&command.queue.as_str()) && !(store::is_paused(tx, &command.queue).await? && !command.paused)
+        {
             return Err(Error::invalid_field(
                 "queue",
                 format!("{:?} is not a queue of this keel's job kinds", command.queue),

@@ -86,7 +86,10 @@ pub fn json_to_value(json: &serde_json::Value) -> prost_types::Value {
 
 fn json_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: map.iter().map(|(key, value)| (key.clone(), json_to_value(value))).collect(),
+        fields: map
+            .iter()
+            .map(|(key, value)| (key.clone(), json_to_value(value)))
+            .collect(),
     }
 }
 
@@ -285,7 +288,10 @@ impl JobsCommandService for CommandApi {
         }))
     }
 
-    async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let ctx = context(&request);
         checked(request.get_ref())?;
         let id = parse_id("id", &request.get_ref().id)?;
@@ -305,7 +311,10 @@ impl JobsCommandService for CommandApi {
         }))
     }
 
-    async fn delete_job(&self, request: Request<pb::DeleteJobRequest>) -> Result<Response<pb::DeleteJobResponse>, Status> {
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<pb::DeleteJobResponse>, Status> {
         let ctx = context(&request);
         checked(request.get_ref())?;
         let id = parse_id("id", &request.get_ref().id)?;

@@ -326,7 +326,11 @@ impl Jobs {
 
     /// Signals every run of `id` in this process that the job was cancelled.
     pub(crate) fn signal_cancelled(&self, id: Uuid) {
-        let running = self.inner.running.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for ((job, _), sender) in running.iter() {
             if *job == id {
                 sender.send_replace(true);
@@ -350,7 +354,9 @@ impl Jobs {
                 let _ = self.inner.changes.send(Arc::new(job));
             }
             Ok(None) => {}
-            Err(error) => tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed"),
+            Err(error) => {
+                tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed")
+            }
         }
     }
 

@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
+use crate::Jobs;
 use crate::commands::visible_to;
 use crate::model::{JobRecord, JobState, QueueStats};
 use crate::store::{self, ListFilter};
-use crate::Jobs;
 
 pub struct GetJob {
     pub id: Uuid,
@@ -104,7 +104,10 @@ impl QueryHandler<ListJobs> for Handlers {
         if let (Some(after), Some(before)) = (query.created_after, query.created_before)
             && after >= before
         {
-            return Err(Error::invalid_field("created_before", "must be later than created_after"));
+            return Err(Error::invalid_field(
+                "created_before",
+                "must be later than created_after",
+            ));
         }
         let filter = ListFilter {
             queue: query.queue,
@@ -120,7 +123,10 @@ impl QueryHandler<ListJobs> for Handlers {
         );
         let cursor: Option<JobCursor> = decode_token(&query.page_token)?;
         if cursor.as_ref().is_some_and(|cursor| cursor.filters != filters) {
-            return Err(Error::invalid_field("page_token", "belongs to a list with other filters"));
+            return Err(Error::invalid_field(
+                "page_token",
+                "belongs to a list with other filters",
+            ));
         }
         let mut jobs = store::list(ctx.db, &filter, cursor.map(|cursor| cursor.before), limit + 1).await?;
         let next_page_token = if jobs.len() as u64 > limit {

@@ -317,7 +317,11 @@ mod tests {
         let schedule = Schedule {
             name: "t".into(),
             cron: every_second,
-            job: NewJob::new(&crate::Noop { sleep_ms: 0, ..Default::default() }).unwrap(),
+            job: NewJob::new(&crate::Noop {
+                sleep_ms: 0,
+                ..Default::default()
+            })
+            .unwrap(),
         };
         let now: DateTime<Utc> = "2026-12-03T10:00:05.250Z".parse().unwrap();
         let at = |text: &str| text.parse::<DateTime<Utc>>().unwrap();

@@ -837,7 +837,10 @@ pub async fn progress(
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let result = jobs::Entity::update_many()
-        .col_expr(jobs::Column::ProgressPercent, Expr::value(i16::from(Ord::min(percent, 100))))
+        .col_expr(
+            jobs::Column::ProgressPercent,
+            Expr::value(i16::from(Ord::min(percent, 100))),
+        )
         .col_expr(jobs::Column::ProgressMessage, Expr::value(message))
         .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
         .filter(fenced(lease))

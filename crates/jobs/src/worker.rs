@@ -347,8 +347,12 @@ async fn cancelled_in_table(jobs: &Jobs, id: uuid::Uuid) -> bool {
 async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, run: std::pin::Pin<&mut F>) {
     let grace = jobs.settings().cancel_grace;
     match tokio::time::timeout(grace, run).await {
-        Ok(_) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job cancelled; its handler stopped"),
-        Err(_) => tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped"),
+        Ok(_) => {
+            tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job cancelled; its handler stopped")
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped")
+        }
     }
 }
 

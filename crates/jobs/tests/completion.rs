@@ -12,7 +12,11 @@ use keel_testkit::{Backend, TestDatabase};
 use uuid::Uuid;
 
 fn noop() -> NewJob {
-    NewJob::new(&Noop { sleep_ms: 0, ..Default::default() }).unwrap()
+    NewJob::new(&Noop {
+        sleep_ms: 0,
+        ..Default::default()
+    })
+    .unwrap()
 }
 
 async fn jobs_without_workers(database: &TestDatabase) -> Jobs {
@@ -87,15 +91,27 @@ async fn a_batch_completes_only_the_leases_still_held(backend: Backend) {
     // The rescued job's old and new lease in one batch: only the new one wins.
     let written = store::complete_many(
         db,
-        &[(held, at), (forged_lease, at), (stale_lease, at), (rescued, at), (again, at)],
+        &[
+            (held, at),
+            (forged_lease, at),
+            (stale_lease, at),
+            (rescued, at),
+            (again, at),
+        ],
     )
     .await
     .unwrap();
     assert_eq!(written, [true, false, false, false, true]);
 
     let job = jobs.get(held.id).await.unwrap().unwrap();
-    assert_eq!((job.state, job.lease_token, job.leased_until), (JobState::Completed, None, None));
-    assert_eq!(job.finished_at.map(|t| t.timestamp_millis()), Some(at.timestamp_millis()));
+    assert_eq!(
+        (job.state, job.lease_token, job.leased_until),
+        (JobState::Completed, None, None)
+    );
+    assert_eq!(
+        job.finished_at.map(|t| t.timestamp_millis()),
+        Some(at.timestamp_millis())
+    );
     for (lease, attempt) in [(forged, 1), (stale, 1)] {
         let job = jobs.get(lease.id).await.unwrap().unwrap();
         assert_eq!(

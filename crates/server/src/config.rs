@@ -457,7 +457,11 @@ impl Config {
                 .split_once('=')
                 .and_then(|(queue, rate)| {
                     let (limit, window) = rate.split_once('/')?;
-                    Some((queue.trim(), limit.trim().parse::<u32>().ok()?, parse_duration(window).ok()?))
+                    Some((
+                        queue.trim(),
+                        limit.trim().parse::<u32>().ok()?,
+                        parse_duration(window).ok()?,
+                    ))
                 })
                 .filter(|(queue, limit, window)| !queue.is_empty() && *limit > 0 && !window.is_zero());
             let Some((queue, limit, window)) = parsed else {

@@ -155,7 +155,11 @@ async fn until(jobs: &Jobs, id: Uuid, what: &str, done: impl Fn(&JobRecord) -> b
 async fn a_job_of_a_killed_keel_runs_again_after_its_lease(backend: Backend) {
     let shared = shared(backend).await;
     // Long enough to be killed in the middle of it, short enough to finish next time.
-    let job = NewJob::new(&Noop { sleep_ms: 3000, ..Noop::default() }).unwrap();
+    let job = NewJob::new(&Noop {
+        sleep_ms: 3000,
+        ..Noop::default()
+    })
+    .unwrap();
     let [id] = shared.jobs.enqueue(vec![job]).await.unwrap()[..] else {
         panic!("one id")
     };
@@ -193,7 +197,11 @@ async fn keel_worker_runs_jobs_beside_a_keel_serve_without_workers(backend: Back
     // The serving keel is up (it migrated; its poll would have come).
     wait_for_log(&serve_log, "keel is serving gRPC").await;
 
-    let job = NewJob::new(&Noop { sleep_ms: 0, ..Default::default() }).unwrap();
+    let job = NewJob::new(&Noop {
+        sleep_ms: 0,
+        ..Default::default()
+    })
+    .unwrap();
     let [id] = shared.jobs.enqueue(vec![job]).await.unwrap()[..] else {
         panic!("one id")
     };
@@ -239,8 +247,16 @@ async fn sigterm_finishes_short_jobs_and_hands_back_long_ones(backend: Backend) 
         .collect();
     env.push(("KEEL_JOBS_LEASE_MS", "60000".to_owned()));
     env.push(("KEEL_JOBS_SHUTDOWN_GRACE", "3s".to_owned()));
-    let short = NewJob::new(&Noop { sleep_ms: 1000, ..Default::default() }).unwrap();
-    let long = NewJob::new(&Noop { sleep_ms: 8000, ..Default::default() }).unwrap();
+    let short = NewJob::new(&Noop {
+        sleep_ms: 1000,
+        ..Default::default()
+    })
+    .unwrap();
+    let long = NewJob::new(&Noop {
+        sleep_ms: 8000,
+        ..Default::default()
+    })
+    .unwrap();
     let [short, long] = shared.jobs.enqueue(vec![short, long]).await.unwrap()[..] else {
         panic!("two ids")
     };

@@ -145,20 +145,32 @@ async fn users_never_see_watch_or_cancel_each_others_jobs(app: TestApp) {
     assert_eq!(get(&app, &admin, &adas.id).await.unwrap().id, adas.id);
     assert_eq!(get(&app, &admin, &nobodys.id).await.unwrap().id, nobodys.id);
     // Bob: NOT_FOUND for Ada's job, exactly as for one that does not exist.
-    for (token, id, who) in [(&bob, &adas.id, "bob, ada's"), (&ada, &nobodys.id, "ada, nobody's"), (&bob, &nobodys.id, "bob, nobody's")] {
+    for (token, id, who) in [
+        (&bob, &adas.id, "bob, ada's"),
+        (&ada, &nobodys.id, "ada, nobody's"),
+        (&bob, &nobodys.id, "bob, nobody's"),
+    ] {
         assert_eq!(get(&app, token, id).await.unwrap_err().code(), Code::NotFound, "{who}");
         let watched = clients(&app)
             .await
             .queries
             .watch_job(authed(pb::WatchJobRequest { id: id.clone() }, token))
             .await;
-        assert_eq!(watched.err().map(|status| status.code()), Some(Code::NotFound), "{who} watched");
+        assert_eq!(
+            watched.err().map(|status| status.code()),
+            Some(Code::NotFound),
+            "{who} watched"
+        );
         let cancelled = clients(&app)
             .await
             .commands
             .cancel_job(authed(pb::CancelJobRequest { id: id.clone() }, token))
             .await;
-        assert_eq!(cancelled.err().map(|status| status.code()), Some(Code::NotFound), "{who} cancelled");
+        assert_eq!(
+            cancelled.err().map(|status| status.code()),
+            Some(Code::NotFound),
+            "{who} cancelled"
+        );
     }
     let missing = uuid::Uuid::now_v7().to_string();
     assert_eq!(get(&app, &bob, &missing).await.unwrap_err().code(), Code::NotFound);
@@ -167,7 +179,10 @@ async fn users_never_see_watch_or_cancel_each_others_jobs(app: TestApp) {
     assert!(list(&app, &bob, Default::default()).await.unwrap().jobs.is_empty());
     assert_eq!(list(&app, &admin, Default::default()).await.unwrap().jobs.len(), 2);
     // The job is still waiting: Bob's cancel changed nothing; Ada may cancel it.
-    assert_eq!(state(&get(&app, &ada, &adas.id).await.unwrap()), pb::JobState::Available);
+    assert_eq!(
+        state(&get(&app, &ada, &adas.id).await.unwrap()),
+        pb::JobState::Available
+    );
     let cancelled = clients(&app)
         .await
         .commands
@@ -238,8 +253,18 @@ async fn admins_list_with_filters_and_cursor_pages(app: TestApp) {
         ..Default::default()
     };
     let cancelled = list(&app, &admin, only(pb::JobState::Cancelled)).await.unwrap().jobs;
-    assert_eq!(cancelled.iter().map(|job| job.id.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
-    assert_eq!(list(&app, &admin, only(pb::JobState::Available)).await.unwrap().jobs.len(), 4);
+    assert_eq!(
+        cancelled.iter().map(|job| job.id.clone()).collect::<Vec<_>>(),
+        vec![ids[1].clone()]
+    );
+    assert_eq!(
+        list(&app, &admin, only(pb::JobState::Available))
+            .await
+            .unwrap()
+            .jobs
+            .len(),
+        4
+    );
     let by_kind = |kind: &str| pb::ListJobsRequest {
         kind: kind.to_owned(),
         ..Default::default()
@@ -251,9 +276,28 @@ async fn admins_list_with_filters_and_cursor_pages(app: TestApp) {
         created_before: before,
         ..Default::default()
     };
-    assert_eq!(list(&app, &admin, in_time(Some(before), None)).await.unwrap().jobs.len(), 5);
-    assert!(list(&app, &admin, in_time(Some(later(60)), None)).await.unwrap().jobs.is_empty());
-    assert!(list(&app, &admin, in_time(None, Some(before))).await.unwrap().jobs.is_empty());
+    assert_eq!(
+        list(&app, &admin, in_time(Some(before), None))
+            .await
+            .unwrap()
+            .jobs
+            .len(),
+        5
+    );
+    assert!(
+        list(&app, &admin, in_time(Some(later(60)), None))
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
+    assert!(
+        list(&app, &admin, in_time(None, Some(before)))
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
     // A page token of another list is refused, not a wrong page.
     let first = list(
         &app,
@@ -308,7 +352,10 @@ async fn cancelling_stops_waiting_and_running_jobs(app: TestApp) {
     assert!(job.finished_at.is_some());
     assert_eq!(job.attempt, 0);
     // A finished job cannot be cancelled again.
-    assert_eq!(cancel(waiting.id.clone()).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        cancel(waiting.id.clone()).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
 
     // Running, cooperative: it stops at the signal, between two steps.
     let cooperative = enqueue(
@@ -320,7 +367,10 @@ async fn cancelling_stops_waiting_and_running_jobs(app: TestApp) {
         },
     )
     .await;
-    until(&app, &admin, &cooperative.id, "reported progress", |job| job.progress.is_some()).await;
+    until(&app, &admin, &cooperative.id, "reported progress", |job| {
+        job.progress.is_some()
+    })
+    .await;
     let job = cancel(cooperative.id.clone()).await.unwrap().into_inner().job.unwrap();
     assert_eq!(state(&job), pb::JobState::Cancelled);
     let percent = job.progress.as_ref().map(|progress| progress.percent);
@@ -341,7 +391,10 @@ async fn cancelling_stops_waiting_and_running_jobs(app: TestApp) {
         },
     )
     .await;
-    until(&app, &admin, &stubborn.id, "started", |job| state(job) == pb::JobState::Running).await;
+    until(&app, &admin, &stubborn.id, "started", |job| {
+        state(job) == pb::JobState::Running
+    })
+    .await;
     cancel(stubborn.id.clone()).await.unwrap();
     let job = get(&app, &admin, &stubborn.id).await.unwrap();
     assert_eq!(state(&job), pb::JobState::Cancelled);
@@ -366,18 +419,32 @@ async fn a_dropped_handler_frees_its_slot(backend: Backend) {
         },
     )
     .await;
-    until(&app, &admin, &stubborn.id, "started", |job| state(job) == pb::JobState::Running).await;
+    until(&app, &admin, &stubborn.id, "started", |job| {
+        state(job) == pb::JobState::Running
+    })
+    .await;
     let next = enqueue(&app, &admin, pb::EnqueueJobRequest::default()).await;
     clients(&app)
         .await
         .commands
-        .cancel_job(authed(pb::CancelJobRequest { id: stubborn.id.clone() }, &admin))
+        .cancel_job(authed(
+            pb::CancelJobRequest {
+                id: stubborn.id.clone(),
+            },
+            &admin,
+        ))
         .await
         .unwrap();
     // The only slot was the stubborn job's: the next one runs only once it
     // was dropped.
-    until(&app, &admin, &next.id, "completed", |job| state(job) == pb::JobState::Completed).await;
-    assert_eq!(state(&get(&app, &admin, &stubborn.id).await.unwrap()), pb::JobState::Cancelled);
+    until(&app, &admin, &next.id, "completed", |job| {
+        state(job) == pb::JobState::Completed
+    })
+    .await;
+    assert_eq!(
+        state(&get(&app, &admin, &stubborn.id).await.unwrap()),
+        pb::JobState::Cancelled
+    );
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -388,21 +455,34 @@ enum Protocol {
 }
 
 /// Watches `id` until it ends; every message's (state, percent).
-async fn watch(app: &TestApp, protocol: Protocol, token: &str, id: &str) -> Vec<(pb::JobState, Option<u32>, Option<pb::Job>)> {
+async fn watch(
+    app: &TestApp,
+    protocol: Protocol,
+    token: &str,
+    id: &str,
+) -> Vec<(pb::JobState, Option<u32>, Option<pb::Job>)> {
     let request = authed(pb::WatchJobRequest { id: id.to_owned() }, token);
     let mut seen = Vec::new();
     let read = async {
         match protocol {
             Protocol::Grpc | Protocol::GrpcWeb => {
                 let mut stream = match protocol {
-                    Protocol::Grpc => JobsQueryServiceClient::new(app.channel().await).watch_job(request).await,
+                    Protocol::Grpc => {
+                        JobsQueryServiceClient::new(app.channel().await)
+                            .watch_job(request)
+                            .await
+                    }
                     _ => JobsQueryServiceClient::new(app.grpc_web()).watch_job(request).await,
                 }
                 .unwrap()
                 .into_inner();
                 while let Some(message) = stream.message().await.unwrap() {
                     let job = message.job.unwrap();
-                    seen.push((state(&job), job.progress.as_ref().map(|progress| progress.percent), Some(job)));
+                    seen.push((
+                        state(&job),
+                        job.progress.as_ref().map(|progress| progress.percent),
+                        Some(job),
+                    ));
                 }
             }
             Protocol::Sse => {
@@ -444,7 +524,9 @@ async fn watch(app: &TestApp, protocol: Protocol, token: &str, id: &str) -> Vec<
             }
         }
     };
-    tokio::time::timeout(DEADLINE, read).await.expect("the watch did not end in time");
+    tokio::time::timeout(DEADLINE, read)
+        .await
+        .expect("the watch did not end in time");
     seen
 }
 
@@ -459,22 +541,34 @@ async fn progress_arrives_in_order_on_every_protocol(app: TestApp) {
             &admin,
             pb::EnqueueJobRequest {
                 args: args(serde_json::json!({"steps": 5, "step_ms": 30})),
-                run_at: Some(keel_kernel::grpc::timestamp(chrono::Utc::now() + chrono::Duration::milliseconds(700))),
+                run_at: Some(keel_kernel::grpc::timestamp(
+                    chrono::Utc::now() + chrono::Duration::milliseconds(700),
+                )),
                 user_id: user.id.clone(),
                 ..Default::default()
             },
         )
         .await;
         let seen = watch(&app, protocol, &tokens.access_token, &job.id).await;
-        let percents: Vec<u32> = seen.iter().filter_map(|(_, percent, _)| *percent).fold(Vec::new(), |mut all, percent| {
-            if all.last() != Some(&percent) {
-                all.push(percent);
-            }
-            all
-        });
+        let percents: Vec<u32> =
+            seen.iter()
+                .filter_map(|(_, percent, _)| *percent)
+                .fold(Vec::new(), |mut all, percent| {
+                    if all.last() != Some(&percent) {
+                        all.push(percent);
+                    }
+                    all
+                });
         assert_eq!(percents, vec![20, 40, 60, 80, 100], "{protocol:?}: {seen:?}");
-        assert_eq!(seen.first().map(|(state, ..)| *state), Some(pb::JobState::Available), "{protocol:?}");
-        assert!(seen.iter().any(|(state, ..)| *state == pb::JobState::Running), "{protocol:?}");
+        assert_eq!(
+            seen.first().map(|(state, ..)| *state),
+            Some(pb::JobState::Available),
+            "{protocol:?}"
+        );
+        assert!(
+            seen.iter().any(|(state, ..)| *state == pb::JobState::Running),
+            "{protocol:?}"
+        );
         let (last_state, _, last) = seen.last().unwrap();
         assert_eq!(*last_state, pb::JobState::Completed, "{protocol:?}");
         if let Some(last) = last {
@@ -497,7 +591,10 @@ async fn an_admin_retry_runs_a_failed_job_again(app: TestApp) {
         },
     )
     .await;
-    let failed = until(&app, &admin, &job.id, "failed", |job| state(job) == pb::JobState::Failed).await;
+    let failed = until(&app, &admin, &job.id, "failed", |job| {
+        state(job) == pb::JobState::Failed
+    })
+    .await;
     assert_eq!((failed.attempt, failed.errors.len()), (1, 1));
     // Only a failed or cancelled job may be retried.
     let waiting = enqueue(
@@ -521,7 +618,10 @@ async fn an_admin_retry_runs_a_failed_job_again(app: TestApp) {
         .into_inner()
         .job
         .unwrap();
-    assert!(matches!(state(&retried), pb::JobState::Available | pb::JobState::Running));
+    assert!(matches!(
+        state(&retried),
+        pb::JobState::Available | pb::JobState::Running
+    ));
     // It ran again: a second attempt, failed again, both errors kept.
     let again = until(&app, &admin, &job.id, "ran again", |job| {
         state(job) == pb::JobState::Failed && job.attempt == 2
@@ -574,7 +674,10 @@ async fn a_paused_queue_is_not_fetched_until_resumed(app: TestApp) {
     let job = enqueue(&app, &admin, pb::EnqueueJobRequest::default()).await;
     stays_waiting(&app, &admin, &job.id).await;
     pause_and_resume(&app, &admin, false).await;
-    until(&app, &admin, &job.id, "completed after the resume", |job| state(job) == pb::JobState::Completed).await;
+    until(&app, &admin, &job.id, "completed after the resume", |job| {
+        state(job) == pb::JobState::Completed
+    })
+    .await;
 }
 
 async fn stats_count_what_is_there(app: TestApp) {
@@ -591,8 +694,14 @@ async fn stats_count_what_is_there(app: TestApp) {
     )
     .await;
     let completed = enqueue(&app, &admin, pb::EnqueueJobRequest::default()).await;
-    until(&app, &admin, &failed.id, "failed", |job| state(job) == pb::JobState::Failed).await;
-    until(&app, &admin, &completed.id, "completed", |job| state(job) == pb::JobState::Completed).await;
+    until(&app, &admin, &failed.id, "failed", |job| {
+        state(job) == pb::JobState::Failed
+    })
+    .await;
+    until(&app, &admin, &completed.id, "completed", |job| {
+        state(job) == pb::JobState::Completed
+    })
+    .await;
     pause_and_resume(&app, &admin, true).await;
     enqueue(&app, &admin, pb::EnqueueJobRequest::default()).await;
     for _ in 0..2 {
@@ -616,7 +725,14 @@ async fn stats_count_what_is_there(app: TestApp) {
         .queues;
     let default = queues.iter().find(|stats| stats.queue == "default").unwrap();
     assert_eq!(
-        (default.available, default.depth, default.running, default.failed, default.completed_last_minute, default.paused),
+        (
+            default.available,
+            default.depth,
+            default.running,
+            default.failed,
+            default.completed_last_minute,
+            default.paused
+        ),
         (1, 3, 0, 1, 1, true),
         "{default:?}"
     );
@@ -638,7 +754,11 @@ async fn bad_input_is_invalid_argument(app: TestApp) {
     let mut commands = clients(&app).await.commands;
     for (kind, arguments, why) in [
         ("nobody.knows", serde_json::json!({}), "unknown kind"),
-        ("jobs.noop", serde_json::json!({"steps": "many"}), "a string for a number"),
+        (
+            "jobs.noop",
+            serde_json::json!({"steps": "many"}),
+            "a string for a number",
+        ),
         ("jobs.noop", serde_json::json!({"bogus": 1}), "an unknown field"),
     ] {
         let refused = commands
@@ -663,9 +783,17 @@ async fn bad_input_is_invalid_argument(app: TestApp) {
     )
     .await;
     assert_eq!(bad_state.unwrap_err().code(), Code::InvalidArgument);
-    assert_eq!(get(&app, &admin, "not-an-id").await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        get(&app, &admin, "not-an-id").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     let unknown_queue = commands
-        .pause_queue(authed(pb::PauseQueueRequest { queue: "nope".to_owned() }, &admin))
+        .pause_queue(authed(
+            pb::PauseQueueRequest {
+                queue: "nope".to_owned(),
+            },
+            &admin,
+        ))
         .await;
     assert_eq!(unknown_queue.unwrap_err().code(), Code::InvalidArgument);
     // Over REST too: an unknown state name is a 400.
@@ -748,9 +876,13 @@ async fn postgres_pause_holds_in_a_second_process() {
     let job = enqueue(&first, &admin, pb::EnqueueJobRequest::default()).await;
     stays_waiting(&first, &admin, &job.id).await;
     pause_and_resume(&first, &admin, false).await;
-    until(&first, &admin, &job.id, "run by the second keel after the resume", |job| {
-        state(job) == pb::JobState::Completed
-    })
+    until(
+        &first,
+        &admin,
+        &job.id,
+        "run by the second keel after the resume",
+        |job| state(job) == pb::JobState::Completed,
+    )
     .await;
     drop(second);
 }
