@@ -160,7 +160,7 @@ impl Default for Settings {
             schedules: Vec::new(),
             cron: Vec::new(),
             retention: prune::Retention::default(),
-            prune_every: Duration::from_secs(60),
+            prune_every: Duration::from_secs(300),
             cancel_grace: Duration::from_secs(5),
             watch_poll: Duration::from_secs(1),
         }

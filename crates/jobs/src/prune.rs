@@ -4,8 +4,8 @@
 //! admin reads). The job table stays small however long keel runs (pg-boss
 //! users met 30 s queries at 14M rows).
 //!
-//! Every process with workers prunes every `prune_every` (a minute by
-//! default): in batches, one short statement each (no lock outlives it),
+//! Every process with workers prunes every `prune_every` (five minutes by
+//! default; at once again after a run that reached its limit): in batches, one short statement each (no lock outlives it),
 //! oldest first through the `(state, finished_at)` index; a run stops after
 //! `MAX_BATCHES` batches of a state and the next run goes on.
 
@@ -87,16 +87,26 @@ pub async fn prune(db: &impl ConnectionTrait, now: DateTime<Utc>, retention: Ret
 /// Every `every`, prunes; each process does (a few indexed statements
 /// when there is nothing to delete; on PostgreSQL two processes pruning at
 /// once skip each other's rows).
+/// A run that stopped at its limit is followed by the next one at once
+/// (the table must not grow faster than it is pruned).
 pub(crate) async fn run_pruner(db: DatabaseConnection, retention: Retention, every: Duration) {
+    let full = BATCH * u64::from(MAX_BATCHES);
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
+        wait = every;
         match prune(&db, clock::now(), retention, BATCH).await {
-            Ok(pruned) if pruned.total() > 0 => tracing::info!(
-                completed = pruned.completed,
-                cancelled = pruned.cancelled,
-                failed = pruned.failed,
-                "finished jobs pruned"
-            ),
+            Ok(pruned) if pruned.total() > 0 => {
+                tracing::info!(
+                    completed = pruned.completed,
+                    cancelled = pruned.cancelled,
+                    failed = pruned.failed,
+                    "finished jobs pruned"
+                );
+                if pruned.completed >= full || pruned.cancelled >= full || pruned.failed >= full {
+                    wait = Duration::ZERO;
+                }
+            }
             Ok(_) => {}
             Err(error) => tracing::warn!(error = %error, "pruning finished jobs failed"),
         }

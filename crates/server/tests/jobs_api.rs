@@ -516,7 +516,8 @@ async fn watch(
                         };
                         let percent = job["progress"]["percent"].as_u64().map(|percent| percent as u32);
                         if state == pb::JobState::Completed {
-                            assert_eq!(job["result"], serde_json::json!({"steps": 5}), "{job}");
+                            // A Struct's numbers are doubles: `5` or `5.0`.
+                            assert_eq!(job["result"]["steps"].as_f64(), Some(5.0), "{job}");
                         }
                         seen.push((state, percent, None));
                     }
