@@ -240,8 +240,8 @@ impl CommandHandler<SetQueuePaused> for Handlers {
         let known = self.jobs.queues();
         // A queue that no kind uses is a typo when pausing; resuming one
         // that was paused stays possible.
-        if !known.contains(&command.queue.as_str()) && !(store::is_paused(tx, &command.queue).await? && !command.paused)
-        {
+        let resuming_a_paused_queue = !command.paused && store::is_paused(tx, &command.queue).await?;
+        if !known.contains(&command.queue.as_str()) && !resuming_a_paused_queue {
             return Err(Error::invalid_field(
                 "queue",
                 format!("{:?} is not a queue of this keel's job kinds", command.queue),

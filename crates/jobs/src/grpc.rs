@@ -179,7 +179,14 @@ fn stats_to_proto(stats: &QueueStats) -> pb::QueueStats {
 fn time(field: &str, value: Option<prost_types::Timestamp>) -> Result<Option<DateTime<Utc>>, Error> {
     value
         .map(|value| {
-            DateTime::from_timestamp(value.seconds, value.nanos.max(0) as u32)
+            // Years 1 to 9999 (what RFC 3339, and so REST, can say; the
+            // databases take them all) and nanos of one second.
+            let seconds = -62_135_596_800..=253_402_300_799;
+            let nanos = 0..1_000_000_000;
+            if !seconds.contains(&value.seconds) || !nanos.contains(&value.nanos) {
+                return Err(Error::invalid_field(field, "is out of range (years 1 to 9999)"));
+            }
+            DateTime::from_timestamp(value.seconds, value.nanos as u32)
                 .ok_or_else(|| Error::invalid_field(field, "is out of range"))
         })
         .transpose()

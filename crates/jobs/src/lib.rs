@@ -22,14 +22,16 @@
 //!
 //! # Layout
 //! - `model.rs`: states, a stored job, an attempt's error, a lease;
-//! - `commands.rs`: the enqueue port the bus writes jobs through;
-//! - `queries.rs`: reading a job (its owner or an admin);
+//! - `commands.rs`: the enqueue port the bus writes jobs through, and the
+//!   admin commands (enqueue by hand, cancel, retry, delete, pause);
+//! - `queries.rs`: get, list, queue statistics, watch (a user sees their
+//!   own jobs; an admin every job);
 //! - `worker.rs`: queue loops, running a job, the rescuer;
 //! - `completer.rs`: completions of many jobs written in one fenced statement;
 //! - `schedule.rs`: cron schedules, one enqueue per tick across processes;
 //! - `prune.rs`: deleting finished jobs past their retention;
 //! - `store.rs`: the job table, the only SQL of the module;
-//! - `grpc.rs`: the gRPC services (none yet: admin services are to come);
+//! - `grpc.rs`: the gRPC adapters of `keel.jobs.v1`;
 //! - `module.rs`: the module as the composition root wires it;
 //! - here: [`Jobs`], the module's handle, its [`Settings`] and the built-in
 //!   `jobs.noop` kind.

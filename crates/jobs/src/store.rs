@@ -888,7 +888,8 @@ pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> 
 
 /// Makes a failed or cancelled job available again at once, with at least
 /// one attempt left; its errors stay. Fenced on the state and attempt it
-/// was read with; false when it changed meanwhile.
+/// was read with; false when it changed meanwhile; FAILED_PRECONDITION
+/// when it is unique and another job holds its key now.
 pub async fn run_again(db: &impl ConnectionTrait, job: &JobRecord, now: DateTime<Utc>) -> Result<bool> {
     let attempt = i32::try_from(job.attempt).unwrap_or(i32::MAX);
     let max_attempts = Ord::max(job.max_attempts, job.attempt.saturating_add(1));
@@ -908,7 +909,15 @@ pub async fn run_again(db: &impl ConnectionTrait, job: &JobRecord, now: DateTime
         .filter(jobs::Column::State.eq(job.state.as_str()))
         .filter(jobs::Column::Attempt.eq(attempt))
         .exec(db)
-        .await?;
+        .await
+        .map_err(|error| match error.sql_err() {
+            // A unique job whose key another job took meanwhile.
+            Some(sea_orm::SqlErr::UniqueConstraintViolation(_)) => Error::new(
+                keel_kernel::Code::FailedPrecondition,
+                "another job holds this job's unique key",
+            ),
+            _ => error.into(),
+        })?;
     Ok(result.rows_affected == 1)
 }
 
