@@ -23,6 +23,7 @@
 #   BENCH_DURATION      seconds of load per row and round [8]
 #   BENCH_WARMUP        seconds of warm-up per row and round [2]
 #   BENCH_ROUNDS        rounds [2]
+#   BENCH_SHARE_MAX     KEEL_RATE_LIMIT_SHARE_MAX of the "redis" row [unset: keel's default]
 #   BENCH_CONCURRENCY   connections of wrk [50]
 #   BENCH_KEEL_CPUS     taskset -c list for the keels [unset: not pinned]
 #   BENCH_LOAD_CPUS     taskset -c list for wrk [unset: not pinned]
@@ -94,10 +95,12 @@ declare -A base token
 for mode in "${modes[@]}"; do
   port="$(free_port)"
   mkdir -p "$workdir/$mode"
-  share_max=64
-  [[ "$mode" != redis-1 ]] || share_max=1
+  # redis-1: no shares; the others: keel's default, or BENCH_SHARE_MAX.
+  share_env=()
+  [[ -z "${BENCH_SHARE_MAX:-}" ]] || share_env=(KEEL_RATE_LIMIT_SHARE_MAX="$BENCH_SHARE_MAX")
+  [[ "$mode" != redis-1 ]] || share_env=(KEEL_RATE_LIMIT_SHARE_MAX=1)
   env KEEL_LISTEN="127.0.0.1:$port" KEEL_DATA_DIR="$workdir/$mode" KEEL_REDIS_URL="$redis_url" \
-    KEEL_DEPLOYMENT="bench-ratelimit-$$-$mode" KEEL_RATE_LIMITER="${mode%-1}" KEEL_RATE_LIMIT_SHARE_MAX="$share_max" \
+    KEEL_DEPLOYMENT="bench-ratelimit-$$-$mode" KEEL_RATE_LIMITER="${mode%-1}" "${share_env[@]}" \
     KEEL_RATE_LIMITS="default=1000000000/60" KEEL_ACCESS_TOKEN_TTL_SECONDS=86400 \
     KEEL_LOG=warn KEEL_LOG_FORMAT=json \
     "${keel_pin[@]}" "$KEEL_BIN" serve >"$workdir/$mode.log" 2>&1 &
