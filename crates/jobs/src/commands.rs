@@ -126,6 +126,17 @@ impl CommandHandler<EnqueueJob> for Handlers {
             .jobs
             .kind(&command.kind)
             .ok_or_else(|| Error::invalid_field("kind", format!("{:?} is not a registered job kind", command.kind)))?;
+        if !kind.admin_enqueue {
+            // Its jobs come from its module's commands, which check what
+            // the caller may do; by hand, anything could be asked of it.
+            return Err(Error::invalid_field(
+                "kind",
+                format!(
+                    "{} is not enqueued by hand: its module's commands enqueue it",
+                    kind.name
+                ),
+            ));
+        }
         kind.check(&command.args)
             .map_err(|why| Error::invalid_field("args", format!("are not the arguments of {}: {why}", kind.name)))?;
         let job = NewJob {
@@ -168,7 +179,13 @@ impl CommandHandler<CancelJob> for Handlers {
         if !visible_to(ctx.request, &job) {
             return Err(not_found());
         }
-        if job.state.is_finished() || !store::cancel(tx, job.id, clock::now()).await? {
+        let now = clock::now();
+        let settings = self.jobs.settings();
+        // A worker hears of the cancel by its next renewal at the latest,
+        // then gives the handler the cancel grace.
+        let stopping = settings.lease + settings.cancel_grace;
+        let stopping_until = now + chrono::Duration::from_std(stopping).unwrap_or(chrono::Duration::hours(1));
+        if job.state.is_finished() || !store::cancel(tx, job.id, stopping_until, now).await? {
             return Err(Error::new(
                 Code::FailedPrecondition,
                 format!(
@@ -177,13 +194,19 @@ impl CommandHandler<CancelJob> for Handlers {
                 ),
             ));
         }
+        let cancelled = store::get(tx, command.id).await?.ok_or_else(not_found)?;
+        // The run the cancel stopped, if it was running: the attempt its
+        // fetch took, as the row says now.
+        let stopped = cancelled.leased_until.is_some().then_some(cancelled.attempt);
         let jobs = self.jobs.clone();
         let id = job.id;
         ctx.after_commit(async move {
-            jobs.signal_cancelled(id);
+            if let Some(attempt) = stopped {
+                jobs.signal_cancelled(id, attempt);
+            }
             jobs.publish(id).await;
         });
-        store::get(tx, command.id).await?.ok_or_else(not_found)
+        Ok(cancelled)
     }
 }
 
@@ -194,7 +217,21 @@ impl CommandHandler<RetryJob> for Handlers {
         let tx = ctx.tx().await?;
         let job = store::get(tx, command.id).await?.ok_or_else(not_found)?;
         let retryable = matches!(job.state, JobState::Failed | JobState::Cancelled);
-        if !retryable || !store::run_again(tx, &job, clock::now()).await? {
+        let now = clock::now();
+        if let (JobState::Cancelled, Some(until)) = (job.state, job.leased_until)
+            && until > now
+        {
+            // Two runs of one job at once: the cancelled one may still be
+            // stopping (its side effects are not fenced).
+            return Err(Error::new(
+                Code::FailedPrecondition,
+                format!(
+                    "the cancelled run may still be stopping (until {}); retry after it",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                ),
+            ));
+        }
+        if !retryable || !store::run_again(tx, &job, now).await? {
             return Err(Error::new(
                 Code::FailedPrecondition,
                 format!(

@@ -190,12 +190,25 @@ struct Inner {
     loops: watch::Sender<usize>,
     /// The cron schedules this process runs.
     schedules: Vec<schedule::Schedule>,
-    /// The cancellation signals of the runs in this process, by job and attempt.
-    running: std::sync::Mutex<HashMap<(Uuid, u32), tokio::sync::watch::Sender<bool>>>,
+    /// The cancellation signals of the runs in this process.
+    running: std::sync::Mutex<Runs>,
     /// Jobs as this process changed them, for its `WatchJob` streams (sent
     /// only while one listens).
     changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
 }
+
+/// The runs of this process, by job and attempt: each one's cancellation
+/// signal, and cancels that came before their run registered (a fetch
+/// that leased the job just before the cancel committed).
+#[derive(Default)]
+struct Runs {
+    signals: HashMap<(Uuid, u32), tokio::sync::watch::Sender<bool>>,
+    cancelled_early: HashMap<(Uuid, u32), std::time::Instant>,
+}
+
+/// How long a cancel waits for its run to register in this process: a
+/// fetch registers its runs at once, so anything older went elsewhere.
+const EARLY_CANCEL_KEPT: Duration = Duration::from_secs(60);
 
 /// The workers' phase. Shutting down goes Running → Draining (no more
 /// fetches; running jobs go on) → HandBack (the jobs still running are
@@ -308,36 +321,42 @@ impl Jobs {
     }
 
     /// Registers a run's cancellation signal; removed by [`Jobs::run_ended`].
+    /// Already true when the run was cancelled before it registered.
     pub(crate) fn run_started(&self, id: Uuid, attempt: u32) -> tokio::sync::watch::Receiver<bool> {
-        let (sender, receiver) = tokio::sync::watch::channel(false);
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert((id, attempt), sender);
+        let mut runs = self.runs();
+        let early = runs.cancelled_early.remove(&(id, attempt)).is_some();
+        let (sender, receiver) = tokio::sync::watch::channel(early);
+        runs.signals.insert((id, attempt), sender);
         receiver
     }
 
     pub(crate) fn run_ended(&self, id: Uuid, attempt: u32) {
+        self.runs().signals.remove(&(id, attempt));
+    }
+
+    /// Signals attempt `attempt` of `id` in this process that the job was
+    /// cancelled; when that run has not registered yet, it is cancelled as
+    /// it does (for a while: it may be another process's).
+    pub(crate) fn signal_cancelled(&self, id: Uuid, attempt: u32) {
+        let mut runs = self.runs();
+        match runs.signals.get(&(id, attempt)) {
+            Some(sender) => {
+                sender.send_replace(true);
+            }
+            None => {
+                let now = std::time::Instant::now();
+                runs.cancelled_early
+                    .retain(|_, at| now.duration_since(*at) < EARLY_CANCEL_KEPT);
+                runs.cancelled_early.insert((id, attempt), now);
+            }
+        }
+    }
+
+    fn runs(&self) -> std::sync::MutexGuard<'_, Runs> {
         self.inner
             .running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&(id, attempt));
-    }
-
-    /// Signals every run of `id` in this process that the job was cancelled.
-    pub(crate) fn signal_cancelled(&self, id: Uuid) {
-        let running = self
-            .inner
-            .running
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        for ((job, _), sender) in running.iter() {
-            if *job == id {
-                sender.send_replace(true);
-            }
-        }
     }
 
     /// This process's job changes, for a watcher.
@@ -492,6 +511,7 @@ fn is_zero_u64(value: &u64) -> bool {
 impl Job for Noop {
     const KIND: &'static str = "jobs.noop";
     const MAX_ATTEMPTS: u32 = 3;
+    const ADMIN_ENQUEUE: bool = true;
 }
 
 /// The longest a `jobs.noop` sleeps (and each of its steps waits).

@@ -870,13 +870,28 @@ pub async fn complete_with_result(
 }
 
 /// Cancels a job that is waiting or running: it is `cancelled` at once and
-/// its lease is cleared, so whatever its worker writes later is refused by
-/// the fence. False when it was neither (finished meanwhile).
-pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<bool> {
+/// its lease token is cleared, so whatever its worker writes later is
+/// refused by the fence. A running job's `leased_until` becomes
+/// `stopping_until`, the latest its handler may still run (its worker hears
+/// of the cancel at its next renewal, then gives it the cancel grace); the
+/// worker clears it when the handler stopped ([`run_stopped`]), and until
+/// then the job is not run again ([`run_again`]). False when it was neither
+/// waiting nor running (finished meanwhile).
+pub async fn cancel(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    stopping_until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let stopping = Expr::case(
+        jobs::Column::State.eq(JobState::Running.as_str()),
+        Expr::value(Some(stopping_until)),
+    )
+    .finally(Expr::value(Option::<DateTime<Utc>>::None));
     let result = jobs::Entity::update_many()
         .col_expr(jobs::Column::State, Expr::value(JobState::Cancelled.as_str()))
         .col_expr(jobs::Column::LeaseToken, Expr::value(Option::<Uuid>::None))
-        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(jobs::Column::LeasedUntil, stopping.into())
         .col_expr(jobs::Column::FinishedAt, Expr::value(now))
         .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
         .filter(jobs::Column::Id.eq(id))
@@ -886,10 +901,24 @@ pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> 
     Ok(result.rows_affected == 1)
 }
 
+/// A cancelled run's handler has stopped: the job may run again at once.
+pub async fn run_stopped(db: &impl ConnectionTrait, id: Uuid, attempt: u32) -> Result<()> {
+    jobs::Entity::update_many()
+        .col_expr(jobs::Column::LeasedUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .filter(jobs::Column::Id.eq(id))
+        .filter(jobs::Column::State.eq(JobState::Cancelled.as_str()))
+        .filter(jobs::Column::Attempt.eq(i32::try_from(attempt).unwrap_or(i32::MAX)))
+        .filter(jobs::Column::LeaseToken.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Makes a failed or cancelled job available again at once, with at least
 /// one attempt left; its errors stay. Fenced on the state and attempt it
-/// was read with; false when it changed meanwhile; FAILED_PRECONDITION
-/// when it is unique and another job holds its key now.
+/// was read with, and on no cancelled run still stopping (see [`cancel`]);
+/// false when that changed meanwhile; FAILED_PRECONDITION when it is
+/// unique and another job holds its key now.
 pub async fn run_again(db: &impl ConnectionTrait, job: &JobRecord, now: DateTime<Utc>) -> Result<bool> {
     let attempt = i32::try_from(job.attempt).unwrap_or(i32::MAX);
     let max_attempts = Ord::max(job.max_attempts, job.attempt.saturating_add(1));
@@ -908,6 +937,11 @@ pub async fn run_again(db: &impl ConnectionTrait, job: &JobRecord, now: DateTime
         .filter(jobs::Column::Id.eq(job.id))
         .filter(jobs::Column::State.eq(job.state.as_str()))
         .filter(jobs::Column::Attempt.eq(attempt))
+        .filter(
+            sea_orm::Condition::any()
+                .add(jobs::Column::LeasedUntil.is_null())
+                .add(jobs::Column::LeasedUntil.lte(now)),
+        )
         .exec(db)
         .await
         .map_err(|error| match error.sql_err() {

@@ -212,51 +212,61 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
             let mut phase = jobs.phase();
-            let mut renewal = tokio::time::interval((settings.lease / 3).max(Duration::from_millis(10)));
-            renewal.tick().await;
-            loop {
-                tokio::select! {
-                    outcome = &mut run => break outcome,
-                    _ = &mut deadline => {
-                        // Leaving the loop drops the handler's future.
-                        break Err(JobError::from(Error::new(
-                            Code::DeadlineExceeded,
-                            format!("the job ran past its timeout of {} ms", timeout.as_millis()),
-                        )));
+            // Polled beside the handler, never instead of it: a renewal
+            // that waits for a lock the handler's transaction holds must not
+            // stop that transaction from committing.
+            let renewing = keep_leased(jobs, &lease, &ctx.signals);
+            tokio::pin!(renewing);
+            tokio::select! {
+                outcome = &mut run => outcome,
+                _ = &mut deadline => {
+                    // Leaving the select drops the handler's future.
+                    Err(JobError::from(Error::new(
+                        Code::DeadlineExceeded,
+                        format!("the job ran past its timeout of {} ms", timeout.as_millis()),
+                    )))
+                }
+                _ = handing_back(&mut phase) => {
+                    match store::hand_back(jobs.db(), &lease, clock::now()).await {
+                        Ok(true) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job handed back at shutdown"),
+                        Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; not handed back"),
+                        Err(error) => tracing::warn!(job_id = %job.id, error = %error, "handing a job back failed; its lease will expire"),
                     }
-                    _ = handing_back(&mut phase) => {
-                        match store::hand_back(jobs.db(), &lease, clock::now()).await {
-                            Ok(true) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job handed back at shutdown"),
-                            Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; not handed back"),
-                            Err(error) => tracing::warn!(job_id = %job.id, error = %error, "handing a job back failed; its lease will expire"),
-                        }
-                        return;
-                    }
-                    true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => {
+                    return;
+                }
+                true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => {
+                    drain_cancelled(jobs, &job, run.as_mut()).await;
+                    return;
+                }
+                () = &mut renewing => {
+                    // Cancelled in another process: this run hears it here.
+                    if cancelled_in_table(jobs, job.id).await {
+                        jobs.signal_cancelled(job.id, job.attempt);
                         drain_cancelled(jobs, &job, run.as_mut()).await;
                         return;
                     }
-                    _ = renewal.tick() => {
-                        let now = clock::now();
-                        match store::renew(jobs.db(), &lease, lease_end(now, settings.lease), now).await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                // Cancelled in another process: this run hears it here.
-                                if cancelled_in_table(jobs, job.id).await {
-                                    jobs.signal_cancelled(job.id);
-                                    drain_cancelled(jobs, &job, run.as_mut()).await;
-                                    return;
-                                }
-                                tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
-                                return;
-                            }
-                            // The lease may still hold; the next renewal tries again.
-                            Err(error) => tracing::warn!(job_id = %job.id, error = %error, "renewing a job lease failed"),
-                        }
-                    }
+                    tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
+                    return;
                 }
             }
         }
+    };
+    let outcome = if ctx.signals.completed_in_transaction() {
+        // The handler's transaction holds the completion: the table says
+        // whether it committed. If it did, nothing is left to write.
+        if matches!(store::get(jobs.db(), job.id).await, Ok(Some(now)) if now.state == JobState::Completed && now.attempt == job.attempt)
+        {
+            jobs.publish(job.id).await;
+            return;
+        }
+        match outcome {
+            Ok(()) => Err(JobError::from(Error::internal(
+                "the handler completed the job in a transaction that did not commit",
+            ))),
+            failed => failed,
+        }
+    } else {
+        outcome
     };
     let now = clock::now();
     let written = match outcome {
@@ -303,6 +313,30 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     }
 }
 
+/// Renews the run's lease every third of its length; resolves when a
+/// renewal finds it lost. Once the handler completed the job in its own
+/// transaction there is nothing left to renew (a renewal would wait for
+/// that transaction's lock on the row, then find it completed).
+async fn keep_leased(jobs: &Jobs, lease: &Lease, signals: &JobSignals) {
+    let length = jobs.settings().lease;
+    let mut renewal = tokio::time::interval((length / 3).max(Duration::from_millis(10)));
+    renewal.tick().await;
+    loop {
+        renewal.tick().await;
+        if signals.completed_in_transaction() {
+            return std::future::pending().await;
+        }
+        let now = clock::now();
+        match store::renew(jobs.db(), lease, lease_end(now, length), now).await {
+            Ok(true) => {}
+            Ok(false) if signals.completed_in_transaction() => return std::future::pending().await,
+            Ok(false) => return,
+            // The lease may still hold; the next renewal tries again.
+            Err(error) => tracing::warn!(job_id = %lease.id, error = %error, "renewing a job lease failed"),
+        }
+    }
+}
+
 /// Removes a run's cancellation signal when the run ends, however it ends.
 struct RunRegistration<'a> {
     jobs: &'a Jobs,
@@ -328,12 +362,29 @@ impl JobReporter for Reporter {
             self.jobs.publish(self.lease.id).await;
             Ok(())
         } else {
-            Err(Error::new(
-                Code::FailedPrecondition,
-                "the job is no longer this run's (cancelled or its lease lost)",
-            ))
+            Err(no_longer_this_runs())
         }
     }
+
+    async fn complete_in(
+        &self,
+        tx: &sea_orm::DatabaseTransaction,
+        result: Option<&serde_json::Value>,
+    ) -> keel_kernel::Result<()> {
+        let now = clock::now();
+        let written = match result {
+            Some(result) => store::complete_with_result(tx, &self.lease, result, now).await?,
+            None => store::complete(tx, &self.lease, now).await?,
+        };
+        if written { Ok(()) } else { Err(no_longer_this_runs()) }
+    }
+}
+
+fn no_longer_this_runs() -> Error {
+    Error::new(
+        Code::FailedPrecondition,
+        "the job is no longer this run's (cancelled or its lease lost)",
+    )
 }
 
 /// Whether the job was cancelled (checked when a renewal found the lease gone).
@@ -343,7 +394,7 @@ async fn cancelled_in_table(jobs: &Jobs, id: uuid::Uuid) -> bool {
 
 /// A cancelled job's handler has the grace period to stop; then it is
 /// dropped. Its outcome is never written: the table says cancelled already
-/// (and the fence would refuse it).
+/// (and the fence would refuse it); that it stopped is.
 async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, run: std::pin::Pin<&mut F>) {
     let grace = jobs.settings().cancel_grace;
     match tokio::time::timeout(grace, run).await {
@@ -353,6 +404,11 @@ async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, r
         Err(_) => {
             tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped")
         }
+    }
+    // Stopped: an admin may run the job again now, not only once the bound
+    // the cancel set has passed.
+    if let Err(error) = store::run_stopped(jobs.db(), job.id, job.attempt).await {
+        tracing::warn!(job_id = %job.id, error = %error, "noting a cancelled run's stop failed; a retry waits for the cancel's bound");
     }
 }
 

@@ -168,29 +168,7 @@ async fn many_workers_finishing_at_once_all_complete(backend: Backend) {
     }
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+keel_testkit::on_every_backend!(
     a_batch_completes_only_the_leases_still_held,
     many_workers_finishing_at_once_all_complete,
 );

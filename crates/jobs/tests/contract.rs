@@ -470,29 +470,7 @@ async fn postgres_wakes_workers_of_other_processes_at_the_commit() {
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+keel_testkit::on_every_backend!(
     committed_command_runs_its_job_once,
     rolled_back_command_leaves_no_job,
     an_unknown_kind_is_refused_at_the_enqueue,

@@ -306,29 +306,7 @@ async fn a_shutdown_lets_short_jobs_finish_and_hands_back_the_rest(backend: Back
     assert!(rig.runs.of("later").is_empty());
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+keel_testkit::on_every_backend!(
     a_run_past_its_timeout_fails_the_attempt_and_the_retry_runs,
     a_job_overrides_its_kinds_timeout,
     a_snoozed_job_runs_again_after_its_delay_without_using_an_attempt,

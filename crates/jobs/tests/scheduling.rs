@@ -623,29 +623,7 @@ async fn bad_schedules_are_refused_at_start(backend: Backend) {
     );
 }
 
-macro_rules! on_every_backend {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
-                async fn $name() {
-                    super::$name(keel_testkit::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
-on_every_backend!(
+keel_testkit::on_every_backend!(
     fifty_concurrent_unique_enqueues_leave_one_job,
     a_unique_job_counts_in_its_states,
     a_large_batch_of_unique_jobs_keeps_each_key_once,

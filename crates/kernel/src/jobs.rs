@@ -31,6 +31,10 @@ pub trait Job: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// attempt fails (retried while attempts remain). A job may say
     /// otherwise ([`NewJob::timeout`]).
     const TIMEOUT: Duration = DEFAULT_JOB_TIMEOUT;
+    /// Whether an admin may enqueue it by hand (`EnqueueJob`, with any
+    /// arguments and for any user). Off by default: a kind's jobs come from
+    /// its module's commands, which check what the caller may do.
+    const ADMIN_ENQUEUE: bool = false;
 }
 
 /// The timeout of a kind that declares none: long enough for real work,
@@ -251,6 +255,37 @@ impl JobContext {
         Ok(())
     }
 
+    /// Completes the job in `tx`, the transaction that holds this run's
+    /// effects, so that they and the completion commit together or not at
+    /// all: once `tx` commits, no crash, lost lease or retry runs the
+    /// effects again. The result set so far ([`JobContext::set_result`]) is
+    /// stored with it. Fenced on the run's lease: FAILED_PRECONDITION when
+    /// the run no longer holds the job (cancelled, or its lease lost to
+    /// another worker); return that error, which drops `tx` and rolls the
+    /// effects back.
+    ///
+    /// Call it last, commit `tx`, then return. A `tx` begun with
+    /// [`crate::bus::write_transaction`] takes SQLite's write lock at once.
+    /// If `tx` does not commit, the worker counts the run as failed (and
+    /// retries it while attempts remain), whatever the handler returns.
+    /// Outside a worker ([`JobSignals::detached`]) it writes nothing.
+    pub async fn complete_in(&self, tx: &DatabaseTransaction) -> Result<()> {
+        let Some(reporter) = &self.signals.reporter else {
+            return Ok(());
+        };
+        let result = self
+            .signals
+            .result
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        reporter.complete_in(tx, result.as_ref()).await?;
+        self.signals
+            .completed_in_transaction
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     /// True once the job was cancelled: stop, the outcome is discarded.
     pub fn is_cancelled(&self) -> bool {
         *self.signals.cancelled.borrow()
@@ -272,6 +307,9 @@ impl JobContext {
 #[async_trait]
 pub trait JobReporter: Send + Sync + 'static {
     async fn progress(&self, percent: u8, message: &str) -> Result<()>;
+    /// Writes the run's completion (with `result`) in `tx`, fenced on its
+    /// lease; FAILED_PRECONDITION when the run no longer holds the job.
+    async fn complete_in(&self, tx: &DatabaseTransaction, result: Option<&serde_json::Value>) -> Result<()>;
 }
 
 /// The worker's side of a run, held by its [`JobContext`].
@@ -280,6 +318,7 @@ pub struct JobSignals {
     reporter: Option<Arc<dyn JobReporter>>,
     cancelled: tokio::sync::watch::Receiver<bool>,
     result: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    completed_in_transaction: Arc<std::sync::atomic::AtomicBool>,
     // Keeps a detached context's channel open, so it is never cancelled.
     _detached: Option<Arc<tokio::sync::watch::Sender<bool>>>,
 }
@@ -292,6 +331,7 @@ impl JobSignals {
             reporter: Some(reporter),
             cancelled,
             result: Arc::default(),
+            completed_in_transaction: Arc::default(),
             _detached: None,
         }
     }
@@ -304,8 +344,16 @@ impl JobSignals {
             reporter: None,
             cancelled,
             result: Arc::default(),
+            completed_in_transaction: Arc::default(),
             _detached: Some(Arc::new(sender)),
         }
+    }
+
+    /// Whether the handler completed the job in its own transaction
+    /// ([`JobContext::complete_in`]); whether that committed, only the
+    /// table knows.
+    pub fn completed_in_transaction(&self) -> bool {
+        self.completed_in_transaction.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The result the handler set, taken (for the completion to store).
@@ -385,7 +433,8 @@ impl std::fmt::Display for JobError {
 
 /// Runs the jobs of kind `J`. Every run may be a repeat (a crash after the
 /// effect, before the completion): make it idempotent, for instance by the
-/// job's id.
+/// job's id, or, when its effects are writes to keel's database, complete
+/// the job in their transaction ([`JobContext::complete_in`]).
 #[async_trait]
 pub trait JobHandler<J: Job>: Send + Sync + 'static {
     async fn run(&self, ctx: &JobContext, job: J) -> std::result::Result<(), JobError>;
@@ -425,6 +474,8 @@ pub struct JobKind {
     pub max_attempts: u32,
     /// The kind's [`Job::TIMEOUT`].
     pub timeout: Duration,
+    /// The kind's [`Job::ADMIN_ENQUEUE`].
+    pub admin_enqueue: bool,
     handler: Arc<dyn ErasedHandler>,
 }
 
@@ -435,6 +486,7 @@ impl JobKind {
             queue: J::QUEUE,
             max_attempts: J::MAX_ATTEMPTS.max(1),
             timeout: J::TIMEOUT.max(Duration::from_millis(1)),
+            admin_enqueue: J::ADMIN_ENQUEUE,
             handler: Arc::new(Typed {
                 handler,
                 _job: std::marker::PhantomData,

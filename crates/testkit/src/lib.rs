@@ -429,6 +429,32 @@ macro_rules! backend_tests {
     };
 }
 
+/// A `#[tokio::test]` per backend for each named `async fn(Backend)`: in
+/// `mod sqlite`, and in `mod postgres`, ignored unless asked for
+/// (`--include-ignored`; `.ci/run` asks, and fails without PostgreSQL).
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                #[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
