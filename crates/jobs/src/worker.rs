@@ -246,6 +246,8 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
                         return;
                     }
                     tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
+                    // Never polled again, the handler has stopped.
+                    run_stopped(jobs, &job).await;
                     return;
                 }
             }
@@ -306,7 +308,11 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     };
     match written {
         Ok(true) => jobs.publish(job.id).await,
-        Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; outcome discarded"),
+        Ok(false) => {
+            tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; outcome discarded");
+            // Lost to a cancel the handler heard before the worker did.
+            run_stopped(jobs, &job).await;
+        }
         Err(error) => {
             tracing::warn!(job_id = %job.id, error = %error, "writing a job's outcome failed; its lease will expire")
         }
@@ -405,8 +411,13 @@ async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, r
             tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped")
         }
     }
-    // Stopped: an admin may run the job again now, not only once the bound
-    // the cancel set has passed.
+    run_stopped(jobs, job).await;
+}
+
+/// The run's handler has stopped (returned or dropped): if the job was
+/// cancelled, an admin may run it again now, not only once the bound the
+/// cancel set has passed. Fenced: a job that was not cancelled is left be.
+async fn run_stopped(jobs: &Jobs, job: &JobRecord) {
     if let Err(error) = store::run_stopped(jobs.db(), job.id, job.attempt).await {
         tracing::warn!(job_id = %job.id, error = %error, "noting a cancelled run's stop failed; a retry waits for the cancel's bound");
     }

@@ -425,6 +425,14 @@ impl From<Error> for JobError {
     }
 }
 
+/// A database error of a handler's own writes: retried, as any [`Error`]
+/// of its kind would be.
+impl From<sea_orm::DbErr> for JobError {
+    fn from(error: sea_orm::DbErr) -> Self {
+        Error::from(error).into()
+    }
+}
+
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.error.fmt(f)
