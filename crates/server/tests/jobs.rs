@@ -392,3 +392,93 @@ async fn sqlite_two_keels_enqueue_each_tick_of_a_schedule_once() {
 async fn postgres_two_keels_enqueue_each_tick_of_a_schedule_once() {
     two_keels_enqueue_each_tick_of_a_schedule_once(Backend::Postgres).await;
 }
+
+/// The job ids a keel's JSON log says its `jobs.noop` ran, with attempts.
+fn noop_runs(log: &std::path::Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "jobs.noop ran")
+        .map(|line| {
+            (
+                line["job_id"].as_str().unwrap().to_owned(),
+                line["attempt"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Two `keel worker`s on one database share 10,000 jobs: each job runs
+/// once, in one of them (their logs are disjoint and together name every
+/// job), at its first attempt.
+async fn two_keels_run_each_of_ten_thousand_jobs_once(backend: Backend) {
+    const JOBS: usize = 10_000;
+    let shared = shared(backend).await;
+    let logs = tempfile::tempdir().unwrap();
+    let mut env = shared.env.clone();
+    // Leases long enough that no run is rescued under a loaded machine.
+    env.retain(|(key, _)| *key != "KEEL_JOBS_LEASE_MS");
+    env.push(("KEEL_JOBS_LEASE_MS", "30000".to_owned()));
+    env.push(("KEEL_JOBS_POLL_MS", "200".to_owned()));
+    env.push(("KEEL_LOG", "warn,keel=info,keel_jobs=debug".to_owned()));
+    let paths = [logs.path().join("first.log"), logs.path().join("second.log")];
+    let mut keels: Vec<Keel> = paths
+        .iter()
+        .map(|path| start_command(&["worker"], &env, Some(path)))
+        .collect();
+    for path in &paths {
+        wait_for_log(path, "keel is running job workers").await;
+    }
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..JOBS / 500 {
+        let batch = (0..500).map(|_| NewJob::new(&Noop::default()).unwrap()).collect();
+        ids.extend(shared.jobs.enqueue(batch).await.unwrap().iter().map(Uuid::to_string));
+    }
+    assert_eq!(ids.len(), JOBS);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let completed = keel_jobs::store::count_in_state(shared.jobs.db(), JobState::Completed)
+            .await
+            .unwrap();
+        if completed as usize == JOBS {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{completed} of {JOBS} jobs completed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Stopped, their logs are whole.
+    for keel in &keels {
+        terminate(keel);
+    }
+    for keel in &mut keels {
+        exited(keel, Duration::from_secs(30)).await;
+    }
+    let runs: Vec<Vec<(String, u64)>> = paths.iter().map(|path| noop_runs(path)).collect();
+    let mut seen = std::collections::HashSet::new();
+    for (path, runs) in paths.iter().zip(&runs) {
+        assert!(!runs.is_empty(), "{} ran no job", path.display());
+        for (id, attempt) in runs {
+            assert_eq!(*attempt, 1, "job {id} ran at attempt {attempt}");
+            assert!(seen.insert(id.clone()), "job {id} ran twice");
+        }
+    }
+    assert_eq!(seen, ids, "the keels ran other jobs than were enqueued");
+    assert_eq!(
+        keel_jobs::store::count_in_state(shared.jobs.db(), JobState::Completed)
+            .await
+            .unwrap() as usize,
+        JOBS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_keels_run_each_of_ten_thousand_jobs_once() {
+    two_keels_run_each_of_ten_thousand_jobs_once(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn postgres_two_keels_run_each_of_ten_thousand_jobs_once() {
+    two_keels_run_each_of_ten_thousand_jobs_once(Backend::Postgres).await;
+}
