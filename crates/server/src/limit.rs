@@ -83,7 +83,7 @@ return {1, next_tat - now, reserved}
 /// A round trip per call is what this costs (Redis is often on the same
 /// machine, sharing its CPU), so a hot key takes a *share* of its
 /// allowance per round trip: besides the call that asks, up to
-/// `KEEL_RATE_LIMIT_SHARE_MAX` - 1 more actions (64 by default, at most a
+/// `KEEL_RATE_LIMIT_SHARE_MAX` - 1 more actions (1024 by default, at most a
 /// sixteenth of the burst),
 /// which this process hands out without asking for [`share_lifetime`]
 /// (50 ms at most). The script places the share's slots after that
@@ -112,7 +112,7 @@ pub struct RedisRateLimiter {
 
 /// The largest share by default, in actions per round trip
 /// (`KEEL_RATE_LIMIT_SHARE_MAX`).
-pub const SHARE_MAX: u32 = 64;
+pub const SHARE_MAX: u32 = 1024;
 
 /// How long a share may be used: 50 ms, or a hundredth of the quota's
 /// window when that is shorter, so the slots a share leaves unused (its
