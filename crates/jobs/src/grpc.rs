@@ -243,9 +243,10 @@ impl JobsQueryService for QueryApi {
     ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
         let ctx = context(&request);
         checked(request.get_ref())?;
-        let queues = self.bus.ask(&ctx, GetQueueStats).await?;
+        let overview = self.bus.ask(&ctx, GetQueueStats).await?;
         Ok(Response::new(pb::GetQueueStatsResponse {
-            queues: queues.iter().map(stats_to_proto).collect(),
+            queues: overview.queues.iter().map(stats_to_proto).collect(),
+            breakers: overview.breakers.iter().map(breaker_to_proto).collect(),
         }))
     }
 
@@ -353,5 +354,25 @@ impl JobsCommandService for CommandApi {
         Ok(Response::new(pb::ResumeQueueResponse {
             stats: Some(stats_to_proto(&stats)),
         }))
+    }
+}
+
+fn breaker_to_proto(breaker: &crate::model::BreakerStats) -> pb::CircuitBreaker {
+    let state = match breaker.state.as_str() {
+        "closed" => pb::CircuitState::Closed,
+        "open" => pb::CircuitState::Open,
+        "half_open" => pb::CircuitState::HalfOpen,
+        _ => pb::CircuitState::Unspecified,
+    };
+    pb::CircuitBreaker {
+        target: breaker.target.clone(),
+        state: state.into(),
+        consecutive_failures: breaker.consecutive_failures,
+        opened_total: breaker.opened_total,
+        rejected_total: breaker.rejected_total,
+        half_open_in: breaker.half_open_in.map(|wait| prost_types::Duration {
+            seconds: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+            nanos: i32::try_from(wait.subsec_nanos()).unwrap_or(0),
+        }),
     }
 }

@@ -60,9 +60,10 @@ pub mod prune;
 pub mod queries;
 pub mod schedule;
 pub mod store;
+mod watching;
 mod worker;
 
-pub use model::{AttemptError, JobRecord, JobState, Lease, Progress, QueueStats};
+pub use model::{AttemptError, BreakerStats, JobRecord, JobState, Lease, Progress, QueueOverview, QueueStats};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -107,9 +108,16 @@ pub struct Settings {
     /// How long a cancelled job's handler may take to stop before it is
     /// dropped.
     pub cancel_grace: Duration,
-    /// How often a `WatchJob` stream reads the job for changes made by
-    /// other processes (this process's changes arrive at once).
+    /// How often this process reads its watched jobs (one poller for all
+    /// its `WatchJob` streams) for changes other processes made; this
+    /// process's changes arrive at once.
     pub watch_poll: Duration,
+    /// `WatchJob` streams one caller may hold open at once in a process
+    /// (more: RESOURCE_EXHAUSTED).
+    pub watch_per_caller: usize,
+    /// The outbound targets' circuit breakers in this process (the jobs
+    /// and handlers call through them), shown in `GetQueueStats`.
+    pub breakers: Vec<Arc<keel_kernel::outbound::Breaker>>,
 }
 
 /// Per-queue limits on how fast jobs start, and the limiter that counts
@@ -165,6 +173,8 @@ impl Default for Settings {
             prune_every: Duration::from_secs(300),
             cancel_grace: Duration::from_secs(5),
             watch_poll: Duration::from_secs(1),
+            watch_per_caller: 100,
+            breakers: Vec::new(),
         }
     }
 }
@@ -192,9 +202,11 @@ struct Inner {
     schedules: Vec<schedule::Schedule>,
     /// The cancellation signals of the runs in this process.
     running: std::sync::Mutex<Runs>,
-    /// Jobs as this process changed them, for its `WatchJob` streams (sent
-    /// only while one listens).
-    changes: tokio::sync::broadcast::Sender<Arc<JobRecord>>,
+    /// Jobs as this process changed them or its poller found them changed,
+    /// for its `WatchJob` streams (sent only while one listens).
+    changes: tokio::sync::broadcast::Sender<Arc<watching::JobChange>>,
+    /// The jobs this process's streams watch.
+    watched: std::sync::Mutex<watching::Watched>,
 }
 
 /// The runs of this process, by job and attempt: each one's cancellation
@@ -252,7 +264,8 @@ impl Jobs {
                 loops: watch::Sender::new(0),
                 schedules,
                 running: std::sync::Mutex::default(),
-                changes: tokio::sync::broadcast::channel(1024).0,
+                changes: tokio::sync::broadcast::channel(4096).0,
+                watched: std::sync::Mutex::default(),
             }),
         })
     }
@@ -360,7 +373,7 @@ impl Jobs {
     }
 
     /// This process's job changes, for a watcher.
-    pub(crate) fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<JobRecord>> {
+    pub(crate) fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<watching::JobChange>> {
         self.inner.changes.subscribe()
     }
 
@@ -371,10 +384,9 @@ impl Jobs {
             return;
         }
         match store::get(self.db(), id).await {
-            Ok(Some(job)) => {
-                let _ = self.inner.changes.send(Arc::new(job));
+            Ok(job) => {
+                let _ = self.inner.changes.send(Arc::new(watching::JobChange { id, job }));
             }
-            Ok(None) => {}
             Err(error) => {
                 tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed")
             }

@@ -94,6 +94,39 @@ pub struct Progress {
     pub message: String,
 }
 
+/// Every queue's statistics and the breakers its jobs call through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QueueOverview {
+    pub queues: Vec<QueueStats>,
+    pub breakers: Vec<BreakerStats>,
+}
+
+/// An outbound target's circuit breaker in this process, as now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerStats {
+    pub target: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    pub consecutive_failures: u32,
+    pub opened_total: u64,
+    pub rejected_total: u64,
+    /// While open: how long until a trial is let through.
+    pub half_open_in: Option<std::time::Duration>,
+}
+
+impl From<keel_kernel::outbound::BreakerSnapshot> for BreakerStats {
+    fn from(snapshot: keel_kernel::outbound::BreakerSnapshot) -> Self {
+        Self {
+            target: snapshot.target.to_owned(),
+            state: snapshot.state.as_str().to_owned(),
+            consecutive_failures: snapshot.consecutive_failures,
+            opened_total: snapshot.opened_total,
+            rejected_total: snapshot.rejected_total,
+            half_open_in: snapshot.half_open_in,
+        }
+    }
+}
+
 /// What a queue holds and does now (see `GetQueueStats`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueStats {

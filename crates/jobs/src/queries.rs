@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use crate::Jobs;
 use crate::commands::visible_to;
-use crate::model::{JobRecord, JobState, QueueStats};
+use crate::model::{JobRecord, JobState, QueueOverview};
 use crate::store::{self, ListFilter};
+use crate::watching::{JobChange, Watching};
 
 pub struct GetJob {
     pub id: Uuid,
@@ -50,7 +51,7 @@ pub struct GetQueueStats;
 
 impl Query for GetQueueStats {
     const NAME: &'static str = "jobs.get_queue_stats";
-    type Output = Vec<QueueStats>;
+    type Output = QueueOverview;
 }
 
 /// The job now, then at every change until it is finished.
@@ -147,9 +148,18 @@ impl QueryHandler<ListJobs> for Handlers {
 
 #[async_trait]
 impl QueryHandler<GetQueueStats> for Handlers {
-    async fn handle(&self, ctx: &QueryContext<'_>, _query: GetQueueStats) -> Result<Vec<QueueStats>> {
+    async fn handle(&self, ctx: &QueryContext<'_>, _query: GetQueueStats) -> Result<QueueOverview> {
         ctx.request.require_admin()?;
-        store::stats(ctx.db, &self.jobs.queues(), clock::now()).await
+        Ok(QueueOverview {
+            queues: store::stats(ctx.db, &self.jobs.queues(), clock::now()).await?,
+            breakers: self
+                .jobs
+                .settings()
+                .breakers
+                .iter()
+                .map(|breaker| breaker.snapshot().into())
+                .collect(),
+        })
     }
 }
 
@@ -163,6 +173,8 @@ impl QueryHandler<WatchJob> for Handlers {
         if !visible_to(ctx.request, &job) {
             return Err(not_found());
         }
+        let caller = ctx.request.principal.as_ref().map(|principal| principal.user_id);
+        let watching = self.jobs.start_watching(&job, caller)?;
         let (sender, receiver) = mpsc::channel(64);
         tokio::spawn(watch(
             self.jobs.clone(),
@@ -170,58 +182,53 @@ impl QueryHandler<WatchJob> for Handlers {
             changes,
             sender,
             ctx.request.access_ended(),
+            watching,
         ));
         Ok(Live(receiver))
     }
 }
 
-/// Sends `job`, then each change: this process's at once (from the
-/// broadcast), other processes' at the next poll. Ends after a finished
-/// state, when the job is deleted (NOT_FOUND), when access ends, or when
-/// the watcher goes away.
+/// Sends `job`, then each change: this process's at once, other
+/// processes' when the process's poller reads them (see `watching.rs`).
+/// Ends after a finished state, when the job is deleted (NOT_FOUND), when
+/// access ends, or when the watcher goes away.
 async fn watch(
     jobs: Jobs,
     job: JobRecord,
-    mut changes: broadcast::Receiver<Arc<JobRecord>>,
+    mut changes: broadcast::Receiver<Arc<JobChange>>,
     sender: mpsc::Sender<Result<JobRecord>>,
     mut access_ended: keel_kernel::access::AccessEnd,
+    _watching: Watching,
 ) {
     let id = job.id;
     let mut last = job;
     if sender.send(Ok(last.clone())).await.is_err() || last.state.is_finished() {
         return;
     }
-    let mut poll = tokio::time::interval(jobs.settings().watch_poll);
-    poll.tick().await;
     loop {
         let next = tokio::select! {
             change = changes.recv() => match change {
-                Ok(change) if change.id == id => Some((*change).clone()),
+                Ok(change) if change.id == id => change.job.clone(),
                 Ok(_) => continue,
                 // Missed some: the table has the latest.
-                Err(broadcast::error::RecvError::Lagged(_)) => None,
+                Err(broadcast::error::RecvError::Lagged(_)) => match store::get(jobs.db(), id).await {
+                    Ok(job) => job,
+                    Err(error) => {
+                        let _ = sender.send(Err(error)).await;
+                        return;
+                    }
+                },
                 Err(broadcast::error::RecvError::Closed) => return,
             },
-            _ = poll.tick() => None,
             ended = &mut access_ended => {
                 let _ = sender.send(Err(ended.into_error(&[]))).await;
                 return;
             }
             () = sender.closed() => return,
         };
-        let current = match next {
-            Some(current) => current,
-            None => match store::get(jobs.db(), id).await {
-                Ok(Some(current)) => current,
-                Ok(None) => {
-                    let _ = sender.send(Err(not_found())).await;
-                    return;
-                }
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
-                    return;
-                }
-            },
+        let Some(current) = next else {
+            let _ = sender.send(Err(not_found())).await;
+            return;
         };
         // Unchanged, or older than what was sent (a read that raced a write).
         if current == last || current.updated_at < last.updated_at {

@@ -689,6 +689,17 @@ pub async fn get(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<JobRecord
     jobs::Entity::find_by_id(id).one(db).await?.map(record).transpose()
 }
 
+/// The jobs of `ids` that exist, in no order.
+pub async fn get_many(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Vec<JobRecord>> {
+    jobs::Entity::find()
+        .filter(jobs::Column::Id.is_in(ids.iter().copied()))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(record)
+        .collect()
+}
+
 /// When the earliest available job of `queue` is due (a delayed job, a
 /// retry waiting out its backoff).
 pub async fn next_due(db: &impl ConnectionTrait, queue: &str) -> Result<Option<DateTime<Utc>>> {

@@ -125,6 +125,15 @@ pub struct Breaker {
     inner: Mutex<Inner>,
 }
 
+impl std::fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Breaker")
+            .field("target", &self.target)
+            .field("state", &self.snapshot().state)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Leave to make one call; report its outcome with [`Permit::succeeded`] or
 /// [`Permit::failed`]. A permit dropped without an outcome (the caller was
 /// cancelled) gives the trial back, so a half-open breaker is not stuck.

@@ -163,6 +163,7 @@ fn job_settings(
         cron: config.jobs_cron_entries()?,
         retention: config.jobs_retention()?,
         cancel_grace: Duration::from_millis(config.jobs_cancel_grace_ms),
+        watch_per_caller: config.jobs_watch_per_caller,
         ..keel_jobs::Settings::default()
     })
 }
@@ -219,6 +220,7 @@ impl State {
         let kinds = modules.iter().flat_map(|module| module.job_kinds()).collect();
         let job_settings = keel_jobs::Settings {
             schedules: modules.iter().flat_map(|module| module.job_schedules()).collect(),
+            breakers: breakers.to_vec(),
             ..job_settings(&config, limiter.clone())?
         };
         let jobs = keel_jobs::Jobs::new(db.clone(), kinds, job_settings).await?;

@@ -206,6 +206,9 @@ pub struct Config {
     /// `KEEL_JOBS_CANCEL_GRACE_MS`: how long a cancelled job's handler may
     /// take to stop before it is dropped.
     pub jobs_cancel_grace_ms: u64,
+    /// `KEEL_JOBS_WATCH_PER_CALLER`: `WatchJob` streams one caller may hold
+    /// open at once in a process (more: RESOURCE_EXHAUSTED).
+    pub jobs_watch_per_caller: usize,
     /// `KEEL_CORS_ALLOWED_ORIGINS`: comma-separated origins that browsers may
     /// call from with credentials (`https://app.example.com`), and/or `*`: any
     /// other origin, without credentials. `null` is never allowed. Unset:
@@ -239,7 +242,7 @@ pub struct Config {
     /// `closed` (every limited call is refused).
     pub rate_limit_fallback: crate::limit::Fallback,
     /// `KEEL_RATE_LIMIT_SHARE_MAX`: on Redis, the most actions of a hot key
-    /// one round trip reserves for this process (64 by default; 1: a round
+    /// one round trip reserves for this process (1024 by default; 1: a round
     /// trip per call). See `crate::limit::RedisRateLimiter`.
     pub rate_limit_share_max: u32,
     /// `KEEL_RATE_LIMITS` (or a `[rate_limits]` table): per-method limits
@@ -347,6 +350,7 @@ impl Default for Config {
             jobs_retain_completed: "24h".to_owned(),
             jobs_retain_failed: "7d".to_owned(),
             jobs_cancel_grace_ms: 5_000,
+            jobs_watch_per_caller: 100,
         }
     }
 }

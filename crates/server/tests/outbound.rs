@@ -84,13 +84,17 @@ impl Relay {
 }
 
 async fn get(app: &TestApp, path: &str) -> (u16, String) {
+    get_as(app, path, None).await
+}
+
+async fn get_as(app: &TestApp, path: &str, token: Option<&str>) -> (u16, String) {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut request = http::Request::get(format!("{}{path}", app.endpoint()));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
     let response = client
-        .request(
-            http::Request::get(format!("{}{path}", app.endpoint()))
-                .body(Full::new(Bytes::new()))
-                .unwrap(),
-        )
+        .request(request.body(Full::new(Bytes::new())).unwrap())
         .await
         .unwrap();
     let status = response.status().as_u16();
@@ -173,6 +177,17 @@ async fn a_failing_relay_opens_the_breaker_then_a_trial_after_the_cool_down_clos
         metrics.contains("keel_outbound_rejected_total{target=\"mail\"} 2"),
         "{metrics}"
     );
+    // The queue statistics show it too (an admin's REST call).
+    let (_, admin) = app.admin("root@example.com").await;
+    let (status, stats) = get_as(&app, "/v1/queues/stats", Some(&admin.access_token)).await;
+    assert_eq!(status, 200, "{stats}");
+    let stats: Value = serde_json::from_str(&stats).unwrap();
+    let breakers = stats["data"]["breakers"].as_array().unwrap_or_else(|| panic!("breakers in the stats: {stats}"));
+    assert_eq!(breakers.len(), 1, "{stats}");
+    assert_eq!(breakers[0]["target"], "mail", "{stats}");
+    assert_eq!(breakers[0]["state"], "CIRCUIT_STATE_OPEN", "{stats}");
+    assert_eq!(breakers[0]["openedTotal"], "1", "{stats}");
+    assert!(breakers[0]["halfOpenIn"].is_string(), "{stats}");
 
     // After the cool-down: half-open; the relay is back; the next send is
     // the trial, and its success closes the breaker.
