@@ -207,6 +207,10 @@ struct Inner {
     changes: tokio::sync::broadcast::Sender<Arc<watching::JobChange>>,
     /// The jobs this process's streams watch.
     watched: std::sync::Mutex<watching::Watched>,
+    /// Attempts this process's workers failed and scheduled again.
+    retried: std::sync::atomic::AtomicU64,
+    /// Jobs this process's workers gave up on.
+    gave_up: std::sync::atomic::AtomicU64,
 }
 
 /// The runs of this process, by job and attempt: each one's cancellation
@@ -266,6 +270,8 @@ impl Jobs {
                 running: std::sync::Mutex::default(),
                 changes: tokio::sync::broadcast::channel(4096).0,
                 watched: std::sync::Mutex::default(),
+                retried: std::sync::atomic::AtomicU64::new(0),
+                gave_up: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -327,6 +333,27 @@ impl Jobs {
     }
 
     /// The queues that have kinds here.
+    /// Since this process started: attempts its workers failed and
+    /// scheduled again, and jobs they gave up on (for `/metrics`).
+    pub fn failure_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.inner.retried.load(Relaxed), self.inner.gave_up.load(Relaxed))
+    }
+
+    pub(crate) fn count_failure(&self, retried: bool) {
+        let counter = if retried {
+            &self.inner.retried
+        } else {
+            &self.inner.gave_up
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Every queue's statistics, as `GetQueueStats` answers them.
+    pub async fn stats(&self) -> Result<Vec<QueueStats>> {
+        store::stats(self.db(), &self.queues(), clock::now()).await
+    }
+
     pub fn queues(&self) -> Vec<&'static str> {
         let mut queues: Vec<_> = self.inner.wake.keys().copied().collect();
         queues.sort_unstable();

@@ -296,10 +296,12 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
             });
             match decision {
                 keel_kernel::retry::Decision::Retry { at: run_at, .. } => {
+                    jobs.count_failure(true);
                     tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
                     store::retry(jobs.db(), &lease, run_at, &errors, now).await
                 }
                 keel_kernel::retry::Decision::GiveUp { .. } => {
+                    jobs.count_failure(false);
                     tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
                     store::fail(jobs.db(), &lease, &errors, now).await
                 }

@@ -66,6 +66,11 @@ struct TargetStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabels {
+    queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -98,8 +103,73 @@ pub struct Metrics {
     breaker_failures: Family<TargetLabels, Gauge>,
     breaker_opened: Family<TargetLabels, Counter>,
     breaker_rejected: Family<TargetLabels, Counter>,
+    queues: QueueGauges,
+    job_retries: Counter,
+    job_failures: Counter,
     cpu: Counter<f64, AtomicU64>,
     resident: Gauge,
+}
+
+/// Per job queue, what `GetQueueStats` says of it.
+struct QueueGauges {
+    available: Family<QueueLabels, Gauge>,
+    depth: Family<QueueLabels, Gauge>,
+    oldest_waiting: Family<QueueLabels, Gauge<f64, AtomicU64>>,
+    running: Family<QueueLabels, Gauge>,
+    failed: Family<QueueLabels, Gauge>,
+    paused: Family<QueueLabels, Gauge>,
+}
+
+impl QueueGauges {
+    fn register(registry: &mut Registry) -> Self {
+        let gauges = QueueGauges {
+            available: Family::default(),
+            depth: Family::default(),
+            oldest_waiting: Family::default(),
+            running: Family::default(),
+            failed: Family::default(),
+            paused: Family::default(),
+        };
+        registry.register(
+            "job_queue_available",
+            "Jobs due now, waiting for a worker",
+            gauges.available.clone(),
+        );
+        registry.register(
+            "job_queue_depth",
+            "Every waiting job: due, delayed or backing off",
+            gauges.depth.clone(),
+        );
+        registry.register_with_unit(
+            "job_queue_oldest_waiting",
+            "How long the oldest due job has waited since it became due",
+            Unit::Seconds,
+            gauges.oldest_waiting.clone(),
+        );
+        registry.register("job_queue_running", "Jobs running now", gauges.running.clone());
+        registry.register(
+            "job_queue_failed",
+            "Failed jobs kept (the queue's dead letters)",
+            gauges.failed.clone(),
+        );
+        registry.register("job_queue_paused", "1 while the queue is paused", gauges.paused.clone());
+        gauges
+    }
+
+    fn set(&self, stats: &keel_jobs::QueueStats) {
+        let labels = QueueLabels {
+            queue: stats.queue.clone(),
+        };
+        let count = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        self.available.get_or_create(&labels).set(count(stats.available));
+        self.depth.get_or_create(&labels).set(count(stats.depth));
+        self.oldest_waiting
+            .get_or_create(&labels)
+            .set(stats.oldest_waiting.map_or(0.0, |age| age.as_secs_f64()));
+        self.running.get_or_create(&labels).set(count(stats.running));
+        self.failed.get_or_create(&labels).set(count(stats.failed));
+        self.paused.get_or_create(&labels).set(i64::from(stats.paused));
+    }
 }
 
 impl Metrics {
@@ -203,6 +273,19 @@ impl Metrics {
             "Outbound calls refused by an open circuit breaker, without reaching the target",
             breaker_rejected.clone(),
         );
+        let queues = QueueGauges::register(&mut registry);
+        let job_retries = Counter::default();
+        registry.register(
+            "job_retries",
+            "Attempts this process's workers failed and scheduled again",
+            job_retries.clone(),
+        );
+        let job_failures = Counter::default();
+        registry.register(
+            "job_failures",
+            "Jobs this process's workers gave up on (failed, kept)",
+            job_failures.clone(),
+        );
         let cpu = Counter::<f64, AtomicU64>::default();
         registry.register_with_unit("process_cpu", "CPU time used by keel", Unit::Seconds, cpu.clone());
         let resident = Gauge::default();
@@ -232,6 +315,9 @@ impl Metrics {
             breaker_failures,
             breaker_opened,
             breaker_rejected,
+            queues,
+            job_retries,
+            job_failures,
             cpu,
             resident,
         })
@@ -292,6 +378,14 @@ impl Metrics {
             let rejected = self.breaker_rejected.get_or_create(&TargetLabels { target });
             rejected.inc_by(snapshot.rejected_total.saturating_sub(rejected.get()));
         }
+        match state.jobs.stats().await {
+            Ok(queues) => queues.iter().for_each(|queue| self.queues.set(queue)),
+            Err(error) => tracing::warn!(error = %error, "metrics: reading the job queues"),
+        }
+        let (retried, gave_up) = state.jobs.failure_counts();
+        self.job_retries.inc_by(retried.saturating_sub(self.job_retries.get()));
+        self.job_failures
+            .inc_by(gave_up.saturating_sub(self.job_failures.get()));
         if let Some((cpu_seconds, resident_bytes)) = process_usage() {
             self.cpu.inc_by((cpu_seconds - self.cpu.get()).max(0.0));
             self.resident.set(i64::try_from(resident_bytes).unwrap_or(i64::MAX));

@@ -131,6 +131,50 @@ async fn calls_move_the_counters_by_exactly_the_calls_made() {
     assert!(after.contains_key(&("keel_outbox_backlog_events".to_owned(), Vec::new())));
 }
 
+/// The job queues as `GetQueueStats` sees them, and the workers' retries
+/// and give-ups, after jobs that wait and one that fails twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_queues_and_failures_are_in_the_scrape() {
+    let app = spawn_app_with(Backend::Sqlite, |config| config.jobs_backoff_ms = 10).await;
+    let jobs = &app.state.jobs;
+    let later = keel_kernel::clock::now() + chrono::Duration::hours(1);
+    let waiting = || {
+        keel_kernel::NewJob::new(&keel_jobs::Noop::default())
+            .unwrap()
+            .run_at(later)
+    };
+    jobs.enqueue(vec![waiting(), waiting()]).await.unwrap();
+    let failing = keel_kernel::NewJob::new(&keel_jobs::Noop {
+        fail: Some("boom".to_owned()),
+        ..keel_jobs::Noop::default()
+    })
+    .unwrap()
+    .max_attempts(2);
+    let id = jobs.enqueue(vec![failing]).await.unwrap()[0];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while jobs.get(id).await.unwrap().unwrap().state != keel_jobs::JobState::Failed {
+        assert!(std::time::Instant::now() < deadline, "the failing job never failed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let samples = scrape(&app).await;
+    let queue = [("queue", "default")];
+    assert_eq!(value(&samples, "keel_job_queue_depth", &queue), 2.0);
+    assert_eq!(value(&samples, "keel_job_queue_available", &queue), 0.0);
+    assert_eq!(value(&samples, "keel_job_queue_running", &queue), 0.0);
+    assert_eq!(value(&samples, "keel_job_queue_failed", &queue), 1.0);
+    assert_eq!(value(&samples, "keel_job_queue_paused", &queue), 0.0);
+    assert!(
+        samples.contains_key(&(
+            "keel_job_queue_oldest_waiting_seconds".to_owned(),
+            vec![("queue".to_owned(), "default".to_owned())]
+        )),
+        "{samples:?}"
+    );
+    assert_eq!(value(&samples, "keel_job_retries_total", &[]), 1.0);
+    assert_eq!(value(&samples, "keel_job_failures_total", &[]), 1.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_be_turned_off() {
     let app = spawn_app_with(Backend::Sqlite, |config| config.metrics = false).await;

@@ -182,7 +182,9 @@ async fn a_failing_relay_opens_the_breaker_then_a_trial_after_the_cool_down_clos
     let (status, stats) = get_as(&app, "/v1/queues/stats", Some(&admin.access_token)).await;
     assert_eq!(status, 200, "{stats}");
     let stats: Value = serde_json::from_str(&stats).unwrap();
-    let breakers = stats["data"]["breakers"].as_array().unwrap_or_else(|| panic!("breakers in the stats: {stats}"));
+    let breakers = stats["data"]["breakers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("breakers in the stats: {stats}"));
     assert_eq!(breakers.len(), 1, "{stats}");
     assert_eq!(breakers[0]["target"], "mail", "{stats}");
     assert_eq!(breakers[0]["state"], "CIRCUIT_STATE_OPEN", "{stats}");
