@@ -92,6 +92,11 @@ impl KeySet {
     }
 
     /// Reads the key file, or creates it (mode 0600) with one new key.
+    ///
+    /// Keels started together on one data directory (`keel serve` beside
+    /// `keel worker`) race to create it: the key is written to a private
+    /// temporary file beside it and linked into place only if no file is
+    /// there, so every keel reads one whole file and signs with one key.
     pub fn load_or_generate(path: &Path) -> Result<KeySet, KeyFileError> {
         if path.exists() {
             return Self::load(path);
@@ -100,12 +105,24 @@ impl KeySet {
             path: path.display().to_string(),
             source,
         };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(write_error)?;
+        let parent = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(write_error)?;
+        // `tempfile` creates the file with mode 0600 on unix.
+        let mut file = tempfile::NamedTempFile::new_in(parent).map_err(write_error)?;
+        {
+            use std::io::Write;
+            file.write_all(Self::generate_file().as_bytes()).map_err(write_error)?;
+            file.as_file().sync_all().map_err(write_error)?;
         }
-        let text = Self::generate_file();
-        write_private(path, &text).map_err(write_error)?;
-        tracing::info!(path = %path.display(), "generated a new signing key");
+        match file.persist_noclobber(path) {
+            Ok(_) => tracing::info!(path = %path.display(), "generated a new signing key"),
+            // Another keel linked its file first: use that one.
+            Err(error) if error.error.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(error) => return Err(write_error(error.error)),
+        }
         Self::load(path)
     }
 
@@ -187,24 +204,6 @@ impl KeySet {
 pub fn thumbprint(x: &str) -> String {
     let canonical = format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#);
     URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes()))[..16].to_owned()
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    std::fs::write(path, text)
 }
 
 /// The claims of an access token.
@@ -513,6 +512,33 @@ mod tests {
         );
         assert_eq!(rotated.keys().public_keys().len(), 2);
         assert!(rotated.verify_access(&token).is_ok());
+    }
+
+    /// Keels started together on a fresh data directory all come up, with
+    /// one key among them: none fails on the file another created, none
+    /// reads it half-written.
+    #[test]
+    fn keels_racing_to_create_the_key_file_share_one_key() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("dir");
+            let path = dir.path().join("auth-keys.json");
+            let start = std::sync::Barrier::new(8);
+            let kids: Vec<String> = std::thread::scope(|scope| {
+                let racers: Vec<_> = (0..8)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            start.wait();
+                            KeySet::load_or_generate(&path).expect("load or generate").active_kid
+                        })
+                    })
+                    .collect();
+                racers.into_iter().map(|racer| racer.join().expect("racer")).collect()
+            });
+            assert!(kids.iter().all(|kid| *kid == kids[0]), "{kids:?}");
+            assert_eq!(KeySet::load(&path).expect("the file").active_kid, kids[0]);
+            let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+            assert_eq!(left.len(), 1, "temporary files left behind: {left:?}");
+        }
     }
 
     #[test]
