@@ -176,8 +176,10 @@ async fn handing_back(phase: &mut watch::Receiver<Phase>) {
 }
 
 /// Runs one leased job to its outcome. The lease is renewed every third of
-/// its length; when a renewal finds it lost, the run is dropped (another
-/// worker may have the job by now) and nothing is written. A run past its
+/// its length; when a renewal finds it lost, or none succeeded for a whole
+/// lease, the run is dropped (another worker may have the job by now) and
+/// no outcome is written. The run is always dropped before a write for it
+/// that its own transaction could block. A run past its
 /// timeout is dropped and fails the attempt; at the end of a shutdown's
 /// grace it is dropped and the job handed back.
 async fn run_job(jobs: &Jobs, job: JobRecord) {
@@ -207,8 +209,11 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
         )))),
         Some(kind) => {
             let timeout = job.timeout.unwrap_or(kind.timeout);
-            let run = kind.run(&ctx, &job.args);
-            tokio::pin!(run);
+            // Boxed so it can be dropped before anything is written for the
+            // run: an unpolled handler may hold a transaction, and a write
+            // behind its lock (a row in PostgreSQL, the file in SQLite) would
+            // wait for a commit that never comes.
+            let mut run = Box::pin(kind.run(&ctx, &job.args));
             let deadline = tokio::time::sleep(timeout);
             tokio::pin!(deadline);
             let mut phase = jobs.phase();
@@ -217,36 +222,50 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
             // stop that transaction from committing.
             let renewing = keep_leased(jobs, &lease, &ctx.signals);
             tokio::pin!(renewing);
-            tokio::select! {
-                outcome = &mut run => outcome,
-                _ = &mut deadline => {
-                    // Leaving the select drops the handler's future.
+            let interrupted = tokio::select! {
+                outcome = &mut run => Interrupted::No(outcome),
+                _ = &mut deadline => Interrupted::TimedOut,
+                _ = handing_back(&mut phase) => Interrupted::HandBack,
+                true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => Interrupted::Cancelled,
+                () = &mut renewing => Interrupted::LeaseGone,
+            };
+            match interrupted {
+                Interrupted::No(outcome) => outcome,
+                Interrupted::TimedOut => {
+                    drop(run);
                     Err(JobError::from(Error::new(
                         Code::DeadlineExceeded,
                         format!("the job ran past its timeout of {} ms", timeout.as_millis()),
                     )))
                 }
-                _ = handing_back(&mut phase) => {
+                Interrupted::HandBack => {
+                    drop(run);
                     match store::hand_back(jobs.db(), &lease, clock::now()).await {
-                        Ok(true) => tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job handed back at shutdown"),
-                        Ok(false) => tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; not handed back"),
-                        Err(error) => tracing::warn!(job_id = %job.id, error = %error, "handing a job back failed; its lease will expire"),
+                        Ok(true) => {
+                            tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job handed back at shutdown")
+                        }
+                        Ok(false) => {
+                            tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; not handed back")
+                        }
+                        Err(error) => {
+                            tracing::warn!(job_id = %job.id, error = %error, "handing a job back failed; its lease will expire")
+                        }
                     }
                     return;
                 }
-                true = async { cancelled.wait_for(|cancelled| *cancelled).await.is_ok() } => {
-                    drain_cancelled(jobs, &job, run.as_mut()).await;
+                Interrupted::Cancelled => {
+                    drain_cancelled(jobs, &job, run).await;
                     return;
                 }
-                () = &mut renewing => {
+                Interrupted::LeaseGone => {
                     // Cancelled in another process: this run hears it here.
                     if cancelled_in_table(jobs, job.id).await {
                         jobs.signal_cancelled(job.id, job.attempt);
-                        drain_cancelled(jobs, &job, run.as_mut()).await;
+                        drain_cancelled(jobs, &job, run).await;
                         return;
                     }
+                    drop(run);
                     tracing::warn!(job_id = %job.id, attempt = job.attempt, "job lease lost; run abandoned");
-                    // Never polled again, the handler has stopped.
                     run_stopped(jobs, &job).await;
                     return;
                 }
@@ -296,14 +315,20 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
             });
             match decision {
                 keel_kernel::retry::Decision::Retry { at: run_at, .. } => {
-                    jobs.count_failure(true);
-                    tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
-                    store::retry(jobs.db(), &lease, run_at, &errors, now).await
+                    let written = store::retry(jobs.db(), &lease, run_at, &errors, now).await;
+                    if matches!(written, Ok(true)) {
+                        jobs.count_failure(true);
+                        tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed; retrying");
+                    }
+                    written
                 }
                 keel_kernel::retry::Decision::GiveUp { .. } => {
-                    jobs.count_failure(false);
-                    tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
-                    store::fail(jobs.db(), &lease, &errors, now).await
+                    let written = store::fail(jobs.db(), &lease, &errors, now).await;
+                    if matches!(written, Ok(true)) {
+                        jobs.count_failure(false);
+                        tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, error = %failure.error, "job failed");
+                    }
+                    written
                 }
             }
         }
@@ -321,28 +346,64 @@ async fn run_job(jobs: &Jobs, job: JobRecord) {
     }
 }
 
-/// Renews the run's lease every third of its length; resolves when a
-/// renewal finds it lost. Once the handler completed the job in its own
-/// transaction there is nothing left to renew (a renewal would wait for
-/// that transaction's lock on the row, then find it completed).
+/// Renews the run's lease every third of its length; resolves when the
+/// lease is gone: a renewal found it taken (and the handler did not
+/// complete the job in its own transaction), or no renewal succeeded for a
+/// whole lease, after which the rescuer may have handed the job to another
+/// worker and the stopping bound a cancel set no longer holds.
+///
+/// A handler that completed the job in its transaction keeps the lease
+/// renewed until the transaction ends: the renewal waits for its lock (on
+/// the row in PostgreSQL, on the file in SQLite), then finds the job
+/// completed (and stays quiet) or, when the transaction rolled back, renews
+/// as before.
 async fn keep_leased(jobs: &Jobs, lease: &Lease, signals: &JobSignals) {
     let length = jobs.settings().lease;
     let mut renewal = tokio::time::interval((length / 3).max(Duration::from_millis(10)));
     renewal.tick().await;
+    let mut held_until = tokio::time::Instant::now() + length;
     loop {
         renewal.tick().await;
-        if signals.completed_in_transaction() {
-            return std::future::pending().await;
-        }
         let now = clock::now();
-        match store::renew(jobs.db(), lease, lease_end(now, length), now).await {
-            Ok(true) => {}
-            Ok(false) if signals.completed_in_transaction() => return std::future::pending().await,
-            Ok(false) => return,
+        let renew = store::renew(jobs.db(), lease, lease_end(now, length), now);
+        // Once the handler's transaction holds the completion, it holds the
+        // row too: no rescuer or worker takes the job before it ends, so the
+        // renewal may wait for it, however long.
+        let in_transaction = signals.completed_in_transaction();
+        let renewed = if in_transaction {
+            Ok(renew.await)
+        } else {
+            tokio::time::timeout_at(held_until, renew).await
+        };
+        match renewed {
+            Ok(Ok(true)) => held_until = tokio::time::Instant::now() + length,
+            Ok(Ok(false)) if signals.completed_in_transaction() && completed_at(jobs, lease).await => {
+                return std::future::pending().await;
+            }
+            Ok(Ok(false)) => return,
             // The lease may still hold; the next renewal tries again.
-            Err(error) => tracing::warn!(job_id = %lease.id, error = %error, "renewing a job lease failed"),
+            Ok(Err(error)) => tracing::warn!(job_id = %lease.id, error = %error, "renewing a job lease failed"),
+            Err(_) => {}
+        }
+        if !in_transaction && tokio::time::Instant::now() >= held_until {
+            tracing::warn!(job_id = %lease.id, attempt = lease.attempt, lease_ms = length.as_millis() as u64, "no lease renewal succeeded for a whole lease");
+            return;
         }
     }
+}
+
+/// Whether the job is completed at the lease's attempt.
+async fn completed_at(jobs: &Jobs, lease: &Lease) -> bool {
+    matches!(store::get(jobs.db(), lease.id).await, Ok(Some(job)) if job.state == JobState::Completed && job.attempt == lease.attempt)
+}
+
+/// How a run's select ended.
+enum Interrupted {
+    No(std::result::Result<(), JobError>),
+    TimedOut,
+    HandBack,
+    Cancelled,
+    LeaseGone,
 }
 
 /// Removes a run's cancellation signal when the run ends, however it ends.
@@ -403,9 +464,9 @@ async fn cancelled_in_table(jobs: &Jobs, id: uuid::Uuid) -> bool {
 /// A cancelled job's handler has the grace period to stop; then it is
 /// dropped. Its outcome is never written: the table says cancelled already
 /// (and the fence would refuse it); that it stopped is.
-async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, run: std::pin::Pin<&mut F>) {
+async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, mut run: std::pin::Pin<Box<F>>) {
     let grace = jobs.settings().cancel_grace;
-    match tokio::time::timeout(grace, run).await {
+    match tokio::time::timeout(grace, run.as_mut()).await {
         Ok(_) => {
             tracing::info!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, "job cancelled; its handler stopped")
         }
@@ -413,6 +474,8 @@ async fn drain_cancelled<F: std::future::Future>(jobs: &Jobs, job: &JobRecord, r
             tracing::warn!(job_id = %job.id, kind = %job.kind, attempt = job.attempt, grace_ms = grace.as_millis() as u64, "job cancelled; its handler ignored the signal and was dropped")
         }
     }
+    // Dropped before the write, which its transaction could block.
+    drop(run);
     run_stopped(jobs, job).await;
 }
 

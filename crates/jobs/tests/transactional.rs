@@ -29,9 +29,14 @@ enum Mode {
     CommitThenFail,
     /// Waits to be cancelled, then tries to complete.
     CompleteWhenCancelled,
-    /// Attempt 1 completes in a transaction it rolls back and returns Ok;
-    /// later attempts commit.
+    /// Attempt 1 completes in a transaction it rolls back, runs on past its
+    /// lease and returns Ok; later attempts commit.
     RollBackFirst,
+    /// Completes in a transaction it never ends (until its run is dropped).
+    HoldOpen,
+    /// Attempt 1 waits a minute (telling `dropped` if its run is dropped);
+    /// later attempts complete.
+    LingerFirst,
 }
 
 /// Writes one row to `test_effects` per run, in the transaction it
@@ -52,6 +57,17 @@ struct Effects {
     started: Arc<Notify>,
     /// What `complete_in` answered a cancelled run.
     refused: Arc<Mutex<Option<Code>>>,
+    /// Notified when a lingering run was dropped.
+    dropped: Arc<Notify>,
+}
+
+/// Tells `dropped` when the run holding it goes away.
+struct DropAlarm(Arc<Notify>);
+
+impl Drop for DropAlarm {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 async fn write_effect(tx: &impl ConnectionTrait, ctx: &JobContext) {
@@ -103,8 +119,28 @@ impl JobHandler<Effect> for Effects {
                 ctx.complete_in(&tx).await?;
                 if ctx.attempt == 1 {
                     tx.rollback().await?;
+                    // Runs on for three leases: with the completion gone,
+                    // its worker must renew the lease again.
+                    tokio::time::sleep(Duration::from_millis(900)).await;
                 } else {
                     tx.commit().await?;
+                }
+                Ok(())
+            }
+            Mode::HoldOpen => {
+                let tx = self
+                    .db
+                    .begin_with_options(keel_kernel::bus::write_transaction())
+                    .await?;
+                write_effect(&tx, ctx).await;
+                ctx.complete_in(&tx).await?;
+                std::future::pending::<()>().await;
+                unreachable!("never woken")
+            }
+            Mode::LingerFirst => {
+                if ctx.attempt == 1 {
+                    let _alarm = DropAlarm(self.dropped.clone());
+                    tokio::time::sleep(Duration::from_secs(60)).await;
                 }
                 Ok(())
             }
@@ -119,6 +155,7 @@ fn settings() -> Settings {
         lease: Duration::from_millis(300),
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
         cancel_grace: Duration::from_millis(800),
+        shutdown_grace: Duration::from_millis(300),
         ..Settings::default()
     }
 }
@@ -133,6 +170,10 @@ struct Rig {
 }
 
 async fn rig(backend: Backend) -> Rig {
+    rig_with(backend, settings()).await
+}
+
+async fn rig_with(backend: Backend, settings: Settings) -> Rig {
     let database = TestDatabase::new(backend).await;
     let db = database.db.clone();
     db.execute_unprepared("CREATE TABLE test_effects (job_id TEXT NOT NULL, attempt INTEGER NOT NULL)")
@@ -142,8 +183,9 @@ async fn rig(backend: Backend) -> Rig {
         db: db.clone(),
         started: Arc::new(Notify::new()),
         refused: Arc::default(),
+        dropped: Arc::default(),
     };
-    let jobs = Jobs::new(db.clone(), vec![JobKind::new::<Effect>(effects.clone())], settings())
+    let jobs = Jobs::new(db.clone(), vec![JobKind::new::<Effect>(effects.clone())], settings)
         .await
         .unwrap();
     let mut bus = BusBuilder::new(db.clone());
@@ -213,6 +255,9 @@ async fn a_committed_completion_stands_whatever_the_handler_returns(backend: Bac
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rig.jobs.get(id).await.unwrap().unwrap().attempt, 1);
     assert_eq!(rig.effects_of(id).await, [1]);
+    // The handler's error after the commit is no failure of the job: none
+    // is counted (the metrics' retries and give-ups).
+    assert_eq!(rig.jobs.failure_counts(), (0, 0));
 }
 
 async fn a_cancelled_run_cannot_complete_and_its_effect_rolls_back(backend: Backend) {
@@ -275,6 +320,67 @@ async fn a_retry_waits_for_a_cancelled_run_to_stop(backend: Backend) {
     assert_eq!(done.attempt, 2);
 }
 
+/// A shutdown finds a handler holding the transaction of its completion
+/// (and so the job's row, or SQLite's file): the run is dropped, its
+/// transaction rolls back, and only then is the job handed back, which
+/// that transaction's lock would otherwise have blocked.
+async fn a_run_holding_its_transaction_at_shutdown_is_handed_back(backend: Backend) {
+    // A lease that outlasts the test: no rescuer takes the job first.
+    let rig = rig_with(
+        backend,
+        Settings {
+            lease: Duration::from_secs(60),
+            ..settings()
+        },
+    )
+    .await;
+    let started = rig.effects.started.notified();
+    let id = rig.enqueue(Mode::HoldOpen).await;
+    tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("the run started");
+    rig.until(id, "ran", |job| job.state == JobState::Running).await;
+    tokio::time::timeout(Duration::from_secs(10), rig.jobs.shutdown())
+        .await
+        .expect("the shutdown ended");
+    let job = rig.jobs.get(id).await.unwrap().unwrap();
+    assert_eq!(job.state, JobState::Available, "handed back: {job:#?}");
+    assert_eq!((job.attempt, job.lease_token), (0, None), "{job:#?}");
+    assert_eq!(rig.effects_of(id).await, Vec::<i64>::new());
+}
+
+/// While the job's row is locked (PostgreSQL) or the database is (SQLite),
+/// no renewal gets through: after a whole lease without one, the worker
+/// drops the run, as the rescuer may give the job to another worker (the
+/// stopping bound a cancel sets assumes it). Once the lock goes, the job
+/// runs again.
+async fn a_run_without_a_renewal_for_a_whole_lease_is_abandoned(backend: Backend) {
+    let rig = rig(backend).await;
+    let started = rig.effects.started.notified();
+    let id = rig.enqueue(Mode::LingerFirst).await;
+    tokio::time::timeout(Duration::from_secs(10), started)
+        .await
+        .expect("the run started");
+    rig.until(id, "ran", |job| job.state == JobState::Running).await;
+    let dropped = rig.effects.dropped.notified();
+    let blocker = rig
+        .db
+        .begin_with_options(keel_kernel::bus::write_transaction())
+        .await
+        .unwrap();
+    blocker
+        .execute_unprepared(&format!("UPDATE jobs SET priority = priority WHERE id = '{id}'"))
+        .await
+        .unwrap();
+    // A lease is 300 ms; renewals come every 100 ms.
+    tokio::time::timeout(Duration::from_secs(5), dropped)
+        .await
+        .expect("the run was dropped while no renewal got through");
+    blocker.rollback().await.unwrap();
+    let done = rig.until(id, "completed", |job| job.state == JobState::Completed).await;
+    assert_eq!(done.attempt, 2, "{done:#?}");
+}
+
 async fn admins_enqueue_only_kinds_that_allow_it(backend: Backend) {
     let rig = rig(backend).await;
     let system = RequestContext::system();
@@ -312,4 +418,6 @@ keel_testkit::on_every_backend!(
     a_completion_that_rolled_back_counts_as_a_failed_attempt,
     a_retry_waits_for_a_cancelled_run_to_stop,
     admins_enqueue_only_kinds_that_allow_it,
+    a_run_holding_its_transaction_at_shutdown_is_handed_back,
+    a_run_without_a_renewal_for_a_whole_lease_is_abandoned,
 );

@@ -172,7 +172,12 @@ pub fn drop_schema(url: String, schema: String) {
         runtime.block_on(async {
             if let Ok(db) = keel_db::connect(&keel_db::DbSettings::new(url)).await {
                 let _ = db
-                    .execute_unprepared(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+                    // Bounded: a failed test may leave a transaction open on
+                    // its runtime, which waits for this drop (left behind
+                    // then, rather than hanging the test).
+                    .execute_unprepared(&format!(
+                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+                    ))
                     .await;
                 let _ = db.close().await;
             }
