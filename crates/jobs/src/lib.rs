@@ -202,10 +202,7 @@ struct Inner {
     schedules: Vec<schedule::Schedule>,
     /// The cancellation signals of the runs in this process.
     running: std::sync::Mutex<Runs>,
-    /// Jobs as this process changed them or its poller found them changed,
-    /// for its `WatchJob` streams (sent only while one listens).
-    changes: tokio::sync::broadcast::Sender<Arc<watching::JobChange>>,
-    /// The jobs this process's streams watch.
+    /// The jobs this process's streams watch, each with its latest row.
     watched: std::sync::Mutex<watching::Watched>,
     /// Attempts this process's workers failed and scheduled again.
     retried: std::sync::atomic::AtomicU64,
@@ -268,7 +265,6 @@ impl Jobs {
                 loops: watch::Sender::new(0),
                 schedules,
                 running: std::sync::Mutex::default(),
-                changes: tokio::sync::broadcast::channel(4096).0,
                 watched: std::sync::Mutex::default(),
                 retried: std::sync::atomic::AtomicU64::new(0),
                 gave_up: std::sync::atomic::AtomicU64::new(0),
@@ -397,27 +393,6 @@ impl Jobs {
             .running
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// This process's job changes, for a watcher.
-    pub(crate) fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<Arc<watching::JobChange>> {
-        self.inner.changes.subscribe()
-    }
-
-    /// Tells this process's watchers that `id` changed (reads it once, and
-    /// only while someone watches: the hot path pays nothing).
-    pub(crate) async fn publish(&self, id: Uuid) {
-        if self.inner.changes.receiver_count() == 0 {
-            return;
-        }
-        match store::get(self.db(), id).await {
-            Ok(job) => {
-                let _ = self.inner.changes.send(Arc::new(watching::JobChange { id, job }));
-            }
-            Err(error) => {
-                tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed")
-            }
-        }
     }
 
     pub(crate) fn channel(&self) -> Option<&str> {

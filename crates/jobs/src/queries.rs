@@ -1,21 +1,19 @@
 //! Reading jobs: a job is seen by its owner and by admins; anyone else is
 //! told it does not exist. Lists, queue statistics, and a job watched live.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use keel_kernel::page::{decode_token, encode_token, page_size};
 use keel_kernel::{BusBuilder, Code, Error, Live, Query, QueryContext, QueryHandler, Result, clock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::Jobs;
 use crate::commands::visible_to;
 use crate::model::{JobRecord, JobState, QueueOverview};
 use crate::store::{self, ListFilter};
-use crate::watching::{JobChange, Watching};
+use crate::watching::Watching;
 
 pub struct GetJob {
     pub id: Uuid,
@@ -167,66 +165,52 @@ impl QueryHandler<GetQueueStats> for Handlers {
 impl QueryHandler<WatchJob> for Handlers {
     async fn handle(&self, ctx: &QueryContext<'_>, query: WatchJob) -> Result<Live<mpsc::Receiver<Result<JobRecord>>>> {
         ctx.request.require_caller()?;
+        let caller = ctx.request.principal.as_ref().map(|principal| principal.user_id);
         // Listening before the first read: no change in between is missed.
-        let changes = self.jobs.subscribe_changes();
+        let watching = self.jobs.start_watching(query.id, caller)?;
         let job = store::get(ctx.db, query.id).await?.ok_or_else(not_found)?;
         if !visible_to(ctx.request, &job) {
             return Err(not_found());
         }
-        let caller = ctx.request.principal.as_ref().map(|principal| principal.user_id);
-        let watching = self.jobs.start_watching(&job, caller)?;
         let (sender, receiver) = mpsc::channel(64);
-        tokio::spawn(watch(
-            self.jobs.clone(),
-            job,
-            changes,
-            sender,
-            ctx.request.access_ended(),
-            watching,
-        ));
+        tokio::spawn(watch(job, sender, ctx.request.access_ended(), watching));
         Ok(Live(receiver))
     }
 }
 
 /// Sends `job`, then each change: this process's at once, other
-/// processes' when the process's poller reads them (see `watching.rs`).
+/// processes' when the process's poller reads them (see `watching.rs`); a
+/// slow watcher gets the latest row, never an older one after a newer.
 /// Ends after a finished state, when the job is deleted (NOT_FOUND), when
 /// access ends, or when the watcher goes away.
 async fn watch(
-    jobs: Jobs,
     job: JobRecord,
-    mut changes: broadcast::Receiver<Arc<JobChange>>,
     sender: mpsc::Sender<Result<JobRecord>>,
     mut access_ended: keel_kernel::access::AccessEnd,
-    _watching: Watching,
+    mut watching: Watching,
 ) {
-    let id = job.id;
     let mut last = job;
     if sender.send(Ok(last.clone())).await.is_err() || last.state.is_finished() {
         return;
     }
     loop {
-        let next = tokio::select! {
-            change = changes.recv() => match change {
-                Ok(change) if change.id == id => change.job.clone(),
-                Ok(_) => continue,
-                // Missed some: the table has the latest.
-                Err(broadcast::error::RecvError::Lagged(_)) => match store::get(jobs.db(), id).await {
-                    Ok(job) => job,
-                    Err(error) => {
-                        let _ = sender.send(Err(error)).await;
-                        return;
-                    }
-                },
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
+        tokio::select! {
+            changed = watching.changes.changed() => {
+                // The sender lives while this stream is registered.
+                if changed.is_err() {
+                    return;
+                }
+            }
             ended = &mut access_ended => {
                 let _ = sender.send(Err(ended.into_error(&[]))).await;
                 return;
             }
             () = sender.closed() => return,
+        }
+        let Some(latest) = watching.changes.borrow_and_update().clone() else {
+            continue;
         };
-        let Some(current) = next else {
+        let Some(current) = latest.as_ref().clone() else {
             let _ = sender.send(Err(not_found())).await;
             return;
         };

@@ -473,11 +473,11 @@ fn errors_json(errors: &[AttemptError]) -> Result<String> {
     serde_json::to_string(errors).map_err(Error::internal)
 }
 
-/// Extends the lease; false when the worker no longer holds it.
-pub async fn renew(db: &impl ConnectionTrait, lease: &Lease, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<bool> {
+/// Extends the lease; false when the worker no longer holds it. A renewal
+/// is no change of the job: `updated_at` stays, and watchers hear nothing.
+pub async fn renew(db: &impl ConnectionTrait, lease: &Lease, until: DateTime<Utc>) -> Result<bool> {
     let result = jobs::Entity::update_many()
         .col_expr(jobs::Column::LeasedUntil, Expr::value(until))
-        .col_expr(jobs::Column::UpdatedAt, Expr::value(now))
         .filter(fenced(lease))
         .exec(db)
         .await?;

@@ -1,52 +1,63 @@
 //! The jobs `WatchJob` streams of this process watch, read for changes by
 //! one poller: a query per tick for every watched job (in chunks), not one
-//! per stream. Changes this process makes arrive at once through
-//! [`Jobs::publish`]; the poller brings other processes' within a tick. A
-//! caller may hold only so many streams at once.
+//! per stream. Each watched job has a channel of its own holding its latest
+//! row, which its streams read: a stream hears only its job, and a slow one
+//! skips to the latest row rather than falling behind. Changes this
+//! process makes arrive at once through [`Jobs::publish`] (which reads
+//! nothing for a job nobody here watches); the poller brings other
+//! processes' within a tick. A caller may hold only so many streams at
+//! once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use keel_kernel::{Code, Error, Result};
+use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{JobRecord, Jobs, store};
 
-/// A change of one job: its row now, or `None` once it was deleted.
-#[derive(Debug)]
-pub(crate) struct JobChange {
-    pub id: Uuid,
-    pub job: Option<JobRecord>,
-}
+/// A watched job's latest row: `None` once it was deleted.
+pub(crate) type Latest = Option<Arc<Option<JobRecord>>>;
 
 /// The jobs this process watches.
 #[derive(Default)]
 pub(crate) struct Watched {
-    /// Per job: its streams, and the `updated_at` the poller last saw.
-    jobs: HashMap<Uuid, (usize, Option<DateTime<Utc>>)>,
+    jobs: HashMap<Uuid, WatchedJob>,
     /// Streams per caller (`None`: trusted callers without a user).
     callers: HashMap<Option<Uuid>, usize>,
+    /// Whether a poller runs.
     poller: bool,
+}
+
+struct WatchedJob {
+    streams: usize,
+    /// The `updated_at` last told (`Some(None)`: deleted; `None`: nothing
+    /// told yet).
+    seen: Option<Option<DateTime<Utc>>>,
+    latest: watch::Sender<Latest>,
 }
 
 /// The most jobs one poll reads in a statement.
 const CHUNK: usize = 500;
 
-/// Holds a stream's place: dropped, the job and the caller count one
-/// stream fewer.
+/// Holds a stream's place and hears its job's changes: dropped, the job
+/// and the caller count one stream fewer.
 pub(crate) struct Watching {
     jobs: Jobs,
     id: Uuid,
     caller: Option<Uuid>,
+    pub(crate) changes: watch::Receiver<Latest>,
 }
 
 impl Jobs {
-    /// Registers a stream of `caller` on `job`; RESOURCE_EXHAUSTED when the
-    /// caller holds `Settings::watch_per_caller` streams already.
-    pub(crate) fn start_watching(&self, job: &JobRecord, caller: Option<Uuid>) -> Result<Watching> {
+    /// Registers a stream of `caller` on job `id`, before the stream's first
+    /// read of it (so no change in between is missed); RESOURCE_EXHAUSTED
+    /// when the caller holds `Settings::watch_per_caller` streams already.
+    pub(crate) fn start_watching(&self, id: Uuid, caller: Option<Uuid>) -> Result<Watching> {
         let limit = self.settings().watch_per_caller;
-        let start_poller = {
+        let (changes, start_poller) = {
             let mut watched = self.watched();
             let streams = watched.callers.entry(caller).or_default();
             if *streams >= limit {
@@ -56,17 +67,57 @@ impl Jobs {
                 ));
             }
             *streams += 1;
-            watched.jobs.entry(job.id).or_insert((0, Some(job.updated_at))).0 += 1;
-            !std::mem::replace(&mut watched.poller, true)
+            let job = watched.jobs.entry(id).or_insert_with(|| WatchedJob {
+                streams: 0,
+                seen: None,
+                latest: watch::Sender::new(None),
+            });
+            job.streams += 1;
+            let changes = job.latest.subscribe();
+            (changes, !std::mem::replace(&mut watched.poller, true))
         };
         if start_poller {
-            tokio::spawn(poll(self.clone()));
+            let running = PollerRunning {
+                jobs: self.clone(),
+                armed: true,
+            };
+            tokio::spawn(poll(running));
         }
         Ok(Watching {
             jobs: self.clone(),
-            id: job.id,
+            id,
             caller,
+            changes,
         })
+    }
+
+    /// Tells this process's streams on `id` that it changed: reads it once,
+    /// and only if one watches it (the hot path pays nothing).
+    pub(crate) async fn publish(&self, id: Uuid) {
+        if !self.watched().jobs.contains_key(&id) {
+            return;
+        }
+        match store::get(self.db(), id).await {
+            Ok(job) => self.tell(id, job),
+            Err(error) => {
+                tracing::debug!(job_id = %id, error = %error, "reading a changed job for its watchers failed")
+            }
+        }
+    }
+
+    /// Hands `job` (as read now) to the streams on `id`, unless it is what
+    /// they were last told.
+    fn tell(&self, id: Uuid, job: Option<JobRecord>) {
+        let mut watched = self.watched();
+        let Some(watched) = watched.jobs.get_mut(&id) else {
+            return;
+        };
+        let now = Some(job.as_ref().map(|job| job.updated_at));
+        if now == watched.seen {
+            return;
+        }
+        watched.seen = now;
+        watched.latest.send_replace(Some(Arc::new(job)));
     }
 
     fn watched(&self) -> std::sync::MutexGuard<'_, Watched> {
@@ -86,11 +137,26 @@ impl Drop for Watching {
                 watched.callers.remove(&self.caller);
             }
         }
-        if let Some((streams, _)) = watched.jobs.get_mut(&self.id) {
-            *streams -= 1;
-            if *streams == 0 {
+        if let Some(job) = watched.jobs.get_mut(&self.id) {
+            job.streams -= 1;
+            if job.streams == 0 {
                 watched.jobs.remove(&self.id);
             }
+        }
+    }
+}
+
+/// The poller's claim on `Watched::poller`: released as it stops, and
+/// also if it panics, so the next stream starts a new one.
+struct PollerRunning {
+    jobs: Jobs,
+    armed: bool,
+}
+
+impl Drop for PollerRunning {
+    fn drop(&mut self) {
+        if self.armed {
+            self.jobs.watched().poller = false;
         }
     }
 }
@@ -98,7 +164,8 @@ impl Drop for Watching {
 /// Every `watch_poll`, reads the watched jobs and tells the streams of
 /// those that changed (or went away). Ends when nothing is watched; the
 /// next stream starts it again.
-async fn poll(jobs: Jobs) {
+async fn poll(mut running: PollerRunning) {
+    let jobs = running.jobs.clone();
     let mut tick = tokio::time::interval(jobs.settings().watch_poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -107,7 +174,9 @@ async fn poll(jobs: Jobs) {
         let ids: Vec<Uuid> = {
             let mut watched = jobs.watched();
             if watched.jobs.is_empty() {
+                // Released under the lock that a new stream takes to see it.
                 watched.poller = false;
+                running.armed = false;
                 return;
             }
             watched.jobs.keys().copied().collect()
@@ -121,23 +190,8 @@ async fn poll(jobs: Jobs) {
                 }
             };
             let mut by_id: HashMap<Uuid, JobRecord> = found.into_iter().map(|job| (job.id, job)).collect();
-            let changed: Vec<JobChange> = {
-                let mut watched = jobs.watched();
-                chunk
-                    .iter()
-                    .filter_map(|id| {
-                        let (_, seen) = watched.jobs.get_mut(id)?;
-                        let job = by_id.remove(id);
-                        let now = job.as_ref().map(|job| job.updated_at);
-                        (now != *seen).then(|| {
-                            *seen = now;
-                            JobChange { id: *id, job }
-                        })
-                    })
-                    .collect()
-            };
-            for change in changed {
-                let _ = jobs.inner.changes.send(Arc::new(change));
+            for id in chunk {
+                jobs.tell(*id, by_id.remove(id));
             }
         }
     }

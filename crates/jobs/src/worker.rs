@@ -364,8 +364,7 @@ async fn keep_leased(jobs: &Jobs, lease: &Lease, signals: &JobSignals) {
     let mut held_until = tokio::time::Instant::now() + length;
     loop {
         renewal.tick().await;
-        let now = clock::now();
-        let renew = store::renew(jobs.db(), lease, lease_end(now, length), now);
+        let renew = store::renew(jobs.db(), lease, lease_end(clock::now(), length));
         // Once the handler's transaction holds the completion, it holds the
         // row too: no rescuer or worker takes the job before it ends, so the
         // renewal may wait for it, however long.

@@ -59,17 +59,17 @@ async fn a_batch_completes_only_the_leases_still_held(backend: Backend) {
     // `rescued` loses its lease and runs again under a new one (attempt 2).
     let later = now + chrono::Duration::seconds(1);
     assert!(
-        store::renew(db, &held, later + chrono::Duration::seconds(60), later)
+        store::renew(db, &held, later + chrono::Duration::seconds(60))
             .await
             .unwrap()
     );
     assert!(
-        store::renew(db, &forged, later + chrono::Duration::seconds(60), later)
+        store::renew(db, &forged, later + chrono::Duration::seconds(60))
             .await
             .unwrap()
     );
     assert!(
-        store::renew(db, &stale, later + chrono::Duration::seconds(60), later)
+        store::renew(db, &stale, later + chrono::Duration::seconds(60))
             .await
             .unwrap()
     );

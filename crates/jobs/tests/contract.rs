@@ -308,7 +308,7 @@ async fn a_worker_that_lost_its_lease_writes_nothing(backend: Backend) {
     assert_ne!(lease_a.token, lease_b.token);
 
     // A wakes up: its renewal, completion, retry and failure change nothing.
-    assert!(!store::renew(&rig.db, &lease_a, later, later).await.unwrap());
+    assert!(!store::renew(&rig.db, &lease_a, later).await.unwrap());
     assert!(!store::complete(&rig.db, &lease_a, later).await.unwrap());
     assert!(!store::retry(&rig.db, &lease_a, later, &[], later).await.unwrap());
     assert!(!store::fail(&rig.db, &lease_a, &[], later).await.unwrap());

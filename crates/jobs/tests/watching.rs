@@ -1,7 +1,8 @@
 //! `WatchJob` streams on every database (SQLite, PostgreSQL): the changes
 //! another process makes reach a watcher through this process's one poller,
-//! a deleted job ends the stream with NOT_FOUND, and a caller may hold only
-//! so many streams at once.
+//! a deleted job ends the stream with NOT_FOUND, a lease renewal is no
+//! change, the poller stops when nothing is watched and starts again with
+//! the next watch, and a caller may hold only so many streams at once.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +30,10 @@ struct Rig {
 }
 
 async fn rig(backend: Backend, watch_per_caller: usize) -> Rig {
+    rig_with_lease(backend, watch_per_caller, Settings::default().lease).await
+}
+
+async fn rig_with_lease(backend: Backend, watch_per_caller: usize, lease: Duration) -> Rig {
     let database = TestDatabase::new(backend).await;
     let db = database.db.clone();
     let watcher = Jobs::new(
@@ -50,6 +55,7 @@ async fn rig(backend: Backend, watch_per_caller: usize) -> Rig {
         Vec::new(),
         Settings {
             poll: Duration::from_millis(50),
+            lease,
             ..Settings::default()
         },
     )
@@ -171,8 +177,55 @@ async fn a_caller_holds_only_so_many_watches(backend: Backend) {
     }
 }
 
+/// A worker renewing its lease changes nothing a watcher sees: the stream
+/// sends the job's changes (running, completed), not a row per renewal.
+async fn lease_renewals_are_no_news_to_a_watcher(backend: Backend) {
+    // Renewed every 50 ms over a one-second run; the watcher polls every 100.
+    let rig = rig_with_lease(backend, 100, Duration::from_millis(150)).await;
+    let job = NewJob::new(&Noop {
+        sleep_ms: 1000,
+        ..Noop::default()
+    })
+    .unwrap()
+    .run_at(keel_kernel::clock::now() + chrono::Duration::milliseconds(200));
+    let id = rig.worker.enqueue(vec![job]).await.unwrap()[0];
+    let stream = watch(&rig.watcher_bus, &RequestContext::system(), id).await.unwrap();
+    let seen: Vec<JobRecord> = drain(stream).await.into_iter().map(Result::unwrap).collect();
+    let states: Vec<JobState> = seen.iter().map(|job| job.state).collect();
+    assert_eq!(
+        states,
+        [JobState::Available, JobState::Running, JobState::Completed],
+        "{seen:#?}"
+    );
+}
+
+/// The poller stops once nothing is watched, and the next watch starts it
+/// again: another process's change still reaches the new stream.
+async fn a_watch_after_the_poller_stopped_starts_it_again(backend: Backend) {
+    let rig = rig(backend, 100).await;
+    let later = keel_kernel::clock::now() + chrono::Duration::hours(1);
+    let system = RequestContext::system();
+    for round in 0..2 {
+        let id = rig
+            .watcher
+            .enqueue(vec![NewJob::new(&Noop::default()).unwrap().run_at(later)])
+            .await
+            .unwrap()[0];
+        let stream = watch(&rig.watcher_bus, &system, id).await.unwrap();
+        rig.worker_bus.execute(&system, DeleteJob { id }).await.unwrap();
+        let seen = drain(stream).await;
+        assert_eq!(seen.len(), 2, "round {round}: {seen:#?}");
+        assert_eq!(seen[1].as_ref().unwrap_err().code(), Code::NotFound);
+        // Nothing is watched now: a few of its ticks, and the poller is
+        // gone (were it not, the next round would pass without a restart).
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+}
+
 keel_testkit::on_every_backend!(
     another_processs_changes_reach_the_watcher,
     a_job_deleted_elsewhere_ends_the_watch_with_not_found,
     a_caller_holds_only_so_many_watches,
+    lease_renewals_are_no_news_to_a_watcher,
+    a_watch_after_the_poller_stopped_starts_it_again,
 );

@@ -118,6 +118,10 @@ struct QueueGauges {
     running: Family<QueueLabels, Gauge>,
     failed: Family<QueueLabels, Gauge>,
     paused: Family<QueueLabels, Gauge>,
+    /// The queues the last refresh found: one that is gone since (its jobs
+    /// pruned, its pause lifted) loses its series rather than keeping the
+    /// last values.
+    shown: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl QueueGauges {
@@ -129,6 +133,7 @@ impl QueueGauges {
             running: Family::default(),
             failed: Family::default(),
             paused: Family::default(),
+            shown: std::sync::Mutex::default(),
         };
         registry.register(
             "job_queue_available",
@@ -154,6 +159,23 @@ impl QueueGauges {
         );
         registry.register("job_queue_paused", "1 while the queue is paused", gauges.paused.clone());
         gauges
+    }
+
+    /// Shows `queues`, and no other.
+    fn show(&self, queues: &[keel_jobs::QueueStats]) {
+        let now: std::collections::HashSet<String> = queues.iter().map(|stats| stats.queue.clone()).collect();
+        let mut shown = self.shown.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for gone in shown.difference(&now) {
+            let labels = QueueLabels { queue: gone.clone() };
+            self.available.remove(&labels);
+            self.depth.remove(&labels);
+            self.oldest_waiting.remove(&labels);
+            self.running.remove(&labels);
+            self.failed.remove(&labels);
+            self.paused.remove(&labels);
+        }
+        queues.iter().for_each(|stats| self.set(stats));
+        *shown = now;
     }
 
     fn set(&self, stats: &keel_jobs::QueueStats) {
@@ -379,7 +401,7 @@ impl Metrics {
             rejected.inc_by(snapshot.rejected_total.saturating_sub(rejected.get()));
         }
         match state.jobs.stats().await {
-            Ok(queues) => queues.iter().for_each(|queue| self.queues.set(queue)),
+            Ok(queues) => self.queues.show(&queues),
             Err(error) => tracing::warn!(error = %error, "metrics: reading the job queues"),
         }
         let (retried, gave_up) = state.jobs.failure_counts();

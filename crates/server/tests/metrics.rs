@@ -173,6 +173,35 @@ async fn job_queues_and_failures_are_in_the_scrape() {
     );
     assert_eq!(value(&samples, "keel_job_retries_total", &[]), 1.0);
     assert_eq!(value(&samples, "keel_job_failures_total", &[]), 1.0);
+
+    // A queue that exists only through its jobs (of a kind another keel
+    // build runs) leaves the scrape with them.
+    let report = jobs.enqueue(vec![waiting()]).await.unwrap()[0];
+    let moved = sea_orm::ConnectionTrait::execute_raw(
+        jobs.db(),
+        sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Sqlite,
+            "UPDATE jobs SET queue = 'reports' WHERE id = ?",
+            [report.into()],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+    let reports = [("queue", "reports")];
+    assert_eq!(value(&scrape(&app).await, "keel_job_queue_depth", &reports), 1.0);
+    assert!(
+        keel_jobs::store::delete_unless_running(jobs.db(), report)
+            .await
+            .unwrap()
+    );
+    let samples = scrape(&app).await;
+    let left: Vec<_> = samples
+        .keys()
+        .filter(|(_, labels)| labels.iter().any(|(_, value)| value == "reports"))
+        .collect();
+    assert!(left.is_empty(), "a vanished queue's series stayed: {left:?}");
+    assert_eq!(value(&samples, "keel_job_queue_depth", &queue), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
