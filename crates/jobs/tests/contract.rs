@@ -158,15 +158,12 @@ impl Rig {
 
     /// Polls the job until it is `state` (or ten seconds pass).
     async fn until(&self, id: Uuid, state: JobState) -> JobRecord {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let job = self.jobs.get(id).await.unwrap().unwrap();
-            if job.state == state {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "job never {state:?}: {job:#?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let read = || async { self.jobs.get(id).await.unwrap().unwrap() };
+        let what = format!("{state:?}");
+        keel_testkit::until(&what, Duration::from_secs(10), Duration::from_millis(10), read, |job| {
+            job.state == state
+        })
+        .await
     }
 }
 

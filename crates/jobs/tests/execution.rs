@@ -163,15 +163,8 @@ impl Rig {
     }
 
     async fn until(&self, id: Uuid, what: &str, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let job = self.jobs.get(id).await.unwrap().unwrap();
-            if done(&job) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "the job never {what}: {job:#?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let read = || async { self.jobs.get(id).await.unwrap().unwrap() };
+        keel_testkit::until(what, Duration::from_secs(15), Duration::from_millis(10), read, done).await
     }
 }
 

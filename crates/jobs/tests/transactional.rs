@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use keel_jobs::commands::{CancelJob, EnqueueJob, RetryJob};
@@ -211,15 +211,8 @@ impl Rig {
 
     /// Polls the job until `done` holds (or ten seconds pass).
     async fn until(&self, id: Uuid, what: &str, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let job = self.jobs.get(id).await.unwrap().unwrap();
-            if done(&job) {
-                return job;
-            }
-            assert!(Instant::now() < deadline, "the job never {what}: {job:#?}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let read = || async { self.jobs.get(id).await.unwrap().unwrap() };
+        keel_testkit::until(what, Duration::from_secs(10), Duration::from_millis(10), read, done).await
     }
 
     /// The attempts that left an effect, for `id`.

@@ -141,15 +141,8 @@ async fn shared(backend: Backend) -> Shared {
 }
 
 async fn until(jobs: &Jobs, id: Uuid, what: &str, done: impl Fn(&JobRecord) -> bool) -> JobRecord {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job = jobs.get(id).await.unwrap().unwrap();
-        if done(&job) {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "the job never {what}: {job:#?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let read = || async { jobs.get(id).await.unwrap().unwrap() };
+    keel_testkit::until(what, Duration::from_secs(60), Duration::from_millis(20), read, done).await
 }
 
 async fn a_job_of_a_killed_keel_runs_again_after_its_lease(backend: Backend) {

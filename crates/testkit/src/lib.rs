@@ -393,6 +393,31 @@ impl Drop for TestApp {
     }
 }
 
+/// Reads with `read` every `every` until `done` holds of what it read, and
+/// returns that; past `within`, panics with `what` it waited for and the
+/// last value read. The polling loop of tests that wait on the database.
+pub async fn until<T, F>(
+    what: &str,
+    within: std::time::Duration,
+    every: std::time::Duration,
+    mut read: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+    F: std::future::Future<Output = T>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let value = read().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "never {what}: {value:#?}");
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// `message` with `authorization: Bearer <token>`.
 pub fn authed<T>(message: T, access_token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
