@@ -17,6 +17,7 @@ mod m20261203_000010_jobs;
 mod m20261203_000011_jobs_api;
 mod m20261203_000012_jobs_scheduling;
 mod m20261203_000013_jobs_execution;
+mod m20261204_000014_jobs_partial_indexes;
 
 pub struct Migrator;
 
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261203_000011_jobs_api::Migration),
             Box::new(m20261203_000012_jobs_scheduling::Migration),
             Box::new(m20261203_000013_jobs_execution::Migration),
+            Box::new(m20261204_000014_jobs_partial_indexes::Migration),
         ]
     }
 }

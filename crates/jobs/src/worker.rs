@@ -54,6 +54,9 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
     let limiter_key = crate::RateLimits::key(&queue);
     // Only the kinds this process can run: others' jobs stay for them.
     let kinds = jobs.kinds_of(&queue);
+    let gather = gather_size(concurrency);
+    // The last fetch took every slot it asked for: more jobs are likely due.
+    let mut backlog = false;
     loop {
         while running.try_join_next().is_some() {}
         let slot = tokio::select! {
@@ -65,6 +68,18 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
         };
         if stopping_now(&phase) {
             break;
+        }
+        if backlog && 1 + slots.available_permits() < gather {
+            // Under a backlog, one fetch for a few free slots rather than
+            // a statement (and a commit) per finished job: wait briefly
+            // for more runs to end. An idle queue never waits here (its
+            // last fetch came back short), so enqueue-to-start stays one
+            // fetch.
+            tokio::select! {
+                more = slots.clone().acquire_many_owned((gather - 1) as u32) => drop(more),
+                _ = tokio::time::sleep(GATHER_WAIT) => {}
+                _ = stopping(&mut phase) => break,
+            }
         }
         let free = 1 + slots.available_permits();
         let now = clock::now();
@@ -103,6 +118,7 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
         match fetched {
             Ok(leased) if !leased.is_empty() => {
                 let full = leased.len() == free;
+                backlog = full;
                 let mut first = Some(slot);
                 for job in leased {
                     let slot = match first.take() {
@@ -126,9 +142,13 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
                     continue;
                 }
             }
-            Ok(_) => drop(slot),
+            Ok(_) => {
+                backlog = false;
+                drop(slot);
+            }
             Err(error) => {
                 tracing::warn!(error = %error, queue = %queue, "fetching jobs failed");
+                backlog = false;
                 drop(slot);
             }
         }
@@ -158,6 +178,17 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
     // end of the grace, hand themselves back.
     while running.join_next().await.is_some() {}
     drop(guard);
+}
+
+/// How long a loop with a backlog waits for [`gather_size`] free slots
+/// before it fetches for those it has: at most this much of a slot's time
+/// is left unused per fetch.
+const GATHER_WAIT: Duration = Duration::from_millis(2);
+
+/// How many free slots a loop with a backlog gathers for one fetch: a
+/// quarter of its concurrency (at least one, at most 64).
+fn gather_size(concurrency: usize) -> usize {
+    (concurrency / 4).clamp(1, 64)
 }
 
 fn stopping_now(phase: &watch::Receiver<Phase>) -> bool {
