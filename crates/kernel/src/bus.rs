@@ -469,10 +469,11 @@ impl Bus {
     pub async fn execute<C: Command>(&self, ctx: &RequestContext, command: C) -> Result<C::Output> {
         let bus = self.clone();
         let task_ctx = ctx.clone();
-        // The task carries the caller's span, so its logs keep the request id.
-        let task = tokio::spawn(
+        // The task carries the caller's span, so its logs keep the request
+        // id, and its sampling: a call left out of traces leaves it out.
+        let task = tokio::spawn(crate::trace::keep_sampling(
             async move { bus.execute_to_the_end(&task_ctx, command).await }.instrument(tracing::Span::current()),
-        );
+        ));
         let joined = match ctx.deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, task).await {
                 Ok(joined) => joined,

@@ -13,11 +13,139 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The W3C Trace Context header (and gRPC metadata key).
 pub const TRACEPARENT: &str = "traceparent";
 
-/// The W3C `traceparent` of `span`, when a tracer records it.
+/// The span field that marks a call's span as sampled by [`decide`]: the
+/// tracer's root sampler samples a span that has it.
+pub const SAMPLED_FIELD: &str = "keel.sampled";
+
+/// The span field that marks a call's span as not sampled by [`decide`],
+/// holding the `traceparent` (flags `00`) the call passes on: the tracer
+/// never builds that span, nor any span made while the call is polled
+/// ([`unsampled_call`]).
+pub const UNSAMPLED_FIELD: &str = "keel.unsampled";
+
+thread_local! {
+    /// While a call that is not sampled is polled on this thread: the
+    /// `traceparent` it passes on.
+    static PASSED_ON: std::cell::RefCell<Option<std::sync::Arc<str>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether this thread is polling a call that is not sampled: the tracer
+/// builds no span and records no event for it (the server's trace filter
+/// asks).
+pub fn in_unsampled_call() -> bool {
+    PASSED_ON.with(|passed_on| passed_on.borrow().is_some())
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled as part of a call that is not sampled (or of none).
+    pub struct CallScope<F> {
+        #[pin]
+        future: F,
+        passed_on: Option<std::sync::Arc<str>>,
+    }
+}
+
+/// Polls `future` as the call that passes `traceparent` on and is not
+/// sampled: no span it makes is built for the tracer.
+pub fn unsampled_call<F: std::future::Future>(future: F, traceparent: &str) -> CallScope<F> {
+    CallScope {
+        future,
+        passed_on: Some(std::sync::Arc::from(traceparent)),
+    }
+}
+
+/// `future`, polled in the sampling of the call that makes it: a task a
+/// call spawns (the bus runs each command in one) stays out of the trace
+/// when the call is.
+pub fn keep_sampling<F: std::future::Future>(future: F) -> CallScope<F> {
+    CallScope {
+        future,
+        passed_on: PASSED_ON.with(|passed_on| passed_on.borrow().clone()),
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for CallScope<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let this = self.project();
+        if this.passed_on.is_none() {
+            return this.future.poll(cx);
+        }
+        let outer = PASSED_ON.with(|passed_on| passed_on.replace(this.passed_on.clone()));
+        // Restored however the poll ends (a panic included).
+        let _restore = Restore(outer);
+        this.future.poll(cx)
+    }
+}
+
+struct Restore(Option<std::sync::Arc<str>>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let outer = self.0.take();
+        PASSED_ON.with(|passed_on| *passed_on.borrow_mut() = outer);
+    }
+}
+
+/// The sampling ratio of calls, set once by the process that exports
+/// traces ([`sample_calls_at`]); unset, [`decide`] samples every call (no
+/// tracer: nothing is built either way).
+static CALL_RATIO: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Calls without a sampled caller are sampled at `ratio` (0 to 1) from now
+/// on. The first setting holds.
+pub fn sample_calls_at(ratio: f64) {
+    let _ = CALL_RATIO.set(ratio.clamp(0.0, 1.0));
+}
+
+/// A call's sampling, decided before its span exists, so that a call that
+/// is not sampled costs the tracer nothing (no span is built for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sampling {
+    /// Trace it: the caller's trace is sampled, or this one won the ratio.
+    Sampled,
+    /// Leave it out, passing on this `traceparent` (the caller's trace id,
+    /// or a new one, with flags `00`), so the work it causes (its events'
+    /// handlers, in any process) is left out too.
+    Unsampled(String),
+}
+
+/// Parent-based: a caller's valid `traceparent` decides (its sampled flag);
+/// without one, the ratio of [`sample_calls_at`].
+pub fn decide(traceparent: Option<&str>) -> Sampling {
+    let Some(ratio) = CALL_RATIO.get().copied() else {
+        return Sampling::Sampled;
+    };
+    let remote = traceparent.and_then(parse);
+    let (sampled, trace_id) = match &remote {
+        Some(context) => {
+            let span = context.span();
+            let span_context = span.span_context();
+            (span_context.is_sampled(), span_context.trace_id())
+        }
+        None => (
+            ratio >= 1.0 || (ratio > 0.0 && rand::random::<f64>() < ratio),
+            opentelemetry::trace::TraceId::from_bytes(rand::random::<[u8; 16]>()),
+        ),
+    };
+    if sampled {
+        return Sampling::Sampled;
+    }
+    let span_id = opentelemetry::trace::SpanId::from_bytes(rand::random::<[u8; 8]>());
+    Sampling::Unsampled(format!("00-{trace_id}-{span_id}-00"))
+}
+
+/// The W3C `traceparent` of `span`, when a tracer records it, or the one
+/// the work around it passes on while it is not sampled: a call's
+/// ([`Sampling::Unsampled`]), a relay batch's or a handler run's.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    if let Some(passed_on) = PASSED_ON.with(|passed_on| passed_on.borrow().clone()) {
+        return Some(passed_on.to_string());
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
-        return None;
+        return unsampled_mark(span).and_then(|mark| mark.traceparent.map(|traceparent| traceparent.to_string()));
     }
     let mut captured = Captured(None);
     TraceContextPropagator::new().inject_context(&context, &mut captured);
@@ -57,7 +185,8 @@ pub fn record_ids(span: &tracing::Span) -> bool {
         return false;
     }
     if !span_context.is_sampled() {
-        mark_unsampled(span);
+        let traceparent = traceparent(span);
+        mark_unsampled(span, Unsampled::passing_on(traceparent.as_deref()));
         return false;
     }
     span.record("trace_id", span_context.trace_id().to_string().as_str());
@@ -66,19 +195,45 @@ pub fn record_ids(span: &tracing::Span) -> bool {
 }
 
 /// The mark of a span whose trace is not sampled, in the span's
-/// extensions (tracing-subscriber's registry).
-#[derive(Debug, Clone, Copy)]
-pub struct Unsampled;
+/// extensions (tracing-subscriber's registry), with the `traceparent` its
+/// work passes on. The spans inside it carry it too.
+#[derive(Debug, Clone, Default)]
+pub struct Unsampled {
+    traceparent: Option<std::sync::Arc<str>>,
+}
 
-fn mark_unsampled(span: &tracing::Span) {
+impl Unsampled {
+    pub fn passing_on(traceparent: Option<&str>) -> Unsampled {
+        Unsampled {
+            traceparent: traceparent.map(std::sync::Arc::from),
+        }
+    }
+}
+
+fn mark_unsampled(span: &tracing::Span, mark: Unsampled) {
     use tracing_subscriber::registry::{LookupSpan as _, SpanData as _};
     span.with_subscriber(|(id, dispatch)| {
         if let Some(registry) = dispatch.downcast_ref::<tracing_subscriber::Registry>()
             && let Some(data) = registry.span_data(id)
         {
-            data.extensions_mut().insert(Unsampled);
+            data.extensions_mut().insert(mark);
         }
     });
+}
+
+/// The mark of `span` or of the nearest span around it that has one (the
+/// spans inside an unsampled span are never seen by the tracer: only that
+/// span holds it).
+fn unsampled_mark(span: &tracing::Span) -> Option<Unsampled> {
+    use tracing_subscriber::registry::LookupSpan as _;
+    span.with_subscriber(|(id, dispatch)| {
+        let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+        registry
+            .span(id)?
+            .scope()
+            .find_map(|span| span.extensions().get::<Unsampled>().cloned())
+    })
+    .flatten()
 }
 
 fn parse(traceparent: &str) -> Option<opentelemetry::Context> {

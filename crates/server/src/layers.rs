@@ -109,145 +109,176 @@ where
         let request_id = keel_edge::request_id::of(request.headers());
         let oversized = Arc::new(AtomicBool::new(false));
         let mut request = request.map(|body| FrameWatch::new(body, state.max_message_bytes, oversized.clone()));
-        let span = server_span(&request, &request_id);
+        let (span, unsampled) = server_span(&request, &request_id);
         let traced = keel_kernel::trace::record_ids(&span);
         let call_span = span.clone();
-        Box::pin(
-            async move {
-                let started = std::time::Instant::now();
-                let mut ctx = RequestContext::new(request_id.clone());
-                ctx.client_ip = request
-                    .extensions()
-                    .get::<TcpConnectInfo>()
-                    .and_then(TcpConnectInfo::remote_addr)
-                    .map(|address| address.ip());
-                ctx.user_agent = header(request.headers(), "user-agent").map(str::to_owned);
-                ctx.deadline = header(request.headers(), "grpc-timeout")
-                    .and_then(parse_grpc_timeout)
-                    .map(|timeout| tokio::time::Instant::now() + timeout);
-                // Health and reflection are public: no database round trip for them.
-                let public = request.uri().path().starts_with("/grpc.health.")
-                    || request.uri().path().starts_with("/grpc.reflection.");
-                if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
-                    let authenticated = match bearer(authorization) {
-                        // An API key (`keel_...`) or an access token.
-                        Some(token) => state.identity.authenticate_bearer(&state.db, token).await,
-                        None => Err(Error::unauthenticated("authorization must be `Bearer <access token>`")),
-                    };
-                    match authenticated {
-                        Ok((principal, caller)) => {
-                            ctx.principal = Some(principal);
-                            caller.keep_in(&mut ctx);
-                            ctx.set_access_watch(state.sessions.clone());
-                        }
-                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
-                    }
-                }
-                // The event stream may be opened with a stream ticket instead
-                // (a browser's EventSource sends no Authorization); it is
-                // taken out of the request either way, so no handler or log
-                // downstream sees it, and it counts on no other method.
-                let ticket = request.headers_mut().remove(keel_events::tickets::TICKET_METADATA);
-                let mut lease = None;
-                if let Some(ticket) = ticket
-                    .filter(|_| ctx.principal.is_none() && request.uri().path() == keel_events::tickets::STREAM_METHOD)
-                {
-                    match redeem_ticket(&state, ticket.to_str().unwrap_or_default()).await {
-                        Ok((principal, user, held)) => {
-                            ctx.principal = Some(principal);
-                            ctx.set_caller(user);
-                            ctx.set_access_watch(state.sessions.clone());
-                            lease = Some(held);
-                        }
-                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
-                    }
-                }
-                if ctx.principal.is_none() && state.access.needs_caller(request.uri().path()) {
-                    let refused = Error::unauthenticated("authentication required");
-                    return Ok(tonic::Status::from(refused).into_http::<Body>());
-                }
-                let mut replay = None;
-                if let Some(key) = request.headers().get("idempotency-key") {
-                    match keel_kernel::idempotency::parse_key(key.as_bytes()) {
-                        Ok(key) => {
-                            ctx.idempotency_key = Some(key);
-                            replay = Some(ctx.watch_replay());
-                        }
-                        Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
-                    }
-                } else if state.access.needs_idempotency_key(request.uri().path()) {
-                    let refused = Error::invalid_field("idempotency-key", "this method requires an idempotency key");
-                    return Ok(tonic::Status::from(refused).into_http::<Body>());
-                }
-                request.extensions_mut().insert(ctx);
-                let response = inner.call(request).await.map_err(Into::into)?;
-                let mut response = match lease {
-                    // The ticket is held while the stream's body lives.
-                    Some(lease) => response.map(|body| {
-                        Body::new(Leased {
-                            inner: body,
-                            _lease: lease,
-                        })
-                    }),
-                    None => response.map(Body::new),
+        let call = async move {
+            let started = std::time::Instant::now();
+            let mut ctx = RequestContext::new(request_id.clone());
+            ctx.client_ip = request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .map(|address| address.ip());
+            ctx.user_agent = header(request.headers(), "user-agent").map(str::to_owned);
+            ctx.deadline = header(request.headers(), "grpc-timeout")
+                .and_then(parse_grpc_timeout)
+                .map(|timeout| tokio::time::Instant::now() + timeout);
+            // Health and reflection are public: no database round trip for them.
+            let public = request.uri().path().starts_with("/grpc.health.")
+                || request.uri().path().starts_with("/grpc.reflection.");
+            if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
+                let authenticated = match bearer(authorization) {
+                    // An API key (`keel_...`) or an access token.
+                    Some(token) => state.identity.authenticate_bearer(&state.db, token).await,
+                    None => Err(Error::unauthenticated("authorization must be `Bearer <access token>`")),
                 };
-                if oversized.load(Ordering::Relaxed) {
-                    resource_exhausted_for_oversized(response.headers_mut());
+                match authenticated {
+                    Ok((principal, caller)) => {
+                        ctx.principal = Some(principal);
+                        caller.keep_in(&mut ctx);
+                        ctx.set_access_watch(state.sessions.clone());
+                    }
+                    Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                 }
-                if replay.is_some_and(|notice| notice.replayed()) {
-                    response.headers_mut().insert(
-                        keel_kernel::idempotency::REPLAYED_HEADER,
-                        HeaderValue::from_static("true"),
-                    );
+            }
+            // The event stream may be opened with a stream ticket instead
+            // (a browser's EventSource sends no Authorization); it is
+            // taken out of the request either way, so no handler or log
+            // downstream sees it, and it counts on no other method.
+            let ticket = request.headers_mut().remove(keel_events::tickets::TICKET_METADATA);
+            let mut lease = None;
+            if let Some(ticket) = ticket
+                .filter(|_| ctx.principal.is_none() && request.uri().path() == keel_events::tickets::STREAM_METHOD)
+            {
+                match redeem_ticket(&state, ticket.to_str().unwrap_or_default()).await {
+                    Ok((principal, user, held)) => {
+                        ctx.principal = Some(principal);
+                        ctx.set_caller(user);
+                        ctx.set_access_watch(state.sessions.clone());
+                        lease = Some(held);
+                    }
+                    Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
                 }
-                if traced {
-                    call_span.record("http.response.status_code", response.status().as_u16());
-                    // A trailers-only answer has its status in the head;
-                    // otherwise the trailers bring it, and the span lasts
-                    // until they do.
-                    match header(response.headers(), "grpc-status").and_then(|code| code.parse::<i32>().ok()) {
-                        Some(code) => record_grpc_status(&call_span, code),
-                        None => {
-                            response = response.map(|body| {
-                                Body::new(TracedBody {
-                                    inner: body,
-                                    span: call_span,
-                                })
+            }
+            if ctx.principal.is_none() && state.access.needs_caller(request.uri().path()) {
+                let refused = Error::unauthenticated("authentication required");
+                return Ok(tonic::Status::from(refused).into_http::<Body>());
+            }
+            let mut replay = None;
+            if let Some(key) = request.headers().get("idempotency-key") {
+                match keel_kernel::idempotency::parse_key(key.as_bytes()) {
+                    Ok(key) => {
+                        ctx.idempotency_key = Some(key);
+                        replay = Some(ctx.watch_replay());
+                    }
+                    Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
+                }
+            } else if state.access.needs_idempotency_key(request.uri().path()) {
+                let refused = Error::invalid_field("idempotency-key", "this method requires an idempotency key");
+                return Ok(tonic::Status::from(refused).into_http::<Body>());
+            }
+            request.extensions_mut().insert(ctx);
+            let response = inner.call(request).await.map_err(Into::into)?;
+            let mut response = match lease {
+                // The ticket is held while the stream's body lives.
+                Some(lease) => response.map(|body| {
+                    Body::new(Leased {
+                        inner: body,
+                        _lease: lease,
+                    })
+                }),
+                None => response.map(Body::new),
+            };
+            if oversized.load(Ordering::Relaxed) {
+                resource_exhausted_for_oversized(response.headers_mut());
+            }
+            if replay.is_some_and(|notice| notice.replayed()) {
+                response.headers_mut().insert(
+                    keel_kernel::idempotency::REPLAYED_HEADER,
+                    HeaderValue::from_static("true"),
+                );
+            }
+            if traced {
+                call_span.record("http.response.status_code", response.status().as_u16());
+                // A trailers-only answer has its status in the head;
+                // otherwise the trailers bring it, and the span lasts
+                // until they do.
+                match header(response.headers(), "grpc-status").and_then(|code| code.parse::<i32>().ok()) {
+                    Some(code) => record_grpc_status(&call_span, code),
+                    None => {
+                        response = response.map(|body| {
+                            Body::new(TracedBody {
+                                inner: body,
+                                span: call_span,
                             })
-                        }
+                        })
                     }
                 }
-                tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
-                Ok(response)
             }
-            .instrument(span),
-        )
+            tracing::debug!(duration_ms = started.elapsed().as_secs_f64() * 1000.0, "call answered");
+            Ok(response)
+        }
+        .instrument(span);
+        match unsampled {
+            Some(passed_on) => Box::pin(keel_kernel::trace::unsampled_call(call, &passed_on)),
+            None => Box::pin(call),
+        }
     }
 }
 
 /// The server span of a call, in OpenTelemetry's RPC terms, a child of
 /// the caller's W3C `traceparent` when it sent one (REST and Connect
 /// callers' headers arrive here as metadata too).
-fn server_span<B>(request: &Request<B>, request_id: &str) -> tracing::Span {
+///
+/// Whether the call is sampled is decided first
+/// ([`keel_kernel::trace::decide`]): a call that is not gets a span of
+/// another callsite, marked `keel.unsampled`, which the tracer never
+/// builds (nor any span made while the call is polled, which
+/// [`keel_kernel::trace::unsampled_call`] wraps); the log still has its
+/// request id. With it, the `traceparent` such a call passes on.
+fn server_span<B>(request: &Request<B>, request_id: &str) -> (tracing::Span, Option<String>) {
+    use keel_kernel::trace::Sampling;
+
     let path = request.uri().path();
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
-    let span = tracing::info_span!(
-        "grpc",
-        otel.name = path.trim_start_matches('/'),
-        otel.kind = "server",
-        otel.status_code = tracing::field::Empty,
-        rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
-        rpc.grpc.status_code = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        request_id = %request_id,
-        path = %path,
-        trace_id = tracing::field::Empty,
-        span_id = tracing::field::Empty,
-    );
-    keel_kernel::trace::continue_from(&span, header(request.headers(), keel_kernel::trace::TRACEPARENT));
-    span
+    let traceparent = header(request.headers(), keel_kernel::trace::TRACEPARENT);
+    match keel_kernel::trace::decide(traceparent) {
+        Sampling::Sampled => {
+            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+            let span = tracing::info_span!(
+                "grpc",
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                request_id = %request_id,
+                path = %path,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                keel.sampled = true,
+            );
+            keel_kernel::trace::continue_from(&span, traceparent);
+            (span, None)
+        }
+        Sampling::Unsampled(passed_on) => {
+            let span = tracing::info_span!(
+                "grpc",
+                otel.status_code = tracing::field::Empty,
+                rpc.grpc.status_code = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+                request_id = %request_id,
+                path = %path,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+                keel.unsampled = %passed_on,
+            );
+            (span, Some(passed_on))
+        }
+    }
 }
 
 /// gRPC's status on the server span: codes other than OK are errors

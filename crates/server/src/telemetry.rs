@@ -9,11 +9,14 @@
 //! never which spans are traced (those are the `info` spans of keel and of
 //! SeaORM's statements), so a quiet log still yields whole traces.
 //!
-//! Sampling is decided when a call's span is made (the sampler runs as the
-//! server layer asks for the span's ids), and the spans inside a call that
-//! is not sampled are never built for the tracer ([`SampledTraces`]): an
-//! unsampled call pays for one span, not for one per bus call and
-//! statement.
+//! A call's sampling is decided before its span is made
+//! ([`keel_kernel::trace::decide`]: the caller's sampled flag, else the
+//! ratio), and a call that is not sampled costs the tracer nothing: its span
+//! (marked `keel.unsampled`) and every span and event made while the call
+//! is polled are left out by the tracer's filter ([`SampledTraces`]) before
+//! anything is built. Other roots (a relay batch, a handler run) are built,
+//! and the sampler decides them (parent-based on the context their event
+//! stored, else the ratio).
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -130,7 +133,12 @@ where
             .with_filter(SampledTraces)
     });
     match Registry::default().with(logs).with(traces).try_init() {
-        Ok(()) => Telemetry { provider },
+        Ok(()) => {
+            if provider.is_some() {
+                keel_kernel::trace::sample_calls_at(config.trace_sample_ratio);
+            }
+            Telemetry { provider }
+        }
         Err(_) => {
             // Another subscriber is installed: this exporter would never get a span.
             if let Some(provider) = provider {
@@ -141,11 +149,12 @@ where
     }
 }
 
-/// The tracer's filter: `info` and above, and nothing inside a span that is
-/// not traced: a span of an unsampled call (marked
-/// [`keel_kernel::trace::Unsampled`] when its sampling was decided) or one
-/// this filter left out already. Spans without a parent (a call, a relay
-/// batch, a handler run) are always built: the sampler decides them.
+/// The tracer's filter: `info` and above, and nothing of a call that is not
+/// sampled (its `keel.unsampled` span, and what is made while it is polled:
+/// [`keel_kernel::trace::in_unsampled_call`]) nor inside a span the sampler
+/// dropped (a relay batch's or a handler run's, marked
+/// [`keel_kernel::trace::Unsampled`]) or one this filter left out already.
+/// Other spans without a parent are built: the sampler decides them.
 struct SampledTraces;
 
 impl<S> Filter<S> for SampledTraces
@@ -153,7 +162,10 @@ where
     S: Subscriber + for<'lookup> LookupSpan<'lookup>,
 {
     fn enabled(&self, metadata: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
-        if *metadata.level() > tracing::Level::INFO {
+        if *metadata.level() > tracing::Level::INFO
+            || keel_kernel::trace::in_unsampled_call()
+            || metadata.fields().field(keel_kernel::trace::UNSAMPLED_FIELD).is_some()
+        {
             return false;
         }
         let current = cx.current_span();
@@ -167,6 +179,35 @@ where
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
         Some(LevelFilter::INFO)
+    }
+}
+
+/// The root sampler: a call's span that [`keel_kernel::trace::decide`]
+/// sampled (the `keel.sampled` attribute) is sampled; any other root at
+/// the ratio. Under `ParentBased`, which decides every span with a parent.
+#[derive(Debug, Clone)]
+struct CallsDecided {
+    ratio: Sampler,
+}
+
+impl opentelemetry_sdk::trace::ShouldSample for CallsDecided {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[opentelemetry::KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> opentelemetry_sdk::trace::SamplingResult {
+        if attributes
+            .iter()
+            .any(|attribute| attribute.key.as_str() == keel_kernel::trace::SAMPLED_FIELD)
+        {
+            return Sampler::AlwaysOn.should_sample(parent_context, trace_id, name, span_kind, attributes, links);
+        }
+        self.ratio
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
     }
 }
 
@@ -196,9 +237,9 @@ fn tracer_provider(
         .build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(batches)
-        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-            config.trace_sample_ratio,
-        ))))
+        .with_sampler(Sampler::ParentBased(Box::new(CallsDecided {
+            ratio: Sampler::TraceIdRatioBased(config.trace_sample_ratio),
+        })))
         .with_resource(resource)
         .build())
 }

@@ -24,6 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use sea_orm::ConnectionTrait as _;
 
 /// Every span exported to it.
 #[derive(Clone, Default)]
@@ -316,6 +317,52 @@ async fn one_trace_through_the_outbox(shared: &Shared, app: &TestApp, tag: &str,
     let trace = wait_for_trace(telemetry, collector, caller_trace).await;
     assert_eq!(hex(&trace["server"].parent_span_id), caller_span);
     assert_eq!(hex(&trace["handler"].trace_id), caller_trace);
+
+    // A caller that does not sample: nothing of the call is exported (its
+    // span is never built, nor a span inside it as a root of its own), and
+    // its event passes the caller's trace on, unsampled, to its handler.
+    let unsampled_trace = format!("{}{}", &caller_trace[..24], "00000000");
+    let email = format!("unsampled-{tag}@example.com");
+    assert_eq!(
+        register(app, &email, Some(&format!("00-{unsampled_trace}-{caller_span}-00"))).await,
+        201
+    );
+    let stored: Vec<String> = app
+        .state
+        .db
+        .query_all_raw(sea_orm::Statement::from_string(
+            app.state.db.get_database_backend(),
+            format!("SELECT trace_context FROM events WHERE trace_context LIKE '00-{unsampled_trace}-%'"),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.try_get::<String>("", "trace_context").unwrap())
+        .collect();
+    assert!(
+        stored.len() == 1 && stored[0].ends_with("-00"),
+        "the unsampled call's event carries its caller's trace, unsampled: {stored:?}"
+    );
+    // A sampled call after it: once its trace is whole (its handler ran),
+    // the unsampled call's handler ran before it.
+    let after_trace = format!("{}{}", &caller_trace[..24], "11111111");
+    let email = format!("after-unsampled-{tag}@example.com");
+    assert_eq!(
+        register(app, &email, Some(&format!("00-{after_trace}-{caller_span}-01"))).await,
+        201
+    );
+    wait_for_trace(telemetry, collector, &after_trace).await;
+    let exported = collector.spans.lock().unwrap().clone();
+    assert!(
+        !exported.iter().any(|span| hex(&span.trace_id) == unsampled_trace),
+        "no span of the unsampled call is exported"
+    );
+    assert!(
+        !exported
+            .iter()
+            .any(|span| span.name == "identity.register" && span.parent_span_id.is_empty()),
+        "no command span is exported as a root of its own"
+    );
 
     // The call's log lines carry its trace id beside its request id.
     let logged = logged_trace_ids(logs);
