@@ -243,3 +243,43 @@ fn tracer_provider(
         .with_resource(resource)
         .build())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanKind, TraceId};
+    use opentelemetry_sdk::trace::{SamplingDecision, ShouldSample as _};
+
+    fn decision(sampler: &CallsDecided, attributes: &[opentelemetry::KeyValue]) -> SamplingDecision {
+        sampler
+            .should_sample(
+                None,
+                TraceId::from_bytes([7; 16]),
+                "grpc",
+                &SpanKind::Server,
+                attributes,
+                &[],
+            )
+            .decision
+    }
+
+    #[test]
+    fn a_call_the_edge_sampled_is_not_sampled_again() {
+        let never = CallsDecided {
+            ratio: Sampler::TraceIdRatioBased(0.0),
+        };
+        assert_eq!(
+            decision(
+                &never,
+                &[opentelemetry::KeyValue::new(keel_kernel::trace::SAMPLED_FIELD, true)]
+            ),
+            SamplingDecision::RecordAndSample,
+            "the edge rolled the ratio already"
+        );
+        assert_eq!(
+            decision(&never, &[]),
+            SamplingDecision::Drop,
+            "other roots take the ratio"
+        );
+    }
+}
