@@ -130,7 +130,15 @@ pub async fn start(
     // between is missed; duplicates are dropped by sequence.
     let (live, _) = hub.subscribe();
     let (sender, receiver) = mpsc::channel(settings.queue.max(1));
-    tokio::spawn(run(db, settings, subscription, live, sender, access_ended));
+    // Left out of traces with the call that opened it, when it is.
+    tokio::spawn(keel_kernel::trace::keep_sampling(run(
+        db,
+        settings,
+        subscription,
+        live,
+        sender,
+        access_ended,
+    )));
     Ok(receiver)
 }
 

@@ -173,7 +173,13 @@ impl QueryHandler<WatchJob> for Handlers {
             return Err(not_found());
         }
         let (sender, receiver) = mpsc::channel(64);
-        tokio::spawn(watch(job, sender, ctx.request.access_ended(), watching));
+        // Left out of traces with the call that opened it, when it is.
+        tokio::spawn(keel_kernel::trace::keep_sampling(watch(
+            job,
+            sender,
+            ctx.request.access_ended(),
+            watching,
+        )));
         Ok(Live(receiver))
     }
 }

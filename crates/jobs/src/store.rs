@@ -774,10 +774,18 @@ pub async fn count(db: &impl ConnectionTrait) -> Result<u64> {
 /// How many jobs are in `state`.
 pub async fn count_in_state(db: &impl ConnectionTrait, state: JobState) -> Result<u64> {
     use sea_orm::PaginatorTrait;
-    Ok(jobs::Entity::find()
-        .filter(jobs::Column::State.eq(state.as_str()))
-        .count(db)
-        .await?)
+    Ok(of_state(jobs::Entity::find(), state).count(db).await?)
+}
+
+/// Only jobs in `state`, through that state's partial index: a finished
+/// job always has its finish time, which the finished jobs' index asks for.
+fn of_state(select: sea_orm::Select<jobs::Entity>, state: JobState) -> sea_orm::Select<jobs::Entity> {
+    let select = select.filter(in_state(state));
+    if state.is_finished() {
+        select.filter(jobs::Column::FinishedAt.is_not_null())
+    } else {
+        select
+    }
 }
 
 /// The last tick each cron schedule enqueued, by schedule name.
@@ -1065,7 +1073,7 @@ pub async fn list(
         select = select.filter(jobs::Column::Kind.eq(kind.as_str()));
     }
     if let Some(state) = filter.state {
-        select = select.filter(jobs::Column::State.eq(state.as_str()));
+        select = of_state(select, state);
     }
     if let Some(after) = filter.created_after {
         select = select.filter(jobs::Column::CreatedAt.gte(after));
@@ -1110,50 +1118,26 @@ pub async fn stats(db: &impl ConnectionTrait, known: &[&str], now: DateTime<Utc>
     let count = |n: i64| u64::try_from(n).unwrap_or_default();
     // Finished jobs other than failed ones are left out: the table may hold
     // many completed jobs, and they are no queue's load.
-    // Each state through a partial index (so a literal state): available
-    // jobs through the fetch index, running ones the rescuer's, failed ones
-    // the finished jobs' (every finished job has its finish time).
-    let available: Vec<(String, String, i64)> = jobs::Entity::find()
-        .select_only()
-        .column(jobs::Column::Queue)
-        .column(jobs::Column::State)
-        .column_as(jobs::Column::Id.count(), "n")
-        .filter(in_state(JobState::Available))
-        .group_by(jobs::Column::Queue)
-        .group_by(jobs::Column::State)
-        .into_tuple()
-        .all(db)
-        .await?;
-    let running: Vec<(String, String, i64)> = jobs::Entity::find()
-        .select_only()
-        .column(jobs::Column::Queue)
-        .column(jobs::Column::State)
-        .column_as(jobs::Column::Id.count(), "n")
-        .filter(in_state(JobState::Running))
-        .group_by(jobs::Column::Queue)
-        .group_by(jobs::Column::State)
-        .into_tuple()
-        .all(db)
-        .await?;
-    let failed: Vec<(String, String, i64)> = jobs::Entity::find()
-        .select_only()
-        .column(jobs::Column::Queue)
-        .column(jobs::Column::State)
-        .column_as(jobs::Column::Id.count(), "n")
-        .filter(in_state(JobState::Failed))
-        .filter(jobs::Column::FinishedAt.is_not_null())
-        .group_by(jobs::Column::Queue)
-        .group_by(jobs::Column::State)
-        .into_tuple()
-        .all(db)
-        .await?;
-    for (queue, state, n) in available.into_iter().chain(running).chain(failed) {
-        let stats = stats_of(&mut queues, &queue);
-        match JobState::parse(&state) {
-            Some(JobState::Available) => stats.depth = count(n),
-            Some(JobState::Running) => stats.running = count(n),
-            Some(JobState::Failed) => stats.failed = count(n),
-            _ => {}
+    // One state at a time, each through its partial index: available jobs
+    // through the fetch index, running ones the rescuer's, failed ones the
+    // finished jobs'.
+    for state in [JobState::Available, JobState::Running, JobState::Failed] {
+        let by_queue: Vec<(String, i64)> = of_state(jobs::Entity::find(), state)
+            .select_only()
+            .column(jobs::Column::Queue)
+            .column_as(jobs::Column::Id.count(), "n")
+            .group_by(jobs::Column::Queue)
+            .into_tuple()
+            .all(db)
+            .await?;
+        for (queue, n) in by_queue {
+            let stats = stats_of(&mut queues, &queue);
+            let counted = match state {
+                JobState::Available => &mut stats.depth,
+                JobState::Running => &mut stats.running,
+                _ => &mut stats.failed,
+            };
+            *counted = count(n);
         }
     }
     let due: Vec<(String, i64)> = jobs::Entity::find()

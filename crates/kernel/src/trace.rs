@@ -33,11 +33,21 @@ thread_local! {
 /// builds no span and records no event for it (the server's trace filter
 /// asks).
 pub fn in_unsampled_call() -> bool {
-    PASSED_ON.with(|passed_on| passed_on.borrow().is_some())
+    PASSED_ON
+        .try_with(|passed_on| passed_on.borrow().is_some())
+        .unwrap_or(false)
+}
+
+fn passed_on_here() -> Option<std::sync::Arc<str>> {
+    PASSED_ON
+        .try_with(|passed_on| passed_on.borrow().clone())
+        .ok()
+        .flatten()
 }
 
 pin_project_lite::pin_project! {
-    /// A future polled as part of a call that is not sampled (or of none).
+    /// A future polled as part of a call that is not sampled, or as part
+    /// of none (then it clears an outer call's scope while it is polled).
     pub struct CallScope<F> {
         #[pin]
         future: F,
@@ -60,7 +70,7 @@ pub fn unsampled_call<F: std::future::Future>(future: F, traceparent: &str) -> C
 pub fn keep_sampling<F: std::future::Future>(future: F) -> CallScope<F> {
     CallScope {
         future,
-        passed_on: PASSED_ON.with(|passed_on| passed_on.borrow().clone()),
+        passed_on: passed_on_here(),
     }
 }
 
@@ -69,10 +79,10 @@ impl<F: std::future::Future> std::future::Future for CallScope<F> {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let this = self.project();
-        if this.passed_on.is_none() {
-            return this.future.poll(cx);
-        }
-        let outer = PASSED_ON.with(|passed_on| passed_on.replace(this.passed_on.clone()));
+        let outer = PASSED_ON
+            .try_with(|passed_on| passed_on.replace(this.passed_on.clone()))
+            .ok()
+            .flatten();
         // Restored however the poll ends (a panic included).
         let _restore = Restore(outer);
         this.future.poll(cx)
@@ -84,8 +94,15 @@ struct Restore(Option<std::sync::Arc<str>>);
 impl Drop for Restore {
     fn drop(&mut self) {
         let outer = self.0.take();
-        PASSED_ON.with(|passed_on| *passed_on.borrow_mut() = outer);
+        let _ = PASSED_ON.try_with(|passed_on| *passed_on.borrow_mut() = outer);
     }
+}
+
+/// Marks `span`, the span of a call that is not sampled, with the
+/// `traceparent` it passes on: what [`traceparent`] finds for the spans
+/// around which no [`CallScope`] is polled (a stream's, after the call).
+pub fn mark_unsampled_call(span: &tracing::Span, traceparent: &str) {
+    mark_unsampled(span, Unsampled::passing_on(Some(traceparent)));
 }
 
 /// The sampling ratio of calls, set once by the process that exports
@@ -140,7 +157,7 @@ pub fn decide(traceparent: Option<&str>) -> Sampling {
 /// the work around it passes on while it is not sampled: a call's
 /// ([`Sampling::Unsampled`]), a relay batch's or a handler run's.
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
-    if let Some(passed_on) = PASSED_ON.with(|passed_on| passed_on.borrow().clone()) {
+    if let Some(passed_on) = passed_on_here() {
         return Some(passed_on.to_string());
     }
     let context = span.context();
@@ -276,6 +293,35 @@ mod tests {
         continue_from(&span, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert_eq!(traceparent(&span), None);
         assert_eq!(ids(&span), None);
+    }
+
+    #[test]
+    fn a_call_scope_holds_while_polled_and_is_restored_after() {
+        use futures::FutureExt as _;
+
+        assert!(!in_unsampled_call());
+        let seen = unsampled_call(async { in_unsampled_call() }, "00-a-b-00").now_or_never();
+        assert_eq!(seen, Some(true));
+        assert!(!in_unsampled_call(), "restored after the poll");
+
+        // A task made inside the call keeps its sampling; one made outside
+        // clears it while it is polled, even inside the call.
+        // (In a Vec: a future returned bare from an async block is a lint.)
+        let inner = unsampled_call(async { vec![keep_sampling(async { passed_on_here() })] }, "00-a-b-00")
+            .now_or_never()
+            .unwrap()
+            .remove(0);
+        assert_eq!(inner.now_or_never().unwrap().as_deref(), Some("00-a-b-00"));
+        let outside = keep_sampling(async { in_unsampled_call() });
+        let nested = unsampled_call(outside, "00-a-b-00").now_or_never();
+        assert_eq!(nested, Some(false));
+
+        // A panic inside the scope leaves the thread as it was.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            unsampled_call(async { panic!("inside") }, "00-a-b-00").now_or_never()
+        }));
+        assert!(panicked.is_err());
+        assert!(!in_unsampled_call(), "restored after a panic");
     }
 
     #[test]

@@ -276,6 +276,7 @@ fn server_span<B>(request: &Request<B>, request_id: &str) -> (tracing::Span, Opt
                 span_id = tracing::field::Empty,
                 keel.unsampled = %passed_on,
             );
+            keel_kernel::trace::mark_unsampled_call(&span, &passed_on);
             (span, Some(passed_on))
         }
     }
