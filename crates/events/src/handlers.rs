@@ -286,6 +286,7 @@ impl Runner {
                     .await;
                 }
                 Decision::Retry { delay, .. } => {
+                    self.hub.count_handler_retry();
                     tracing::warn!(handler = self.handler.name(), event_id = %event.event_id, attempt, retry_in_ms = delay.as_millis() as u64, error = %error, "event handler failed; retrying");
                     tokio::time::sleep(delay).await;
                 }

@@ -22,6 +22,10 @@ pub struct Hub {
     position: Mutex<u64>,
     /// The same, readable without waiting.
     delivered: AtomicU64,
+    /// Live feeds ended because their subscriber fell too far behind.
+    dropped_slow: AtomicU64,
+    /// Durable handler runs of this process that failed and were retried.
+    handler_retries: AtomicU64,
 }
 
 impl Hub {
@@ -35,7 +39,29 @@ impl Hub {
             sender,
             position: Mutex::new(latest),
             delivered: AtomicU64::new(latest),
+            dropped_slow: AtomicU64::new(0),
+            handler_retries: AtomicU64::new(0),
         }))
+    }
+
+    /// Live feeds this process ended because their subscriber fell too far
+    /// behind (`SUBSCRIBER_TOO_SLOW`), since it started.
+    pub fn dropped_slow(&self) -> u64 {
+        self.dropped_slow.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_dropped_slow(&self) {
+        self.dropped_slow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Durable handler runs of this process that failed and were retried,
+    /// since it started (the dead letters are in the table).
+    pub fn handler_retries(&self) -> u64 {
+        self.handler_retries.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_handler_retry(&self) {
+        self.handler_retries.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A live feed, and the position it starts after. Subscribe before

@@ -133,6 +133,7 @@ pub async fn start(
     // Left out of traces with the call that opened it, when it is.
     tokio::spawn(keel_kernel::trace::keep_sampling(run(
         db,
+        hub.clone(),
         settings,
         subscription,
         live,
@@ -144,6 +145,7 @@ pub async fn start(
 
 async fn run(
     db: DatabaseConnection,
+    hub: Arc<Hub>,
     settings: Settings,
     subscription: Subscription,
     mut live: broadcast::Receiver<Arc<Envelope>>,
@@ -198,6 +200,7 @@ async fn run(
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
+                    hub.count_dropped_slow();
                     let error = Error::new(
                         Code::ResourceExhausted,
                         format!("subscriber too slow to keep up; resume with after_sequence={last}"),

@@ -444,6 +444,7 @@ async fn a_subscriber_too_slow_is_ended_with_where_to_resume(backend: Backend, t
     let (reason, metadata) = error.info().unwrap();
     assert_eq!(reason, "SUBSCRIBER_TOO_SLOW");
     assert_eq!(metadata[0].1, last.to_string());
+    assert_eq!(rig.events_hub().dropped_slow(), 1, "counted for /metrics");
 }
 
 async fn a_cursor_older_than_retention_must_resync(backend: Backend, transport: Transport) {
@@ -545,6 +546,17 @@ async fn failing_handlers_retry_then_dead_letter_then_replay(backend: Backend, t
     );
     assert_ne!(letters[0].event_id, second);
     assert_eq!(flaky.attempts.load(Ordering::SeqCst), 5);
+    let (writer, listener) = (rig.events.hub(), rig.listener.hub());
+    let listener_retries = if Arc::ptr_eq(&writer, &listener) {
+        0
+    } else {
+        listener.handler_retries()
+    };
+    assert_eq!(
+        writer.handler_retries() + listener_retries,
+        3,
+        "two retries of the first event, one of the second, counted for /metrics"
+    );
     // The admin replays it: now the handler succeeds.
     keel_events::handlers::replay(&rig.db, &registry_of(&flaky), letters[0].id)
         .await

@@ -95,6 +95,8 @@ pub struct Metrics {
     relay_lag: Gauge<f64, AtomicU64>,
     dead_letters: Gauge,
     subscribers: Gauge,
+    subscribers_dropped_slow: Counter,
+    handler_retries: Counter,
     shed: Counter,
     query_cache_hits: Counter,
     query_cache_misses: Counter,
@@ -252,6 +254,18 @@ impl Metrics {
             subscribers.clone(),
         );
         let shed = Counter::default();
+        let subscribers_dropped_slow = Counter::default();
+        registry.register(
+            "realtime_subscribers_dropped_slow",
+            "Live event feeds ended because their subscriber fell too far behind",
+            subscribers_dropped_slow.clone(),
+        );
+        let handler_retries = Counter::default();
+        registry.register(
+            "event_handler_retries",
+            "Durable event handler runs that failed and were retried",
+            handler_retries.clone(),
+        );
         registry.register("shed_requests", "Calls refused by load shedding", shed.clone());
         let query_cache_hits = Counter::default();
         registry.register(
@@ -329,6 +343,8 @@ impl Metrics {
             relay_lag,
             dead_letters,
             subscribers,
+            subscribers_dropped_slow,
+            handler_retries,
             shed,
             query_cache_hits,
             query_cache_misses,
@@ -366,8 +382,13 @@ impl Metrics {
             }
             Err(error) => tracing::warn!(error = %error, "metrics: reading the outbox backlog"),
         }
+        let hub = state.events.hub();
         self.subscribers
-            .set(i64::try_from(state.events.hub().subscribers()).unwrap_or(i64::MAX));
+            .set(i64::try_from(hub.subscribers()).unwrap_or(i64::MAX));
+        self.subscribers_dropped_slow
+            .inc_by(hub.dropped_slow().saturating_sub(self.subscribers_dropped_slow.get()));
+        self.handler_retries
+            .inc_by(hub.handler_retries().saturating_sub(self.handler_retries.get()));
         if let Some(shedder) = shedder {
             let total = shedder.shed_total();
             self.shed.inc_by(total.saturating_sub(self.shed.get()));

@@ -129,6 +129,13 @@ async fn calls_move_the_counters_by_exactly_the_calls_made() {
     assert!(value(&after, "keel_process_cpu_seconds_total", &[]) > 0.0);
     assert_eq!(value(&after, "keel_event_dead_letters", &[]), 0.0);
     assert!(after.contains_key(&("keel_outbox_backlog_events".to_owned(), Vec::new())));
+    // Exported from the start (the events contract tests count them).
+    for counted in [
+        "keel_realtime_subscribers_dropped_slow_total",
+        "keel_event_handler_retries_total",
+    ] {
+        assert!(after.contains_key(&(counted.to_owned(), Vec::new())), "{counted}");
+    }
 }
 
 /// The job queues as `GetQueueStats` sees them, and the workers' retries
