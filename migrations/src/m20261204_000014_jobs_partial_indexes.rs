@@ -48,22 +48,25 @@ const INDEXES: [(&str, &str, &str, &str); 4] = [
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
         for (old, _, new, definition) in INDEXES {
-            db.execute_unprepared(&format!("CREATE INDEX {new} {definition}"))
-                .await?;
-            db.execute_unprepared(&format!("DROP INDEX {old}")).await?;
+            replace(manager, old, new, definition).await?;
         }
         Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        let db = manager.get_connection();
         for (old, definition, new, _) in INDEXES {
-            db.execute_unprepared(&format!("CREATE INDEX {old} {definition}"))
-                .await?;
-            db.execute_unprepared(&format!("DROP INDEX {new}")).await?;
+            replace(manager, new, old, definition).await?;
         }
         Ok(())
     }
+}
+
+/// Creates index `name` with `definition`, then drops `replaced`.
+async fn replace(manager: &SchemaManager<'_>, replaced: &str, name: &str, definition: &str) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    db.execute_unprepared(&format!("CREATE INDEX {name} {definition}"))
+        .await?;
+    db.execute_unprepared(&format!("DROP INDEX {replaced}")).await?;
+    Ok(())
 }

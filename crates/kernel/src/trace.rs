@@ -13,15 +13,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 /// The W3C Trace Context header (and gRPC metadata key).
 pub const TRACEPARENT: &str = "traceparent";
 
-/// The span field that marks a call's span as sampled by [`decide`]: the
-/// tracer's root sampler samples a span that has it.
+/// The span field that says whether [`decide`] sampled a call: the
+/// tracer's root sampler samples a span where it is true (an unsampled
+/// call's span never reaches the tracer).
 pub const SAMPLED_FIELD: &str = "keel.sampled";
-
-/// The span field that marks a call's span as not sampled by [`decide`],
-/// holding the `traceparent` (flags `00`) the call passes on: the tracer
-/// never builds that span, nor any span made while the call is polled
-/// ([`unsampled_call`]).
-pub const UNSAMPLED_FIELD: &str = "keel.unsampled";
 
 thread_local! {
     /// While a call that is not sampled is polled on this thread: the
@@ -79,17 +74,27 @@ impl<F: std::future::Future> std::future::Future for CallScope<F> {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
         let this = self.project();
-        let outer = PASSED_ON
-            .try_with(|passed_on| passed_on.replace(this.passed_on.clone()))
-            .ok()
-            .flatten();
-        // Restored however the poll ends (a panic included).
-        let _restore = Restore(outer);
+        let _restore = Restore::entering(this.passed_on.clone());
         this.future.poll(cx)
     }
 }
 
+/// Runs `make` in the scope of the call that passes `traceparent` on and
+/// is not sampled: what it makes (the call's own span) is not traced.
+pub fn in_unsampled_call_now<R>(traceparent: &str, make: impl FnOnce() -> R) -> R {
+    let _restore = Restore::entering(Some(std::sync::Arc::from(traceparent)));
+    make()
+}
+
+/// The thread's scope as it was before [`Restore::entering`] another;
+/// restored when dropped, however the scope ends (a panic included).
 struct Restore(Option<std::sync::Arc<str>>);
+
+impl Restore {
+    fn entering(scope: Option<std::sync::Arc<str>>) -> Restore {
+        Restore(PASSED_ON.try_with(|passed_on| passed_on.replace(scope)).ok().flatten())
+    }
+}
 
 impl Drop for Restore {
     fn drop(&mut self) {

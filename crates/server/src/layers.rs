@@ -232,9 +232,9 @@ where
 /// callers' headers arrive here as metadata too).
 ///
 /// Whether the call is sampled is decided first
-/// ([`keel_kernel::trace::decide`]): a call that is not gets a span of
-/// another callsite, marked `keel.unsampled`, which the tracer never
-/// builds (nor any span made while the call is polled, which
+/// ([`keel_kernel::trace::decide`]): the span of a call that is not is
+/// made in the call's unsampled scope, so the tracer never builds it (nor
+/// any span made while the call is polled, which
 /// [`keel_kernel::trace::unsampled_call`] wraps); the log still has its
 /// request id. With it, the `traceparent` such a call passes on.
 fn server_span<B>(request: &Request<B>, request_id: &str) -> (tracing::Span, Option<String>) {
@@ -242,42 +242,40 @@ fn server_span<B>(request: &Request<B>, request_id: &str) -> (tracing::Span, Opt
 
     let path = request.uri().path();
     let traceparent = header(request.headers(), keel_kernel::trace::TRACEPARENT);
-    match keel_kernel::trace::decide(traceparent) {
-        Sampling::Sampled => {
-            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
-            let span = tracing::info_span!(
-                "grpc",
-                otel.name = path.trim_start_matches('/'),
-                otel.kind = "server",
-                otel.status_code = tracing::field::Empty,
-                rpc.system = "grpc",
-                rpc.service = service,
-                rpc.method = method,
-                rpc.grpc.status_code = tracing::field::Empty,
-                http.response.status_code = tracing::field::Empty,
-                request_id = %request_id,
-                path = %path,
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty,
-                keel.sampled = true,
-            );
+    let passed_on = match keel_kernel::trace::decide(traceparent) {
+        Sampling::Sampled => None,
+        Sampling::Unsampled(passed_on) => Some(passed_on),
+    };
+    let make = || {
+        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+        tracing::info_span!(
+            "grpc",
+            otel.name = path.trim_start_matches('/'),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = service,
+            rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            http.response.status_code = tracing::field::Empty,
+            request_id = %request_id,
+            path = %path,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            keel.sampled = passed_on.is_none(),
+        )
+    };
+    match &passed_on {
+        None => {
+            let span = make();
             keel_kernel::trace::continue_from(&span, traceparent);
             (span, None)
         }
-        Sampling::Unsampled(passed_on) => {
-            let span = tracing::info_span!(
-                "grpc",
-                otel.status_code = tracing::field::Empty,
-                rpc.grpc.status_code = tracing::field::Empty,
-                http.response.status_code = tracing::field::Empty,
-                request_id = %request_id,
-                path = %path,
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty,
-                keel.unsampled = %passed_on,
-            );
-            keel_kernel::trace::mark_unsampled_call(&span, &passed_on);
-            (span, Some(passed_on))
+        Some(unsampled) => {
+            // Made in the call's scope: the tracer's filter refuses it.
+            let span = keel_kernel::trace::in_unsampled_call_now(unsampled, make);
+            keel_kernel::trace::mark_unsampled_call(&span, unsampled);
+            (span, passed_on)
         }
     }
 }

@@ -12,8 +12,8 @@
 //! A call's sampling is decided before its span is made
 //! ([`keel_kernel::trace::decide`]: the caller's sampled flag, else the
 //! ratio), and a call that is not sampled costs the tracer nothing: its span
-//! (marked `keel.unsampled`) and every span and event made while the call
-//! is polled are left out by the tracer's filter ([`SampledTraces`]) before
+//! (made in the call's unsampled scope) and every span and event made while
+//! the call is polled are left out by the tracer's filter ([`SampledTraces`]) before
 //! anything is built. Other roots (a relay batch, a handler run) are built,
 //! and the sampler decides them (parent-based on the context their event
 //! stored, else the ratio).
@@ -150,7 +150,7 @@ where
 }
 
 /// The tracer's filter: `info` and above, and nothing of a call that is not
-/// sampled (its `keel.unsampled` span, and what is made while it is polled:
+/// sampled (its span and what is made while it is polled: all in its scope,
 /// [`keel_kernel::trace::in_unsampled_call`]) nor inside a span the sampler
 /// dropped (a relay batch's or a handler run's, marked
 /// [`keel_kernel::trace::Unsampled`]) or one this filter left out already.
@@ -162,10 +162,7 @@ where
     S: Subscriber + for<'lookup> LookupSpan<'lookup>,
 {
     fn enabled(&self, metadata: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
-        if *metadata.level() > tracing::Level::INFO
-            || keel_kernel::trace::in_unsampled_call()
-            || metadata.fields().field(keel_kernel::trace::UNSAMPLED_FIELD).is_some()
-        {
+        if *metadata.level() > tracing::Level::INFO || keel_kernel::trace::in_unsampled_call() {
             return false;
         }
         let current = cx.current_span();
@@ -183,7 +180,7 @@ where
 }
 
 /// The root sampler: a call's span that [`keel_kernel::trace::decide`]
-/// sampled (the `keel.sampled` attribute) is sampled; any other root at
+/// sampled (`keel.sampled` true) is sampled; any other root at
 /// the ratio. Under `ParentBased`, which decides every span with a parent.
 #[derive(Debug, Clone)]
 struct CallsDecided {
@@ -200,10 +197,10 @@ impl opentelemetry_sdk::trace::ShouldSample for CallsDecided {
         attributes: &[opentelemetry::KeyValue],
         links: &[opentelemetry::trace::Link],
     ) -> opentelemetry_sdk::trace::SamplingResult {
-        if attributes
-            .iter()
-            .any(|attribute| attribute.key.as_str() == keel_kernel::trace::SAMPLED_FIELD)
-        {
+        if attributes.iter().any(|attribute| {
+            attribute.key.as_str() == keel_kernel::trace::SAMPLED_FIELD
+                && attribute.value == opentelemetry::Value::Bool(true)
+        }) {
             return Sampler::AlwaysOn.should_sample(parent_context, trace_id, name, span_kind, attributes, links);
         }
         self.ratio
