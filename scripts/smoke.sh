@@ -9,6 +9,9 @@
 #
 # Environment:
 #   KEEL_BIN                 use this binary instead of building one
+#   KEEL_SMOKE_PROFILE       release (default) or debug: what to build when
+#                            KEEL_BIN is unset (CI takes the debug binary its
+#                            test step built: a release build adds ~10 minutes)
 #   KEEL_SMOKE_READY_TIMEOUT seconds to wait for readiness (default 30)
 #   KEEL_LOG                 server log filter (default "info")
 set -euo pipefail
@@ -35,11 +38,15 @@ command -v grpcurl >/dev/null || fail "grpcurl not found in $tools_bin"
 
 # --- binary ------------------------------------------------------------------
 if [[ -z "${KEEL_BIN:-}" ]]; then
-  echo "smoke: building keel (cargo build --release --bin keel)" >&2
+  echo "smoke: building keel (${KEEL_SMOKE_PROFILE:-release} profile)" >&2
   # Ask cargo where it put the executable instead of guessing the target dir
   # (CARGO_TARGET_DIR, .cargo/config.toml, ...). Diagnostics and progress still
   # go to stderr; the JSON messages on stdout are only parsed.
-  KEEL_BIN="$(keel_binary --release)" || fail "cargo build --release --bin keel failed"
+  case "${KEEL_SMOKE_PROFILE:-release}" in
+    release) KEEL_BIN="$(keel_binary --release)" || fail "cargo build --release --bin keel failed" ;;
+    debug) KEEL_BIN="$(keel_binary)" || fail "cargo build --bin keel failed" ;;
+    *) fail "KEEL_SMOKE_PROFILE=${KEEL_SMOKE_PROFILE} (release or debug)" ;;
+  esac
   [[ -n "$KEEL_BIN" ]] || fail "cargo build did not report a 'keel' executable"
 fi
 [[ -x "$KEEL_BIN" ]] || fail "KEEL_BIN=$KEEL_BIN is not an executable file"
