@@ -12,8 +12,8 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -81,6 +81,17 @@ fn latency_histogram() -> Histogram {
         0.0005, 2.0, 16,
     ))
 }
+
+/// Waits for a database connection, from sqlx's own timing of every
+/// checkout (`telemetry` feeds it; one per process, whichever pool waited).
+/// 10 µs to ~5 s, the pool's acquire timeout. The rate of its `_sum` is the
+/// mean number of callers waiting for a connection (Little's law): the
+/// pool's "waiting", which sqlx does not count.
+pub(crate) static POOL_ACQUIRE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_01, 2.0, 20,
+    ))
+});
 
 /// Every metric keel exports, in one registry per process.
 pub struct Metrics {
@@ -228,6 +239,12 @@ impl Metrics {
         );
         let pool_max = Gauge::default();
         registry.register("db_pool_max_connections", "The pool's size limit", pool_max.clone());
+        registry.register_with_unit(
+            "db_pool_acquire",
+            "Time a caller waited for a database connection (the rate of the sum: callers waiting, on average)",
+            Unit::Seconds,
+            POOL_ACQUIRE_SECONDS.clone(),
+        );
         let outbox_backlog = Gauge::default();
         registry.register(
             "outbox_backlog_events",

@@ -24,8 +24,9 @@ use std::time::Duration;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider};
-use tracing::{Metadata, Subscriber};
-use tracing_subscriber::filter::{EnvFilter, LevelFilter};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::filter::{EnvFilter, LevelFilter, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::layer::{Context, Filter};
@@ -132,7 +133,10 @@ where
             .with_tracked_inactivity(false)
             .with_filter(SampledTraces)
     });
-    match Registry::default().with(logs).with(traces).try_init() {
+    let acquires = config.metrics.then(|| {
+        PoolAcquireTimes.with_filter(Targets::new().with_target(keel_db::ACQUIRE_EVENT_TARGET, LevelFilter::TRACE))
+    });
+    match Registry::default().with(logs).with(traces).with(acquires).try_init() {
         Ok(()) => {
             if provider.is_some() {
                 keel_kernel::trace::sample_calls_at(config.trace_sample_ratio);
@@ -147,6 +151,34 @@ where
             Telemetry::default()
         }
     }
+}
+
+/// Feeds `keel_db_pool_acquire_seconds` from the event the pool emits for
+/// every checkout ([`keel_db::ACQUIRE_EVENT_TARGET`]), whichever pool of
+/// the process waited. Its own filter takes only those events, so `KEEL_LOG`
+/// neither hides them from it nor writes them.
+struct PoolAcquireTimes;
+
+impl<S: Subscriber> tracing_subscriber::Layer<S> for PoolAcquireTimes {
+    fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
+        let mut waited = AcquiredAfter(None);
+        event.record(&mut waited);
+        if let Some(seconds) = waited.0 {
+            crate::metrics::POOL_ACQUIRE_SECONDS.observe(seconds);
+        }
+    }
+}
+
+struct AcquiredAfter(Option<f64>);
+
+impl Visit for AcquiredAfter {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if field.name() == keel_db::ACQUIRED_AFTER_FIELD {
+            self.0 = Some(value);
+        }
+    }
+
+    fn record_debug(&mut self, _: &Field, _: &dyn std::fmt::Debug) {}
 }
 
 /// The tracer's filter: `info` and above, and nothing of a call that is not

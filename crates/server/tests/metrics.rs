@@ -125,6 +125,11 @@ async fn calls_move_the_counters_by_exactly_the_calls_made() {
     }
     assert_eq!(value(&after, "keel_requests_in_flight", &[("protocol", "grpc")]), 0.0);
     assert!(value(&after, "keel_db_pool_max_connections", &[]) >= 1.0);
+    // Each of the five signed-in calls read the database: at least five
+    // checkouts were timed (other tests of this process add theirs).
+    let checkouts =
+        value(&after, "keel_db_pool_acquire_seconds", &[]) - value(&before, "keel_db_pool_acquire_seconds", &[]);
+    assert!(checkouts >= 5.0, "{checkouts} checkouts timed");
     assert!(value(&after, "keel_process_resident_memory_bytes", &[]) > 1_000_000.0);
     assert!(value(&after, "keel_process_cpu_seconds_total", &[]) > 0.0);
     assert_eq!(value(&after, "keel_event_dead_letters", &[]), 0.0);
