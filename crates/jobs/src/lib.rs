@@ -30,6 +30,7 @@
 //! - `completer.rs`: completions of many jobs written in one fenced statement;
 //! - `schedule.rs`: cron schedules, one enqueue per tick across processes;
 //! - `prune.rs`: deleting finished jobs past their retention;
+//! - `vacuum.rs`: vacuuming the job table under load (PostgreSQL);
 //! - `store.rs`: the job table, the only SQL of the module;
 //! - `grpc.rs`: the gRPC adapters of `keel.jobs.v1`;
 //! - `module.rs`: the module as the composition root wires it;
@@ -60,6 +61,7 @@ pub mod prune;
 pub mod queries;
 pub mod schedule;
 pub mod store;
+mod vacuum;
 mod watching;
 mod worker;
 
@@ -105,6 +107,9 @@ pub struct Settings {
     pub retention: prune::Retention,
     /// How often finished jobs past their retention are deleted.
     pub prune_every: Duration,
+    /// PostgreSQL: vacuum the job table after this many jobs this process
+    /// fetched (`vacuum.rs`); 0: leave it to autovacuum.
+    pub vacuum_after: u64,
     /// How long a cancelled job's handler may take to stop before it is
     /// dropped.
     pub cancel_grace: Duration,
@@ -171,6 +176,7 @@ impl Default for Settings {
             cron: Vec::new(),
             retention: prune::Retention::default(),
             prune_every: Duration::from_secs(300),
+            vacuum_after: 5_000,
             cancel_grace: Duration::from_secs(5),
             watch_poll: Duration::from_secs(1),
             watch_per_caller: 100,
@@ -208,6 +214,10 @@ struct Inner {
     retried: std::sync::atomic::AtomicU64,
     /// Jobs this process's workers gave up on.
     gave_up: std::sync::atomic::AtomicU64,
+    /// Jobs this process leased since its last vacuum of the table.
+    fetched: std::sync::atomic::AtomicU64,
+    /// Vacuums of the table this process ran.
+    vacuums: std::sync::atomic::AtomicU64,
 }
 
 /// The runs of this process, by job and attempt: each one's cancellation
@@ -268,6 +278,8 @@ impl Jobs {
                 watched: std::sync::Mutex::default(),
                 retried: std::sync::atomic::AtomicU64::new(0),
                 gave_up: std::sync::atomic::AtomicU64::new(0),
+                fetched: std::sync::atomic::AtomicU64::new(0),
+                vacuums: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -455,8 +467,8 @@ impl Jobs {
         );
     }
 
-    /// The worker loops, the rescuer, the scheduler, the pruner and the
-    /// PostgreSQL listener.
+    /// The worker loops, the rescuer, the scheduler, the pruner, the
+    /// vacuum and the PostgreSQL listener.
     pub(crate) fn spawn_tasks(&self) -> Vec<keel_kernel::BackgroundTask> {
         let settings = self.settings();
         if !settings.workers {
@@ -481,6 +493,7 @@ impl Jobs {
             settings.retention,
             settings.prune_every,
         )));
+        tasks.push(tokio::spawn(vacuum::run_vacuum(self.clone())));
         if let Some(channel) = self.channel().filter(|_| settings.listen) {
             tasks.push(tokio::spawn(worker::listen(self.clone(), channel.to_owned())));
         }

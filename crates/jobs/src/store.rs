@@ -480,6 +480,15 @@ fn errors_json(errors: &[AttemptError]) -> Result<String> {
     serde_json::to_string(errors).map_err(Error::internal)
 }
 
+/// PostgreSQL: removes the dead rows of the job table and their index
+/// entries (`vacuum.rs` says why the workers do it), unless another vacuum
+/// holds the table. Not in a transaction: VACUUM cannot run in one.
+pub async fn vacuum(db: &DatabaseConnection) -> Result<()> {
+    db.execute_unprepared("VACUUM (INDEX_CLEANUP ON, SKIP_LOCKED) jobs")
+        .await?;
+    Ok(())
+}
+
 /// Extends the lease; false when the worker no longer holds it. A renewal
 /// is no change of the job: `updated_at` stays, and watchers hear nothing.
 pub async fn renew(db: &impl ConnectionTrait, lease: &Lease, until: DateTime<Utc>) -> Result<bool> {

@@ -117,6 +117,7 @@ pub(crate) async fn run_queue(guard: LoopGuard, queue: String, concurrency: usiz
         };
         match fetched {
             Ok(leased) if !leased.is_empty() => {
+                jobs.fetched(leased.len());
                 let full = leased.len() == free;
                 backlog = full;
                 let mut first = Some(slot);

@@ -467,6 +467,57 @@ async fn postgres_wakes_workers_of_other_processes_at_the_commit() {
     assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
+/// Workers that fetched `vacuum_after` jobs vacuum the table themselves
+/// (the dead fetch-index entries would slow every later fetch until
+/// autovacuum came): PostgreSQL counts a vacuum that is not autovacuum's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL (KEEL_TEST_DATABASE_URL); run with --include-ignored"]
+async fn postgres_workers_vacuum_the_table_after_many_fetches() {
+    use sea_orm::ConnectionTrait as _;
+    let rig = rig(
+        Backend::Postgres,
+        Settings {
+            vacuum_after: 200,
+            ..settings()
+        },
+    )
+    .await;
+    let vacuums = || async {
+        let row = rig
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'jobs'::regclass",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "vacuum_count").unwrap()
+    };
+    assert_eq!(vacuums().await, 0);
+    let total = 300;
+    let jobs = (0..total).map(|index| count(&format!("v-{index}"))).collect();
+    rig.jobs.enqueue(jobs).await.unwrap();
+    let completed = || async { store::count_in_state(&rig.db, JobState::Completed).await.unwrap() };
+    keel_testkit::until(
+        "every job completed",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        completed,
+        |done| *done == total,
+    )
+    .await;
+    keel_testkit::until(
+        "a vacuum of keel's",
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        vacuums,
+        |count| *count >= 1,
+    )
+    .await;
+    assert!(rig.jobs.vacuums() >= 1);
+}
+
 keel_testkit::on_every_backend!(
     committed_command_runs_its_job_once,
     rolled_back_command_leaves_no_job,
