@@ -182,7 +182,13 @@ impl Service<Request<Body>> for Dispatch {
         let exempt = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics")
             || request.uri().path().starts_with("/grpc.health.v1.Health/");
         let permit = match &self.edge.shedder {
-            Some(shedder) if !exempt => match shedder.admit() {
+            Some(shedder) if !exempt => match shedder.admit_from(
+                request
+                    .extensions()
+                    .get::<tonic::transport::server::TcpConnectInfo>()
+                    .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+                    .map(|address| address.ip()),
+            ) {
                 Some(permit) => Some(permit),
                 None => {
                     let response = crate::shed::shed_response(&request, connect.then_some(&self.edge.pool));
@@ -342,6 +348,11 @@ fn cors_layer(settings: &CorsSettings) -> Option<CorsLayer> {
                 "retry-after",
                 "location",
                 "etag",
+                // The guards' answers (docs/guards.md): a replayed
+                // idempotent command, the rate limit's state.
+                "idempotent-replayed",
+                "ratelimit-policy",
+                "ratelimit",
             ]))
             .max_age(Duration::from_secs(600)),
     )

@@ -7,7 +7,17 @@
 //!
 //! A server stream counts until its first response head, not for its
 //! whole life: an open subscription is not work in progress.
+//!
+//! One client address may hold at most a share of the calls in flight
+//! (`KEEL_MAX_IN_FLIGHT_PER_ADDRESS`, a quarter of the whole by default):
+//! a client that opens calls and never finishes sending them (a stalled
+//! body) sheds its own next calls, not everyone's. Behind trusted proxies
+//! the address is the client they name; behind a proxy keel does not trust
+//! every call comes from the proxy's address, so raise the share to the
+//! whole there.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,36 +30,100 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// How long `/readyz` reports overload after the last shed call.
 const OVERLOADED_FOR: Duration = Duration::from_secs(1);
 
+/// Calls in flight per client address.
+type PerAddress = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
 #[derive(Debug)]
 pub struct Shedder {
     permits: Arc<Semaphore>,
+    per_address: PerAddress,
+    max_per_address: usize,
     started: Instant,
     /// Milliseconds since `started` of the last shed call, plus one (0: never).
     last_shed: AtomicU64,
     shed_total: AtomicU64,
 }
 
+/// One admitted call: its place among the calls in flight, and its
+/// address's, both given back when dropped.
+#[derive(Debug)]
+pub struct Admitted {
+    _permit: OwnedSemaphorePermit,
+    address: Option<(PerAddress, IpAddr)>,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some((per_address, address)) = &self.address {
+            let mut counts = per_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(count) = counts.get_mut(address) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(address);
+                }
+            }
+        }
+    }
+}
+
 impl Shedder {
+    /// At most `max_in_flight` calls at once, a quarter of them from one
+    /// address (see [`Shedder::with_max_per_address`]).
     pub fn new(max_in_flight: usize) -> Shedder {
+        let max_in_flight = max_in_flight.max(1);
         Shedder {
-            permits: Arc::new(Semaphore::new(max_in_flight.max(1))),
+            permits: Arc::new(Semaphore::new(max_in_flight)),
+            per_address: PerAddress::default(),
+            max_per_address: (max_in_flight / 4).max(1),
             started: Instant::now(),
             last_shed: AtomicU64::new(0),
             shed_total: AtomicU64::new(0),
         }
     }
 
+    /// At most `max` calls in flight from one client address.
+    pub fn with_max_per_address(mut self, max: usize) -> Shedder {
+        self.max_per_address = max.max(1);
+        self
+    }
+
     /// A permit for one call, or `None` (and the call is counted as shed).
-    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.last_shed.store(now.saturating_add(1), Ordering::Relaxed);
-                self.shed_total.fetch_add(1, Ordering::Relaxed);
-                None
+    pub fn admit(&self) -> Option<Admitted> {
+        self.admit_from(None)
+    }
+
+    /// [`Shedder::admit`] for a call from `address`, which is refused too
+    /// when its address has its share in flight already.
+    pub fn admit_from(&self, address: Option<IpAddr>) -> Option<Admitted> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return self.shed();
+        };
+        let Some(address) = address else {
+            return Some(Admitted {
+                _permit: permit,
+                address: None,
+            });
+        };
+        {
+            let mut counts = self.per_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = counts.entry(address).or_insert(0);
+            if *count >= self.max_per_address {
+                drop(counts);
+                return self.shed();
             }
+            *count += 1;
         }
+        Some(Admitted {
+            _permit: permit,
+            address: Some((self.per_address.clone(), address)),
+        })
+    }
+
+    fn shed(&self) -> Option<Admitted> {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_shed.store(now.saturating_add(1), Ordering::Relaxed);
+        self.shed_total.fetch_add(1, Ordering::Relaxed);
+        None
     }
 
     /// Whether a call was shed within the last second.
@@ -97,4 +171,34 @@ pub fn shed_response(request: &Request<Body>, connect: Option<&prost_reflect::De
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_holds_at_most_its_share() {
+        let shedder = Shedder::new(4).with_max_per_address(2);
+        let one: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        let first = [
+            shedder.admit_from(Some(one)).unwrap(),
+            shedder.admit_from(Some(one)).unwrap(),
+        ];
+        assert!(shedder.admit_from(Some(one)).is_none(), "its share is taken");
+        assert_eq!(shedder.shed_total(), 1);
+        let second = [
+            shedder.admit_from(Some(other)).unwrap(),
+            shedder.admit_from(Some(other)).unwrap(),
+        ];
+        assert!(shedder.admit_from(None).is_none(), "the whole is taken");
+        drop(first);
+        assert!(shedder.admit_from(Some(one)).is_some(), "its places came back");
+        drop(second);
+        assert!(
+            shedder.per_address.lock().unwrap().is_empty(),
+            "no address is kept once idle"
+        );
+    }
 }

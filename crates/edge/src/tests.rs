@@ -671,9 +671,19 @@ async fn cors_preflight_and_exposed_grpc_web_headers() {
         .to_str()
         .unwrap()
         .to_owned();
-    // `etag`: a page revalidates its reads with `If-None-Match`.
-    for header in ["grpc-status", "grpc-message", "x-request-id", "etag"] {
-        assert!(exposed.contains(header), "{exposed}");
+    // `etag`: a page revalidates its reads with `If-None-Match`; the
+    // guards' headers tell it a replay and how much of its limit is left.
+    let exposed: Vec<&str> = exposed.split(',').map(str::trim).collect();
+    for header in [
+        "grpc-status",
+        "grpc-message",
+        "x-request-id",
+        "etag",
+        "idempotent-replayed",
+        "ratelimit-policy",
+        "ratelimit",
+    ] {
+        assert!(exposed.contains(&header), "{exposed:?}");
     }
 
     let reply = send(

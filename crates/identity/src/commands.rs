@@ -109,7 +109,21 @@ macro_rules! never_stored {
     )*};
 }
 
-never_stored!(LoginOutcome, RefreshOutcome, CreatedApiKey);
+never_stored!(LoginOutcome, RefreshOutcome);
+
+/// A new API key's secret is shown only in its reply: never stored, and a
+/// keyed retry is refused (ALREADY_EXISTS) rather than making a second key.
+impl keel_kernel::Reply for CreatedApiKey {
+    const SHOWN_ONCE: bool = true;
+
+    fn to_bytes(&self) -> Option<Result<Vec<u8>>> {
+        None
+    }
+
+    fn from_bytes(_bytes: &[u8]) -> Result<Self> {
+        Err(Error::internal("CreatedApiKey carries a secret and is never stored"))
+    }
+}
 
 impl Command for RefreshSession {
     const NAME: &'static str = "identity.refresh_session";

@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::context::RequestContext;
 use crate::error::{Code, Error, Result};
 use crate::events::{DomainEvent, Outbox, PendingEvent};
-use crate::idempotency::{Found, Idempotency};
+use crate::idempotency::{Found, Idempotency, Stored};
 use crate::jobs::{JobQueue, NewJob};
 use crate::query_cache::{CacheStats, QueryCache, entry_key};
 
@@ -67,6 +67,13 @@ pub trait Query: Send + 'static {
 /// every serde type is one (stored as JSON); a live stream is wrapped in
 /// [`Live`], which middleware must pass through.
 pub trait Reply: Send + Sized + 'static {
+    /// A reply that cannot be stored (`to_bytes` is `None`) of a command
+    /// that must not run twice: it made something whose secret is shown only
+    /// in this reply (an API key). A keyed call records that it ran, without
+    /// the reply, and a retry with its key is refused (ALREADY_EXISTS / 409)
+    /// instead of making a second one. Other replies that cannot be stored
+    /// (fresh sign-in tokens) leave no record: a retry runs again.
+    const SHOWN_ONCE: bool = false;
     /// The reply as bytes to store, or `None` when it cannot be stored.
     fn to_bytes(&self) -> Option<Result<Vec<u8>>>;
     /// The reply that [`Reply::to_bytes`] stored.
@@ -519,6 +526,14 @@ impl Bus {
                         ctx.mark_replayed();
                         return Ok(output);
                     }
+                    Ok(Found::ShownOnce) => {
+                        command_ctx.finish(false).await?;
+                        return Err(Error::already_exists(
+                            "the request with this idempotency key already ran; its reply held a secret \
+                             shown only once, so it is not replayed (list what it made; use a new key to \
+                             make another)",
+                        ));
+                    }
                     Err(error) => {
                         command_ctx.finish(false).await?;
                         return Err(error);
@@ -536,18 +551,22 @@ impl Bus {
             }
             let events = command_ctx.take_events();
             let after_commit = command_ctx.take_after_commit();
-            if let (Some(claim), Ok(reply)) = (&claim, &outcome)
-                && let Some(bytes) = reply.to_bytes()
-            {
+            if let (Some(claim), Ok(reply)) = (&claim, &outcome) {
                 // A reply that cannot be stored (it holds credentials) leaves
-                // no record: a retry runs again.
-                match bytes {
-                    Ok(bytes) => {
+                // no record, and a retry runs again, unless it was shown once.
+                match reply.to_bytes() {
+                    Some(Ok(bytes)) => {
                         claim
-                            .record(command_ctx.tx().await?, bytes, crate::clock::now())
+                            .record(command_ctx.tx().await?, Stored::Reply(bytes), crate::clock::now())
                             .await?
                     }
-                    Err(error) => outcome = Err(error),
+                    Some(Err(error)) => outcome = Err(error),
+                    None if C::Output::SHOWN_ONCE => {
+                        claim
+                            .record(command_ctx.tx().await?, Stored::ShownOnce, crate::clock::now())
+                            .await?
+                    }
+                    None => {}
                 }
             }
             let wrote_events = match (&outcome, &inner.outbox) {

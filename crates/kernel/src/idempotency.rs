@@ -168,6 +168,18 @@ pub(crate) enum Found {
     Absent,
     /// The stored reply of the first request.
     Replay(Vec<u8>),
+    /// The first request ran, and its reply was shown once
+    /// ([`crate::bus::Reply::SHOWN_ONCE`]).
+    ShownOnce,
+}
+
+/// What a record keeps of a command that ran.
+pub(crate) enum Stored {
+    /// Its reply, to replay.
+    Reply(Vec<u8>),
+    /// Nothing: the reply was shown once. Stored as no bytes, which no
+    /// reply is (the smallest, `()`, is `null`).
+    ShownOnce,
 }
 
 /// A key claimed for one command, released when dropped.
@@ -240,11 +252,20 @@ impl Claim<'_> {
                  use a new key for a new request",
             ));
         }
-        Ok(Found::Replay(row.try_get("", "reply")?))
+        let reply: Vec<u8> = row.try_get("", "reply")?;
+        Ok(if reply.is_empty() {
+            Found::ShownOnce
+        } else {
+            Found::Replay(reply)
+        })
     }
 
     /// Writes the record of a successful command in its transaction.
-    pub(crate) async fn record(&self, tx: &DatabaseTransaction, reply: Vec<u8>, now: DateTime<Utc>) -> Result<()> {
+    pub(crate) async fn record(&self, tx: &DatabaseTransaction, stored: Stored, now: DateTime<Utc>) -> Result<()> {
+        let reply = match stored {
+            Stored::Reply(bytes) => bytes,
+            Stored::ShownOnce => Vec::new(),
+        };
         let (scope, key) = &self.entry;
         let expires_at = now
             .checked_add_signed(self.owner.ttl)

@@ -164,6 +164,7 @@ fn job_settings(
         retention: config.jobs_retention()?,
         cancel_grace: Duration::from_millis(config.jobs_cancel_grace_ms),
         watch_per_caller: config.jobs_watch_per_caller,
+        vacuum_after: config.jobs_vacuum_after,
         ..keel_jobs::Settings::default()
     })
 }
@@ -529,7 +530,15 @@ impl State {
                 .add_service(reflection().build_v1()?)
                 .add_service(reflection().build_v1alpha()?);
         }
-        let rate_limits = (self.config.rate_limiter != crate::limit::LimiterKind::Off)
+        let limiting = self.config.rate_limiter != crate::limit::LimiterKind::Off;
+        let auth_failures = match self.config.rate_limit_policies()?.authentication() {
+            Some(policy) if limiting => Some(Arc::new(crate::limit::AuthFailures::new(
+                self.limiter.clone(),
+                policy.clone(),
+            ))),
+            _ => None,
+        };
+        let rate_limits = limiting
             .then(|| -> anyhow::Result<_> {
                 let refusals = self
                     .metrics
@@ -550,6 +559,7 @@ impl State {
                 self.db.clone(),
                 self.config.max_message_bytes,
                 self.access_rules()?,
+                auth_failures,
             ))
             // Inside the context layer: it reads the caller and address.
             .option_layer(rate_limits)
@@ -575,7 +585,7 @@ impl State {
         health_service: HealthServer<HealthService>,
     ) -> anyhow::Result<keel_edge::listener::ListenerService> {
         let upstream = self.grpc_upstream(health_service)?;
-        let shedder = Arc::new(keel_edge::shed::Shedder::new(self.config.max_in_flight));
+        let shedder = Arc::new(self.config.shedder());
         let routes = self
             .metrics
             .clone()

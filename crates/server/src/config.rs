@@ -206,6 +206,11 @@ pub struct Config {
     /// `KEEL_JOBS_CANCEL_GRACE_MS`: how long a cancelled job's handler may
     /// take to stop before it is dropped.
     pub jobs_cancel_grace_ms: u64,
+    /// `KEEL_JOBS_VACUUM_AFTER`: PostgreSQL: the workers vacuum the job
+    /// table after this many jobs this process fetched (dead entries of
+    /// fetched jobs slow every later fetch until a vacuum); 0 leaves it to
+    /// autovacuum.
+    pub jobs_vacuum_after: u64,
     /// `KEEL_JOBS_WATCH_PER_CALLER`: `WatchJob` streams one caller may hold
     /// open at once in a process (more: RESOURCE_EXHAUSTED).
     pub jobs_watch_per_caller: usize,
@@ -222,6 +227,11 @@ pub struct Config {
     /// response head); one more is answered UNAVAILABLE / 503 with
     /// `Retry-After` at once, and `/readyz` says `overloaded` for a second.
     pub max_in_flight: usize,
+    /// `KEEL_MAX_IN_FLIGHT_PER_ADDRESS`: of those, how many one client
+    /// address may have (unset: a quarter). Behind a proxy that is not in
+    /// `KEEL_TRUSTED_PROXIES` every call has the proxy's address: set it to
+    /// `KEEL_MAX_IN_FLIGHT` there.
+    pub max_in_flight_per_address: Option<usize>,
     /// `KEEL_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of
     /// reverse proxies whose forwarded header is believed (see
     /// `crate::proxy`). Unset: none; the peer is the client.
@@ -303,6 +313,7 @@ impl Default for Config {
             cors_allowed_origins: None,
             hsts: false,
             max_in_flight: 1024,
+            max_in_flight_per_address: None,
             trusted_proxies: None,
             forwarded_header: "x-forwarded-for".to_owned(),
             metrics: true,
@@ -350,6 +361,7 @@ impl Default for Config {
             jobs_retain_completed: "24h".to_owned(),
             jobs_retain_failed: "7d".to_owned(),
             jobs_cancel_grace_ms: 5_000,
+            jobs_vacuum_after: 5_000,
             jobs_watch_per_caller: 100,
         }
     }
@@ -659,6 +671,9 @@ impl Config {
         if self.max_in_flight == 0 {
             return Err(invalid("KEEL_MAX_IN_FLIGHT", "must be at least 1"));
         }
+        if self.max_in_flight_per_address == Some(0) {
+            return Err(invalid("KEEL_MAX_IN_FLIGHT_PER_ADDRESS", "must be at least 1"));
+        }
         self.trusted_proxies()?;
         self.rate_limit_policies()?;
         if self.rate_limiter == crate::limit::LimiterKind::Redis && self.redis_url.is_none() {
@@ -704,6 +719,16 @@ impl Config {
     /// The per-method rate limits (see `KEEL_RATE_LIMITS`).
     pub fn rate_limit_policies(&self) -> Result<crate::limit::Policies, ConfigError> {
         crate::limit::Policies::from_setting(&self.rate_limits).map_err(|error| invalid("KEEL_RATE_LIMITS", error))
+    }
+
+    /// The load shedder of `KEEL_MAX_IN_FLIGHT` and
+    /// `KEEL_MAX_IN_FLIGHT_PER_ADDRESS`.
+    pub fn shedder(&self) -> keel_edge::shed::Shedder {
+        let shedder = keel_edge::shed::Shedder::new(self.max_in_flight);
+        match self.max_in_flight_per_address {
+            Some(max) => shedder.with_max_per_address(max),
+            None => shedder,
+        }
     }
 
     /// Which browser origins may call keel (see `KEEL_CORS_ALLOWED_ORIGINS`).

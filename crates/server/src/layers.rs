@@ -29,6 +29,8 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::limit::AuthFailures;
+
 #[derive(Clone)]
 pub struct ContextLayer {
     state: Arc<LayerState>,
@@ -42,18 +44,22 @@ struct LayerState {
     /// The services' `max_decoding_message_size`.
     max_message_bytes: usize,
     access: AccessRules,
+    /// Failed authentications per client address, when rate limits are on.
+    auth_failures: Option<Arc<AuthFailures>>,
 }
 
 impl ContextLayer {
     /// `max_message_bytes` is the decoding limit the services were given:
     /// a request message above it is answered RESOURCE_EXHAUSTED. `access`
-    /// says which methods need a caller.
+    /// says which methods need a caller; `auth_failures` counts and
+    /// refuses failed authentications per address.
     pub fn new(
         identity: Identity,
         sessions: Arc<dyn AccessWatch>,
         db: Db,
         max_message_bytes: usize,
         access: AccessRules,
+        auth_failures: Option<Arc<AuthFailures>>,
     ) -> Self {
         Self {
             state: Arc::new(LayerState {
@@ -62,6 +68,7 @@ impl ContextLayer {
                 db,
                 max_message_bytes,
                 access,
+                auth_failures,
             }),
         }
     }
@@ -127,7 +134,18 @@ where
             // Health and reflection are public: no database round trip for them.
             let public = request.uri().path().starts_with("/grpc.health.")
                 || request.uri().path().starts_with("/grpc.reflection.");
-            if let Some(authorization) = header(request.headers(), "authorization").filter(|_| !public) {
+            let authorization = header(request.headers(), "authorization").filter(|_| !public);
+            let credentials =
+                authorization.is_some() || request.headers().contains_key(keel_events::tickets::TICKET_METADATA);
+            if credentials
+                && let (Some(failures), Some(address)) = (&state.auth_failures, ctx.client_ip)
+                && let Some(wait) = failures.blocked(address)
+            {
+                // Refused before the credentials are looked at: a guess
+                // that happens to be right gains nothing either.
+                return Ok(failures.refusal(wait));
+            }
+            if let Some(authorization) = authorization {
                 let authenticated = match bearer(authorization) {
                     // An API key (`keel_...`) or an access token.
                     Some(token) => state.identity.authenticate_bearer(&state.db, token).await,
@@ -139,7 +157,7 @@ where
                         caller.keep_in(&mut ctx);
                         ctx.set_access_watch(state.sessions.clone());
                     }
-                    Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
+                    Err(error) => return Ok(refuse_credentials(&state, ctx.client_ip, error).await),
                 }
             }
             // The event stream may be opened with a stream ticket instead
@@ -158,7 +176,7 @@ where
                         ctx.set_access_watch(state.sessions.clone());
                         lease = Some(held);
                     }
-                    Err(error) => return Ok(tonic::Status::from(error).into_http::<Body>()),
+                    Err(error) => return Ok(refuse_credentials(&state, ctx.client_ip, error).await),
                 }
             }
             if ctx.principal.is_none() && state.access.needs_caller(request.uri().path()) {
@@ -225,6 +243,20 @@ where
             None => Box::pin(call),
         }
     }
+}
+
+/// The answer to credentials that did not authenticate: the error, or,
+/// when it was one failure too many from this address, the refusal that
+/// answers the address's calls with credentials from now until it may
+/// retry. Only UNAUTHENTICATED counts (a database outage is no guess).
+async fn refuse_credentials(state: &LayerState, address: Option<std::net::IpAddr>, error: Error) -> Response<Body> {
+    if error.code() == keel_kernel::Code::Unauthenticated
+        && let (Some(failures), Some(address)) = (&state.auth_failures, address)
+        && let Some(wait) = failures.failed(address).await
+    {
+        return failures.refusal(wait);
+    }
+    tonic::Status::from(error).into_http::<Body>()
 }
 
 /// The server span of a call, in OpenTelemetry's RPC terms, a child of

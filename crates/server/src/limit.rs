@@ -12,6 +12,10 @@
 //!   `KEEL_RATE_LIMIT_FALLBACK` while it cannot answer (`local`: each process
 //!   limits alone; `open`: nothing is limited; `closed`: everything is refused).
 //! - [`Policies`]: which quota a method has and what it is keyed by.
+//! - [`AuthFailures`]: failed authentications (a bad bearer token or API
+//!   key, a bad stream ticket) counted per client address on the same
+//!   limiter (policy `authentication`); an address past it is refused before
+//!   its credentials are looked at, until its allowance is back.
 //! - [`RateLimitLayer`]: the tower layer. A limited call is answered
 //!   RESOURCE_EXHAUSTED with `google.rpc.RetryInfo` and `retry-after`
 //!   (429 with `Retry-After` over REST); every limited call, allowed or not,
@@ -559,6 +563,18 @@ pub const DEFAULT_POLICY: PolicySetting = PolicySetting {
     by: KeyedBy::Principal,
 };
 
+/// The policy name of failed authentications in `KEEL_RATE_LIMITS`.
+pub const AUTHENTICATION_POLICY: &str = "authentication";
+
+/// Failed authentications one client address may make, unless
+/// `KEEL_RATE_LIMITS` says `authentication=...`: 30 a minute, which no
+/// client with valid credentials comes near.
+pub const DEFAULT_AUTHENTICATION_POLICY: PolicySetting = PolicySetting {
+    limit: 30,
+    window_seconds: 60,
+    by: KeyedBy::Address,
+};
+
 /// One method's (or the default) limit, ready to check.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -598,6 +614,8 @@ impl Policy {
 #[derive(Debug, Clone, Default)]
 pub struct Policies {
     default: Option<Policy>,
+    /// Failed authentications per client address ([`AuthFailures`]).
+    authentication: Option<Policy>,
     /// By gRPC path (`/package.Service/Method`); `None`: not limited.
     methods: HashMap<String, Option<Policy>>,
 }
@@ -607,8 +625,17 @@ impl Policies {
     pub fn from_setting(setting: &RateLimitsSetting) -> Result<Policies, String> {
         let mut entries = setting.entries()?;
         let default = entries.remove("default").unwrap_or(DEFAULT_POLICY);
+        let authentication = entries
+            .remove(AUTHENTICATION_POLICY)
+            .unwrap_or(DEFAULT_AUTHENTICATION_POLICY);
+        if authentication.by != KeyedBy::Address {
+            return Err(format!(
+                "{AUTHENTICATION_POLICY}: failed authentications have no principal; they count per address"
+            ));
+        }
         let mut policies = Policies {
             default: Policy::new("default", &default)?,
+            authentication: Policy::new(AUTHENTICATION_POLICY, &authentication)?,
             methods: HashMap::new(),
         };
         for (name, entry) in entries {
@@ -628,6 +655,11 @@ impl Policies {
         Ok(policies)
     }
 
+    /// The limit on failed authentications per address, unless it is off.
+    pub fn authentication(&self) -> Option<&Policy> {
+        self.authentication.as_ref()
+    }
+
     /// The policy of the gRPC method at `path`, if it is limited. Health
     /// and reflection never are.
     pub fn for_path(&self, path: &str) -> Option<&Policy> {
@@ -638,6 +670,85 @@ impl Policies {
             Some(policy) => policy.as_ref(),
             None => self.default.as_ref(),
         }
+    }
+}
+
+/// Failed authentications, per client address: each one takes an action
+/// of the address's `authentication` allowance on the shared limiter (so
+/// every keel of a deployment counts them together), and an address the
+/// limiter refused is remembered here until its retry time: its calls with
+/// credentials are refused at once, before a token is verified or an API
+/// key looked up, and a guess that happens to be right gains nothing. Only
+/// failures reach the limiter; a valid caller costs nothing. Calls without
+/// an address (in process) are never counted.
+pub struct AuthFailures {
+    limiter: Arc<dyn RateLimiter>,
+    policy: Policy,
+    /// Addresses refused, until when. Bounded: past [`MAX_BLOCKED`] the
+    /// expired are swept out, and a new address that still finds no room is
+    /// refused by the limiter at its next failure instead.
+    blocked: std::sync::Mutex<HashMap<IpAddr, std::time::Instant>>,
+}
+
+/// Addresses [`AuthFailures`] remembers at most.
+const MAX_BLOCKED: usize = 100_000;
+
+impl AuthFailures {
+    pub fn new(limiter: Arc<dyn RateLimiter>, policy: Policy) -> Self {
+        Self {
+            limiter,
+            policy,
+            blocked: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long `address` is still refused, if it is.
+    pub fn blocked(&self, address: IpAddr) -> Option<Duration> {
+        let blocked = self.blocked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let until = *blocked.get(&address)?;
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// Counts a failed authentication from `address`; how long it must
+    /// wait when that was one too many.
+    pub async fn failed(&self, address: IpAddr) -> Option<Duration> {
+        let key = format!("{}:ip:{address}", self.policy.name);
+        let decision = match self.limiter.check(&key, self.policy.quota).await {
+            Ok(decision) => decision,
+            Err(error) => {
+                tracing::warn!(error = %error, "rate limiter unavailable; a failed authentication is not counted");
+                return None;
+            }
+        };
+        if decision.allowed {
+            return None;
+        }
+        let retry_after = decision.retry_after.max(Duration::from_secs(1));
+        let until = std::time::Instant::now() + retry_after;
+        let mut blocked = self.blocked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if blocked.len() >= MAX_BLOCKED {
+            let now = std::time::Instant::now();
+            blocked.retain(|_, until| *until > now);
+        }
+        if blocked.len() < MAX_BLOCKED {
+            blocked.insert(address, until);
+        }
+        Some(retry_after)
+    }
+
+    /// The answer to a refused address: RESOURCE_EXHAUSTED with RetryInfo
+    /// (429 with `Retry-After` over REST) and the policy's header.
+    pub fn refusal(&self, retry_after: Duration) -> Response<Body> {
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let refused = Error::resource_exhausted(
+            format!("too many failed authentications from this address; retry in {seconds} s"),
+            retry_after,
+        );
+        let mut response = tonic::Status::from(refused).into_http::<Body>();
+        response
+            .headers_mut()
+            .insert("ratelimit-policy", self.policy.header.clone());
+        response
     }
 }
 

@@ -197,7 +197,7 @@ async fn edge(config: Config, upstream: &str) -> anyhow::Result<()> {
     let channel = tower::ServiceBuilder::new()
         .map_request(keel_server::proxy::forward_client_address::<tonic::body::Body>)
         .service(channel);
-    let shedder = std::sync::Arc::new(keel_edge::shed::Shedder::new(config.max_in_flight));
+    let shedder = std::sync::Arc::new(config.shedder());
     let service = keel_server::app::edge_service(&config, keel_edge::Upstream::new(channel), shedder, None, None)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

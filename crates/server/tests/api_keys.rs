@@ -237,6 +237,71 @@ async fn a_key_works_everywhere_until_revoked_on_postgres() {
     the_main_flow(spawn_app(Backend::Postgres).await).await;
 }
 
+/// A keyed retry of CreateApiKey makes no second key: the first reply
+/// showed the secret once and is not stored, so the retry is refused with
+/// ALREADY_EXISTS (409 over REST); a new key makes a new API key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_retry_of_create_api_key_makes_no_second_key() {
+    captured_logs();
+    let app = spawn_app(Backend::Sqlite).await;
+    let (_, admin) = app.admin("root@example.com").await;
+    let create = |idempotency_key: &'static str| {
+        let app = &app;
+        let token = admin.access_token.clone();
+        async move {
+            let mut request = authed(
+                pb::CreateApiKeyRequest {
+                    name: "mailer".to_owned(),
+                    role: pb::Role::User as i32,
+                    expires_at: None,
+                },
+                &token,
+            );
+            request
+                .metadata_mut()
+                .insert("idempotency-key", idempotency_key.parse().unwrap());
+            app.commands()
+                .await
+                .create_api_key(request)
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let first = create("mailer-1").await.unwrap();
+    assert!(first.key.starts_with("keel_"));
+    let retry = create("mailer-1").await.unwrap_err();
+    assert_eq!(retry.code(), Code::AlreadyExists, "{retry:?}");
+    assert!(retry.message().contains("shown only once"), "{}", retry.message());
+    assert!(!retry.message().contains(&first.key));
+    let (status, body) = {
+        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+        let request = http::Request::builder()
+            .method("POST")
+            .uri(format!("{}/v1/api-keys", app.endpoint()))
+            .header("authorization", format!("Bearer {}", admin.access_token))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "mailer-1")
+            .body(Full::new(Bytes::from_static(
+                br#"{"name":"mailer","role":"ROLE_USER"}"#,
+            )))
+            .unwrap();
+        let response = client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    assert_eq!(status, 409, "{body}");
+    let listed = list_keys(&app, &admin.access_token).await.unwrap();
+    assert_eq!(
+        listed.api_keys.iter().filter(|key| key.name == "mailer").count(),
+        1,
+        "{listed:?}"
+    );
+    create("mailer-2").await.unwrap();
+    let listed = list_keys(&app, &admin.access_token).await.unwrap();
+    assert_eq!(listed.api_keys.iter().filter(|key| key.name == "mailer").count(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_key_is_refused() {
     captured_logs();

@@ -56,6 +56,39 @@ async fn held_call(app: &TestApp) -> tokio::net::TcpStream {
     stream
 }
 
+/// [`held_call`], forwarded for `client` by the (trusted) proxy, returned
+/// once it is in flight: it asks `Expect: 100-continue`, which the server
+/// answers when the admitted call starts reading its body (a shed call
+/// gets its 503 instead), and then sends a part of the body.
+async fn admitted_held_call_from(app: &TestApp, client: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/auth/register HTTP/1.1\r\nhost: keel\r\nx-forwarded-for: {client}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\nexpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 256];
+    let read = async {
+        while !answer.windows(4).any(|window| window == b"\r\n\r\n") {
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "closed: {}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buffer[..read]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), read)
+        .await
+        .expect("an answer to the head within 10 s");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 100"),
+        "not admitted: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    stream.write_all(b"{").await.unwrap();
+    stream
+}
+
 async fn register_over_grpc(app: &TestApp, email: &str) -> Result<(), tonic::Status> {
     app.commands()
         .await
@@ -68,6 +101,48 @@ async fn register_over_grpc(app: &TestApp, email: &str) -> Result<(), tonic::Sta
         .map(|_| ())
 }
 
+/// One address with its share of the calls in flight (two stalled bodies
+/// here) sheds its own next call, not another address's: a client that
+/// never finishes sending cannot take every caller's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_place_in_flight() {
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.max_in_flight = 8;
+        config.max_in_flight_per_address = Some(2);
+        config.trusted_proxies = Some("127.0.0.1/32".to_owned());
+        config.register_burst = 1000;
+    })
+    .await;
+    let stalling = "203.0.113.7";
+    let _held = [
+        admitted_held_call_from(&app, stalling).await,
+        admitted_held_call_from(&app, stalling).await,
+    ];
+    let body = |email: &str| json!({"email": email, "password": PASSWORD, "displayName": "Stall"});
+    let (status, headers, answer) = request(
+        &app,
+        "POST",
+        "/v1/auth/register",
+        &[("x-forwarded-for", stalling)],
+        body("stall@example.com"),
+    )
+    .await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(headers["retry-after"], "1");
+    for other in ["203.0.113.8", "198.51.100.1"] {
+        let email = format!("other-{other}@example.com");
+        let (status, _, answer) = request(
+            &app,
+            "POST",
+            "/v1/auth/register",
+            &[("x-forwarded-for", other)],
+            body(&email),
+        )
+        .await;
+        assert!(status.is_success(), "{other}: {status} {answer}");
+    }
+}
+
 /// With `KEEL_MAX_IN_FLIGHT` calls in flight, one more is answered at once
 /// in its protocol's words (gRPC UNAVAILABLE, REST and Connect 503, with
 /// `Retry-After`), `/readyz` says `overloaded`, health is still answered;
@@ -76,6 +151,8 @@ async fn register_over_grpc(app: &TestApp, email: &str) -> Result<(), tonic::Sta
 async fn calls_beyond_the_in_flight_bound_are_shed_at_once() {
     let app = spawn_app_with(Backend::Sqlite, |config| {
         config.max_in_flight = 2;
+        // Every call of this test comes from one address.
+        config.max_in_flight_per_address = Some(2);
         // The registrations admitted before the held calls take their
         // permits must not meet the per-address sign-up limit.
         config.register_burst = 1000;

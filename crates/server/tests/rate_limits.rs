@@ -216,11 +216,22 @@ async fn commands_keep_working_with_redis_down_under_the_local_fallback() {
 }
 
 async fn rest_get(app: &TestApp, path: &str, token: &str) -> (http::StatusCode, http::HeaderMap, Bytes) {
-    let request = http::Request::builder()
+    rest_get_with(app, path, token, &[]).await
+}
+
+async fn rest_get_with(
+    app: &TestApp,
+    path: &str,
+    token: &str,
+    headers: &[(&str, &str)],
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    let mut request = http::Request::builder()
         .uri(format!("{}{path}", app.endpoint()))
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+        .header("authorization", format!("Bearer {token}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::new())).unwrap();
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let response = client.request(request).await.unwrap();
     let (parts, body) = response.into_parts();
@@ -296,6 +307,50 @@ async fn grpc_answers_resource_exhausted_with_retry_info() {
         "{delay:?}"
     );
     assert!(refused.metadata().get("ratelimit-policy").is_some());
+}
+
+/// Failed authentications count per client address (behind a trusted
+/// proxy, the one it names): past the `authentication` allowance the
+/// address is refused at once, even with valid credentials (a right guess
+/// gains nothing), over REST and gRPC; another address, and calls without
+/// credentials, still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_address() {
+    let app = limited_app(Backend::Sqlite, "authentication=3/600", |config| {
+        config.trusted_proxies = Some("127.0.0.1/32".to_owned());
+    })
+    .await;
+    let (_, tokens) = app.signed_in("guessed@example.com").await;
+    let guesser = [("x-forwarded-for", "203.0.113.7")];
+    for guess in [
+        "not-a-token",
+        "keel_0123456789abcdef0123456789abcdef_nope",
+        "eyJhbGciOiJFZERTQSJ9.e30.x",
+    ] {
+        let (status, _, _) = rest_get_with(&app, "/v1/users/me", guess, &guesser).await;
+        assert_eq!(status, 401, "{guess}");
+    }
+    let (status, headers, body) = rest_get_with(&app, "/v1/users/me", "one-more", &guesser).await;
+    assert_eq!(status, 429, "{}", String::from_utf8_lossy(&body));
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=600).contains(&retry_after), "{retry_after}");
+    assert_eq!(headers["ratelimit-policy"], "\"authentication\";q=3;w=600");
+    let (status, _, _) = rest_get_with(&app, "/v1/users/me", &tokens.access_token, &guesser).await;
+    assert_eq!(status, 429, "the address is refused before its token is read");
+
+    let mut queries = app.queries().await;
+    let mut request = authed(pb::GetCurrentUserRequest {}, &tokens.access_token);
+    request
+        .metadata_mut()
+        .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+    let refused = queries.get_current_user(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some());
+
+    let other = [("x-forwarded-for", "203.0.113.8")];
+    let (status, _, _) = rest_get_with(&app, "/v1/users/me", &tokens.access_token, &other).await;
+    assert_eq!(status, 200, "another address keeps its allowance");
+    current_user(&app, &tokens.access_token).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
