@@ -11,8 +11,8 @@
 # - keel: crates/jobs/examples/bench_jobs.rs (a fresh PostgreSQL database;
 #   workers and producer in one process, as BullMQ's Worker and Queue share
 #   one node process below), with batched completion (the default);
-# - keel-single: the same with each completion written alone
-#   (Settings::batch_completion off: the code before the completer);
+# - keel-novacuum: the same with the workers' vacuum off
+#   (BENCH_VACUUM_AFTER=0, as KEEL_JOBS_VACUUM_AFTER=0): autovacuum alone;
 # - BullMQ: scripts/bench-jobs/bullmq.mjs (npm bullmq + ioredis, installed by
 #   this script into scripts/bench-jobs/node_modules, gitignored) on the local
 #   Redis, a queue of its own removed at the end.
@@ -138,14 +138,14 @@ run() {
 }
 
 for round in $(seq "$rounds"); do
-  # Rotated each round: keel, keel-single, bullmq; then keel-single, bullmq, keel; ...
-  order=(keel keel-single bullmq)
+  # Rotated each round: keel, keel-novacuum, bullmq; then keel-novacuum, bullmq, keel; ...
+  order=(keel keel-novacuum bullmq)
   for ((turn = 1; turn < round; turn++)); do order=("${order[@]:1}" "${order[0]}"); done
   for side in "${order[@]}"; do
     say "round $round of $rounds: $side"
     case "$side" in
     keel) run "keel-$round" env BENCH_FINISHED=0 BENCH_BATCH_COMPLETION=1 "$example" ;;
-    keel-single) run "keel-single-$round" env BENCH_FINISHED=0 BENCH_BATCH_COMPLETION=0 "$example" ;;
+    keel-novacuum) run "keel-novacuum-$round" env BENCH_FINISHED=0 BENCH_BATCH_COMPLETION=1 BENCH_VACUUM_AFTER=0 "$example" ;;
     bullmq) run "bullmq-$round" node "$node_dir/bullmq.mjs" ;;
     esac
   done
@@ -168,10 +168,10 @@ def busy(name):
     return int(open(f"{workdir}/{name}.busy").read()) / 100.0
 
 keel = [load(f"keel-{r}")[0] for r in range(1, rounds + 1)]
-single = [load(f"keel-single-{r}")[0] for r in range(1, rounds + 1)]
+novacuum = [load(f"keel-novacuum-{r}")[0] for r in range(1, rounds + 1)]
 bull = [load(f"bullmq-{r}")[0] for r in range(1, rounds + 1)]
 for r in range(1, rounds + 1):
-    for name, row in ((f"keel-{r}", keel[r - 1]), (f"keel-single-{r}", single[r - 1]), (f"bullmq-{r}", bull[r - 1])):
+    for name, row in ((f"keel-{r}", keel[r - 1]), (f"keel-novacuum-{r}", novacuum[r - 1]), (f"bullmq-{r}", bull[r - 1])):
         known = row["cpu_self_s"] + (row["cpu_store_s"] or 0)
         # Busy time covers the whole run (set-up and latency too): only a
         # rough bound on what others used during the throughput run.
@@ -219,18 +219,19 @@ def row_line(label, rows):
     return (f"| {label} | {rate:.0f} ({spread(rows, 'rate')}) | {ratio} | {enq(rows):.0f} "
             f"| {own:.0f} + {store:.0f} = {cpu_per_job(rows):.0f} | {latency} |")
 
-s_rate = med(single, "rate")
+s_rate = med(novacuum, "rate")
 lines = [
     f"| system | jobs/s (median of {rounds}; min–max) | ratio to BullMQ (per round) | enqueue jobs/s | CPU µs/job: process + store = total | idle enqueue-to-start p50 / p99 / max ms |",
     "|---|---:|---:|---:|---:|---|",
     row_line("keel, PostgreSQL, batched completion", keel),
-    row_line("keel, PostgreSQL, one completion per statement (before)", single),
+    row_line("keel, PostgreSQL, autovacuum only (KEEL_JOBS_VACUUM_AFTER=0)", novacuum),
     row_line("BullMQ {version}, Redis", bull),
 ]
 lines.append("")
-lines.append(f"Batched completion: {k_rate / s_rate:.2f}× the jobs/s of one statement per completion "
-             f"(per round {min(k['rate'] / s['rate'] for k, s in zip(keel, single)):.2f}–"
-             f"{max(k['rate'] / s['rate'] for k, s in zip(keel, single)):.2f}).")
+lines.append(f"The workers' vacuum: {k_rate / s_rate:.2f}× the jobs/s of autovacuum alone "
+             f"({statistics.median(k['vacuums'] for k in keel):.0f} vacuums a run) "
+             f"(per round {min(k['rate'] / s['rate'] for k, s in zip(keel, novacuum)):.2f}–"
+             f"{max(k['rate'] / s['rate'] for k, s in zip(keel, novacuum)):.2f}).")
 lines.append("")
 lines.append("Targets: " + " · ".join(f"{what} {'PASS' if ok else 'MISS'}" for what, ok in targets))
 
@@ -252,7 +253,7 @@ if finished > 0:
                  f"empty fetch {full['empty_fetch_us'] / empty['empty_fetch_us']:.2f}× "
                  f"({'PASS' if slow >= 0.9 else 'MISS'}: within 10 %)")
 print("\n".join(lines))
-busy_rows = [f"{name} {row['others']:.2f}" for name, rows in (("keel", keel), ("keel-single", single), ("bullmq", bull)) for row in rows if row["others"] > 0.2]
+busy_rows = [f"{name} {row['others']:.2f}" for name, rows in (("keel", keel), ("keel-novacuum", novacuum), ("bullmq", bull)) for row in rows if row["others"] > 0.2]
 if busy_rows:
     print("WARNING: other processes were busy (cores, rough): " + ", ".join(busy_rows) + "; jobs/s and latencies are noisy", file=sys.stderr)
 EOF

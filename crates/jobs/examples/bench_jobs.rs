@@ -314,9 +314,12 @@ async fn main() {
         started: started_tx,
     });
     let batch_completion = setting("BENCH_BATCH_COMPLETION", 1) == 1;
+    // 0: the table is vacuumed by autovacuum alone.
+    let vacuum_after = setting("BENCH_VACUUM_AFTER", Settings::default().vacuum_after);
     let settings = Settings {
         concurrency,
         batch_completion,
+        vacuum_after,
         ..Settings::default()
     };
     let workers = Jobs::new(
@@ -400,6 +403,9 @@ async fn main() {
                 "system": "keel",
                 "phase": phase,
                 "batch_completion": batch_completion,
+                "vacuum_after": vacuum_after,
+                "vacuums": rig.workers.vacuums().0,
+                "vacuum_ms": rig.workers.vacuums().1.as_secs_f64() * 1000.0,
                 "table_rows": table_rows,
                 "jobs": total,
                 "batch": batch,

@@ -216,8 +216,9 @@ struct Inner {
     gave_up: std::sync::atomic::AtomicU64,
     /// Jobs this process leased since its last vacuum of the table.
     fetched: std::sync::atomic::AtomicU64,
-    /// Vacuums of the table this process ran.
+    /// Vacuums of the table this process ran, and their time in all.
     vacuums: std::sync::atomic::AtomicU64,
+    vacuum_micros: std::sync::atomic::AtomicU64,
 }
 
 /// The runs of this process, by job and attempt: each one's cancellation
@@ -280,6 +281,7 @@ impl Jobs {
                 gave_up: std::sync::atomic::AtomicU64::new(0),
                 fetched: std::sync::atomic::AtomicU64::new(0),
                 vacuums: std::sync::atomic::AtomicU64::new(0),
+                vacuum_micros: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

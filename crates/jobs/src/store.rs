@@ -489,6 +489,19 @@ pub async fn vacuum(db: &DatabaseConnection) -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL's estimate of the job table's rows (`pg_class.reltuples`,
+/// updated by every vacuum and analyse); no scan.
+pub async fn estimated_rows(db: &DatabaseConnection) -> Result<f64> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT reltuples::float8 AS rows FROM pg_class WHERE oid = 'jobs'::regclass",
+        ))
+        .await?
+        .ok_or_else(|| Error::internal("the job table is not in pg_class"))?;
+    Ok(row.try_get::<f64>("", "rows")?.max(0.0))
+}
+
 /// Extends the lease; false when the worker no longer holds it. A renewal
 /// is no change of the job: `updated_at` stays, and watchers hear nothing.
 pub async fn renew(db: &impl ConnectionTrait, lease: &Lease, until: DateTime<Utc>) -> Result<bool> {
