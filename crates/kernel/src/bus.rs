@@ -577,7 +577,20 @@ impl Bus {
                 _ => false,
             };
             let enqueued = outcome.is_ok() && command_ctx.enqueued.load(std::sync::atomic::Ordering::Relaxed);
-            command_ctx.finish(outcome.is_ok()).await?;
+            // The tags this commit will invalidate are held first: should
+            // this process die between the commit and the invalidation, no
+            // other process answers from an entry of before the write.
+            let stale = if outcome.is_ok() {
+                stale_tags(inner, &events)
+            } else {
+                Vec::new()
+            };
+            hold(inner, &stale).await;
+            if let Err(error) = command_ctx.finish(outcome.is_ok()).await {
+                // Not committed: the hold is let go at once.
+                invalidate(inner, &stale).await;
+                return Err(error);
+            }
             if outcome.is_ok() && claim.is_some() && inner.abort_after_commit.as_deref() == Some(C::NAME) {
                 tracing::error!(
                     command = C::NAME,
@@ -595,7 +608,7 @@ impl Bus {
                 for work in after_commit {
                     work.await;
                 }
-                invalidate(inner, &events).await;
+                invalidate(inner, &stale).await;
             }
             outcome.map(Output::new)
         });
@@ -748,13 +761,12 @@ fn caller_key(ctx: &RequestContext) -> String {
     }
 }
 
-/// Invalidates the tags of a committed command's events (see
-/// [`BusBuilder::invalidate_on`]). A failure is logged: the command has
-/// committed, and a cache that cannot be reached is bypassed by readers too.
-async fn invalidate(inner: &Inner, events: &[PendingEvent]) {
-    let Some(cache) = &inner.query_cache else {
-        return;
-    };
+/// The query-cache tags a command's events make stale (see
+/// [`BusBuilder::invalidate_on`]); none without a cache.
+fn stale_tags(inner: &Inner, events: &[PendingEvent]) -> Vec<String> {
+    if inner.query_cache.is_none() {
+        return Vec::new();
+    }
     let mut tags: Vec<String> = events
         .iter()
         .flat_map(|event| {
@@ -768,8 +780,27 @@ async fn invalidate(inner: &Inner, events: &[PendingEvent]) {
         .collect();
     tags.sort();
     tags.dedup();
-    if !tags.is_empty()
-        && let Err(error) = cache.invalidate(&tags).await
+    tags
+}
+
+/// Holds `tags` before the commit that makes them stale
+/// ([`QueryCache::hold`]). A failure is logged and the command goes on: its
+/// invalidation after the commit still comes (unless the process dies
+/// meanwhile, the case the hold is for).
+async fn hold(inner: &Inner, tags: &[String]) {
+    if let (Some(cache), false) = (&inner.query_cache, tags.is_empty())
+        && let Err(error) = cache.hold(tags).await
+    {
+        tracing::warn!(error = %error, ?tags, "query cache: hold before the commit failed");
+    }
+}
+
+/// Invalidates `tags` after a commit made them stale (or lets a hold go
+/// after a commit that failed). A failure is logged: the command has
+/// committed, and a cache that cannot be reached is bypassed by readers too.
+async fn invalidate(inner: &Inner, tags: &[String]) {
+    if let (Some(cache), false) = (&inner.query_cache, tags.is_empty())
+        && let Err(error) = cache.invalidate(tags).await
     {
         tracing::warn!(error = %error, ?tags, "query cache: invalidation failed; entries expire after their TTL");
     }

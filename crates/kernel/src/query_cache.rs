@@ -6,7 +6,10 @@
 //! module declares which of its events change which tags
 //! ([`crate::BusBuilder::invalidate_on`]): after a command commits, and before
 //! it answers, the bus invalidates the tag of each recorded event's
-//! aggregate. So a read after a committed write never returns the old value.
+//! aggregate; before it commits, it holds them ([`QueryCache::hold`]), so a
+//! process that dies between its commit and its invalidation leaves no old
+//! answer in a shared cache either. So a read after a committed write never
+//! returns the old value.
 //!
 //! Each tag has a generation, bumped by every invalidation. A reader reads
 //! the generations of its tags before it reads the database, looks the entry
@@ -39,6 +42,18 @@ pub trait QueryCache: Send + Sync + 'static {
     /// Bumps the generation of each tag: every entry read under an older one
     /// is gone for every reader.
     async fn invalidate(&self, tags: &[String]) -> Result<()>;
+    /// Before a command that will invalidate `tags` commits: until its
+    /// invalidation comes (or, if its process dies after the commit and it
+    /// never does, until the hold expires) no reader of these tags uses or
+    /// stores an entry ([`QueryCache::generations`] fails for them), and
+    /// entries stored before are unreachable. So a commit whose invalidation
+    /// was lost to a crash leaves no old answer behind in a cache other
+    /// processes share. The default does nothing: a cache of one process dies
+    /// with the process.
+    async fn hold(&self, tags: &[String]) -> Result<()> {
+        let _ = tags;
+        Ok(())
+    }
 }
 
 /// The key an entry is stored under: the query's key and its tags' generations.

@@ -38,6 +38,9 @@ for i = 1, #KEYS do
   if not generation then
     generation = now
     redis.call('SET', KEYS[i], generation, 'EX', tonumber(ARGV[1]))
+  elseif string.sub(generation, 1, 1) == '-' then
+    -- Held by a write that has not invalidated yet (HOLD_SCRIPT).
+    return 'held'
   end
   generations[i] = generation
 end
@@ -69,9 +72,27 @@ if redis.replicate_commands then redis.replicate_commands() end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 for i = 1, #KEYS do
-  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local current = math.abs(tonumber(redis.call('GET', KEYS[i]) or '0'))
   local generation = math.max(now, current + 1)
   redis.call('SET', KEYS[i], string.format('%.0f', generation), 'EX', tonumber(ARGV[1]))
+end
+return #KEYS
+";
+
+// Holds each tag for a write about to commit: its generation becomes a new
+// value, negated (no reader uses or stores entries under a negative one;
+// GENERATIONS_SCRIPT says 'held'), until the write's invalidation sets a
+// positive one past it, or the key expires (the write's process died) and
+// GENERATIONS_SCRIPT makes one anew from the clock.
+const HOLD_SCRIPT: &str = r"
+-- KEYS: the tags' generation keys; ARGV[1]: how long the hold lasts, in seconds.
+if redis.replicate_commands then redis.replicate_commands() end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+for i = 1, #KEYS do
+  local current = math.abs(tonumber(redis.call('GET', KEYS[i]) or '0'))
+  local held = math.max(now, current + 1)
+  redis.call('SET', KEYS[i], string.format('-%.0f', held), 'EX', tonumber(ARGV[1]))
 end
 return #KEYS
 ";
@@ -149,11 +170,17 @@ impl QueryCache for RedisQueryCache {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
-        let values: Vec<Option<String>> = self
+        let answer: Value = self
             .client
             .eval(GENERATIONS_SCRIPT, keys, vec![2 * self.ttl_seconds])
             .await
             .map_err(unavailable)?;
+        if answer.as_str().is_some_and(|answer| answer == "held") {
+            return Err(Error::unavailable(
+                "redis query cache: a tag is held by a write in progress",
+            ));
+        }
+        let values: Vec<Option<String>> = answer.convert().map_err(unavailable)?;
         Ok(values
             .into_iter()
             .map(|value| {
@@ -191,6 +218,19 @@ impl QueryCache for RedisQueryCache {
         let _: i64 = self
             .client
             .eval(INVALIDATE_SCRIPT, keys, vec![2 * self.ttl_seconds])
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Held for the TTL: a hold outlives any commit, and one whose
+    /// invalidation never comes ends as the entries it hid would have.
+    async fn hold(&self, tags: &[String]) -> keel_kernel::Result<()> {
+        self.ready()?;
+        let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
+        let _: i64 = self
+            .client
+            .eval(HOLD_SCRIPT, keys, vec![self.ttl_seconds])
             .await
             .map_err(unavailable)?;
         Ok(())

@@ -237,6 +237,39 @@ async fn a_key_works_everywhere_until_revoked_on_postgres() {
     the_main_flow(spawn_app(Backend::Postgres).await).await;
 }
 
+/// An API key is rate limited as its own service account: its calls use
+/// its allowance, not its creator's, nor another key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_rate_limited_as_its_service_account() {
+    captured_logs();
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.rate_limits = keel_server::limit::RateLimitsSetting::Text(
+            "keel.identity.v1.IdentityQueryService/ListApiKeys=2/600".to_owned(),
+        );
+    })
+    .await;
+    let (_, admin) = app.admin("root@example.com").await;
+    let first = create_key(&app, &admin.access_token, "first", pb::Role::Admin, None)
+        .await
+        .unwrap()
+        .key;
+    let second = create_key(&app, &admin.access_token, "second", pb::Role::Admin, None)
+        .await
+        .unwrap()
+        .key;
+    for _ in 0..2 {
+        list_keys(&app, &first).await.unwrap();
+    }
+    let refused = list_keys(&app, &first).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    list_keys(&app, &second)
+        .await
+        .expect("another key has its own allowance");
+    list_keys(&app, &admin.access_token)
+        .await
+        .expect("the admin who made the key has their own allowance");
+}
+
 /// A keyed retry of CreateApiKey makes no second key: the first reply
 /// showed the secret once and is not stored, so the retry is refused with
 /// ALREADY_EXISTS (409 over REST); a new key makes a new API key.

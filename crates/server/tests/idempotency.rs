@@ -3,13 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keel_proto::identity as pb;
 use keel_proto::identity::identity_command_service_client::IdentityCommandServiceClient;
 use keel_proto::identity::identity_query_service_client::IdentityQueryServiceClient;
-use keel_testkit::{Backend, PASSWORD, TestApp, authed, backend_tests, spawn_app_with};
+use keel_testkit::{Backend, KeelProcess, PASSWORD, TestApp, authed, backend_tests, spawn_app_with};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -387,88 +386,8 @@ async fn expired_records_no_longer_answer_and_are_pruned() {
 
 // --- a keel process killed between commit and answer -----------------------
 
-struct Keel {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Keel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(env: &[(&str, String)]) -> Keel {
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KEEL_LOG", "warn")
-        .env("KEEL_LOG_FORMAT", "json")
-        .env("KEEL_BOOTSTRAP_ADMIN_EMAIL", "root@example.com")
-        .env("KEEL_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let keel = Keel {
-        child: command.spawn().unwrap(),
-        port,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Channel::from_shared(keel.url()).unwrap().connect().await.is_err() {
-        assert!(Instant::now() < deadline, "keel did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    keel
-}
-
-impl Keel {
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
-    }
-
-    async fn admin_token(&self) -> String {
-        IdentityCommandServiceClient::new(self.channel().await)
-            .login(pb::LoginRequest {
-                email: "root@example.com".into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .tokens
-            .unwrap()
-            .access_token
-    }
-
-    /// Waits for the process to end on its own.
-    fn exited(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "keel did not die");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+async fn start(env: &[(&str, String)]) -> KeelProcess {
+    KeelProcess::start(env!("CARGO_BIN_EXE_keel"), env).await
 }
 
 /// The process dies right after the keyed command commits, before it

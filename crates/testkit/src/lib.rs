@@ -485,6 +485,101 @@ macro_rules! on_every_backend {
     };
 }
 
+/// A `keel` process started from its binary (`env!("CARGO_BIN_EXE_keel")`
+/// in the server's tests), on a free loopback port, with a bootstrap admin
+/// (`root@example.com`, [`PASSWORD`]) and the given environment over an
+/// empty one: what crash tests kill and start again. Killed when dropped.
+pub struct KeelProcess {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for KeelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl KeelProcess {
+    /// Starts `binary` and waits (30 s at most) until it accepts gRPC.
+    pub async fn start(binary: &str, env: &[(&str, String)]) -> KeelProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("a free port")
+            .local_addr()
+            .expect("its address")
+            .port();
+        let mut command = std::process::Command::new(binary);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEEL_LOG", "warn")
+            .env("KEEL_LOG_FORMAT", "json")
+            .env("KEEL_BOOTSTRAP_ADMIN_EMAIL", "root@example.com")
+            .env("KEEL_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let keel = KeelProcess {
+            child: command.spawn().expect("keel starts"),
+            port,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while Channel::from_shared(keel.url())
+            .expect("a URL")
+            .connect()
+            .await
+            .is_err()
+        {
+            assert!(std::time::Instant::now() < deadline, "keel did not start");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        keel
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("a URL")
+            .connect()
+            .await
+            .expect("keel accepts gRPC")
+    }
+
+    /// The bootstrap admin's access token.
+    pub async fn admin_token(&self) -> String {
+        keel_proto::identity::identity_command_service_client::IdentityCommandServiceClient::new(self.channel().await)
+            .login(keel_proto::identity::LoginRequest {
+                email: "root@example.com".into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .expect("the bootstrap admin signs in")
+            .into_inner()
+            .tokens
+            .expect("tokens")
+            .access_token
+    }
+
+    /// Waits (20 s at most) for the process to end on its own.
+    pub fn exited(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child's status") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "keel did not die");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
