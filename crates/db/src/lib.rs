@@ -23,7 +23,7 @@ pub use sea_orm::DatabaseConnection as Db;
 pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(30);
 
 /// The target of the event the pool emits for every connection it hands
-/// out, at `TRACE` (over the slow threshold, 2 s, at `WARN`), with the
+/// out, at `INFO` (over the slow threshold, 2 s, at `WARN`), with the
 /// wait in the field [`ACQUIRED_AFTER_FIELD`] (seconds, `f64`): sqlx's own
 /// measurement, which `/metrics` turns into `keel_db_pool_acquire_seconds`.
 pub const ACQUIRE_EVENT_TARGET: &str = "sqlx::pool::acquire";
@@ -79,9 +79,10 @@ pub async fn connect(settings: &DbSettings) -> Result<DatabaseConnection, DbErr>
         // broke in use fails its statement and is discarded by the pool.
         .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
         // Every checkout reports its wait (ACQUIRE_EVENT_TARGET); a
-        // subscriber that wants none pays one disabled callsite check.
-        .map_sqlx_postgres_pool_opts(|pool| pool.acquire_time_level(log::LevelFilter::Trace))
-        .map_sqlx_sqlite_pool_opts(|pool| pool.acquire_time_level(log::LevelFilter::Trace))
+        // subscriber that wants none pays one disabled callsite check, and
+        // one that logs at `info` must leave this target out (keel's does).
+        .map_sqlx_postgres_pool_opts(|pool| pool.acquire_time_level(log::LevelFilter::Info))
+        .map_sqlx_sqlite_pool_opts(|pool| pool.acquire_time_level(log::LevelFilter::Info))
         .map_sqlx_sqlite_opts(|sqlite| {
             sqlite
                 .journal_mode(SqliteJournalMode::Wal)

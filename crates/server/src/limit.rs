@@ -628,11 +628,11 @@ impl Policies {
         let authentication = entries
             .remove(AUTHENTICATION_POLICY)
             .unwrap_or(DEFAULT_AUTHENTICATION_POLICY);
-        if authentication.by != KeyedBy::Address {
-            return Err(format!(
-                "{AUTHENTICATION_POLICY}: failed authentications have no principal; they count per address"
-            ));
-        }
+        // Failed authentications have no principal: always per address.
+        let authentication = PolicySetting {
+            by: KeyedBy::Address,
+            ..authentication
+        };
         let mut policies = Policies {
             default: Policy::new("default", &default)?,
             authentication: Policy::new(AUTHENTICATION_POLICY, &authentication)?,

@@ -92,6 +92,11 @@ where
     {
         filter = filter.add_directive(directive);
     }
+    if !config.log.contains("sqlx::pool")
+        && let Ok(directive) = format!("{}=warn", keel_db::ACQUIRE_EVENT_TARGET).parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let format = config
         .log_format
         .unwrap_or(if terminal { LogFormat::Pretty } else { LogFormat::Json });
@@ -133,8 +138,8 @@ where
             .with_tracked_inactivity(false)
             .with_filter(SampledTraces)
     });
-    let acquires = config.metrics.then(|| {
-        PoolAcquireTimes.with_filter(Targets::new().with_target(keel_db::ACQUIRE_EVENT_TARGET, LevelFilter::TRACE))
+    let acquires = (config.metrics && std::env::var("XDEBUG").is_err()).then(|| {
+        PoolAcquireTimes.with_filter(Targets::new().with_target(keel_db::ACQUIRE_EVENT_TARGET, LevelFilter::INFO))
     });
     match Registry::default().with(logs).with(traces).with(acquires).try_init() {
         Ok(()) => {
@@ -154,9 +159,13 @@ where
 }
 
 /// Feeds `keel_db_pool_acquire_seconds` from the event the pool emits for
-/// every checkout ([`keel_db::ACQUIRE_EVENT_TARGET`]), whichever pool of
-/// the process waited. Its own filter takes only those events, so `KEEL_LOG`
-/// neither hides them from it nor writes them.
+/// every checkout ([`keel_db::ACQUIRE_EVENT_TARGET`], at `INFO`), whichever
+/// pool of the process waited. Its own filter takes only those events; the
+/// log's filter takes them from `WARN` (a slow checkout) unless `KEEL_LOG`
+/// names them, and the tracer's never. At `INFO`, not `TRACE`: a `TRACE`
+/// filter anywhere lowers the process's maximum level, and with it
+/// SeaORM's statement spans went missing from the exported traces (the
+/// traces test caught it).
 struct PoolAcquireTimes;
 
 impl<S: Subscriber> tracing_subscriber::Layer<S> for PoolAcquireTimes {
@@ -194,7 +203,10 @@ where
     S: Subscriber + for<'lookup> LookupSpan<'lookup>,
 {
     fn enabled(&self, metadata: &Metadata<'_>, cx: &Context<'_, S>) -> bool {
-        if *metadata.level() > tracing::Level::INFO || keel_kernel::trace::in_unsampled_call() {
+        if *metadata.level() > tracing::Level::INFO
+            || keel_kernel::trace::in_unsampled_call()
+            || metadata.target() == keel_db::ACQUIRE_EVENT_TARGET
+        {
             return false;
         }
         let current = cx.current_span();
