@@ -11,7 +11,7 @@
 #   KEEL_BIN                 use this binary instead of building one
 #   KEEL_SMOKE_PROFILE       release (default) or debug: what to build when
 #                            KEEL_BIN is unset (CI takes the debug binary its
-#                            test step built: a release build adds ~10 minutes)
+#                            test step built: a release build adds ~6 minutes)
 #   KEEL_SMOKE_READY_TIMEOUT seconds to wait for readiness (default 30)
 #   KEEL_LOG                 server log filter (default "info")
 set -euo pipefail

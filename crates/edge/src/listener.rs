@@ -189,9 +189,9 @@ impl Service<Request<Body>> for Dispatch {
                     .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
                     .map(|address| address.ip()),
             ) {
-                Some(permit) => Some(permit),
-                None => {
-                    let response = crate::shed::shed_response(&request, connect.then_some(&self.edge.pool));
+                Ok(permit) => Some(permit),
+                Err(why) => {
+                    let response = crate::shed::refusal_response(&request, connect.then_some(&self.edge.pool), why);
                     return Box::pin(async move { Ok(response) });
                 }
             },

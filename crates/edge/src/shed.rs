@@ -9,12 +9,14 @@
 //! whole life: an open subscription is not work in progress.
 //!
 //! One client address may hold at most a share of the calls in flight
-//! (`KEEL_MAX_IN_FLIGHT_PER_ADDRESS`, a quarter of the whole by default):
-//! a client that opens calls and never finishes sending them (a stalled
-//! body) sheds its own next calls, not everyone's. Behind trusted proxies
-//! the address is the client they name; behind a proxy keel does not trust
-//! every call comes from the proxy's address, so raise the share to the
-//! whole there.
+//! (`KEEL_MAX_IN_FLIGHT_PER_ADDRESS`): a client that opens calls and never
+//! finishes sending them (a stalled body) is refused its next calls with
+//! RESOURCE_EXHAUSTED / 429, not everyone's. That is a limit on one
+//! client, not overload: `/readyz` does not say `overloaded` for it and it
+//! is counted apart. Behind trusted proxies the address is the client they
+//! name; behind a proxy keel does not trust every call has the proxy's
+//! address, which is why the server's default share is a quarter only
+//! when trusted proxies are configured, and the whole otherwise.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,19 +39,36 @@ type PerAddress = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
 pub struct Shedder {
     permits: Arc<Semaphore>,
     per_address: PerAddress,
-    max_per_address: usize,
+    /// `None`: no share per address (nothing is counted per address).
+    max_per_address: Option<usize>,
     started: Instant,
     /// Milliseconds since `started` of the last shed call, plus one (0: never).
     last_shed: AtomicU64,
     shed_total: AtomicU64,
+    address_refused_total: AtomicU64,
+}
+
+/// Why a call was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Every place in flight is taken: shed, and `/readyz` says overloaded.
+    Overloaded,
+    /// Its address holds its share already: a limit on that client.
+    AddressShare,
 }
 
 /// One admitted call: its place among the calls in flight, and its
 /// address's, both given back when dropped.
 #[derive(Debug)]
 pub struct Admitted {
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
     address: Option<(PerAddress, IpAddr)>,
+}
+
+impl Admitted {
+    fn without_permit(address: Option<(PerAddress, IpAddr)>) -> Admitted {
+        Admitted { _permit: None, address }
+    }
 }
 
 impl Drop for Admitted {
@@ -67,63 +86,64 @@ impl Drop for Admitted {
 }
 
 impl Shedder {
-    /// At most `max_in_flight` calls at once, a quarter of them from one
+    /// At most `max_in_flight` calls at once, any number of them from one
     /// address (see [`Shedder::with_max_per_address`]).
     pub fn new(max_in_flight: usize) -> Shedder {
         let max_in_flight = max_in_flight.max(1);
         Shedder {
             permits: Arc::new(Semaphore::new(max_in_flight)),
             per_address: PerAddress::default(),
-            max_per_address: (max_in_flight / 4).max(1),
+            max_per_address: None,
             started: Instant::now(),
             last_shed: AtomicU64::new(0),
             shed_total: AtomicU64::new(0),
+            address_refused_total: AtomicU64::new(0),
         }
     }
 
-    /// At most `max` calls in flight from one client address.
+    /// At most `max` calls in flight from one client address (one at
+    /// least; the whole or more is no share of its own).
     pub fn with_max_per_address(mut self, max: usize) -> Shedder {
-        self.max_per_address = max.max(1);
+        self.max_per_address = (max < self.permits.available_permits()).then_some(max.max(1));
         self
     }
 
-    /// A permit for one call, or `None` (and the call is counted as shed).
-    pub fn admit(&self) -> Option<Admitted> {
+    /// A permit for one call, or why not (and the refusal is counted).
+    pub fn admit(&self) -> Result<Admitted, Refused> {
         self.admit_from(None)
     }
 
     /// [`Shedder::admit`] for a call from `address`, which is refused too
-    /// when its address has its share in flight already.
-    pub fn admit_from(&self, address: Option<IpAddr>) -> Option<Admitted> {
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            return self.shed();
-        };
-        let Some(address) = address else {
-            return Some(Admitted {
-                _permit: permit,
-                address: None,
-            });
-        };
-        {
+    /// when its address has its share in flight already. The address is
+    /// looked at first: a call refused for its address never held a place.
+    pub fn admit_from(&self, address: Option<IpAddr>) -> Result<Admitted, Refused> {
+        let address = address.filter(|_| self.max_per_address.is_some());
+        if let Some(address) = address {
+            let max = self.max_per_address.unwrap_or(usize::MAX);
             let mut counts = self.per_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = counts.entry(address).or_insert(0);
-            if *count >= self.max_per_address {
+            if *count >= max {
                 drop(counts);
-                return self.shed();
+                self.address_refused_total.fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::AddressShare);
             }
             *count += 1;
         }
-        Some(Admitted {
-            _permit: permit,
-            address: Some((self.per_address.clone(), address)),
-        })
-    }
-
-    fn shed(&self) -> Option<Admitted> {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_shed.store(now.saturating_add(1), Ordering::Relaxed);
-        self.shed_total.fetch_add(1, Ordering::Relaxed);
-        None
+        let counted = address.map(|address| (self.per_address.clone(), address));
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(Admitted {
+                _permit: Some(permit),
+                address: counted,
+            }),
+            Err(_) => {
+                // Its address's place is given back by this guard.
+                drop(Admitted::without_permit(counted));
+                let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.last_shed.store(now.saturating_add(1), Ordering::Relaxed);
+                self.shed_total.fetch_add(1, Ordering::Relaxed);
+                Err(Refused::Overloaded)
+            }
+        }
     }
 
     /// Whether a call was shed within the last second.
@@ -140,13 +160,40 @@ impl Shedder {
     pub fn shed_total(&self) -> u64 {
         self.shed_total.load(Ordering::Relaxed)
     }
+
+    /// Calls refused since start because their address held its share.
+    pub fn address_refused_total(&self) -> u64 {
+        self.address_refused_total.load(Ordering::Relaxed)
+    }
 }
 
 /// The answer to a shed call, in the caller's protocol (`connect`: a
 /// Connect call, answered as the Connect protocol answers errors: a unary
 /// call's error body, a stream's end-of-stream message).
 pub fn shed_response(request: &Request<Body>, connect: Option<&prost_reflect::DescriptorPool>) -> Response<Body> {
-    const MESSAGE: &str = "keel is overloaded; retry shortly";
+    refusal_response(request, connect, Refused::Overloaded)
+}
+
+/// The answer to a call that was not admitted, in the caller's protocol:
+/// UNAVAILABLE / 503 when keel is overloaded, RESOURCE_EXHAUSTED / 429 when
+/// the caller's address holds its share; `Retry-After: 1` either way.
+pub fn refusal_response(
+    request: &Request<Body>,
+    connect: Option<&prost_reflect::DescriptorPool>,
+    why: Refused,
+) -> Response<Body> {
+    let (status, code, http) = match why {
+        Refused::Overloaded => (
+            tonic::Status::unavailable("keel is overloaded; retry shortly"),
+            keel_kernel::Code::Unavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        Refused::AddressShare => (
+            tonic::Status::resource_exhausted("too many calls in flight from this address; retry shortly"),
+            keel_kernel::Code::ResourceExhausted,
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
+    };
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -155,17 +202,13 @@ pub fn shed_response(request: &Request<Body>, connect: Option<&prost_reflect::De
         .to_ascii_lowercase();
     let mut response = if content_type.starts_with("application/grpc") {
         // gRPC and grpc-web: a trailers-only answer, status in the headers.
-        tonic::Status::unavailable(MESSAGE).into_http::<Body>()
+        status.into_http::<Body>()
     } else if let Some(pool) = connect {
-        crate::connect::refusal(request.headers(), &tonic::Status::unavailable(MESSAGE), pool)
+        crate::connect::refusal(request.headers(), &status, pool)
     } else {
-        crate::error::EdgeError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            keel_kernel::Code::Unavailable.as_str(),
-            MESSAGE,
-        )
-        .with_request_id(&crate::request_id::of(request.headers()))
-        .into_response()
+        crate::error::EdgeError::new(http, code.as_str(), status.message())
+            .with_request_id(&crate::request_id::of(request.headers()))
+            .into_response()
     };
     response
         .headers_mut()
@@ -186,15 +229,23 @@ mod tests {
             shedder.admit_from(Some(one)).unwrap(),
             shedder.admit_from(Some(one)).unwrap(),
         ];
-        assert!(shedder.admit_from(Some(one)).is_none(), "its share is taken");
-        assert_eq!(shedder.shed_total(), 1);
+        assert_eq!(shedder.admit_from(Some(one)).unwrap_err(), Refused::AddressShare);
+        assert_eq!(shedder.address_refused_total(), 1);
+        assert!(!shedder.overloaded(), "one client's limit is not overload");
         let second = [
             shedder.admit_from(Some(other)).unwrap(),
             shedder.admit_from(Some(other)).unwrap(),
         ];
-        assert!(shedder.admit_from(None).is_none(), "the whole is taken");
+        let third: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(shedder.admit_from(Some(third)).unwrap_err(), Refused::Overloaded);
+        assert!(shedder.overloaded());
+        assert_eq!(shedder.shed_total(), 1);
+        assert!(
+            !shedder.per_address.lock().unwrap().contains_key(&third),
+            "a shed call gives its address's place back"
+        );
         drop(first);
-        assert!(shedder.admit_from(Some(one)).is_some(), "its places came back");
+        assert!(shedder.admit_from(Some(one)).is_ok(), "its places came back");
         drop(second);
         assert!(
             shedder.per_address.lock().unwrap().is_empty(),

@@ -323,6 +323,30 @@ impl TokenService {
         Ok(verified)
     }
 
+    /// True for an access token keel signed (known `kid`, good signature,
+    /// `iss`, `aud`, `typ`) whose time is up: a caller that must refresh,
+    /// not a guess. The rate limit on failed authentications leaves these
+    /// out, so a client whose token lapsed never counts against its address.
+    pub fn is_expired_access_token(&self, token: &str) -> bool {
+        let Ok(header) = jsonwebtoken::decode_header(token) else {
+            return false;
+        };
+        let Some(key) = header.kid.as_deref().and_then(|kid| self.keys.verifying.get(kid)) else {
+            return false;
+        };
+        if header.alg != Algorithm::EdDSA {
+            return false;
+        }
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.validate_exp = false;
+        jsonwebtoken::decode::<AccessClaims>(token, key, &validation).is_ok_and(|decoded| {
+            decoded.claims.typ == ACCESS_TYPE && decoded.claims.exp + LEEWAY_SECONDS < Utc::now().timestamp()
+        })
+    }
+
     fn verify_signed(&self, token: &str) -> Result<VerifiedAccess> {
         let refuse = |why: &str| {
             tracing::debug!(reason = why, "access token refused");

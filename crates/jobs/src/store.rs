@@ -489,6 +489,19 @@ pub async fn vacuum(db: &DatabaseConnection) -> Result<()> {
     Ok(())
 }
 
+/// PostgreSQL: whether this role may vacuum the job table (it owns it, or
+/// is a member of its owner, or a superuser).
+pub async fn may_vacuum(db: &DatabaseConnection) -> Result<bool> {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            "SELECT pg_has_role(current_user, relowner, 'USAGE') AS may FROM pg_class WHERE oid = 'jobs'::regclass",
+        ))
+        .await?
+        .ok_or_else(|| Error::internal("the job table is not in pg_class"))?;
+    Ok(row.try_get::<bool>("", "may")?)
+}
+
 /// PostgreSQL's estimate of the job table's rows (`pg_class.reltuples`,
 /// updated by every vacuum and analyse); no scan.
 pub async fn estimated_rows(db: &DatabaseConnection) -> Result<f64> {

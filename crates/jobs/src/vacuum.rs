@@ -77,11 +77,24 @@ pub(crate) async fn run_vacuum(jobs: Jobs) {
     let mut interval = tokio::time::interval(CHECK_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut threshold = after;
+    let mut may_vacuum = None;
     loop {
         interval.tick().await;
         let fetched = jobs.inner.fetched.load(Ordering::Relaxed);
         if fetched < threshold {
             continue;
+        }
+        // Asked once, at the first vacuum due (an idle keel never asks): a
+        // role that does not own the table gets a warning from VACUUM, not
+        // an error, and would vacuum nothing for ever.
+        if may_vacuum.is_none() {
+            may_vacuum = store::may_vacuum(jobs.db()).await.ok();
+        }
+        if may_vacuum == Some(false) {
+            tracing::warn!(
+                "the job table is not this role's to vacuum: the workers leave it to autovacuum (KEEL_JOBS_VACUUM_AFTER=0 says so)"
+            );
+            return;
         }
         jobs.inner.fetched.fetch_sub(fetched, Ordering::Relaxed);
         let started = std::time::Instant::now();

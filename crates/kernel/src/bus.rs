@@ -585,11 +585,24 @@ impl Bus {
             } else {
                 Vec::new()
             };
-            hold(inner, &stale).await;
+            let writer = crate::id::new_id().to_string();
+            hold(inner, &stale, &writer).await;
+            if outcome.is_ok()
+                && !stale.is_empty()
+                && ctx
+                    .deadline
+                    .is_some_and(|deadline| deadline <= tokio::time::Instant::now())
+            {
+                // The hold took the rest of the caller's time: nothing commits.
+                outcome = Err(deadline_exceeded());
+            }
             if let Err(error) = command_ctx.finish(outcome.is_ok()).await {
                 // Not committed: the hold is let go at once.
-                invalidate(inner, &stale).await;
+                release(inner, &stale, &writer).await;
                 return Err(error);
+            }
+            if outcome.is_err() {
+                release(inner, &stale, &writer).await;
             }
             if outcome.is_ok() && claim.is_some() && inner.abort_after_commit.as_deref() == Some(C::NAME) {
                 tracing::error!(
@@ -608,7 +621,7 @@ impl Bus {
                 for work in after_commit {
                     work.await;
                 }
-                invalidate(inner, &stale).await;
+                release(inner, &stale, &writer).await;
             }
             outcome.map(Output::new)
         });
@@ -783,24 +796,25 @@ fn stale_tags(inner: &Inner, events: &[PendingEvent]) -> Vec<String> {
     tags
 }
 
-/// Holds `tags` before the commit that makes them stale
+/// Holds `tags` for `writer` before the commit that makes them stale
 /// ([`QueryCache::hold`]). A failure is logged and the command goes on: its
 /// invalidation after the commit still comes (unless the process dies
 /// meanwhile, the case the hold is for).
-async fn hold(inner: &Inner, tags: &[String]) {
+async fn hold(inner: &Inner, tags: &[String], writer: &str) {
     if let (Some(cache), false) = (&inner.query_cache, tags.is_empty())
-        && let Err(error) = cache.hold(tags).await
+        && let Err(error) = cache.hold(tags, writer).await
     {
         tracing::warn!(error = %error, ?tags, "query cache: hold before the commit failed");
     }
 }
 
-/// Invalidates `tags` after a commit made them stale (or lets a hold go
-/// after a commit that failed). A failure is logged: the command has
-/// committed, and a cache that cannot be reached is bypassed by readers too.
-async fn invalidate(inner: &Inner, tags: &[String]) {
+/// Invalidates `tags` after a commit made them stale, and ends `writer`'s
+/// hold (also after a commit that failed). A failure is logged: the command
+/// has committed, and a cache that cannot be reached is bypassed by readers
+/// too.
+async fn release(inner: &Inner, tags: &[String], writer: &str) {
     if let (Some(cache), false) = (&inner.query_cache, tags.is_empty())
-        && let Err(error) = cache.invalidate(tags).await
+        && let Err(error) = cache.release(tags, writer).await
     {
         tracing::warn!(error = %error, ?tags, "query cache: invalidation failed; entries expire after their TTL");
     }

@@ -42,17 +42,25 @@ pub trait QueryCache: Send + Sync + 'static {
     /// Bumps the generation of each tag: every entry read under an older one
     /// is gone for every reader.
     async fn invalidate(&self, tags: &[String]) -> Result<()>;
-    /// Before a command that will invalidate `tags` commits: until its
-    /// invalidation comes (or, if its process dies after the commit and it
-    /// never does, until the hold expires) no reader of these tags uses or
-    /// stores an entry ([`QueryCache::generations`] fails for them), and
-    /// entries stored before are unreachable. So a commit whose invalidation
-    /// was lost to a crash leaves no old answer behind in a cache other
-    /// processes share. The default does nothing: a cache of one process dies
-    /// with the process.
-    async fn hold(&self, tags: &[String]) -> Result<()> {
-        let _ = tags;
+    /// Before a command that will invalidate `tags` commits, for `writer`
+    /// (the command's own token): until that writer's [`QueryCache::release`]
+    /// (or, if its process dies after the commit and it never comes, until
+    /// the hold expires) no reader of these tags uses or stores an entry
+    /// ([`QueryCache::generations`] fails for them), and entries stored
+    /// before are unreachable. Each writer holds and releases for itself: one
+    /// writer's release leaves another's hold in place. So a commit whose
+    /// invalidation was lost to a crash leaves no old answer behind in a
+    /// cache other processes share. The default does nothing: a cache of one
+    /// process dies with the process.
+    async fn hold(&self, tags: &[String], writer: &str) -> Result<()> {
+        let _ = (tags, writer);
         Ok(())
+    }
+    /// After the commit (or its failure): invalidates `tags` and ends
+    /// `writer`'s hold of them.
+    async fn release(&self, tags: &[String], writer: &str) -> Result<()> {
+        let _ = writer;
+        self.invalidate(tags).await
     }
 }
 

@@ -228,9 +228,10 @@ pub struct Config {
     /// `Retry-After` at once, and `/readyz` says `overloaded` for a second.
     pub max_in_flight: usize,
     /// `KEEL_MAX_IN_FLIGHT_PER_ADDRESS`: of those, how many one client
-    /// address may have (unset: a quarter). Behind a proxy that is not in
-    /// `KEEL_TRUSTED_PROXIES` every call has the proxy's address: set it to
-    /// `KEEL_MAX_IN_FLIGHT` there.
+    /// address may have; one more is RESOURCE_EXHAUSTED / 429. Unset: a
+    /// quarter when `KEEL_TRUSTED_PROXIES` is set (the addresses are the
+    /// clients'), else no share of its own (behind a proxy keel does not
+    /// trust, every call has the proxy's address).
     pub max_in_flight_per_address: Option<usize>,
     /// `KEEL_TRUSTED_PROXIES`: comma-separated addresses or CIDR ranges of
     /// reverse proxies whose forwarded header is believed (see
@@ -727,6 +728,7 @@ impl Config {
         let shedder = keel_edge::shed::Shedder::new(self.max_in_flight);
         match self.max_in_flight_per_address {
             Some(max) => shedder.with_max_per_address(max),
+            None if self.trusted_proxies.is_some() => shedder.with_max_per_address(self.max_in_flight / 4),
             None => shedder,
         }
     }

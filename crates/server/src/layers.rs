@@ -157,7 +157,13 @@ where
                         caller.keep_in(&mut ctx);
                         ctx.set_access_watch(state.sessions.clone());
                     }
-                    Err(error) => return Ok(refuse_credentials(&state, ctx.client_ip, error).await),
+                    Err(error) => {
+                        // A token keel signed that has lapsed is a caller
+                        // that must refresh, not a guess: not counted.
+                        let lapsed = bearer(authorization)
+                            .is_some_and(|token| state.identity.tokens().is_expired_access_token(token));
+                        return Ok(refuse_credentials(&state, ctx.client_ip.filter(|_| !lapsed), error).await);
+                    }
                 }
             }
             // The event stream may be opened with a stream ticket instead

@@ -567,8 +567,11 @@ pub const DEFAULT_POLICY: PolicySetting = PolicySetting {
 pub const AUTHENTICATION_POLICY: &str = "authentication";
 
 /// Failed authentications one client address may make, unless
-/// `KEEL_RATE_LIMITS` says `authentication=...`: 30 a minute, which no
-/// client with valid credentials comes near.
+/// `KEEL_RATE_LIMITS` says `authentication=...`: 30 a minute. Lapsed
+/// access tokens keel signed are not counted (a client that must refresh);
+/// what counts are credentials keel never issued, revoked or expired API
+/// keys, and bad stream tickets. All the clients behind one address (a NAT,
+/// a proxy that is not in `KEEL_TRUSTED_PROXIES`) share it.
 pub const DEFAULT_AUTHENTICATION_POLICY: PolicySetting = PolicySetting {
     limit: 30,
     window_seconds: 60,
@@ -688,6 +691,8 @@ pub struct AuthFailures {
     /// expired are swept out, and a new address that still finds no room is
     /// refused by the limiter at its next failure instead.
     blocked: std::sync::Mutex<HashMap<IpAddr, std::time::Instant>>,
+    /// When the full map was last swept.
+    last_sweep: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Addresses [`AuthFailures`] remembers at most.
@@ -699,6 +704,7 @@ impl AuthFailures {
             limiter,
             policy,
             blocked: std::sync::Mutex::new(HashMap::new()),
+            last_sweep: std::sync::Mutex::new(None),
         }
     }
 
@@ -726,11 +732,17 @@ impl AuthFailures {
         let retry_after = decision.retry_after.max(Duration::from_secs(1));
         let until = std::time::Instant::now() + retry_after;
         let mut blocked = self.blocked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if blocked.len() >= MAX_BLOCKED {
-            let now = std::time::Instant::now();
-            blocked.retain(|_, until| *until > now);
+        let now = std::time::Instant::now();
+        // Full: the expired are swept out, at most once a second (a sweep
+        // walks the whole map under the lock every credentialed call takes).
+        if blocked.len() >= MAX_BLOCKED && !blocked.contains_key(&address) {
+            let mut last_sweep = self.last_sweep.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last_sweep.is_none_or(|swept| now.duration_since(swept) >= Duration::from_secs(1)) {
+                blocked.retain(|_, until| *until > now);
+                *last_sweep = Some(now);
+            }
         }
-        if blocked.len() < MAX_BLOCKED {
+        if blocked.len() < MAX_BLOCKED || blocked.contains_key(&address) {
             blocked.insert(address, until);
         }
         Some(retry_after)

@@ -102,6 +102,7 @@ pub struct Metrics {
     in_flight: Family<ProtocolLabels, Gauge>,
     pool_connections: Family<StateLabels, Gauge>,
     pool_max: Gauge,
+    pool_timeouts: Counter,
     outbox_backlog: Gauge,
     relay_lag: Gauge<f64, AtomicU64>,
     dead_letters: Gauge,
@@ -239,6 +240,12 @@ impl Metrics {
         );
         let pool_max = Gauge::default();
         registry.register("db_pool_max_connections", "The pool's size limit", pool_max.clone());
+        let pool_timeouts = Counter::default();
+        registry.register(
+            "db_pool_acquire_timeouts",
+            "Checkouts of a database connection that timed out (not in keel_db_pool_acquire_seconds)",
+            pool_timeouts.clone(),
+        );
         registry.register_with_unit(
             "db_pool_acquire",
             "Time a caller waited for a database connection (the rate of the sum: callers waiting, on average)",
@@ -356,6 +363,7 @@ impl Metrics {
             in_flight,
             pool_connections,
             pool_max,
+            pool_timeouts,
             outbox_backlog,
             relay_lag,
             dead_letters,
@@ -388,6 +396,11 @@ impl Metrics {
             .get_or_create(&StateLabels { state: "in_use" })
             .set(i64::from(size.saturating_sub(idle)));
         self.pool_max.set(i64::from(max));
+        let timeouts = keel_kernel::error::POOL_ACQUIRE_TIMEOUTS.load(std::sync::atomic::Ordering::Relaxed);
+        let counted = self.pool_timeouts.get();
+        if timeouts > counted {
+            self.pool_timeouts.inc_by(timeouts - counted);
+        }
         match state.events.backlog().await {
             Ok(backlog) => {
                 self.outbox_backlog

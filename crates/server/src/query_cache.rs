@@ -26,21 +26,26 @@ const GET_SCRIPT: &str = "return redis.call('GET', KEYS[1])";
 
 // The tags' generations. An absent generation (never invalidated, expired,
 // evicted) is created from the clock, a value this tag never had: entries
-// stored under an earlier one stay unreachable.
+// stored under an earlier one stay unreachable. A tag that a write holds
+// (HOLD_SCRIPT: a live member in its hold set) makes the answer 'held'.
 const GENERATIONS_SCRIPT: &str = r"
--- KEYS: the tags' generation keys; ARGV[1]: twice the TTL in seconds.
+-- KEYS[1..n]: the tags' generation keys; KEYS[n+1..2n]: their hold sets.
+-- ARGV[1]: twice the TTL in seconds.
 if redis.replicate_commands then redis.replicate_commands() end
+local n = #KEYS / 2
 local time = redis.call('TIME')
-local now = string.format('%.0f', tonumber(time[1]) * 1000000 + tonumber(time[2]))
+local micros = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now = string.format('%.0f', micros)
 local generations = {}
-for i = 1, #KEYS do
+for i = 1, n do
+  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', micros)
+  if redis.call('ZCARD', KEYS[n + i]) > 0 then
+    return 'held'
+  end
   local generation = redis.call('GET', KEYS[i])
   if not generation then
     generation = now
     redis.call('SET', KEYS[i], generation, 'EX', tonumber(ARGV[1]))
-  elseif string.sub(generation, 1, 1) == '-' then
-    -- Held by a write that has not invalidated yet (HOLD_SCRIPT).
-    return 'held'
   end
   generations[i] = generation
 end
@@ -65,36 +70,51 @@ return 1
 ";
 
 // Moves each generation to a value it never had: the clock, or one more
-// than the current one if the clock is behind it.
+// than the current one if the clock is behind it; and ends the hold of the
+// writer ARGV[2] (if any) on each tag.
 const INVALIDATE_SCRIPT: &str = r"
--- KEYS: the tags' generation keys; ARGV[1]: twice the TTL in seconds.
+-- KEYS[1..n]: the tags' generation keys; KEYS[n+1..2n]: their hold sets.
+-- ARGV[1]: twice the TTL in seconds; ARGV[2]: the writer whose hold ends, or ''.
 if redis.replicate_commands then redis.replicate_commands() end
+local n = #KEYS / 2
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-for i = 1, #KEYS do
-  local current = math.abs(tonumber(redis.call('GET', KEYS[i]) or '0'))
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
   local generation = math.max(now, current + 1)
   redis.call('SET', KEYS[i], string.format('%.0f', generation), 'EX', tonumber(ARGV[1]))
+  if ARGV[2] ~= '' then
+    redis.call('ZREM', KEYS[n + i], ARGV[2])
+  end
 end
-return #KEYS
+return n
 ";
 
-// Holds each tag for a write about to commit: its generation becomes a new
-// value, negated (no reader uses or stores entries under a negative one;
-// GENERATIONS_SCRIPT says 'held'), until the write's invalidation sets a
-// positive one past it, or the key expires (the write's process died) and
-// GENERATIONS_SCRIPT makes one anew from the clock.
+// Holds each tag for writer ARGV[3], about to commit: the generation moves
+// (entries stored before are unreachable, and a fill that read before now
+// stores nothing), and the writer joins the tag's hold set until ARGV[2]
+// seconds from now. While any writer's hold is live, GENERATIONS_SCRIPT
+// answers 'held': readers neither use nor fill entries. Each writer ends its
+// own hold (INVALIDATE_SCRIPT); one whose process died ends at its expiry.
 const HOLD_SCRIPT: &str = r"
--- KEYS: the tags' generation keys; ARGV[1]: how long the hold lasts, in seconds.
+-- KEYS[1..n]: the tags' generation keys; KEYS[n+1..2n]: their hold sets.
+-- ARGV[1]: twice the TTL in seconds; ARGV[2]: the hold's length in seconds;
+-- ARGV[3]: the writer.
 if redis.replicate_commands then redis.replicate_commands() end
+local n = #KEYS / 2
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-for i = 1, #KEYS do
-  local current = math.abs(tonumber(redis.call('GET', KEYS[i]) or '0'))
-  local held = math.max(now, current + 1)
-  redis.call('SET', KEYS[i], string.format('-%.0f', held), 'EX', tonumber(ARGV[1]))
+local hold = tonumber(ARGV[2])
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[i]) or '0')
+  local generation = math.max(now, current + 1)
+  redis.call('SET', KEYS[i], string.format('%.0f', generation), 'EX', tonumber(ARGV[1]))
+  redis.call('ZADD', KEYS[n + i], now + hold * 1000000, ARGV[3])
+  if redis.call('TTL', KEYS[n + i]) < hold then
+    redis.call('EXPIRE', KEYS[n + i], hold)
+  end
 end
-return #KEYS
+return n
 ";
 
 /// The query cache on Redis.
@@ -148,6 +168,13 @@ impl RedisQueryCache {
         format!("{}gen:{tag}", self.prefix)
     }
 
+    /// The tags' generation keys, then their hold sets.
+    fn tag_keys(&self, tags: &[String]) -> Vec<String> {
+        let generations = tags.iter().map(|tag| self.generation_key(tag));
+        let holds = tags.iter().map(|tag| format!("{}hold:{tag}", self.prefix));
+        generations.chain(holds).collect()
+    }
+
     fn ready(&self) -> keel_kernel::Result<()> {
         // Not connected: answer at once rather than queue behind a reconnect.
         if self.client.is_connected() {
@@ -169,7 +196,7 @@ impl QueryCache for RedisQueryCache {
         if tags.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
+        let keys = self.tag_keys(tags);
         let answer: Value = self
             .client
             .eval(GENERATIONS_SCRIPT, keys, vec![2 * self.ttl_seconds])
@@ -213,24 +240,32 @@ impl QueryCache for RedisQueryCache {
     }
 
     async fn invalidate(&self, tags: &[String]) -> keel_kernel::Result<()> {
+        self.release(tags, "").await
+    }
+
+    /// Held for the TTL: a hold outlives any commit, and one whose writer
+    /// never ends it ends as the entries it hid would have.
+    async fn hold(&self, tags: &[String], writer: &str) -> keel_kernel::Result<()> {
         self.ready()?;
-        let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
+        let args: Vec<Value> = vec![
+            Value::from(2 * self.ttl_seconds),
+            Value::from(self.ttl_seconds),
+            Value::from(writer),
+        ];
         let _: i64 = self
             .client
-            .eval(INVALIDATE_SCRIPT, keys, vec![2 * self.ttl_seconds])
+            .eval(HOLD_SCRIPT, self.tag_keys(tags), args)
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    /// Held for the TTL: a hold outlives any commit, and one whose
-    /// invalidation never comes ends as the entries it hid would have.
-    async fn hold(&self, tags: &[String]) -> keel_kernel::Result<()> {
+    async fn release(&self, tags: &[String], writer: &str) -> keel_kernel::Result<()> {
         self.ready()?;
-        let keys: Vec<String> = tags.iter().map(|tag| self.generation_key(tag)).collect();
+        let args: Vec<Value> = vec![Value::from(2 * self.ttl_seconds), Value::from(writer)];
         let _: i64 = self
             .client
-            .eval(HOLD_SCRIPT, keys, vec![self.ttl_seconds])
+            .eval(INVALIDATE_SCRIPT, self.tag_keys(tags), args)
             .await
             .map_err(unavailable)?;
         Ok(())

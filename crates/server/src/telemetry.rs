@@ -138,7 +138,7 @@ where
             .with_tracked_inactivity(false)
             .with_filter(SampledTraces)
     });
-    let acquires = (config.metrics && std::env::var("XDEBUG").is_err()).then(|| {
+    let acquires = config.metrics.then(|| {
         PoolAcquireTimes.with_filter(Targets::new().with_target(keel_db::ACQUIRE_EVENT_TARGET, LevelFilter::INFO))
     });
     match Registry::default().with(logs).with(traces).with(acquires).try_init() {

@@ -417,7 +417,7 @@ async fn a_crash_between_commit_and_answer(database: &[(&str, String)]) {
             Err(_) => None,
         }
     });
-    let status = doomed.exited();
+    let status = doomed.exited().await;
     assert!(!status.success(), "{status:?}");
     let answer = call.await.unwrap();
     assert!(

@@ -130,6 +130,7 @@ async fn calls_move_the_counters_by_exactly_the_calls_made() {
     let checkouts =
         value(&after, "keel_db_pool_acquire_seconds", &[]) - value(&before, "keel_db_pool_acquire_seconds", &[]);
     assert!(checkouts >= 5.0, "{checkouts} checkouts timed");
+    assert!(after.contains_key(&("keel_db_pool_acquire_timeouts_total".to_owned(), Vec::new())));
     assert!(value(&after, "keel_process_resident_memory_bytes", &[]) > 1_000_000.0);
     assert!(value(&after, "keel_process_cpu_seconds_total", &[]) > 0.0);
     assert_eq!(value(&after, "keel_event_dead_letters", &[]), 0.0);

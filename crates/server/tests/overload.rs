@@ -102,8 +102,9 @@ async fn register_over_grpc(app: &TestApp, email: &str) -> Result<(), tonic::Sta
 }
 
 /// One address with its share of the calls in flight (two stalled bodies
-/// here) sheds its own next call, not another address's: a client that
-/// never finishes sending cannot take every caller's place.
+/// here) is refused its own next call (RESOURCE_EXHAUSTED / 429, gRPC
+/// too), not another address's, and keel does not call that overload: a
+/// client that never finishes sending cannot take every caller's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_cannot_take_every_place_in_flight() {
     let app = spawn_app_with(Backend::Sqlite, |config| {
@@ -127,8 +128,21 @@ async fn one_address_cannot_take_every_place_in_flight() {
         body("stall@example.com"),
     )
     .await;
-    assert_eq!(status, 503, "{answer}");
+    assert_eq!(status, 429, "{answer}");
     assert_eq!(headers["retry-after"], "1");
+    assert_eq!(answer["error"]["code"], "RESOURCE_EXHAUSTED", "{answer}");
+    let mut request_from_stalling = tonic::Request::new(pb::RegisterRequest {
+        email: "stall-grpc@example.com".to_owned(),
+        password: PASSWORD.to_owned(),
+        display_name: "Stall".to_owned(),
+    });
+    request_from_stalling
+        .metadata_mut()
+        .insert("x-forwarded-for", stalling.parse().unwrap());
+    let refused = app.commands().await.register(request_from_stalling).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    let (ready, _, _) = request(&app, "GET", "/readyz", &[], Value::Null).await;
+    assert_eq!(ready, 200, "one client's limit is not overload");
     for other in ["203.0.113.8", "198.51.100.1"] {
         let email = format!("other-{other}@example.com");
         let (status, _, answer) = request(
@@ -151,8 +165,6 @@ async fn one_address_cannot_take_every_place_in_flight() {
 async fn calls_beyond_the_in_flight_bound_are_shed_at_once() {
     let app = spawn_app_with(Backend::Sqlite, |config| {
         config.max_in_flight = 2;
-        // Every call of this test comes from one address.
-        config.max_in_flight_per_address = Some(2);
         // The registrations admitted before the held calls take their
         // permits must not meet the per-address sign-up limit.
         config.register_burst = 1000;

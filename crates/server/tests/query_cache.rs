@@ -271,6 +271,8 @@ async fn a_writer_that_dies_between_commit_and_invalidation_leaves_no_old_answer
         move |config| {
             config.redis_url = Some(Secret::new(redis));
             config.query_cache = true;
+            // Longer than the test: the entry must not expire before the crash.
+            config.query_cache_ttl_seconds = 3600;
             // Identity's own cache of rows is told by the events relay,
             // which survives the crash; off here, so that only the query
             // cache can answer from memory.
@@ -296,11 +298,16 @@ async fn a_writer_that_dies_between_commit_and_invalidation_leaves_no_old_answer
             ("KEEL_DATABASE_SCHEMA", schema),
             ("KEEL_REDIS_URL", redis),
             ("KEEL_QUERY_CACHE", "on".to_owned()),
+            ("KEEL_QUERY_CACHE_TTL_SECONDS", "3600".to_owned()),
             ("KEEL_ACCESS_CACHE", "false".to_owned()),
             ("KEEL_TEST_ABORT_AFTER_COMMIT", "identity.update_user".to_owned()),
         ],
     )
     .await;
+    // Still answered from the cache now that A runs.
+    let cached = hits(&b);
+    get_user(&b, &user.id, &tokens.access_token).await.unwrap();
+    assert_eq!(hits(&b), cached + 1, "B still answers from the cache before the crash");
     let mut request = authed(
         pb::UpdateUserRequest {
             user: Some(pb::User {
@@ -321,7 +328,7 @@ async fn a_writer_that_dies_between_commit_and_invalidation_leaves_no_old_answer
         .update_user(request)
         .await;
     assert!(answer.is_err(), "the writer died before answering: {answer:?}");
-    assert!(!a.exited().success());
+    assert!(!a.exited().await.success());
     let committed = b.current_user(&tokens.access_token).await.unwrap();
     assert_eq!(
         committed.display_name, "Renamed before the crash",
@@ -337,18 +344,18 @@ async fn a_writer_that_dies_between_commit_and_invalidation_leaves_no_old_answer
 
 /// The Redis hold: while a tag is held no reader gets its generations (so
 /// none uses or stores an entry), a fill that read before the hold stores
-/// nothing, and the invalidation after the commit ends the hold with a
-/// generation past every one the tag had.
+/// nothing, one writer's release leaves another writer's hold in place, and
+/// the last release ends it with a generation past every one the tag had.
 #[tokio::test]
 #[ignore = "needs Redis (KEEL_TEST_REDIS_URL); run with --include-ignored"]
-async fn a_held_tag_is_neither_read_nor_filled_until_its_invalidation() {
+async fn a_held_tag_is_neither_read_nor_filled_until_every_writer_released_it() {
     let namespace = format!("test:{}", uuid::Uuid::now_v7().simple());
     let cache = RedisQueryCache::connect(&keel_testkit::redis_url(), &namespace, Duration::from_secs(60)).unwrap();
     assert!(cache.connected(Duration::from_secs(5)).await);
     let tags = vec!["identity.user:1".to_owned()];
     let before = cache.generations(&tags).await.unwrap();
 
-    cache.hold(&tags).await.unwrap();
+    cache.hold(&tags, "writer-1").await.unwrap();
     let held = cache.generations(&tags).await.unwrap_err();
     assert!(held.to_string().contains("held"), "{held}");
     assert!(
@@ -363,7 +370,11 @@ async fn a_held_tag_is_neither_read_nor_filled_until_its_invalidation() {
         "other tags are not held"
     );
 
-    cache.invalidate(&tags).await.unwrap();
+    // Two writers of one tag: the first one's release leaves the second's hold.
+    cache.hold(&tags, "writer-2").await.unwrap();
+    cache.release(&tags, "writer-1").await.unwrap();
+    assert!(cache.generations(&tags).await.is_err(), "writer-2 still holds the tag");
+    cache.release(&tags, "writer-2").await.unwrap();
     let after = cache.generations(&tags).await.unwrap();
     assert!(after[0] > before[0], "{after:?} after {before:?}");
     let key = entry_key("q:1", &after);

@@ -351,6 +351,40 @@ async fn failed_authentications_are_limited_per_address() {
     let (status, _, _) = rest_get_with(&app, "/v1/users/me", &tokens.access_token, &other).await;
     assert_eq!(status, 200, "another address keeps its allowance");
     current_user(&app, &tokens.access_token).await.unwrap();
+
+    // A call without credentials from the refused address still passes.
+    let register = http::Request::post(format!("{}/v1/auth/register", app.endpoint()))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(Full::new(Bytes::from_static(
+            br#"{"email":"after-guesses@example.com","password":"correct horse battery staple","displayName":"After"}"#,
+        )))
+        .unwrap();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let registered = client.request(register).await.unwrap();
+    assert!(registered.status().is_success(), "{}", registered.status());
+
+    // A token keel signed that has lapsed is a caller that must refresh,
+    // not a guess: however many, they never trip the limit.
+    let user_id = uuid::Uuid::parse_str(&current_user(&app, &tokens.access_token).await.unwrap().id).unwrap();
+    let (lapsed, _) = app
+        .state
+        .identity
+        .tokens()
+        .issue_access(
+            user_id,
+            uuid::Uuid::now_v7(),
+            keel_kernel::Role::User,
+            chrono::Utc::now() - chrono::Duration::hours(2),
+        )
+        .unwrap();
+    let refreshing = [("x-forwarded-for", "203.0.113.9")];
+    for _ in 0..5 {
+        let (status, _, _) = rest_get_with(&app, "/v1/users/me", &lapsed, &refreshing).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _, _) = rest_get_with(&app, "/v1/users/me", &tokens.access_token, &refreshing).await;
+    assert_eq!(status, 200, "lapsed tokens did not count against the address");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -568,14 +568,14 @@ impl KeelProcess {
     }
 
     /// Waits (20 s at most) for the process to end on its own.
-    pub fn exited(&mut self) -> std::process::ExitStatus {
+    pub async fn exited(&mut self) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("the child's status") {
                 return status;
             }
             assert!(std::time::Instant::now() < deadline, "keel did not die");
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }
