@@ -260,6 +260,9 @@ impl State {
             db.clone(),
             idempotency_ttl.min(Duration::from_secs(3600)),
         ));
+        if config.metrics && config.metrics_pool_timing {
+            crate::metrics::time_pool_checkouts();
+        }
         let metrics = if config.metrics {
             Some(Arc::new(crate::metrics::Metrics::new(keel_proto::FILE_DESCRIPTOR_SET)?))
         } else {

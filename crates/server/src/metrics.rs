@@ -93,6 +93,19 @@ pub(crate) static POOL_ACQUIRE_SECONDS: LazyLock<Histogram> = LazyLock::new(|| {
     ))
 });
 
+/// Whether checkouts are timed (`KEEL_METRICS_POOL_TIMING`): set by the
+/// first keel of the process that asks; the tracing filter reads it.
+static POOL_TIMING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Times every checkout of a database connection from now on, in this process.
+pub fn time_pool_checkouts() {
+    POOL_TIMING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn pool_checkouts_timed() -> bool {
+    POOL_TIMING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Every metric keel exports, in one registry per process.
 pub struct Metrics {
     registry: Registry,

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keel_proto::identity as pb;
 use keel_proto::identity::identity_query_service_client::IdentityQueryServiceClient;
-use keel_testkit::{Backend, TestApp, authed, spawn_app, spawn_app_with};
+use keel_testkit::{Backend, TestApp, authed, spawn_app_with};
 
 async fn http(app: &TestApp, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let mut builder = http::Request::builder()
@@ -68,7 +68,8 @@ const ME: &str = "keel.identity.v1.IdentityQueryService/GetCurrentUser";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_move_the_counters_by_exactly_the_calls_made() {
-    let app = spawn_app(Backend::Sqlite).await;
+    // Checkouts are timed in the whole process from here on.
+    let app = spawn_app_with(Backend::Sqlite, |config| config.metrics_pool_timing = true).await;
     let (_, tokens) = app.signed_in("metrics@example.com").await;
     let token = tokens.access_token.clone();
     let before = scrape(&app).await;
