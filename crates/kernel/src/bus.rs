@@ -585,7 +585,12 @@ impl Bus {
             } else {
                 Vec::new()
             };
-            let writer = crate::id::new_id().to_string();
+            // Only a command that makes cached tags stale needs a name for its hold.
+            let writer = if stale.is_empty() {
+                String::new()
+            } else {
+                crate::id::new_id().to_string()
+            };
             hold(inner, &stale, &writer).await;
             if outcome.is_ok()
                 && !stale.is_empty()

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -13,84 +13,18 @@ use keel_proto::events as ev;
 use keel_proto::events::event_query_service_client::EventQueryServiceClient;
 use keel_proto::identity as pb;
 use keel_proto::identity::identity_command_service_client::IdentityCommandServiceClient;
-use keel_testkit::{PASSWORD, authed};
+use keel_testkit::{KeelProcess, PASSWORD, authed, free_port};
 use tonic::transport::Channel;
 
-struct Keel {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Keel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn start(port: u16, env: &[(&str, String)]) -> Keel {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-    command
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("KEEL_LISTEN", format!("127.0.0.1:{port}"))
-        .env("KEEL_LOG", "warn")
-        .env("KEEL_LOG_FORMAT", "json")
-        .env("KEEL_EVENTS_HEARTBEAT_SECONDS", "1")
-        .env("KEEL_BOOTSTRAP_ADMIN_EMAIL", "root@example.com")
-        .env("KEEL_BOOTSTRAP_ADMIN_PASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let keel = Keel {
-        child: command.spawn().unwrap(),
-        port,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Channel::from_shared(keel.url()).unwrap().connect().await.is_err() {
-        assert!(Instant::now() < deadline, "keel did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    keel
-}
-
-impl Keel {
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
-    }
-
-    async fn admin_token(&self) -> String {
-        IdentityCommandServiceClient::new(self.channel().await)
-            .login(pb::LoginRequest {
-                email: "root@example.com".into(),
-                password: PASSWORD.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .tokens
-            .unwrap()
-            .access_token
-    }
+async fn start(port: u16, env: &[(&str, String)]) -> KeelProcess {
+    let mut env = env.to_vec();
+    env.push(("KEEL_EVENTS_HEARTBEAT_SECONDS", "1".to_owned()));
+    KeelProcess::start_on(env!("CARGO_BIN_EXE_keel"), port, &env).await
 }
 
 /// Every event from sequence 0 until the stream's heartbeat says there is
 /// no more; asserts none arrives twice and none is skipped.
-async fn all_events(keel: &Keel, token: &str) -> Vec<ev::Event> {
+async fn all_events(keel: &KeelProcess, token: &str) -> Vec<ev::Event> {
     let mut stream = EventQueryServiceClient::new(keel.channel().await)
         .subscribe(authed(
             ev::SubscribeRequest {
@@ -136,7 +70,7 @@ fn registered_email(event: &ev::Event) -> Option<String> {
 /// Registers users from four clients at once, some twice (refused and
 /// rolled back), until the server dies. Counts acknowledgements in
 /// `acknowledged_so_far`; returns the acknowledged emails.
-async fn register_until_killed(keel: &Keel, acknowledged_so_far: Arc<AtomicUsize>) -> Vec<String> {
+async fn register_until_killed(keel: &KeelProcess, acknowledged_so_far: Arc<AtomicUsize>) -> Vec<String> {
     let workers: Vec<_> = (0..4)
         .map(|worker| {
             let channel = keel.url();
@@ -187,7 +121,7 @@ async fn survives_sigkill_while_publishing(env: Vec<(&'static str, String)>) {
     let mut env = env;
     env.push(("KEEL_REGISTER_BURST", "100000".to_owned()));
     let mut keel = start(port, &env).await;
-    let pid = keel.child.id();
+    let pid = keel.pid();
     // Kill it mid-stream, once a random-ish amount of work was acknowledged
     // (commits keep going in the other clients as it dies).
     let acknowledged_so_far = Arc::new(AtomicUsize::new(0));
@@ -208,7 +142,7 @@ async fn survives_sigkill_while_publishing(env: Vec<(&'static str, String)>) {
     };
     let acknowledged = register_until_killed(&keel, acknowledged_so_far).await;
     killer.await.unwrap();
-    let _ = keel.child.wait();
+    let _ = keel.exited().await;
 
     keel = start(port, &env).await;
     let token = keel.admin_token().await;

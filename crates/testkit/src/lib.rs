@@ -485,6 +485,15 @@ macro_rules! on_every_backend {
     };
 }
 
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
 /// A `keel` process started from its binary (`env!("CARGO_BIN_EXE_keel")`
 /// in the server's tests), on a free loopback port, with a bootstrap admin
 /// (`root@example.com`, [`PASSWORD`]) and the given environment over an
@@ -502,13 +511,15 @@ impl Drop for KeelProcess {
 }
 
 impl KeelProcess {
-    /// Starts `binary` and waits (30 s at most) until it accepts gRPC.
+    /// Starts `binary` on a free port and waits (30 s at most) until it
+    /// accepts gRPC.
     pub async fn start(binary: &str, env: &[(&str, String)]) -> KeelProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("a free port")
-            .local_addr()
-            .expect("its address")
-            .port();
+        KeelProcess::start_on(binary, free_port(), env).await
+    }
+
+    /// [`KeelProcess::start`] on `port` (a restart on the port a killed
+    /// process had).
+    pub async fn start_on(binary: &str, port: u16, env: &[(&str, String)]) -> KeelProcess {
         let mut command = std::process::Command::new(binary);
         command
             .env_clear()
@@ -542,6 +553,15 @@ impl KeelProcess {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The process id (to kill it from outside, as an operator would).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub async fn channel(&self) -> Channel {
